@@ -1,0 +1,63 @@
+"""SynthStack Workers: a job-queue worker platform on Celery + Redis.
+
+``celery -A synth_workers worker|beat|flower`` finds :data:`app` here.
+"""
+
+from synth_workers.app import SynthCelery, create_app
+from synth_workers.app import app as app
+from synth_workers.errors import (
+    ConfigurationError,
+    EnqueueError,
+    InvalidPayloadError,
+    JobCancelledError,
+    JobError,
+    JobFailedError,
+    JobNotFoundError,
+    JobTimeoutError,
+    PayloadTooLargeError,
+    PayloadValidationError,
+    PermanentError,
+    RoutingError,
+    ServiceUnavailableError,
+    SynthWorkersError,
+    TransientError,
+    UnknownTaskError,
+)
+from synth_workers.jobstate import JobState
+from synth_workers.producer import JobHandle, enqueue
+from synth_workers.settings import Settings, load_settings
+from synth_workers.task import Task
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # the app
+    "SynthCelery",
+    "Task",
+    "app",
+    "create_app",
+    # enqueueing
+    "JobHandle",
+    "JobState",
+    "enqueue",
+    # settings
+    "Settings",
+    "load_settings",
+    # errors
+    "ConfigurationError",
+    "EnqueueError",
+    "InvalidPayloadError",
+    "JobCancelledError",
+    "JobError",
+    "JobFailedError",
+    "JobNotFoundError",
+    "JobTimeoutError",
+    "PayloadTooLargeError",
+    "PayloadValidationError",
+    "PermanentError",
+    "RoutingError",
+    "ServiceUnavailableError",
+    "SynthWorkersError",
+    "TransientError",
+    "UnknownTaskError",
+]

@@ -1,0 +1,96 @@
+"""The Celery app: ``create_app(settings)`` and the ``app`` that ``celery -A synth_workers`` finds.
+
+Celery's configuration is derived from :class:`~synth_workers.settings.Settings` here and
+nowhere else. The app's Task class is the platform's base Task, so every task registered on
+it — ours in ``tasks/`` and a user's own ``@app.task`` — gets the platform's behaviour.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Any
+
+import redis
+from celery import Celery
+
+from synth_workers import routing
+from synth_workers.jobstate import JobStore
+from synth_workers.settings import Settings, load_settings
+
+#: Our job kinds; ``SYNTH_INCLUDE`` adds the user's own modules.
+TASK_MODULES: tuple[str, ...] = ("tasks.email", "tasks.system")
+
+
+class SynthCelery(Celery):
+    """Celery app carrying the platform's settings and job store."""
+
+    def __init__(self, settings: Settings, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.settings = settings
+
+    @cached_property
+    def redis(self) -> redis.Redis:
+        """Client for the platform's own keys (job records, idempotency) on the broker."""
+        return redis.Redis.from_url(
+            self.settings.broker_url, socket_connect_timeout=5, socket_keepalive=True
+        )
+
+    @cached_property
+    def jobs(self) -> JobStore:
+        return JobStore(self.redis, self.settings.job_ttl)
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Celery settings derived from ours."""
+    broker = settings.broker_url
+    return {
+        "broker_url": broker,
+        "result_backend": settings.result_backend_url or broker,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": {
+            "priority_steps": list(range(routing.MIN_PRIORITY, routing.MAX_PRIORITY + 1)),
+            "queue_order_strategy": "priority",
+            "visibility_timeout": settings.visibility_timeout,
+        },
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "event_serializer": "json",
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,
+        "worker_prefetch_multiplier": settings.worker_prefetch_multiplier,
+        "task_default_priority": routing.DEFAULT_PRIORITY,
+        "task_queue_max_priority": routing.MAX_PRIORITY,
+        "task_queues": routing.celery_queues(),
+        "task_default_queue": routing.DEFAULT,
+        "task_routes": (routing.route_task,),
+        "task_track_started": True,
+        "task_send_sent_event": True,
+        "worker_send_task_events": True,
+        "result_expires": settings.job_ttl,
+        "result_extended": True,
+        "worker_hijack_root_logger": False,
+        "enable_utc": True,
+        "timezone": "UTC",
+    }
+
+
+def create_app(settings: Settings | None = None) -> SynthCelery:
+    """Build the platform's Celery app from ``settings`` (the environment when omitted)."""
+    settings = settings or load_settings()
+    app = SynthCelery(
+        settings,
+        main="synth_workers",
+        task_cls="synth_workers.task:Task",
+        include=[*TASK_MODULES, *settings.include],
+    )
+    app.config_from_object(celery_config(settings))
+    from beat_schedule import beat_schedule
+
+    app.conf.beat_schedule = beat_schedule
+    return app
+
+
+app = create_app()

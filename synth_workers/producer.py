@@ -1,0 +1,222 @@
+"""The enqueue API for application code.
+
+``enqueue(task_name, payload, *, priority=, delay=, idempotency_key=, queue=, gpu=)`` validates
+the payload against the task's model, refuses oversize payloads and unknown tasks with typed
+errors (nothing is queued then), writes the job record, publishes the message and returns a
+:class:`JobHandle`. Messages are JSON only.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import redis
+from kombu.exceptions import OperationalError
+from pydantic import BaseModel, ValidationError
+
+from synth_workers import routing
+from synth_workers.errors import (
+    JobCancelledError,
+    JobFailedError,
+    JobNotFoundError,
+    JobTimeoutError,
+    PayloadTooLargeError,
+    PayloadValidationError,
+    ServiceUnavailableError,
+    UnknownTaskError,
+)
+from synth_workers.jobstate import JobState
+from synth_workers.settings import mask_url
+
+if TYPE_CHECKING:
+    from synth_workers.app import SynthCelery
+    from synth_workers.task import Task
+
+
+def _default_app() -> SynthCelery:
+    from synth_workers.app import app
+
+    return app
+
+
+def _unavailable(app: SynthCelery, exc: BaseException) -> ServiceUnavailableError:
+    return ServiceUnavailableError(
+        f"Redis is not reachable at {mask_url(app.settings.broker_url)} (REDIS_URL): {exc}. "
+        "Start one (`redis-server`, or `synth-workers dev` for the embedded stack) or set "
+        "REDIS_URL."
+    )
+
+
+class JobHandle:
+    """A job that was enqueued: its id, state, result, and cancellation."""
+
+    def __init__(self, job_id: str, *, app: SynthCelery | None = None,
+                 deduplicated: bool = False) -> None:
+        self.id = job_id
+        #: True when an idempotency key matched an existing job and nothing new was queued.
+        self.deduplicated = deduplicated
+        self._app = app or _default_app()
+
+    def __repr__(self) -> str:
+        return f"JobHandle({self.id!r})"
+
+    def info(self) -> dict[str, str]:
+        """The job's record (state, attempt, error, timestamps, ...)."""
+        try:
+            record = self._app.jobs.get(self.id)
+        except redis.RedisError as exc:
+            raise _unavailable(self._app, exc) from exc
+        if record is None:
+            raise JobNotFoundError(self.id, f"no job {self.id} (never enqueued, or expired)")
+        return record
+
+    def state(self) -> JobState:
+        return JobState(self.info()["state"])
+
+    def wait(self, timeout: float | None = None, poll: float = 0.05) -> Any:
+        """Block until the job is final; return its result or raise why it is not."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        interval = poll
+        while True:
+            record = self.info()
+            state = JobState(record["state"])
+            if state is JobState.SUCCEEDED:
+                return json.loads(record.get("result", "null"))
+            if state is JobState.DEAD:
+                raise JobFailedError(self.id, record.get("error_class", "?"),
+                                     record.get("error", ""))
+            if state is JobState.CANCELLED:
+                raise JobCancelledError(self.id, f"job {self.id} was cancelled")
+            if deadline is not None and time.monotonic() >= deadline:
+                raise JobTimeoutError(self.id, f"job {self.id} still {state} after {timeout}s")
+            sleep = interval if deadline is None else min(interval,
+                                                          max(0.0, deadline - time.monotonic()))
+            time.sleep(sleep)
+            interval = min(interval * 1.5, 0.5)
+
+    def cancel(self) -> bool:
+        """Cancel the job if it has not started (or waits for a retry); True if cancelled.
+
+        A running job is not interrupted and finishes; a finished job stays as it ended.
+        """
+        try:
+            outcome = self._app.jobs.cancel(self.id)
+        except redis.RedisError as exc:
+            raise _unavailable(self._app, exc) from exc
+        if outcome < 0:
+            raise JobNotFoundError(self.id, f"no job {self.id} (never enqueued, or expired)")
+        return outcome == 1
+
+
+def _lookup(app: SynthCelery, task_name: str) -> Task:
+    if task_name not in app.tasks:
+        app.loader.import_default_modules()
+    try:
+        return app.tasks[task_name]  # type: ignore[no-any-return]
+    except KeyError:
+        raise UnknownTaskError(
+            f"unknown task {task_name!r}: it is not registered on the app (add its module to "
+            "SYNTH_INCLUDE or import it before enqueueing)"
+        ) from None
+
+
+def _validated(task: Task, payload: BaseModel | Mapping[str, Any]) -> dict[str, Any]:
+    model = task.payload_model
+    if isinstance(payload, BaseModel):
+        if model is not None and not isinstance(payload, model):
+            raise PayloadValidationError(
+                f"{task.name} takes a {model.__name__}, got {type(payload).__name__}"
+            )
+        return payload.model_dump(mode="json")
+    if not isinstance(payload, Mapping):
+        raise PayloadValidationError(
+            f"payload must be a mapping or a pydantic model, got {type(payload).__name__}"
+        )
+    if model is not None:
+        try:
+            return model.model_validate(payload).model_dump(mode="json")
+        except ValidationError as exc:
+            raise PayloadValidationError(f"{task.name}: invalid payload: {exc}") from exc
+    data = dict(payload)
+    header = getattr(task, "__header__", None)  # the run() signature, as Celery checks it
+    if header is not None:
+        try:
+            header(**data)
+        except TypeError as exc:
+            raise PayloadValidationError(f"{task.name}: {exc}") from exc
+    return data
+
+
+def enqueue(
+    task_name: str,
+    payload: BaseModel | Mapping[str, Any] | None = None,
+    *,
+    priority: routing.Priority | None = None,
+    delay: float | None = None,
+    idempotency_key: str | None = None,
+    queue: str | None = None,
+    gpu: bool = False,
+    app: SynthCelery | None = None,
+) -> JobHandle:
+    """Enqueue one job; return its handle once it is recorded and published.
+
+    ``priority``: ``"high"``, ``"normal"`` (default), ``"low"`` or 0–9, bigger first.
+    ``delay``: seconds before it may run. ``idempotency_key``: a second enqueue with the same
+    key within ``SYNTH_IDEMPOTENCY_WINDOW`` returns the first job's handle and queues nothing.
+    ``queue``: override the route; ``gpu=True``: an embedding job for a GPU worker.
+    """
+    app = app or _default_app()
+    task = _lookup(app, task_name)
+    level = routing.resolve_priority(priority)
+    target = routing.resolve_queue(task_name, queue, gpu=gpu)
+    data = _validated(task, payload if payload is not None else {})
+    size = len(json.dumps(data, separators=(",", ":")).encode())
+    cap = app.settings.max_payload_bytes
+    if size > cap:
+        raise PayloadTooLargeError(
+            f"{task_name}: payload is {size} bytes, over the {cap}-byte cap "
+            "(SYNTH_MAX_PAYLOAD_BYTES); store large inputs elsewhere and pass a reference"
+        )
+    if delay is not None and delay < 0:
+        raise PayloadValidationError(f"delay must be >= 0 seconds, got {delay}")
+
+    job_id = str(uuid.uuid4())
+    jobs = app.jobs
+    try:
+        if idempotency_key is not None:
+            existing = jobs.claim_idempotency_key(
+                idempotency_key, job_id, app.settings.idempotency_window
+            )
+            if existing is not None:
+                return JobHandle(existing, app=app, deduplicated=True)
+        jobs.create(
+            job_id,
+            task=task_name,
+            queue=target or routing.queue_for_task(task_name),
+            priority=level,
+            eta=time.time() + delay if delay else None,
+            idempotency_key=idempotency_key,
+        )
+    except redis.RedisError as exc:
+        raise _unavailable(app, exc) from exc
+
+    options: dict[str, Any] = {"task_id": job_id, "priority": level}
+    if target is not None:
+        options["queue"] = target
+    if delay:
+        options["countdown"] = delay
+    try:
+        task.apply_async(kwargs=data, **options)
+    except (OperationalError, redis.RedisError, OSError) as exc:
+        try:
+            jobs.delete(job_id)
+            if idempotency_key is not None:
+                jobs.release_idempotency_key(idempotency_key, job_id)
+        except redis.RedisError:
+            pass
+        raise _unavailable(app, exc) from exc
+    return JobHandle(job_id, app=app)

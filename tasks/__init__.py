@@ -1,0 +1,1 @@
+"""The job kinds: thin Celery tasks over plain service functions."""
