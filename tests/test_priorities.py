@@ -1,0 +1,53 @@
+"""Strict priorities with a real worker process and a real Redis."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from synth_workers import JobState, enqueue
+from synth_workers.routing import PRIORITY_LEVELS
+
+from .conftest import wait_until
+
+QUEUE = "prio-test"
+
+
+def test_high_before_normal_before_low_fifo_within_level(rclient: Any, start_worker: Any) -> None:
+    # 300 jobs while no worker runs: low, normal, high interleaved.
+    expected: dict[str, list[str]] = {"high": [], "normal": [], "low": []}
+    for i in range(100):
+        for level in ("low", "normal", "high"):
+            label = f"{level}-{i:03d}"
+            enqueue("tests.e2e_tasks.record", {"label": label}, priority=level, queue=QUEUE)
+            expected[level].append(label)
+
+    worker = start_worker(QUEUE, concurrency=1)  # prefetch multiplier 1 (the default)
+    assert wait_until(lambda: rclient.llen("test:order") == 300, timeout=120), worker.output()
+    order = [x.decode() for x in rclient.lrange("test:order", 0, -1)]
+    assert order == expected["high"] + expected["normal"] + expected["low"]
+
+
+def test_integer_levels_bigger_runs_first(rclient: Any, start_worker: Any) -> None:
+    handles = []
+    for level in (0, 9, 3, PRIORITY_LEVELS["high"], 5):
+        handles.append(enqueue("tests.e2e_tasks.record", {"label": str(level)},
+                               priority=level, queue=QUEUE))
+    start_worker(QUEUE)
+    assert wait_until(lambda: rclient.llen("test:order") == 5)
+    assert [int(x) for x in rclient.lrange("test:order", 0, -1)] == [9, 8, 5, 3, 0]
+    assert all(h.state() is JobState.SUCCEEDED for h in handles)
+
+
+def test_retry_republishes_on_our_scale() -> None:
+    # A retry re-sends the request's transport priority; the base Task maps it back to our
+    # scale so that apply_async's conversion does not flip it.
+    from celery.app.task import Context
+
+    from synth_workers import app
+    from synth_workers.routing import to_transport
+
+    task = app.tasks["tests.e2e_tasks.flaky"]
+    request = Context(id="x", args=(), kwargs={"key": "k", "fail_times": 1}, retries=0,
+                      delivery_info={"priority": to_transport(8), "routing_key": QUEUE})
+    sig = task.signature_from_request(request)
+    assert sig.options["priority"] == 8

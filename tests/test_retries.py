@@ -1,0 +1,89 @@
+"""Retry policy with real worker processes: backoff bounds, attempts, never-retry errors."""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Any
+
+import pytest
+
+from synth_workers import JobFailedError, JobState, app, enqueue
+from synth_workers.task import backoff_bound, full_jitter_backoff
+
+from .conftest import wait_until
+
+BASE = 0.5  # SYNTH_RETRY_BACKOFF_BASE set by conftest for workers and this process
+QUEUE = "retry-test"
+
+
+def test_backoff_is_full_jitter_within_bounds() -> None:
+    rng = random.Random(7)
+    for attempt, bound in ((1, 1.0), (2, 2.0), (3, 4.0), (10, 30.0)):
+        assert backoff_bound(attempt, 1.0, 30.0) == bound
+        samples = [full_jitter_backoff(attempt, 1.0, 30.0, rng) for _ in range(2000)]
+        assert all(0.0 <= s <= bound for s in samples)
+        # full jitter: spread over the whole range, mean near bound / 2
+        assert min(samples) < bound * 0.05
+        assert max(samples) > bound * 0.95
+        assert abs(sum(samples) / len(samples) - bound / 2) < bound * 0.05
+
+
+def test_fails_twice_then_succeeds_on_attempt_3(rclient: Any, start_worker: Any) -> None:
+    start_worker(QUEUE)
+    handle = enqueue("tests.e2e_tasks.flaky", {"key": "f2", "fail_times": 2}, queue=QUEUE)
+    assert handle.wait(timeout=30) == 3
+    info = handle.info()
+    assert info["state"] == JobState.SUCCEEDED
+    assert info["attempt"] == "3"
+    times = [float(t) for t in rclient.lrange("test:times:f2", 0, -1)]
+    assert len(times) == 3
+    backoffs = json.loads(info["backoffs"])
+    assert len(backoffs) == 2
+    for attempt, (chosen, earlier, later) in enumerate(
+        zip(backoffs, times[:-1], times[1:], strict=True), start=1
+    ):
+        bound = backoff_bound(attempt, BASE, 5.0)
+        assert 0.0 <= chosen <= bound
+        gap = later - earlier
+        # the measured gap is the chosen backoff plus delivery overhead
+        assert chosen - 0.05 <= gap <= chosen + 1.0, (attempt, chosen, gap)
+        assert gap <= bound + 1.0
+
+
+def test_connection_errors_retry_until_attempts_run_out(rclient: Any,
+                                                         start_worker: Any) -> None:
+    start_worker(QUEUE)
+    handle = enqueue("tests.e2e_tasks.always_failing", {"key": "af"}, queue=QUEUE)
+    with pytest.raises(JobFailedError) as caught:
+        handle.wait(timeout=30)
+    assert caught.value.error_class == "ConnectionError"
+    assert rclient.get("test:count:af") == b"3"  # default: 3 attempts in total
+    assert handle.info()["attempt"] == "3"
+
+
+def test_permanent_error_runs_once(rclient: Any, start_worker: Any) -> None:
+    start_worker(QUEUE)
+    handle = enqueue("tests.e2e_tasks.permanent", {"key": "perm"}, queue=QUEUE)
+    with pytest.raises(JobFailedError) as caught:
+        handle.wait(timeout=30)
+    assert caught.value.error_class == "PermanentError"
+    assert handle.state() is JobState.DEAD
+    # give a wrongly scheduled retry the time to show up
+    assert not wait_until(lambda: rclient.get("test:count:perm") != b"1", timeout=2.0)
+
+
+def test_invalid_payload_at_the_worker_is_never_retried(rclient: Any, start_worker: Any) -> None:
+    # Bypass enqueue's validation with Celery's own API: the worker refuses the payload.
+    start_worker(QUEUE)
+    task = app.tasks["tests.e2e_tasks.typed"]
+    result = task.apply_async(kwargs={"order_id": "not-a-number", "email": "x"}, queue=QUEUE)
+    from synth_workers import JobHandle
+
+    handle = JobHandle(result.id)
+    assert wait_until(lambda: rclient.exists(f"synth:job:{result.id}") == 1, timeout=30)
+    with pytest.raises(JobFailedError) as caught:
+        handle.wait(timeout=30)
+    assert caught.value.error_class == "InvalidPayloadError"
+    assert handle.info()["attempt"] == "1"
+    assert rclient.keys("test:count:typed:*") == []
