@@ -14,6 +14,7 @@ import redis
 from celery import Celery
 
 from synth_workers import routing
+from synth_workers.errors import ConfigurationError
 from synth_workers.jobstate import JobStore
 from synth_workers.settings import Settings, load_settings
 
@@ -93,4 +94,12 @@ def create_app(settings: Settings | None = None) -> SynthCelery:
     return app
 
 
-app = create_app()
+def _app_from_environment() -> SynthCelery:
+    try:
+        return create_app()
+    except ConfigurationError as exc:
+        # A wrong environment stops start-up, naming the variable, without a traceback.
+        raise SystemExit(f"synth-workers: {exc}") from None
+
+
+app = _app_from_environment()

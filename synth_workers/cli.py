@@ -16,7 +16,7 @@ import time
 from enum import IntEnum
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, cast
 
 import click
 
@@ -27,6 +27,7 @@ from synth_workers.errors import (
     ServiceUnavailableError,
     SynthWorkersError,
 )
+from synth_workers.routing import Priority
 from synth_workers.settings import Settings, load_settings
 
 
@@ -74,8 +75,14 @@ class _Stop:
 
 
 @main.command()
-@click.option("--dir", "base_dir", type=click.Path(path_type=Path), envvar="SYNTH_DEV_DIR",
-              default=None, help="State folder of the embedded stack [SYNTH_DEV_DIR].")
+@click.option(
+    "--dir",
+    "base_dir",
+    type=click.Path(path_type=Path),
+    envvar="SYNTH_DEV_DIR",
+    default=None,
+    help="State folder of the embedded stack [SYNTH_DEV_DIR].",
+)
 @click.option("--beat/--no-beat", default=True, help="Run beat (periodic jobs).")
 @click.option("--flower/--no-flower", default=True, help="Run Flower on 127.0.0.1.")
 def dev(base_dir: Path | None, beat: bool, flower: bool) -> None:
@@ -103,17 +110,28 @@ def _demo_jobs(app: Any, outbox: Path) -> list[tuple[str, Any]]:
     from synth_workers.producer import enqueue
 
     return [
-        ("email (welcome)", enqueue(
-            "tasks.email.send_email",
-            {"to": "demo@example.com", "template": "welcome", "context": {"name": "Demo"}},
-            priority="high", idempotency_key=f"demo-welcome-{time.time_ns()}", app=app)),
+        (
+            "email (welcome)",
+            enqueue(
+                "tasks.email.send_email",
+                {"to": "demo@example.com", "template": "welcome", "context": {"name": "Demo"}},
+                priority="high",
+                idempotency_key=f"demo-welcome-{time.time_ns()}",
+                app=app,
+            ),
+        ),
         ("system ping", enqueue("tasks.system.ping", {"message": "ping"}, app=app)),
     ]
 
 
 @main.command()
-@click.option("--timeout", type=float, default=60.0, show_default=True,
-              help="Seconds to wait for each demo job.")
+@click.option(
+    "--timeout",
+    type=float,
+    default=60.0,
+    show_default=True,
+    help="Seconds to wait for each demo job.",
+)
 def demo(timeout: float) -> None:
     """Start the embedded stack, run one job of each kind, print outcomes, stop; exit 0 only
     if every job succeeded."""
@@ -160,8 +178,15 @@ def demo(timeout: float) -> None:
 @click.option("--key", "idempotency_key", default=None, help="Idempotency key.")
 @click.option("--queue", default=None, help="Override the route.")
 @click.option("--wait", "wait_s", type=float, default=None, help="Wait this long for the result.")
-def enqueue_cmd(task_name: str, payload: str, priority: str | None, delay: float | None,
-                idempotency_key: str | None, queue: str | None, wait_s: float | None) -> None:
+def enqueue_cmd(
+    task_name: str,
+    payload: str,
+    priority: str | None,
+    delay: float | None,
+    idempotency_key: str | None,
+    queue: str | None,
+    wait_s: float | None,
+) -> None:
     """Enqueue TASK_NAME with a JSON PAYLOAD; print the job id."""
     from synth_workers.producer import enqueue
 
@@ -171,10 +196,16 @@ def enqueue_cmd(task_name: str, payload: str, priority: str | None, delay: float
     except json.JSONDecodeError as exc:
         click.echo(f"error: PAYLOAD is not JSON: {exc}", err=True)
         sys.exit(ExitCode.USAGE)
-    level: str | int | None = int(priority) if priority and priority.isdigit() else priority
+    level = cast(Priority | None, int(priority) if priority and priority.isdigit() else priority)
     try:
-        handle = enqueue(task_name, data, priority=level, delay=delay,  # type: ignore[arg-type]
-                         idempotency_key=idempotency_key, queue=queue)
+        handle = enqueue(
+            task_name,
+            data,
+            priority=level,
+            delay=delay,
+            idempotency_key=idempotency_key,
+            queue=queue,
+        )
         click.echo(handle.id)
         if wait_s is not None:
             click.echo(json.dumps(handle.wait(timeout=wait_s)))
@@ -226,8 +257,15 @@ def check() -> None:
     try:
         redis.Redis.from_url(settings.broker_url, socket_connect_timeout=3).ping()
     except redis.RedisError as exc:
-        click.echo(f"redis     {mask_url(settings.broker_url)}: unreachable ({exc}); start "
-                   "redis-server or `synth-workers dev`, or set REDIS_URL", err=True)
+        click.echo(
+            f"redis     {mask_url(settings.broker_url)}: unreachable ({exc}); start "
+            "redis-server or `synth-workers dev`, or set REDIS_URL",
+            err=True,
+        )
         sys.exit(ExitCode.UNAVAILABLE)
     click.echo(f"redis     {mask_url(settings.broker_url)}: ok")
     sys.exit(ExitCode.OK)
+
+
+if __name__ == "__main__":
+    main()

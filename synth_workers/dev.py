@@ -129,7 +129,9 @@ class DevStack:
 
             data = self.base_dir / "postgres"
             data.mkdir(parents=True, exist_ok=True)
-            self._postgres = pgserver.get_server(str(data), cleanup_mode="stop")
+            self._postgres = pgserver.get_server(  # type: ignore[attr-defined]
+                str(data), cleanup_mode="stop"
+            )
             url = str(self._postgres.get_uri())
             origin = "embedded pgserver"
         try:
@@ -182,19 +184,43 @@ class DevStack:
         self.base_dir.mkdir(parents=True, exist_ok=True)
         redis_url = self._start_redis()
         database_url = self._start_postgres()
-        self.env = {**os.environ, "REDIS_URL": redis_url, "DATABASE_URL": database_url,
-                    **self._prepare_qdrant(), "PYTHONUNBUFFERED": "1"}
+        self.env = {
+            **os.environ,
+            "REDIS_URL": redis_url,
+            "DATABASE_URL": database_url,
+            **self._prepare_qdrant(),
+            "PYTHONUNBUFFERED": "1",
+        }
         for pool in POOLS:
-            self._spawn(f"worker-{pool.name}", self._celery(
-                "worker", "-Q", ",".join(pool.queues), "-n", f"{pool.name}@%h",
-                "-P", pool.pool, "-c", str(pool.concurrency), "-l", self.settings.log_level,
-                "--without-mingle", "--without-gossip",
-            ))
+            self._spawn(
+                f"worker-{pool.name}",
+                self._celery(
+                    "worker",
+                    "-Q",
+                    ",".join(pool.queues),
+                    "-n",
+                    f"{pool.name}@%h",
+                    "-P",
+                    pool.pool,
+                    "-c",
+                    str(pool.concurrency),
+                    "-l",
+                    self.settings.log_level,
+                    "--without-mingle",
+                    "--without-gossip",
+                ),
+            )
         if self.with_beat:
-            self._spawn("beat", self._celery(
-                "beat", "-s", str(self.base_dir / "celerybeat-schedule"),
-                "-l", self.settings.log_level,
-            ))
+            self._spawn(
+                "beat",
+                self._celery(
+                    "beat",
+                    "-s",
+                    str(self.base_dir / "celerybeat-schedule"),
+                    "-l",
+                    self.settings.log_level,
+                ),
+            )
         if self.with_flower:
             self._start_flower()
         self._wait_for_workers(redis_url)
@@ -209,9 +235,14 @@ class DevStack:
         password = secret.get_secret_value() if secret else Settings.generate_password()
         self.flower_password = password
         self.env["FLOWER_BASIC_AUTH"] = f"{self.settings.flower_user}:{password}"
-        self._spawn("flower", self._celery(
-            "flower", f"--address={host}", f"--port={port}",
-        ))
+        self._spawn(
+            "flower",
+            self._celery(
+                "flower",
+                f"--address={host}",
+                f"--port={port}",
+            ),
+        )
         self.flower_url = f"http://{host}:{port}"
         shown = "" if secret else f", password {password} (generated; shown once)"
         self.say(f"flower    {self.flower_url} (user {self.settings.flower_user}{shown})")
@@ -243,8 +274,7 @@ class DevStack:
         for child in self.children:
             if child.process is not None and child.process.poll() is not None:
                 raise ServiceUnavailableError(
-                    f"{child.name} exited with status {child.process.returncode}; "
-                    f"see {child.log}"
+                    f"{child.name} exited with status {child.process.returncode}; see {child.log}"
                 )
 
     def stop(self, grace: float = 20.0) -> None:

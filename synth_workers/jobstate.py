@@ -84,7 +84,7 @@ class JobStore:
     ) -> None:
         now = time.time()
         state = JobState.SCHEDULED if eta is not None and eta > now else JobState.QUEUED
-        fields: dict[str, str | int | float] = {
+        fields: dict[Any, Any] = {
             "task": task,
             "queue": queue,
             "priority": priority,
@@ -142,25 +142,32 @@ class JobStore:
         previous = self.client.hget(key, "backoffs")
         backoffs: list[float] = json.loads(previous) if previous else []
         backoffs.append(round(backoff, 4))
-        self.client.hset(key, mapping={
-            "state": JobState.RETRYING.value,
-            "error_class": type(error).__name__,
-            "error": str(error)[:2000],
-            "next_attempt_at": time.time() + backoff,
-            "backoffs": json.dumps(backoffs),
-        })
+        self.client.hset(
+            key,
+            mapping={
+                "state": JobState.RETRYING.value,
+                "error_class": type(error).__name__,
+                "error": str(error)[:2000],
+                "next_attempt_at": time.time() + backoff,
+                "backoffs": json.dumps(backoffs),
+            },
+        )
 
     def dead(self, job_id: str, error_class: str, error: str, traceback: str = "") -> None:
-        self._finish(job_id, JobState.DEAD, {
-            "error_class": error_class,
-            "error": error[:2000],
-            "traceback": traceback[-8000:],
-        })
+        self._finish(
+            job_id,
+            JobState.DEAD,
+            {
+                "error_class": error_class,
+                "error": error[:2000],
+                "traceback": traceback[-8000:],
+            },
+        )
 
     def _finish(self, job_id: str, state: JobState, extra: Mapping[str, str]) -> None:
+        fields: dict[Any, Any] = {"state": state.value, "finished_at": time.time(), **extra}
         pipe = self.client.pipeline(transaction=True)
-        pipe.hset(job_key(job_id), mapping={"state": state.value, "finished_at": time.time(),
-                                            **extra})
+        pipe.hset(job_key(job_id), mapping=fields)
         pipe.expire(job_key(job_id), self.ttl)
         pipe.execute()
 

@@ -8,6 +8,7 @@ errors (nothing is queued then), writes the job record, publishes the message an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -31,10 +32,10 @@ from synth_workers.errors import (
 )
 from synth_workers.jobstate import JobState
 from synth_workers.settings import mask_url
+from synth_workers.task import Task
 
 if TYPE_CHECKING:
     from synth_workers.app import SynthCelery
-    from synth_workers.task import Task
 
 
 def _default_app() -> SynthCelery:
@@ -54,8 +55,9 @@ def _unavailable(app: SynthCelery, exc: BaseException) -> ServiceUnavailableErro
 class JobHandle:
     """A job that was enqueued: its id, state, result, and cancellation."""
 
-    def __init__(self, job_id: str, *, app: SynthCelery | None = None,
-                 deduplicated: bool = False) -> None:
+    def __init__(
+        self, job_id: str, *, app: SynthCelery | None = None, deduplicated: bool = False
+    ) -> None:
         self.id = job_id
         #: True when an idempotency key matched an existing job and nothing new was queued.
         self.deduplicated = deduplicated
@@ -87,14 +89,18 @@ class JobHandle:
             if state is JobState.SUCCEEDED:
                 return json.loads(record.get("result", "null"))
             if state is JobState.DEAD:
-                raise JobFailedError(self.id, record.get("error_class", "?"),
-                                     record.get("error", ""))
+                raise JobFailedError(
+                    self.id, record.get("error_class", "?"), record.get("error", "")
+                )
             if state is JobState.CANCELLED:
                 raise JobCancelledError(self.id, f"job {self.id} was cancelled")
             if deadline is not None and time.monotonic() >= deadline:
                 raise JobTimeoutError(self.id, f"job {self.id} still {state} after {timeout}s")
-            sleep = interval if deadline is None else min(interval,
-                                                          max(0.0, deadline - time.monotonic()))
+            sleep = (
+                interval
+                if deadline is None
+                else min(interval, max(0.0, deadline - time.monotonic()))
+            )
             time.sleep(sleep)
             interval = min(interval * 1.5, 0.5)
 
@@ -115,13 +121,13 @@ class JobHandle:
 def _lookup(app: SynthCelery, task_name: str) -> Task:
     if task_name not in app.tasks:
         app.loader.import_default_modules()
-    try:
-        return app.tasks[task_name]  # type: ignore[no-any-return]
-    except KeyError:
+    task = app.tasks.get(task_name)
+    if not isinstance(task, Task):
         raise UnknownTaskError(
             f"unknown task {task_name!r}: it is not registered on the app (add its module to "
             "SYNTH_INCLUDE or import it before enqueueing)"
-        ) from None
+        )
+    return task
 
 
 def _validated(task: Task, payload: BaseModel | Mapping[str, Any]) -> dict[str, Any]:
@@ -186,6 +192,11 @@ def enqueue(
 
     job_id = str(uuid.uuid4())
     jobs = app.jobs
+    options: dict[str, Any] = {"task_id": job_id, "priority": level}
+    if target is not None:
+        options["queue"] = target
+    if delay:
+        options["countdown"] = delay
     try:
         if idempotency_key is not None:
             existing = jobs.claim_idempotency_key(
@@ -193,30 +204,11 @@ def enqueue(
             )
             if existing is not None:
                 return JobHandle(existing, app=app, deduplicated=True)
-        jobs.create(
-            job_id,
-            task=task_name,
-            queue=target or routing.queue_for_task(task_name),
-            priority=level,
-            eta=time.time() + delay if delay else None,
-            idempotency_key=idempotency_key,
-        )
-    except redis.RedisError as exc:
-        raise _unavailable(app, exc) from exc
-
-    options: dict[str, Any] = {"task_id": job_id, "priority": level}
-    if target is not None:
-        options["queue"] = target
-    if delay:
-        options["countdown"] = delay
-    try:
+            options["synth_idempotency_key"] = idempotency_key
         task.apply_async(kwargs=data, **options)
     except (OperationalError, redis.RedisError, OSError) as exc:
-        try:
-            jobs.delete(job_id)
-            if idempotency_key is not None:
+        if idempotency_key is not None:
+            with contextlib.suppress(redis.RedisError):
                 jobs.release_idempotency_key(idempotency_key, job_id)
-        except redis.RedisError:
-            pass
         raise _unavailable(app, exc) from exc
     return JobHandle(job_id, app=app)

@@ -47,7 +47,8 @@ def _check_scheme(url: str | None, schemes: tuple[str, ...]) -> str | None:
         return None
     scheme = urlsplit(url).scheme
     if scheme not in schemes:
-        raise ValueError(f"URL scheme must be one of {', '.join(schemes)}, got {scheme or 'none'!r}")
+        allowed = ", ".join(schemes)
+        raise ValueError(f"URL scheme must be one of {allowed}, got {scheme or 'none'!r}")
     return url
 
 
@@ -205,8 +206,11 @@ def env_name(field: str) -> str:
     """The environment variable that sets ``field`` (a field name or one of its aliases)."""
     for name, info in Settings.model_fields.items():
         alias = info.validation_alias
-        choices = [c for c in alias.choices if isinstance(c, str)] if isinstance(
-            alias, AliasChoices) else []
+        choices = (
+            [c for c in alias.choices if isinstance(c, str)]
+            if isinstance(alias, AliasChoices)
+            else []
+        )
         if field.lower() == name or field.lower() in (c.lower() for c in choices):
             return choices[0] if choices else f"SYNTH_{name.upper()}"
     return f"SYNTH_{field.upper()}"

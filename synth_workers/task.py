@@ -18,7 +18,10 @@
 from __future__ import annotations
 
 import random
+import time
 import traceback
+import uuid
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import celery
@@ -27,7 +30,12 @@ from pydantic import BaseModel, ValidationError
 
 from synth_workers.errors import InvalidPayloadError, PermanentError
 from synth_workers.jobstate import JobState
-from synth_workers.routing import from_transport, resolve_priority, to_transport
+from synth_workers.routing import (
+    from_transport,
+    queue_for_task,
+    resolve_priority,
+    to_transport,
+)
 
 if TYPE_CHECKING:
     from celery.canvas import Signature
@@ -49,6 +57,24 @@ def full_jitter_backoff(
     return (rng or random).uniform(0.0, backoff_bound(attempt, base, cap))
 
 
+def _queue_name(queue: Any) -> str | None:
+    if queue is None or isinstance(queue, str):
+        return queue
+    return str(getattr(queue, "name", queue))
+
+
+def _eta(options: dict[str, Any]) -> float | None:
+    countdown = options.get("countdown")
+    if countdown:
+        return time.time() + float(countdown)
+    eta = options.get("eta")
+    if isinstance(eta, datetime):
+        return eta.timestamp()
+    if isinstance(eta, str):
+        return datetime.fromisoformat(eta).timestamp()
+    return None
+
+
 class Task(celery.Task):  # type: ignore[type-arg]
     """Base class of every task registered on the platform's app."""
 
@@ -60,7 +86,7 @@ class Task(celery.Task):  # type: ignore[type-arg]
     backoff_base: float | None = None
     backoff_cap: float | None = None
     #: Exceptions that retry (minus ``PermanentError`` and ``ValidationError``, which never do).
-    retry_for: tuple[type[BaseException], ...] = (Exception,)
+    retry_for: tuple[type[Exception], ...] = (Exception,)
 
     acks_late = True
     reject_on_worker_lost = True
@@ -79,11 +105,37 @@ class Task(celery.Task):  # type: ignore[type-arg]
     def apply_async(  # type: ignore[override]
         self, args: Any = None, kwargs: Any = None, **options: Any
     ) -> Any:
+        """Celery's ``apply_async`` on the platform's priority scale, writing the job record.
+
+        Every job gets its record here, however it was sent (``enqueue``, ``delay``, beat,
+        canvas), so ``JobHandle(result.id)`` works for all of them. A retry re-sends a job
+        that already has one.
+        """
         level = options.pop("priority", None)
         if level is None:
             level = self.priority
-        options["priority"] = to_transport(resolve_priority(level))
-        return super().apply_async(args, kwargs, **options)
+        level = resolve_priority(level)
+        options["priority"] = to_transport(level)
+        idempotency_key: str | None = options.pop("synth_idempotency_key", None)
+        if options.get("retries"):
+            return super().apply_async(args, kwargs, **options)
+        job_id: str = options.setdefault("task_id", None) or str(uuid.uuid4())
+        options["task_id"] = job_id
+        jobs = self.synth_app.jobs
+        jobs.create(
+            job_id,
+            task=self.name,
+            queue=_queue_name(options.get("queue") or getattr(self, "queue", None))
+            or queue_for_task(self.name),
+            priority=level,
+            eta=_eta(options),
+            idempotency_key=idempotency_key,
+        )
+        try:
+            return super().apply_async(args, kwargs, **options)
+        except BaseException:
+            jobs.delete(job_id)
+            raise
 
     def signature_from_request(self, *args: Any, **kwargs: Any) -> Signature[Any]:
         sig: Signature[Any] = super().signature_from_request(*args, **kwargs)

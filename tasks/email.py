@@ -13,15 +13,16 @@ from email.utils import make_msgid
 from pathlib import Path
 from typing import Any
 
+from celery import shared_task
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, TemplateNotFound
 from jinja2.exceptions import UndefinedError
 from pydantic import BaseModel, EmailStr, Field, field_validator
 
-from synth_workers.app import app
 from synth_workers.errors import PermanentError
 from synth_workers.producer import JobHandle, enqueue
 from synth_workers.routing import Priority
 from synth_workers.settings import Settings
+from synth_workers.task import Task
 
 TEMPLATES = Path(__file__).parent / "templates" / "email"
 PRODUCT = "SynthStack"
@@ -33,7 +34,9 @@ _env = Environment(
     keep_trailing_newline=True,
 )
 _text_env = Environment(
-    loader=FileSystemLoader(TEMPLATES), undefined=StrictUndefined, autoescape=False
+    loader=FileSystemLoader(TEMPLATES),
+    undefined=StrictUndefined,
+    autoescape=False,  # noqa: S701 - plain-text part and subject
 )
 
 
@@ -101,9 +104,9 @@ def send_email(payload: EmailPayload, settings: Settings, job_id: str) -> dict[s
     return {"backend": "file", "path": str(path.resolve()), "recipients": len(payload.to)}
 
 
-@app.task(name="tasks.email.send_email", bind=True, payload_model=EmailPayload)
-def send_email_task(self: Any, payload: EmailPayload) -> dict[str, Any]:
-    return send_email(payload, app.settings, self.request.id or "direct")
+@shared_task(name="tasks.email.send_email", bind=True, payload_model=EmailPayload)
+def send_email_task(self: Task, payload: EmailPayload) -> dict[str, Any]:
+    return send_email(payload, self.synth_app.settings, self.request.id or "direct")
 
 
 def enqueue_email(
@@ -114,5 +117,10 @@ def enqueue_email(
     idempotency_key: str | None = None,
 ) -> JobHandle:
     """Typed helper: enqueue one email job."""
-    return enqueue("tasks.email.send_email", payload, priority=priority, delay=delay,
-                   idempotency_key=idempotency_key)
+    return enqueue(
+        "tasks.email.send_email",
+        payload,
+        priority=priority,
+        delay=delay,
+        idempotency_key=idempotency_key,
+    )

@@ -5,9 +5,8 @@ from __future__ import annotations
 import socket
 import time
 
+from celery import shared_task
 from pydantic import BaseModel, Field
-
-from synth_workers.app import app
 
 
 class PingPayload(BaseModel):
@@ -21,10 +20,12 @@ def ping(payload: PingPayload) -> dict[str, str]:
     """Answer with the worker's host name: proves a worker of the queue is consuming."""
     if payload.sleep:
         time.sleep(payload.sleep)
-    return {"reply": "pong" if payload.message == "ping" else payload.message,
-            "host": socket.gethostname()}
+    return {
+        "reply": "pong" if payload.message == "ping" else payload.message,
+        "host": socket.gethostname(),
+    }
 
 
-@app.task(name="tasks.system.ping", payload_model=PingPayload)
+@shared_task(name="tasks.system.ping", payload_model=PingPayload)
 def ping_task(payload: PingPayload) -> dict[str, str]:
     return ping(payload)

@@ -87,8 +87,12 @@ class Worker:
         return self.process.returncode
 
 
-def wait_for_worker(name: str, timeout: float = 30, process: subprocess.Popen[bytes] | None = None,
-                    log: Path | None = None) -> None:
+def wait_for_worker(
+    name: str,
+    timeout: float = 30,
+    process: subprocess.Popen[bytes] | None = None,
+    log: Path | None = None,
+) -> None:
     from synth_workers import app
 
     deadline = time.monotonic() + timeout
@@ -106,17 +110,45 @@ def wait_for_worker(name: str, timeout: float = 30, process: subprocess.Popen[by
 def start_worker(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
     started: list[Worker] = []
 
-    def start(*queues: str, pool: str = "prefork", concurrency: int = 1,
-              extra: tuple[str, ...] = (), env: dict[str, str] | None = None) -> Worker:
+    def start(
+        *queues: str,
+        pool: str = "prefork",
+        concurrency: int = 1,
+        extra: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+    ) -> Worker:
         name = f"test-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
-        log = tmp_path / f"{name.split('@')[0]}.log"
-        argv = [sys.executable, "-m", "celery", "-A", "synth_workers", "worker",
-                "-Q", ",".join(queues), "-n", name, "-P", pool, "-c", str(concurrency),
-                "-l", "INFO", "--without-mingle", "--without-gossip", *extra]
+        log = tmp_path / f"{name.split('@', maxsplit=1)[0]}.log"
+        argv = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "synth_workers",
+            "worker",
+            "-Q",
+            ",".join(queues),
+            "-n",
+            name,
+            "-P",
+            pool,
+            "-c",
+            str(concurrency),
+            "-l",
+            "INFO",
+            "--without-mingle",
+            "--without-gossip",
+            *extra,
+        ]
         with log.open("wb") as out:
-            process = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, **(env or {})},
-                                       stdout=out, stderr=subprocess.STDOUT,
-                                       start_new_session=True)
+            process = subprocess.Popen(
+                argv,
+                cwd=ROOT,
+                env={**os.environ, **(env or {})},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         worker = Worker(process, name, log)
         started.append(worker)
         wait_for_worker(name, process=process, log=log)

@@ -26,8 +26,9 @@ QUEUE = "enqueue-test"
 
 
 def _nothing_queued(rclient: Any) -> bool:
-    queue_keys = [k for k in rclient.keys("*") if not k.startswith(b"_kombu")
-                  and not k.startswith(b"celery")]
+    queue_keys = [
+        k for k in rclient.keys("*") if not k.startswith(b"_kombu") and not k.startswith(b"celery")
+    ]
     return queue_keys == []
 
 
@@ -66,18 +67,22 @@ def test_bad_priority_and_gpu_route_are_refused(rclient: Any) -> None:
         with pytest.raises(RoutingError):
             enqueue("tests.e2e_tasks.record", {"label": "x"}, priority=bad)  # type: ignore[arg-type]
     with pytest.raises(RoutingError, match="embedding"):
-        enqueue("tasks.email.send_email", {"to": "a@example.com", "template": "welcome"},
-                gpu=True)
+        enqueue("tasks.email.send_email", {"to": "a@example.com", "template": "welcome"}, gpu=True)
     assert _nothing_queued(rclient)
 
 
-def test_handle_state_wait_and_email_example(rclient: Any, start_worker: Any,
-                                             tmp_path: Any) -> None:
+def test_handle_state_wait_and_email_example(
+    rclient: Any, start_worker: Any, tmp_path: Any
+) -> None:
     outbox = tmp_path / "outbox"
     start_worker("email", env={"SYNTH_MAIL_OUTBOX": str(outbox)})
-    h = enqueue("tasks.email.send_email",
-                {"to": "user@example.com", "template": "welcome", "context": {}},
-                priority="high", delay=1, idempotency_key="welcome:user-123")
+    h = enqueue(
+        "tasks.email.send_email",
+        {"to": "user@example.com", "template": "welcome", "context": {}},
+        priority="high",
+        delay=1,
+        idempotency_key="welcome:user-123",
+    )
     assert h.state() is JobState.SCHEDULED
     assert h.info()["queue"] == "email"
     result = h.wait(timeout=30)
@@ -88,9 +93,11 @@ def test_handle_state_wait_and_email_example(rclient: Any, start_worker: Any,
     text = eml.read_text()
     assert "To: user@example.com" in text and "Welcome to SynthStack" in text
     # same key within the window: same job, nothing new queued
-    again = enqueue("tasks.email.send_email",
-                    {"to": "user@example.com", "template": "welcome", "context": {}},
-                    idempotency_key="welcome:user-123")
+    again = enqueue(
+        "tasks.email.send_email",
+        {"to": "user@example.com", "template": "welcome", "context": {}},
+        idempotency_key="welcome:user-123",
+    )
     assert again.id == h.id and again.deduplicated
     assert not h.cancel()  # already finished
     assert len(list(outbox.glob("*.eml"))) == 1

@@ -30,8 +30,9 @@ def test_high_before_normal_before_low_fifo_within_level(rclient: Any, start_wor
 def test_integer_levels_bigger_runs_first(rclient: Any, start_worker: Any) -> None:
     handles = []
     for level in (0, 9, 3, PRIORITY_LEVELS["high"], 5):
-        handles.append(enqueue("tests.e2e_tasks.record", {"label": str(level)},
-                               priority=level, queue=QUEUE))
+        handles.append(
+            enqueue("tests.e2e_tasks.record", {"label": str(level)}, priority=level, queue=QUEUE)
+        )
     start_worker(QUEUE)
     assert wait_until(lambda: rclient.llen("test:order") == 5)
     assert [int(x) for x in rclient.lrange("test:order", 0, -1)] == [9, 8, 5, 3, 0]
@@ -47,7 +48,12 @@ def test_retry_republishes_on_our_scale() -> None:
     from synth_workers.routing import to_transport
 
     task = app.tasks["tests.e2e_tasks.flaky"]
-    request = Context(id="x", args=(), kwargs={"key": "k", "fail_times": 1}, retries=0,
-                      delivery_info={"priority": to_transport(8), "routing_key": QUEUE})
+    request = Context(
+        id="x",
+        args=(),
+        kwargs={"key": "k", "fail_times": 1},
+        retries=0,
+        delivery_info={"priority": to_transport(8), "routing_key": QUEUE},
+    )
     sig = task.signature_from_request(request)
     assert sig.options["priority"] == 8

@@ -19,8 +19,13 @@ def _publish_raw(task_name: str, kwargs: dict[str, Any], serializer: str) -> str
     message = app.amqp.as_task_v2(task_id, task_name, args=(), kwargs=kwargs)
     with app.producer_or_acquire() as producer:
         producer.publish(
-            message.body, routing_key=QUEUE, exchange="", serializer=serializer,
-            headers=message.headers, priority=to_transport(5), declare=[],
+            message.body,
+            routing_key=QUEUE,
+            exchange="",
+            serializer=serializer,
+            headers=message.headers,
+            priority=to_transport(5),
+            declare=[],
             **message.properties,
         )
     return task_id

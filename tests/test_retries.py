@@ -51,8 +51,7 @@ def test_fails_twice_then_succeeds_on_attempt_3(rclient: Any, start_worker: Any)
         assert gap <= bound + 1.0
 
 
-def test_connection_errors_retry_until_attempts_run_out(rclient: Any,
-                                                         start_worker: Any) -> None:
+def test_connection_errors_retry_until_attempts_run_out(rclient: Any, start_worker: Any) -> None:
     start_worker(QUEUE)
     handle = enqueue("tests.e2e_tasks.always_failing", {"key": "af"}, queue=QUEUE)
     with pytest.raises(JobFailedError) as caught:

@@ -1,0 +1,77 @@
+"""`celery -A synth_workers worker|beat` as Celery users run them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from synth_workers import JobState, Task, app, enqueue
+
+from .conftest import ROOT, wait_until
+
+
+def test_user_module_with_I_gets_the_platform_task(rclient: Any, start_worker: Any) -> None:
+    start_worker("email", "orchestration", "default", extra=("-I", "tests.user_tasks"))
+    import tests.user_tasks as user_tasks
+
+    assert isinstance(user_tasks.greet, Task)
+    handle = enqueue("tests.user_tasks.greet", {"name": "ada"})
+    assert handle.info()["queue"] == "default"
+    assert handle.wait(timeout=30) == "hello ada"
+    info = handle.info()
+    assert info["state"] == JobState.SUCCEEDED and info["attempt"] == "2"
+
+
+def test_every_registered_task_uses_the_platform_base() -> None:
+    app.loader.import_default_modules()
+    ours = [t for name, t in app.tasks.items() if not name.startswith("celery.")]
+    assert ours
+    assert all(isinstance(t, Task) for t in ours)
+
+
+def test_beat_schedule_is_loaded() -> None:
+    assert app.conf.beat_schedule["system-ping"]["task"] == "tasks.system.ping"
+
+
+def test_beat_sends_periodic_jobs(rclient: Any, tmp_path: Path, start_worker: Any) -> None:
+    start_worker("default")
+    env = {**os.environ, "SYNTH_INCLUDE": "tests.e2e_tasks,tests.beat_fast"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "synth_workers",
+            "beat",
+            "-s",
+            str(tmp_path / "beat-schedule"),
+            "--max-interval",
+            "1",
+            "-l",
+            "INFO",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        assert wait_until(lambda: int(rclient.get("test:count:beat") or 0) >= 2, timeout=30)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        out = proc.communicate(timeout=30)[0].decode()
+    assert "beat: Starting" in out, out
+    # jobs sent by beat have records like any other
+    beat_jobs = [
+        k
+        for k in rclient.keys("synth:job:*")
+        if rclient.hget(k, "task") == b"tests.e2e_tasks.side_effect"
+    ]
+    assert len(beat_jobs) >= 2
+    assert all(rclient.hget(k, "priority") == b"8" for k in beat_jobs)

@@ -1,0 +1,142 @@
+"""The embedded stack: `synth-workers demo` and `synth-workers dev` as a user runs them."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from synth_workers import JobState, Settings, create_app, enqueue
+
+ROOT = Path(__file__).resolve().parent.parent
+CLI = [sys.executable, "-m", "synth_workers.cli"]
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("REDIS_URL", "DATABASE_URL", "QDRANT_URL", "SYNTH_INCLUDE")
+    }
+    env.update(extra)
+    return env
+
+
+def test_demo_runs_one_job_of_each_kind_and_exits_0() -> None:
+    proc = subprocess.run(
+        [*CLI, "demo"], cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "(embedded Valkey)" in proc.stdout
+    assert "(embedded pgserver)" in proc.stdout
+    assert re.search(r"ok +email \(welcome\): succeeded", proc.stdout), proc.stdout
+    assert re.search(r"ok +system ping: succeeded", proc.stdout), proc.stdout
+    assert "outbox    1 message(s)" in proc.stdout
+    assert proc.stdout.rstrip().endswith("demo succeeded")
+
+
+def _get(url: str, auth: tuple[str, str] | None = None) -> tuple[int, Any]:
+    request = urllib.request.Request(url)
+    if auth:
+        token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        return exc.code, None
+
+
+def _read_until(proc: subprocess.Popen[str], marker: str, timeout: float) -> list[str]:
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            if proc.poll() is not None:
+                break
+            continue
+        lines.append(line.rstrip("\n"))
+        if line.startswith(marker):
+            return lines
+    raise AssertionError(f"no {marker!r} line; got:\n" + "\n".join(lines))
+
+
+def test_dev_runs_until_ctrl_c_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [*CLI, "dev", "--dir", str(tmp_path / "dev")],
+        cwd=ROOT,
+        env=_clean_env(SYNTH_MAIL_OUTBOX=str(tmp_path / "outbox")),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        lines = _read_until(proc, "ready", timeout=120)
+        text = "\n".join(lines)
+        redis_url = re.search(r"^redis +(\S+) \(embedded Valkey\)", text, re.M)
+        flower = re.search(r"^flower +(\S+) \(user (\S+), password (\S+) ", text, re.M)
+        assert redis_url and flower, text
+        assert flower.group(1).startswith("http://127.0.0.1:")
+
+        # workers process real jobs
+        app = create_app(Settings(redis_url=redis_url.group(1)))
+        handle = enqueue("tasks.system.ping", {}, app=app)
+        assert handle.wait(timeout=30)["reply"] == "pong"
+        assert handle.state() is JobState.SUCCEEDED
+        app.close()
+
+        # Flower: auth required, and its API shows our workers
+        base, user, password = flower.groups()
+        assert _get(f"{base}/api/workers")[0] == 401
+        names: set[str] = set()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not {"main", "embeddings"} <= names:
+            status, body = _get(f"{base}/api/workers?refresh=1", (user, password))
+            assert status == 200
+            names = {name.split("@")[0] for name in (body or {})}
+            time.sleep(0.5)
+        assert {"main", "embeddings"} <= names
+
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+        assert len(descendants) >= 5  # 2 workers (+ pool children), beat, flower, services
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=90) == 0
+        rest = proc.stdout.read() if proc.stdout else ""
+        assert "stopped" in rest
+        alive = [p for p in descendants if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert alive == [], [p.cmdline() for p in alive]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize(
+    ("var", "value"), [("SYNTH_MAX_ATTEMPTS", "many"), ("REDIS_URL", "http://127.0.0.1:6379")]
+)
+def test_dev_refuses_a_wrong_setting_naming_it(var: str, value: str) -> None:
+    proc = subprocess.run(
+        [*CLI, "dev"],
+        cwd=ROOT,
+        env=_clean_env(**{var: value}),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode != 0
+    assert var in proc.stderr
+    assert "Traceback" not in proc.stderr
