@@ -55,6 +55,20 @@ def redis_url() -> str:
     return REDIS_URL
 
 
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Postgres: SYNTH_TEST_DATABASE_URL, or an embedded pgserver."""
+    url = os.environ.get("SYNTH_TEST_DATABASE_URL")
+    if url:
+        yield url
+        return
+    import pgserver
+
+    server = pgserver.get_server(str(tmp_path_factory.mktemp("pg")), cleanup_mode="stop")
+    yield str(server.get_uri())
+    server.cleanup()
+
+
 @pytest.fixture
 def rclient(redis_url: str) -> Iterator[object]:
     import redis

@@ -47,6 +47,27 @@ def test_demo_runs_one_job_of_each_kind_and_exits_0() -> None:
     assert proc.stdout.rstrip().endswith("demo succeeded")
 
 
+def test_demo_uses_configured_services_instead_of_embedded(redis_url: str,
+                                                          database_url: str) -> None:
+    env = _clean_env(REDIS_URL=redis_url, DATABASE_URL=database_url)
+    proc = subprocess.run([*CLI, "demo"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert re.search(r"^redis +\S+ \(REDIS_URL\)$", proc.stdout, re.M), proc.stdout
+    assert re.search(r"^postgres +\S+ \(DATABASE_URL\)$", proc.stdout, re.M), proc.stdout
+    assert "embedded" not in proc.stdout.split("qdrant")[0]
+
+
+def test_dev_names_an_unreachable_service(tmp_path: Path) -> None:
+    port = 1  # nothing listens there
+    proc = subprocess.run([*CLI, "dev", "--dir", str(tmp_path)], cwd=ROOT,
+                          env=_clean_env(REDIS_URL=f"redis://127.0.0.1:{port}/0"),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3
+    assert "Redis at redis://127.0.0.1:1/0 (REDIS_URL) is not reachable" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def _get(url: str, auth: tuple[str, str] | None = None) -> tuple[int, Any]:
     request = urllib.request.Request(url)
     if auth:
