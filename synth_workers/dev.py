@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,9 +130,11 @@ class DevStack:
 
             data = self.base_dir / "postgres"
             data.mkdir(parents=True, exist_ok=True)
-            self._postgres = pgserver.get_server(  # type: ignore[attr-defined]
-                str(data), cleanup_mode="stop"
-            )
+            with warnings.catch_warnings():  # platformdirs: XDG_RUNTIME_DIR unset
+                warnings.simplefilter("ignore")
+                self._postgres = pgserver.get_server(  # type: ignore[attr-defined]
+                    str(data), cleanup_mode="stop"
+                )
             url = str(self._postgres.get_uri())
             origin = "embedded pgserver"
         try:

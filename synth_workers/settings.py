@@ -34,7 +34,7 @@ def mask_url(url: str | None) -> str | None:
     if not url:
         return url
     parts = urlsplit(url)
-    if parts.password is None:
+    if not parts.password:
         return url
     user = parts.username or ""
     host = parts.hostname or ""
