@@ -7,6 +7,7 @@ it — ours in ``tasks/`` and a user's own ``@app.task`` — gets the platform's
 
 from __future__ import annotations
 
+import os
 from functools import cached_property
 from typing import Any
 
@@ -15,7 +16,8 @@ from celery import Celery
 
 from synth_workers import routing
 from synth_workers.errors import ConfigurationError
-from synth_workers.jobstate import JobStore
+from synth_workers.ledger import LeaseKeeper, Ledger
+from synth_workers.ledger.sweeper import SweeperStep
 from synth_workers.settings import Settings, load_settings
 
 #: Our job kinds; ``SYNTH_INCLUDE`` adds the user's own modules.
@@ -28,17 +30,31 @@ class SynthCelery(Celery):
     def __init__(self, settings: Settings, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.settings = settings
+        self._keeper: LeaseKeeper | None = None
 
     @cached_property
     def redis(self) -> redis.Redis:
-        """Client for the platform's own keys (job records, idempotency) on the broker."""
+        """Client for the platform's own reads of the broker (reconciling, depth)."""
         return redis.Redis.from_url(
             self.settings.broker_url, socket_connect_timeout=5, socket_keepalive=True
         )
 
     @cached_property
-    def jobs(self) -> JobStore:
-        return JobStore(self.redis, self.settings.job_ttl)
+    def ledger(self) -> Ledger:
+        return Ledger(self.settings)
+
+    def close(self) -> None:
+        if "ledger" in self.__dict__:
+            self.ledger.close()
+        super().close()
+
+    @property
+    def lease_keeper(self) -> LeaseKeeper:
+        """This process's lease keeper (a new one after fork)."""
+        keeper = self._keeper
+        if keeper is None or keeper.pid != os.getpid():
+            keeper = self._keeper = LeaseKeeper(self.ledger, self.settings.lease_seconds)
+        return keeper
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -67,11 +83,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_queues": routing.celery_queues(),
         "task_default_queue": routing.DEFAULT,
         "task_routes": (routing.route_task,),
-        "task_track_started": True,
-        "task_send_sent_event": True,
-        "worker_send_task_events": True,
+        # The ledger keeps states and results; Celery's result backend stays available for
+        # Celery's own APIs but is not written per job.
+        "task_ignore_result": True,
+        "task_store_errors_even_if_ignored": False,
         "result_expires": settings.job_ttl,
-        "result_extended": True,
+        "worker_consumer": "synth_workers.consumer:Consumer",
+        "beat_scheduler": "synth_workers.ledger.scheduler:ExactlyOnceScheduler",
         "worker_hijack_root_logger": False,
         "enable_utc": True,
         "timezone": "UTC",
@@ -88,6 +106,7 @@ def create_app(settings: Settings | None = None) -> SynthCelery:
         include=[*TASK_MODULES, *settings.include],
     )
     app.config_from_object(celery_config(settings))
+    app.steps["worker"].add(SweeperStep)
     from beat_schedule import beat_schedule
 
     app.conf.beat_schedule = beat_schedule

@@ -13,10 +13,11 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from enum import IntEnum
 from pathlib import Path
 from types import FrameType
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import click
 
@@ -27,8 +28,13 @@ from synth_workers.errors import (
     ServiceUnavailableError,
     SynthWorkersError,
 )
+from synth_workers.jobstate import JobState
 from synth_workers.routing import Priority
 from synth_workers.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from synth_workers.app import SynthCelery
+    from synth_workers.deadletter import DLQFilter
 
 
 class ExitCode(IntEnum):
@@ -150,7 +156,8 @@ def demo(timeout: float) -> None:
 
             os.environ["SYNTH_MAIL_OUTBOX"] = str(outbox)  # children inherit it
             stack.start()
-            app = create_app(settings.model_copy(update={"redis_url": stack.env["REDIS_URL"]}))
+            app = create_app(settings.model_copy(update={
+                "redis_url": stack.env["REDIS_URL"], "database_url": stack.env["DATABASE_URL"]}))
             for label, handle in _demo_jobs(app, outbox):
                 try:
                     result = handle.wait(timeout=timeout)
@@ -213,6 +220,45 @@ def enqueue_cmd(
         _fail(exc)
 
 
+def _app() -> SynthCelery:
+    _settings()
+    from synth_workers.app import app
+
+    return app
+
+
+def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v.isoformat() if hasattr(v, "isoformat") else
+                str(v) if isinstance(v, uuid.UUID) else v) for k, v in row.items()}
+
+
+def _print_rows(rows: list[dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps([_jsonable(r) for r in rows], indent=2))
+        return
+    click.echo(f"{'id':36}  {'state':15}  {'task':36}  {'queue':14}  att  error")
+    for r in rows:
+        error = f"{r.get('failure_class') or ''} {r.get('error_class') or ''}".strip()
+        click.echo(f"{r['id']!s:36}  {r['state']:15}  {r['task'][:36]:36}  "
+                   f"{r['queue'][:14]:14}  {r['attempt']:3}  {error}")
+
+
+@main.group()
+def db() -> None:
+    """The job ledger's database."""
+
+
+@db.command("migrate")
+def db_migrate() -> None:
+    """Apply the ledger's SQL migrations (idempotent)."""
+    app = _app()
+    try:
+        applied = app.ledger.migrate()
+    except SynthWorkersError as exc:
+        _fail(exc)
+    click.echo("applied: " + ", ".join(applied) if applied else "up to date")
+
+
 @main.group()
 def jobs() -> None:
     """Inspect and cancel jobs."""
@@ -220,30 +266,149 @@ def jobs() -> None:
 
 @jobs.command("show")
 @click.argument("job_id")
-def jobs_show(job_id: str) -> None:
-    """Print a job's record as JSON."""
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def jobs_show(job_id: str, as_json: bool) -> None:
+    """Print a job's ledger row."""
     from synth_workers.producer import JobHandle
 
-    _settings()
     try:
-        click.echo(json.dumps(JobHandle(job_id).info(), indent=2, sort_keys=True))
+        row = JobHandle(job_id, app=_app()).info()
     except SynthWorkersError as exc:
         _fail(exc)
+    click.echo(json.dumps(_jsonable(row), indent=2, sort_keys=True))
+    del as_json  # the row is always printed as JSON
+
+
+@jobs.command("list")
+@click.option("--state", "states", multiple=True,
+              type=click.Choice([s.value for s in JobState]), help="Repeatable.")
+@click.option("--task", default=None)
+@click.option("--queue", default=None)
+@click.option("--limit", type=int, default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def jobs_list(states: tuple[str, ...], task: str | None, queue: str | None, limit: int,
+              as_json: bool) -> None:
+    """List jobs, newest first."""
+    app = _app()
+    try:
+        rows = app.ledger.list_jobs(states=states, task=task, queue=queue, limit=limit)
+    except SynthWorkersError as exc:
+        _fail(exc)
+    _print_rows(rows, as_json)
 
 
 @jobs.command("cancel")
 @click.argument("job_id")
 def jobs_cancel(job_id: str) -> None:
-    """Cancel a job that has not started; exit 1 if it already ran."""
-    from synth_workers.producer import JobHandle
-
-    _settings()
+    """Cancel a job: it never starts (exit 0); a running one is asked to stop (exit 1)."""
+    app = _app()
     try:
-        cancelled = JobHandle(job_id).cancel()
+        outcome = app.ledger.cancel(job_id)
     except SynthWorkersError as exc:
         _fail(exc)
-    click.echo("cancelled" if cancelled else "not cancelled: already running or finished")
-    sys.exit(ExitCode.OK if cancelled else ExitCode.FAILED)
+    messages = {"cancelled": "cancelled: it will never start",
+                "requested": "running: asked to stop",
+                "final": "not cancelled: already finished",
+                "unknown": f"no job {job_id}"}
+    click.echo(messages[outcome])
+    sys.exit(ExitCode.OK if outcome == "cancelled" else ExitCode.FAILED)
+
+
+def _dlq_filter_options(fn: Any) -> Any:
+    from synth_workers.deadletter import FAILURE_CLASSES
+
+    for option in reversed([
+        click.option("--task", default=None, help="Only this task."),
+        click.option("--queue", default=None, help="Only this queue."),
+        click.option("--failure-class", default=None, type=click.Choice(FAILURE_CLASSES)),
+        click.option("--older-than", type=float, default=None, help="Died over N seconds ago."),
+        click.option("--newer-than", type=float, default=None, help="Died in the last N s."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+def _dlq_filter(**kw: Any) -> DLQFilter:
+    from synth_workers.deadletter import DLQFilter
+
+    return DLQFilter(task=kw.get("task"), queue=kw.get("queue"),
+                     failure_class=kw.get("failure_class"), older_than=kw.get("older_than"),
+                     newer_than=kw.get("newer_than"))
+
+
+@main.group()
+def dlq() -> None:
+    """The dead-letter queue: list, show, replay, purge."""
+
+
+@dlq.command("list")
+@_dlq_filter_options
+@click.option("--limit", type=int, default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def dlq_list(limit: int, as_json: bool, **filters: Any) -> None:
+    """List dead jobs, newest first."""
+    from synth_workers.deadletter import DeadLetterQueue
+
+    try:
+        rows = DeadLetterQueue(_app()).list_dead(_dlq_filter(**filters), limit=limit)
+    except SynthWorkersError as exc:
+        _fail(exc)
+    _print_rows(rows, as_json)
+
+
+@dlq.command("show")
+@click.argument("job_id")
+def dlq_show(job_id: str) -> None:
+    """A dead job with its payload, failure class and traceback (JSON)."""
+    from synth_workers.deadletter import DeadLetterQueue
+
+    row = DeadLetterQueue(_app()).show(job_id)
+    if row is None:
+        click.echo(f"no dead job {job_id}", err=True)
+        sys.exit(ExitCode.FAILED)
+    click.echo(json.dumps(_jsonable(row), indent=2, sort_keys=True))
+
+
+@dlq.command("replay")
+@click.argument("job_ids", nargs=-1)
+@_dlq_filter_options
+@click.option("--all", "replay_all", is_flag=True, help="Replay every dead job (no filter).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def dlq_replay(job_ids: tuple[str, ...], replay_all: bool, as_json: bool,
+               **filters: Any) -> None:
+    """Re-enqueue dead jobs (by id, or by filter) with a fresh attempt budget."""
+    from synth_workers.deadletter import DeadLetterQueue
+
+    if not job_ids and not replay_all and not any(v is not None for v in filters.values()):
+        click.echo("error: give job ids, a filter, or --all", err=True)
+        sys.exit(ExitCode.USAGE)
+    pairs = DeadLetterQueue(_app()).replay(list(job_ids) or None, _dlq_filter(**filters))
+    if as_json:
+        click.echo(json.dumps([{"original": a, "replay": b} for a, b in pairs]))
+    else:
+        for original, new in pairs:
+            click.echo(f"{original} -> {new}")
+        click.echo(f"replayed {len(pairs)} job(s)")
+
+
+@dlq.command("purge")
+@click.argument("job_ids", nargs=-1)
+@_dlq_filter_options
+@click.option("--all", "purge_all", is_flag=True, help="Purge every dead job (no filter).")
+@click.option("--yes", is_flag=True, help="Do not ask.")
+def dlq_purge(job_ids: tuple[str, ...], purge_all: bool, yes: bool, **filters: Any) -> None:
+    """Delete dead jobs (by id, or by filter)."""
+    from synth_workers.deadletter import DeadLetterQueue
+
+    if not job_ids and not purge_all and not any(v is not None for v in filters.values()):
+        click.echo("error: give job ids, a filter, or --all", err=True)
+        sys.exit(ExitCode.USAGE)
+    queue = DeadLetterQueue(_app())
+    where = _dlq_filter(**filters)
+    if not yes and not job_ids:
+        click.confirm(f"purge {queue.count(where)} dead job(s)?", abort=True)
+    count = queue.purge(list(job_ids) or None, where)
+    click.echo(f"purged {count} job(s)")
 
 
 @main.command()

@@ -145,7 +145,13 @@ class DevStack:
                 f"Postgres at {mask_url(url)} ({origin}) is not reachable: {exc}. Start it, or "
                 "unset DATABASE_URL to use the embedded Postgres."
             ) from exc
-        self.say(f"postgres  {mask_url(url)} ({origin})")
+        from synth_workers.ledger import Ledger
+
+        ledger = Ledger(self.settings.model_copy(update={"database_url": url}))
+        applied = ledger.migrate()
+        ledger.close()
+        done = f"; migrations applied: {', '.join(applied)}" if applied else ""
+        self.say(f"postgres  {mask_url(url)} ({origin}){done}")
         return url
 
     def _prepare_qdrant(self) -> dict[str, str]:
@@ -253,7 +259,8 @@ class DevStack:
     def _wait_for_workers(self, redis_url: str, timeout: float = 60.0) -> None:
         from synth_workers.app import create_app
 
-        app = create_app(self.settings.model_copy(update={"redis_url": redis_url}))
+        app = create_app(self.settings.model_copy(
+            update={"redis_url": redis_url, "database_url": self.env["DATABASE_URL"]}))
         expected = {f"{pool.name}@{socket.gethostname()}" for pool in POOLS}
         deadline = time.monotonic() + timeout
         seen: set[str] = set()

@@ -8,13 +8,13 @@ errors (nothing is queued then), writes the job record, publishes the message an
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 import uuid
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import psycopg
 import redis
 from kombu.exceptions import OperationalError
 from pydantic import BaseModel, ValidationError
@@ -66,15 +66,12 @@ class JobHandle:
     def __repr__(self) -> str:
         return f"JobHandle({self.id!r})"
 
-    def info(self) -> dict[str, str]:
-        """The job's record (state, attempt, error, timestamps, ...)."""
-        try:
-            record = self._app.jobs.get(self.id)
-        except redis.RedisError as exc:
-            raise _unavailable(self._app, exc) from exc
-        if record is None:
-            raise JobNotFoundError(self.id, f"no job {self.id} (never enqueued, or expired)")
-        return record
+    def info(self) -> dict[str, Any]:
+        """The job's ledger row (state, attempt, error, timestamps, result, ...)."""
+        row = self._app.ledger.get(self.id)
+        if row is None:
+            raise JobNotFoundError(self.id, f"no job {self.id} (never enqueued, or purged)")
+        return row
 
     def state(self) -> JobState:
         return JobState(self.info()["state"])
@@ -84,38 +81,31 @@ class JobHandle:
         deadline = None if timeout is None else time.monotonic() + timeout
         interval = poll
         while True:
-            record = self.info()
-            state = JobState(record["state"])
+            row = self.info()
+            state = JobState(row["state"])
             if state is JobState.SUCCEEDED:
-                return json.loads(record.get("result", "null"))
+                return row["result"]
             if state is JobState.DEAD:
-                raise JobFailedError(
-                    self.id, record.get("error_class", "?"), record.get("error", "")
-                )
+                raise JobFailedError(self.id, row["error_class"] or "?", row["last_error"] or "")
             if state is JobState.CANCELLED:
                 raise JobCancelledError(self.id, f"job {self.id} was cancelled")
             if deadline is not None and time.monotonic() >= deadline:
                 raise JobTimeoutError(self.id, f"job {self.id} still {state} after {timeout}s")
-            sleep = (
-                interval
-                if deadline is None
-                else min(interval, max(0.0, deadline - time.monotonic()))
-            )
-            time.sleep(sleep)
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            time.sleep(interval if remaining is None else min(interval, remaining))
             interval = min(interval * 1.5, 0.5)
 
     def cancel(self) -> bool:
-        """Cancel the job if it has not started (or waits for a retry); True if cancelled.
+        """Cancel the job; True when it will never start.
 
-        A running job is not interrupted and finishes; a finished job stays as it ended.
+        Durable: a cancelled job never starts, even if no worker was up when it was
+        cancelled. A running job is asked to stop (``Task.cancel_requested``) and False is
+        returned; a finished job stays as it ended (False).
         """
-        try:
-            outcome = self._app.jobs.cancel(self.id)
-        except redis.RedisError as exc:
-            raise _unavailable(self._app, exc) from exc
-        if outcome < 0:
-            raise JobNotFoundError(self.id, f"no job {self.id} (never enqueued, or expired)")
-        return outcome == 1
+        outcome = self._app.ledger.cancel(self.id)
+        if outcome == "unknown":
+            raise JobNotFoundError(self.id, f"no job {self.id} (never enqueued, or purged)")
+        return outcome == "cancelled"
 
 
 def _lookup(app: SynthCelery, task_name: str) -> Task:
@@ -166,6 +156,8 @@ def enqueue(
     idempotency_key: str | None = None,
     queue: str | None = None,
     gpu: bool = False,
+    conn: psycopg.Connection[Any] | None = None,
+    job_id: str | None = None,
     app: SynthCelery | None = None,
 ) -> JobHandle:
     """Enqueue one job; return its handle once it is recorded and published.
@@ -174,6 +166,9 @@ def enqueue(
     ``delay``: seconds before it may run. ``idempotency_key``: a second enqueue with the same
     key within ``SYNTH_IDEMPOTENCY_WINDOW`` returns the first job's handle and queues nothing.
     ``queue``: override the route; ``gpu=True``: an embedding job for a GPU worker.
+    ``conn``: an open psycopg connection inside a transaction (outbox): the job is written
+    in it and published only once it commits; a rollback leaves no job.
+    Returns once the ledger row is committed (or written in ``conn``) and published.
     """
     app = app or _default_app()
     task = _lookup(app, task_name)
@@ -190,25 +185,18 @@ def enqueue(
     if delay is not None and delay < 0:
         raise PayloadValidationError(f"delay must be >= 0 seconds, got {delay}")
 
-    job_id = str(uuid.uuid4())
-    jobs = app.jobs
+    job_id = job_id or str(uuid.uuid4())
     options: dict[str, Any] = {"task_id": job_id, "priority": level}
     if target is not None:
         options["queue"] = target
     if delay:
         options["countdown"] = delay
+    if idempotency_key is not None:
+        options["synth_idempotency_key"] = idempotency_key
+    if conn is not None:
+        options["synth_conn"] = conn
     try:
-        if idempotency_key is not None:
-            existing = jobs.claim_idempotency_key(
-                idempotency_key, job_id, app.settings.idempotency_window
-            )
-            if existing is not None:
-                return JobHandle(existing, app=app, deduplicated=True)
-            options["synth_idempotency_key"] = idempotency_key
-        task.apply_async(kwargs=data, **options)
+        result = task.apply_async(kwargs=data, **options)
     except (OperationalError, redis.RedisError, OSError) as exc:
-        if idempotency_key is not None:
-            with contextlib.suppress(redis.RedisError):
-                jobs.release_idempotency_key(idempotency_key, job_id)
         raise _unavailable(app, exc) from exc
-    return JobHandle(job_id, app=app)
+    return JobHandle(result.id, app=app, deduplicated=result.id != job_id)

@@ -131,6 +131,40 @@ class Settings(BaseSettings):
     worker_prefetch_multiplier: int = Field(
         default=1, ge=1, description="SYNTH_WORKER_PREFETCH_MULTIPLIER: 1 keeps priorities strict."
     )
+    db_schema: str = Field(
+        default="synth",
+        pattern=r"^[a-z_][a-z0-9_]{0,62}$",
+        description="SYNTH_DB_SCHEMA: Postgres schema of the ledger's tables.",
+    )
+    db_pool_size: int = Field(
+        default=4, ge=1, le=100, description="SYNTH_DB_POOL_SIZE: connections per process."
+    )
+    lease_seconds: float = Field(
+        default=30.0, gt=0, description="SYNTH_LEASE_SECONDS: a running job's lease; renewed "
+        "every third of it, reaped when it expires."
+    )
+    sweep_interval: float = Field(
+        default=1.0, gt=0, description="SYNTH_SWEEP_INTERVAL: seconds between ledger sweeps "
+        "(due delays and retries, expired leases, outbox)."
+    )
+    reconcile_grace: float = Field(
+        default=15.0, ge=0, description="SYNTH_RECONCILE_GRACE: a queued job absent from Redis "
+        "this long after its publish is published again."
+    )
+    poison_pill_losses: int = Field(
+        default=3, ge=1, description="SYNTH_POISON_PILL_LOSSES: workers a job may kill before "
+        "it is dead-lettered."
+    )
+    dlq_max_count: int = Field(
+        default=100_000, ge=1, description="SYNTH_DLQ_MAX_COUNT: dead jobs kept (oldest go)."
+    )
+    dlq_max_age: float = Field(
+        default=30 * 24 * 3600, gt=0, description="SYNTH_DLQ_MAX_AGE: seconds dead jobs are kept."
+    )
+    dlq_digest_to: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="SYNTH_DLQ_DIGEST_TO: comma-separated addresses of the daily DLQ digest.",
+    )
     include: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="SYNTH_INCLUDE: comma-separated extra task modules (your own @app.task).",
@@ -173,7 +207,7 @@ class Settings(BaseSettings):
     def _qdrant_scheme(cls, value: str | None) -> str | None:
         return _check_scheme(value, ("http", "https"))
 
-    @field_validator("include", mode="before")
+    @field_validator("include", "dlq_digest_to", mode="before")
     @classmethod
     def _split(cls, value: object) -> object:
         if isinstance(value, str):

@@ -1,7 +1,9 @@
 """The platform's base Task: every task on the app gets this behaviour by default.
 
-- **Job records**: a run first marks its job ``running`` (refused when the job was cancelled
-  or already finished), then ``succeeded``, ``failed-retrying`` or ``dead``.
+- **Ledger first.** Sending a job writes its ledger row (committed) before the message is
+  published; a delayed job is only a row until the sweeper promotes it. Running a job first
+  *claims* its row (refused when the job is not queued: taken, finished or cancelled), then
+  finishes it fenced by the claim's attempt and lease: a late finish is refused and recorded.
 - **Payloads**: a task with ``payload_model`` gets its keyword arguments parsed into that
   pydantic model; a payload that does not parse is an :class:`InvalidPayloadError`
   (dead at once, never retried).
@@ -9,10 +11,15 @@
   exponential backoff with full jitter — attempt *n* waits a uniform random time in
   ``[0, min(cap, base * 2**(n-1))]``. ``PermanentError`` and payload validation errors are
   never retried; ``TransientError``, connection errors, timeouts and any other exception are.
-  Narrow it per task with ``retry_for=(...)``.
+  Narrow it per task with ``retry_for=(...)``. The wait is kept in the ledger, not in worker
+  memory, so no visibility timeout can run a retry twice.
 - **Priorities** use the platform's scale (``synth_workers.routing``): ``apply_async(priority=
-  "high")`` and ``priority=8`` mean the same thing everywhere, retries keep their level.
-- **Delivery**: late acks and reject-on-worker-lost, so a job whose worker dies is redelivered.
+  "high")`` and ``priority=8`` mean the same thing everywhere.
+- **Effects**: ``with self.effect_transaction() as conn:`` commits the job's own writes
+  together with its completion (exactly once); ``self.effect_done(key)`` /
+  ``self.record_effect(key)`` guard an outside effect (an email) against a second run.
+- **Cancellation**: ``self.cancel_requested`` turns true when someone cancels the running
+  job; ``self.raise_if_cancelled()`` stops it there.
 """
 
 from __future__ import annotations
@@ -21,15 +28,19 @@ import random
 import time
 import traceback
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import celery
-from celery.exceptions import Ignore, Reject, Retry
+import psycopg
+from billiard.exceptions import WorkerLostError
+from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
+from celery.worker.request import Request as CeleryRequest
 from pydantic import BaseModel, ValidationError
 
-from synth_workers.errors import InvalidPayloadError, PermanentError
-from synth_workers.jobstate import JobState
+from synth_workers.errors import InvalidPayloadError, PermanentError, SynthWorkersError
 from synth_workers.routing import (
     from_transport,
     queue_for_task,
@@ -41,8 +52,24 @@ if TYPE_CHECKING:
     from celery.canvas import Signature
 
     from synth_workers.app import SynthCelery
+    from synth_workers.ledger.store import Claim
 
-_CONTROL_FLOW = (Retry, Ignore, Reject)
+_CONTROL_FLOW = (Retry, Reject)
+
+
+class LeaseLostError(SynthWorkersError):
+    """This worker no longer holds the job (its lease expired and another took it)."""
+
+
+class CancelledWhileRunning(SynthWorkersError):  # noqa: N818 - a request, not a failure
+    """Raised by ``raise_if_cancelled()`` when the running job was cancelled."""
+
+
+class _RetryRequested(Exception):  # noqa: N818 - control flow
+    def __init__(self, exc: BaseException | None, countdown: float | None) -> None:
+        super().__init__("retry requested")
+        self.exc = exc
+        self.countdown = countdown
 
 
 def backoff_bound(attempt: int, base: float, cap: float) -> float:
@@ -63,16 +90,33 @@ def _queue_name(queue: Any) -> str | None:
     return str(getattr(queue, "name", queue))
 
 
-def _eta(options: dict[str, Any]) -> float | None:
-    countdown = options.get("countdown")
+def _delay(options: dict[str, Any]) -> float | None:
+    countdown = options.pop("countdown", None)
+    eta = options.pop("eta", None)
     if countdown:
-        return time.time() + float(countdown)
-    eta = options.get("eta")
-    if isinstance(eta, datetime):
-        return eta.timestamp()
+        return max(0.0, float(countdown))
     if isinstance(eta, str):
-        return datetime.fromisoformat(eta).timestamp()
+        eta = datetime.fromisoformat(eta)
+    if isinstance(eta, datetime):
+        return max(0.0, eta.timestamp() - time.time())
     return None
+
+
+class Request(CeleryRequest):
+    """Celery's Request, telling the ledger when a job's process died or was killed."""
+
+    def on_timeout(self, soft: bool, timeout: float) -> None:
+        if not soft:
+            app: SynthCelery = self.task.app
+            app.ledger.hard_timeout(self.id, f"hard time limit ({timeout}s) exceeded")
+        super().on_timeout(soft, timeout)
+
+    def on_failure(self, exc_info: Any, send_failed_event: bool = True,
+                   return_ok: bool = False) -> None:
+        if isinstance(exc_info.exception, WorkerLostError):
+            app: SynthCelery = self.task.app
+            app.ledger.worker_lost(self.id)  # before the message is requeued
+        super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
 
 
 class Task(celery.Task):  # type: ignore[type-arg]
@@ -88,6 +132,7 @@ class Task(celery.Task):  # type: ignore[type-arg]
     #: Exceptions that retry (minus ``PermanentError`` and ``ValidationError``, which never do).
     retry_for: tuple[type[Exception], ...] = (Exception,)
 
+    Request = "synth_workers.task:Request"
     acks_late = True
     reject_on_worker_lost = True
 
@@ -105,36 +150,47 @@ class Task(celery.Task):  # type: ignore[type-arg]
     def apply_async(  # type: ignore[override]
         self, args: Any = None, kwargs: Any = None, **options: Any
     ) -> Any:
-        """Celery's ``apply_async`` on the platform's priority scale, writing the job record.
+        """Write the job's ledger row, then publish it (unless delayed or transactional).
 
-        Every job gets its record here, however it was sent (``enqueue``, ``delay``, beat,
-        canvas), so ``JobHandle(result.id)`` works for all of them. A retry re-sends a job
-        that already has one.
+        ``synth_conn=`` (an open psycopg connection in a transaction) makes it an outbox
+        enqueue: the row is written in that transaction and published once it commits.
+        ``synth_idempotency_key=`` dedupes: the existing job's result handle is returned.
         """
         level = options.pop("priority", None)
-        if level is None:
-            level = self.priority
-        level = resolve_priority(level)
-        options["priority"] = to_transport(level)
-        idempotency_key: str | None = options.pop("synth_idempotency_key", None)
-        if options.get("retries"):
-            return super().apply_async(args, kwargs, **options)
-        job_id: str = options.setdefault("task_id", None) or str(uuid.uuid4())
+        level = resolve_priority(self.priority if level is None else level)
+        conn: psycopg.Connection[Any] | None = options.pop("synth_conn", None)
+        key: str | None = options.pop("synth_idempotency_key", None)
+        delay = _delay(options)
+        job_id: str = options.get("task_id") or str(uuid.uuid4())
         options["task_id"] = job_id
-        jobs = self.synth_app.jobs
-        jobs.create(
-            job_id,
-            task=self.name,
-            queue=_queue_name(options.get("queue") or getattr(self, "queue", None))
-            or queue_for_task(self.name),
-            priority=level,
-            eta=_eta(options),
-            idempotency_key=idempotency_key,
-        )
+        queue = _queue_name(options.get("queue") or getattr(self, "queue", None))
+        ledger = self.synth_app.ledger
+        row = {
+            "job_id": job_id,
+            "task": self.name,
+            "queue": queue or queue_for_task(self.name),
+            "priority": level,
+            "payload": dict(kwargs or {}),
+            "args": list(args) if args else None,
+            "delay": delay,
+            "idempotency_key": key,
+            "max_attempts": self.max_attempts,
+            "published": conn is None,
+        }
+        if conn is not None:
+            actual = ledger.insert_job(conn, **row)
+            return self.AsyncResult(actual)
+        with ledger.connection() as own, own.transaction():
+            actual = ledger.insert_job(own, **row)
+        if actual != job_id or delay:
+            return self.AsyncResult(actual)
+        options["priority"] = to_transport(level)
+        if row["queue"] != queue:
+            options["queue"] = row["queue"]
         try:
             return super().apply_async(args, kwargs, **options)
         except BaseException:
-            jobs.delete(job_id)
+            ledger.delete_unpublished(job_id)
             raise
 
     def signature_from_request(self, *args: Any, **kwargs: Any) -> Signature[Any]:
@@ -144,42 +200,77 @@ class Task(celery.Task):  # type: ignore[type-arg]
             sig.options["priority"] = from_transport(int(transport))
         return sig
 
+    def retry(self, args: Any = None, kwargs: Any = None, exc: Any = None, throw: bool = True,
+              eta: Any = None, countdown: Any = None, max_retries: Any = None,
+              **options: Any) -> Any:
+        """Celery's ``self.retry()``, kept durable: the wait goes to the ledger."""
+        if self.request.called_directly:
+            return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries,
+                                 **options)
+        raise _RetryRequested(exc, countdown)
+
     # --- running ----------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         request = self.request
         if request.called_directly or request.id is None:
             return self._invoke(args, kwargs)
-        job_id: str = request.id
-        attempt = int(request.retries or 0) + 1
-        jobs = self.synth_app.jobs
-        before = jobs.start(job_id, attempt)
-        if before in (JobState.CANCELLED, JobState.SUCCEEDED, JobState.DEAD):
-            raise Ignore(f"job {job_id} is {before}; not run")
+        app = self.synth_app
+        keeper = app.lease_keeper
+        claim = app.ledger.claim(request.id, keeper.owner)
+        if claim is None:
+            raise Ignore(f"job {request.id} is not queued; not run")
+        request.synth_claim = claim
+        request.synth_finished = False
+        keeper.add(claim.job_id)
+        try:
+            return self._run_claimed(claim, args, kwargs)
+        finally:
+            keeper.remove(claim.job_id)
+
+    def _run_claimed(self, claim: Claim, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        ledger = self.synth_app.ledger
         try:
             result = self._invoke(args, kwargs)
+        except _RetryRequested as wanted:
+            error = wanted.exc if isinstance(wanted.exc, BaseException) else Exception("retry")
+            return self._retry_or_die(claim, error, "exception", wanted.countdown)
         except _CONTROL_FLOW:
             raise
+        except Ignore:
+            ledger.succeed(claim, None)
+            raise
+        except CancelledWhileRunning:
+            ledger.cancelled_while_running(claim)
+            raise Ignore(f"job {claim.job_id} cancelled while running") from None
         except (PermanentError, ValidationError) as exc:
-            jobs.dead(job_id, type(exc).__name__, str(exc), traceback.format_exc())
+            ledger.dead(claim, "exception", type(exc).__name__, str(exc), traceback.format_exc())
             raise
+        except SoftTimeLimitExceeded as exc:
+            return self._retry_or_die(claim, exc, "soft_timeout", None)
         except self.retry_for as exc:
-            limit = self.max_attempts or self.synth_app.settings.max_attempts
-            if attempt >= limit:
-                jobs.dead(job_id, type(exc).__name__, str(exc), traceback.format_exc())
-                raise
-            settings = self.synth_app.settings
-            wait = full_jitter_backoff(
-                attempt,
-                self.backoff_base or settings.retry_backoff_base,
-                self.backoff_cap or settings.retry_backoff_cap,
-            )
-            jobs.retrying(job_id, exc, wait)
-            raise self.retry(exc=exc, countdown=wait, max_retries=limit - 1) from exc
+            return self._retry_or_die(claim, exc, "exception", None)
         except BaseException as exc:
-            jobs.dead(job_id, type(exc).__name__, str(exc), traceback.format_exc())
+            ledger.dead(claim, "exception", type(exc).__name__, str(exc), traceback.format_exc())
             raise
-        jobs.succeed(job_id, result)
+        if not self.request.synth_finished:
+            ledger.succeed(claim, result)
         return result
+
+    def _retry_or_die(self, claim: Claim, exc: BaseException, failure_class: str,
+                      countdown: float | None) -> Any:
+        settings = self.synth_app.settings
+        limit = self.max_attempts or settings.max_attempts
+        if claim.attempt >= limit:
+            self.synth_app.ledger.dead(claim, failure_class, type(exc).__name__, str(exc),
+                                       traceback.format_exc())
+            raise exc
+        wait = countdown if countdown is not None else full_jitter_backoff(
+            claim.attempt,
+            self.backoff_base or settings.retry_backoff_base,
+            self.backoff_cap or settings.retry_backoff_cap,
+        )
+        self.synth_app.ledger.retry_later(claim, wait, exc, failure_class)
+        raise Retry(exc=exc if isinstance(exc, Exception) else None, when=wait)
 
     def _invoke(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         model = self.payload_model
@@ -194,3 +285,48 @@ class Task(celery.Task):  # type: ignore[type-arg]
         except ValidationError as exc:
             raise InvalidPayloadError(f"{self.name}: invalid payload: {exc}") from exc
         return self.run(payload)
+
+    # --- helpers for task code --------------------------------------------------------------
+    @property
+    def claim(self) -> Claim | None:
+        """The running job's claim (id, attempt, owner); ``None`` outside a worker."""
+        return getattr(self.request, "synth_claim", None)
+
+    @contextmanager
+    def effect_transaction(self) -> Iterator[psycopg.Connection[Any]]:
+        """A ledger transaction that commits the job's writes *with* its completion.
+
+        If this worker lost the job (lease expired, another took it) nothing commits and
+        :class:`LeaseLostError` is raised: the effect happens exactly once.
+        """
+        claim = self.claim
+        if claim is None:
+            raise RuntimeError("effect_transaction() needs a job run by a worker")
+        ledger = self.synth_app.ledger
+        with ledger.connection() as conn:
+            with conn.transaction():
+                yield conn
+                if not ledger.succeed(claim, None, conn=conn):
+                    raise LeaseLostError(f"job {claim.job_id} attempt {claim.attempt} lost")
+            self.request.synth_finished = True
+
+    def effect_done(self, key: str) -> bool:
+        """Whether this job already recorded the effect ``key`` (in any earlier run)."""
+        claim = self.claim
+        return claim is not None and self.synth_app.ledger.effect_recorded(claim.job_id, key)
+
+    def record_effect(self, key: str, detail: Any = None) -> bool:
+        """Record that effect ``key`` happened; False when it was already recorded."""
+        claim = self.claim
+        if claim is None:
+            return True
+        return self.synth_app.ledger.record_effect(claim.job_id, key, detail)
+
+    @property
+    def cancel_requested(self) -> bool:
+        claim = self.claim
+        return claim is not None and self.synth_app.lease_keeper.cancel_requested(claim.job_id)
+
+    def raise_if_cancelled(self) -> None:
+        if self.cancel_requested:
+            raise CancelledWhileRunning(f"job {self.request.id} was cancelled")

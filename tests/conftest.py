@@ -36,18 +36,50 @@ def _start_redis() -> str:
     return f"redis://127.0.0.1:{_valkey.port}/0"
 
 
+def _start_postgres() -> str:
+    global _pgserver
+    url = os.environ.get("SYNTH_TEST_DATABASE_URL")
+    if url:
+        return url
+    import tempfile
+
+    import pgserver
+
+    _pgserver = pgserver.get_server(tempfile.mkdtemp(prefix="synth-test-pg-"),
+                                    cleanup_mode="stop")
+    return str(_pgserver.get_uri())
+
+
+_pgserver = None
 REDIS_URL = _start_redis()
+DATABASE_URL = _start_postgres()
 os.environ["REDIS_URL"] = REDIS_URL
+os.environ["DATABASE_URL"] = DATABASE_URL
+os.environ["SYNTH_DB_SCHEMA"] = "synth_test"
+os.environ["SYNTH_LEASE_SECONDS"] = "3"
+os.environ["SYNTH_SWEEP_INTERVAL"] = "0.2"
+os.environ["SYNTH_RECONCILE_GRACE"] = "2"
 os.environ["SYNTH_INCLUDE"] = "tests.e2e_tasks"
 os.environ["SYNTH_RETRY_BACKOFF_BASE"] = "0.5"
 os.environ["SYNTH_RETRY_BACKOFF_CAP"] = "5"
-for _name in ("DATABASE_URL", "QDRANT_URL"):
-    os.environ.pop(_name, None)
+os.environ.pop("QDRANT_URL", None)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    import psycopg
+
+    with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
+        conn.execute("DROP SCHEMA IF EXISTS synth_test CASCADE")
+    from synth_workers import app
+
+    app.ledger.migrate()
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if _valkey is not None:
         _valkey.stop()
+    if _pgserver is not None:
+        _pgserver.cleanup()
 
 
 @pytest.fixture(scope="session")
@@ -56,17 +88,9 @@ def redis_url() -> str:
 
 
 @pytest.fixture(scope="session")
-def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def database_url() -> str:
     """A real Postgres: SYNTH_TEST_DATABASE_URL, or an embedded pgserver."""
-    url = os.environ.get("SYNTH_TEST_DATABASE_URL")
-    if url:
-        yield url
-        return
-    import pgserver
-
-    server = pgserver.get_server(str(tmp_path_factory.mktemp("pg")), cleanup_mode="stop")
-    yield str(server.get_uri())
-    server.cleanup()
+    return DATABASE_URL
 
 
 @pytest.fixture
@@ -75,6 +99,11 @@ def rclient(redis_url: str) -> Iterator[object]:
 
     client = redis.Redis.from_url(redis_url)
     client.flushdb()
+    from synth_workers import app
+
+    with app.ledger.connection() as conn:
+        conn.execute("TRUNCATE synth_jobs, synth_idempotency, synth_effects, "
+                     "synth_late_completions, synth_periodic_slots")
     yield client
     client.close()
 

@@ -28,7 +28,7 @@ def _clean_env(**extra: str) -> dict[str, str]:
     env = {
         k: v
         for k, v in os.environ.items()
-        if k not in ("REDIS_URL", "DATABASE_URL", "QDRANT_URL", "SYNTH_INCLUDE")
+        if k not in ("REDIS_URL", "DATABASE_URL", "QDRANT_URL", "SYNTH_INCLUDE", "SYNTH_DB_SCHEMA")
     }
     env.update(extra)
     return env
@@ -54,7 +54,7 @@ def test_demo_uses_configured_services_instead_of_embedded(redis_url: str,
                           timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert re.search(r"^redis +\S+ \(REDIS_URL\)$", proc.stdout, re.M), proc.stdout
-    assert re.search(r"^postgres +\S+ \(DATABASE_URL\)$", proc.stdout, re.M), proc.stdout
+    assert re.search(r"^postgres +\S+ \(DATABASE_URL\)", proc.stdout, re.M), proc.stdout
     assert "embedded" not in proc.stdout.split("qdrant")[0]
 
 
@@ -109,12 +109,15 @@ def test_dev_runs_until_ctrl_c_and_leaves_nothing_behind(tmp_path: Path) -> None
         lines = _read_until(proc, "ready", timeout=120)
         text = "\n".join(lines)
         redis_url = re.search(r"^redis +(\S+) \(embedded Valkey\)", text, re.M)
+        database_url = re.search(r"^postgres +(\S+) \(embedded pgserver\)", text, re.M)
+        assert database_url, text
         flower = re.search(r"^flower +(\S+) \(user (\S+), password (\S+) ", text, re.M)
         assert redis_url and flower, text
         assert flower.group(1).startswith("http://127.0.0.1:")
 
         # workers process real jobs
-        app = create_app(Settings(redis_url=redis_url.group(1)))
+        app = create_app(Settings(redis_url=redis_url.group(1),
+                                  database_url=database_url.group(1), db_schema="synth"))
         handle = enqueue("tasks.system.ping", {}, app=app)
         assert handle.wait(timeout=30)["reply"] == "pong"
         assert handle.state() is JobState.SUCCEEDED

@@ -1,0 +1,537 @@
+"""The Postgres job ledger: every job's row, and every state change as one fenced statement.
+
+A worker *claims* a queued job (``attempt + 1`` is the fencing token and ``lease_owner`` its
+process), renews the leases of all its running jobs in one statement per tick, and finishes
+a job only while its attempt and lease still hold; a refused late finish is recorded in
+``synth_late_completions``. Connections come from a per-process pool (opened lazily, so
+prefork children never share a parent's sockets). Tables live in ``SYNTH_DB_SCHEMA``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from importlib import resources
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool
+
+from synth_workers.errors import ConfigurationError, ServiceUnavailableError
+from synth_workers.settings import Settings, mask_url
+
+FINAL_STATES = ("succeeded", "dead", "cancelled")
+RESULT_LIMIT_BYTES = 64 * 1024
+NOTIFY_CHANNEL = "synth_outbox"
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A job a worker now runs: its fencing token is ``attempt``."""
+
+    job_id: str
+    attempt: int
+    max_attempts: int | None
+    owner: str
+
+
+@dataclass(frozen=True)
+class Publishable:
+    """What the transport needs to (re)publish a job."""
+
+    id: str
+    task: str
+    queue: str
+    priority: int
+    payload: dict[str, Any]
+    args: list[Any] | None = None
+
+
+def encode_result(result: Any) -> Jsonb:
+    try:
+        text = json.dumps(result, default=str)
+    except (TypeError, ValueError):
+        text = json.dumps(repr(result))
+    if len(text) > RESULT_LIMIT_BYTES:
+        return Jsonb({"truncated": True, "bytes": len(text)})
+    return Jsonb(json.loads(text))
+
+
+class Ledger:
+    """Reads and writes the job ledger."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._pool: ConnectionPool[psycopg.Connection[Any]] | None = None
+        self._pid = 0
+        self._lock = threading.Lock()
+        # A forked child (prefork pool) must not touch the parent's pool or a lock another
+        # thread held at fork time: it starts afresh. The parent's pool object is kept
+        # referenced, never closed from the child (its sockets belong to the parent).
+        self._inherited: list[object] = []
+        os.register_at_fork(after_in_child=self._after_fork)
+
+    def _after_fork(self) -> None:
+        self._lock = threading.Lock()
+        if self._pool is not None:
+            self._inherited.append(self._pool)
+        self._pool = None
+        self._pid = 0
+
+    # --- connections ---------------------------------------------------------------------
+    @property
+    def conninfo(self) -> str:
+        url = self.settings.database_url
+        if not url:
+            raise ConfigurationError(
+                "DATABASE_URL is not set: the job ledger needs Postgres. Set DATABASE_URL "
+                "(postgresql://user:password@host:5432/db), or run `synth-workers dev` for an "
+                "embedded one."
+            )
+        return url
+
+    def connect_kwargs(self) -> dict[str, Any]:
+        return {"options": f"-c search_path={self.settings.db_schema}", "connect_timeout": 5}
+
+    @property
+    def pool(self) -> ConnectionPool[psycopg.Connection[Any]]:
+        pid = os.getpid()
+        if self._pool is None or self._pid != pid:
+            with self._lock:
+                if self._pool is None or self._pid != pid:
+                    self._pool = ConnectionPool(
+                        self.conninfo,
+                        min_size=1,
+                        max_size=self.settings.db_pool_size,
+                        kwargs={**self.connect_kwargs(), "autocommit": True},
+                        open=False,
+                        name=f"synth-ledger-{pid}",
+                    )
+                    try:
+                        self._pool.open(wait=True, timeout=10)
+                    except Exception as exc:
+                        self._pool = None
+                        raise self._unavailable(exc) from exc
+                    self._pid = pid
+        return self._pool
+
+    def _unavailable(self, exc: BaseException) -> ServiceUnavailableError:
+        return ServiceUnavailableError(
+            f"Postgres is not reachable at {mask_url(self.settings.database_url)} "
+            f"(DATABASE_URL): {exc}. Start it, or run `synth-workers dev` for the embedded stack."
+        )
+
+    @contextmanager
+    def connection(self) -> Iterator[psycopg.Connection[Any]]:
+        try:
+            with self.pool.connection() as conn:
+                yield conn
+        except psycopg.OperationalError as exc:
+            raise self._unavailable(exc) from exc
+
+    def connect(self) -> psycopg.Connection[Any]:
+        """A dedicated connection (LISTEN, long transactions), not from the pool."""
+        try:
+            return psycopg.connect(self.conninfo, autocommit=True, **self.connect_kwargs())
+        except psycopg.OperationalError as exc:
+            raise self._unavailable(exc) from exc
+
+    def close(self) -> None:
+        if self._pool is not None and self._pid == os.getpid():
+            self._pool.close()
+        self._pool = None
+
+    # --- schema --------------------------------------------------------------------------
+    def migrate(self) -> list[str]:
+        """Apply the SQL migrations not yet applied; return their names."""
+        schema = self.settings.db_schema
+        files = sorted(
+            p for p in resources.files("synth_workers.ledger.migrations").iterdir()
+            if p.name.endswith(".sql")
+        )
+        applied: list[str] = []
+        with self.connect() as conn:
+            conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(hashtext('synth_migrations'))")
+                conn.execute(
+                    "CREATE TABLE IF NOT EXISTS synth_schema_migrations "
+                    "(name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+                )
+                done = {r[0] for r in conn.execute("SELECT name FROM synth_schema_migrations")}
+                for file in files:
+                    if file.name in done:
+                        continue
+                    conn.execute(file.read_text())  # type: ignore[arg-type]
+                    conn.execute(
+                        "INSERT INTO synth_schema_migrations (name) VALUES (%s)", (file.name,)
+                    )
+                    applied.append(file.name)
+        return applied
+
+    # --- enqueue -------------------------------------------------------------------------
+    def insert_job(
+        self,
+        conn: psycopg.Connection[Any],
+        *,
+        job_id: str,
+        task: str,
+        queue: str,
+        priority: int,
+        payload: dict[str, Any],
+        args: list[Any] | None = None,
+        delay: float | None,
+        idempotency_key: str | None,
+        max_attempts: int | None,
+        published: bool,
+        replay_of: str | None = None,
+    ) -> str:
+        """Insert a job row (queued, or scheduled when delayed); with an idempotency key,
+        return the id of the live job that already holds the key instead (nothing inserted).
+        """
+        if idempotency_key is not None:
+            row = conn.execute(
+                "INSERT INTO synth_idempotency (key, job_id, expires_at) "
+                "VALUES (%s, %s, now() + make_interval(secs => %s)) "
+                "ON CONFLICT (key) DO UPDATE SET job_id = EXCLUDED.job_id, "
+                "expires_at = EXCLUDED.expires_at WHERE synth_idempotency.expires_at < now() "
+                "RETURNING job_id",
+                (idempotency_key, job_id, self.settings.idempotency_window),
+            ).fetchone()
+            if row is None:
+                existing = conn.execute(
+                    "SELECT job_id FROM synth_idempotency WHERE key = %s", (idempotency_key,)
+                ).fetchone()
+                if existing is not None:
+                    return str(existing[0])
+        scheduled = bool(delay and delay > 0)
+        conn.execute(
+            "INSERT INTO synth_jobs (id, task, queue, priority, payload, args, idempotency_key,"
+            " state, max_attempts, run_at, published_at, replay_of) VALUES (%s, %s, %s, %s, %s,"
+            " %s, %s, %s, %s, CASE WHEN %s THEN now() + make_interval(secs => %s) END,"
+            " CASE WHEN %s THEN now() END, %s)",
+            (job_id, task, queue, priority, Jsonb(payload), Jsonb(args) if args else None,
+             idempotency_key,
+             "scheduled" if scheduled else "queued", max_attempts, scheduled, delay or 0,
+             published and not scheduled, replay_of),
+        )
+        if not published and not scheduled:
+            conn.execute(f"NOTIFY {NOTIFY_CHANNEL}")
+        return job_id
+
+    def delete_unpublished(self, job_id: str) -> None:
+        """Undo an enqueue whose publish failed (the caller was told it failed)."""
+        with self.connection() as conn:
+            conn.execute("DELETE FROM synth_idempotency WHERE job_id = %s", (job_id,))
+            conn.execute("DELETE FROM synth_jobs WHERE id = %s AND state = 'queued'", (job_id,))
+
+    # --- worker: claim, lease, finish ----------------------------------------------------
+    def claim(self, job_id: str, owner: str) -> Claim | None:
+        """Take a queued job for ``owner``; ``None`` when it is not queued (already taken,
+        finished, cancelled, or not due)."""
+        with self.connection() as conn:
+            row = conn.execute(
+                "UPDATE synth_jobs SET state = 'running', attempt = attempt + 1, "
+                "lease_owner = %s, lease_expires_at = now() + make_interval(secs => %s), "
+                "started_at = now(), updated_at = now() "
+                "WHERE id = %s AND state = 'queued' RETURNING attempt, max_attempts",
+                (owner, self.settings.lease_seconds, job_id),
+            ).fetchone()
+        if row is None:
+            return None
+        return Claim(job_id, int(row[0]), row[1], owner)
+
+    def renew(self, owner: str) -> list[tuple[str, bool]]:
+        """Extend every lease ``owner`` holds, in one statement; return (job, cancel asked)."""
+        with self.connection() as conn:
+            rows = conn.execute(
+                "UPDATE synth_jobs SET lease_expires_at = now() + make_interval(secs => %s) "
+                "WHERE lease_owner = %s AND state = 'running' RETURNING id, cancel_requested",
+                (self.settings.lease_seconds, owner),
+            ).fetchall()
+        return [(str(r[0]), bool(r[1])) for r in rows]
+
+    _FENCE = "id = %s AND attempt = %s AND lease_owner = %s AND state = 'running'"
+
+    def succeed(self, claim: Claim, result: Any, conn: psycopg.Connection[Any] | None = None
+                ) -> bool:
+        return self._finish(
+            claim, "succeeded",
+            "state = 'succeeded', result = %s, finished_at = now()", (encode_result(result),),
+            conn,
+        )
+
+    def retry_later(self, claim: Claim, delay: float, error: BaseException,
+                    failure_class: str) -> bool:
+        return self._finish(
+            claim, "failed-retrying",
+            "state = 'failed-retrying', run_at = now() + make_interval(secs => %s), "
+            "failure_class = %s, error_class = %s, last_error = %s",
+            (delay, failure_class, type(error).__name__, str(error)[:4000]),
+        )
+
+    def dead(self, claim: Claim, failure_class: str, error_class: str, error: str,
+             traceback: str) -> bool:
+        return self._finish(
+            claim, "dead",
+            "state = 'dead', finished_at = now(), failure_class = %s, error_class = %s, "
+            "last_error = %s, traceback = %s",
+            (failure_class, error_class, error[:4000], traceback[-16000:]),
+        )
+
+    def cancelled_while_running(self, claim: Claim) -> bool:
+        return self._finish(claim, "cancelled", "state = 'cancelled', finished_at = now()", ())
+
+    def _finish(self, claim: Claim, outcome: str, assignments: str, params: Sequence[Any],
+                conn: psycopg.Connection[Any] | None = None) -> bool:
+        query = (f"UPDATE synth_jobs SET {assignments}, lease_owner = NULL, "  # noqa: S608
+                 f"lease_expires_at = NULL, updated_at = now() WHERE {self._FENCE}")
+        args = (*params, claim.job_id, claim.attempt, claim.owner)
+        if conn is not None:
+            done = conn.execute(query, args).rowcount == 1  # type: ignore[arg-type]
+        else:
+            with self.connection() as own:
+                done = own.execute(query, args).rowcount == 1  # type: ignore[arg-type]
+        if not done:
+            self.record_late(claim, outcome)
+        return done
+
+    def record_late(self, claim: Claim, outcome: str) -> None:
+        with self.connection() as conn:
+            conn.execute(
+                "INSERT INTO synth_late_completions (job_id, attempt, owner, outcome) "
+                "VALUES (%s, %s, %s, %s)",
+                (claim.job_id, claim.attempt, claim.owner, outcome),
+            )
+
+    def worker_lost(self, job_id: str) -> str | None:
+        """The process running ``job_id`` died: requeue it, or dead-letter it as a poison
+        pill once it has killed ``SYNTH_POISON_PILL_LOSSES`` workers. Returns the new state."""
+        with self.connection() as conn:
+            row = conn.execute(
+                "UPDATE synth_jobs SET worker_losses = worker_losses + 1, "
+                "state = CASE WHEN worker_losses + 1 >= %s THEN 'dead' ELSE 'queued' END, "
+                "failure_class = CASE WHEN worker_losses + 1 >= %s THEN 'poison_pill' "
+                "ELSE 'worker_lost' END, "
+                "error_class = 'WorkerLostError', last_error = 'the worker process died', "
+                "finished_at = CASE WHEN worker_losses + 1 >= %s THEN now() END, "
+                "published_at = now(), lease_owner = NULL, lease_expires_at = NULL, "
+                "updated_at = now() WHERE id = %s AND state = 'running' RETURNING state",
+                (self.settings.poison_pill_losses,) * 3 + (job_id,),
+            ).fetchone()
+        return None if row is None else str(row[0])
+
+    def hard_timeout(self, job_id: str, error: str) -> str | None:
+        """The job hit its hard time limit (its process was killed): retry or dead-letter."""
+        with self.connection() as conn:
+            row = conn.execute(
+                "UPDATE synth_jobs SET "
+                "state = CASE WHEN attempt >= COALESCE(max_attempts, %s) THEN 'dead' "
+                "ELSE 'failed-retrying' END, run_at = now(), failure_class = 'hard_timeout', "
+                "error_class = 'TimeLimitExceeded', last_error = %s, "
+                "finished_at = CASE WHEN attempt >= COALESCE(max_attempts, %s) THEN now() END, "
+                "lease_owner = NULL, lease_expires_at = NULL, updated_at = now() "
+                "WHERE id = %s AND state = 'running' RETURNING state",
+                (self.settings.max_attempts, error, self.settings.max_attempts, job_id),
+            ).fetchone()
+        return None if row is None else str(row[0])
+
+    def record_rejected(self, job_id: str | None, task: str, queue: str, body: Any,
+                        reason: str, error: str) -> str:
+        """A message a worker refused (bad JSON, unknown task, other serializer): dead-letter
+        it with failure class ``rejected_message``; an existing live row of that id ends so."""
+        try:
+            row_id = str(uuid.UUID(str(job_id)))
+        except ValueError:
+            row_id = str(uuid.uuid4())
+        raw = body if isinstance(body, str) else repr(body)
+        payload = {"raw": raw[:RESULT_LIMIT_BYTES]}
+        with self.connection() as conn:
+            conn.execute(
+                "INSERT INTO synth_jobs (id, task, queue, priority, payload, state, "
+                "failure_class, error_class, last_error, finished_at) VALUES (%s, %s, %s, 0, %s,"
+                " 'dead', 'rejected_message', %s, %s, now()) ON CONFLICT (id) DO UPDATE SET "
+                "state = 'dead', failure_class = 'rejected_message', error_class = "
+                "EXCLUDED.error_class, last_error = EXCLUDED.last_error, finished_at = now(), "
+                "lease_owner = NULL, lease_expires_at = NULL, updated_at = now() "
+                "WHERE synth_jobs.state NOT IN ('succeeded', 'dead', 'cancelled')",
+                (row_id, task[:500], queue[:500], Jsonb(payload), reason, error[:4000]),
+            )
+        return row_id
+
+    # --- effect guard --------------------------------------------------------------------
+    def effect_recorded(self, job_id: str, key: str) -> bool:
+        with self.connection() as conn:
+            return conn.execute(
+                "SELECT 1 FROM synth_effects WHERE job_id = %s AND key = %s", (job_id, key)
+            ).fetchone() is not None
+
+    def record_effect(self, job_id: str, key: str, detail: Any = None) -> bool:
+        with self.connection() as conn:
+            return conn.execute(
+                "INSERT INTO synth_effects (job_id, key, detail) VALUES (%s, %s, %s) "
+                "ON CONFLICT DO NOTHING",
+                (job_id, key, encode_result(detail)),
+            ).rowcount == 1
+
+    # --- sweeper -------------------------------------------------------------------------
+    def promote_due(self, limit: int = 1000) -> list[Publishable]:
+        """Scheduled jobs and retries whose time has come → queued (to publish)."""
+        return self._to_publish(
+            "WITH due AS (SELECT id FROM synth_jobs WHERE state IN ('scheduled', "
+            "'failed-retrying') AND run_at <= now() ORDER BY run_at LIMIT %s "
+            "FOR UPDATE SKIP LOCKED) UPDATE synth_jobs j SET state = 'queued', "
+            "published_at = now(), updated_at = now() FROM due WHERE j.id = due.id "
+            "RETURNING j.id, j.task, j.queue, j.priority, j.payload, j.args",
+            (limit,),
+        )
+
+    def take_outbox(self, limit: int = 1000) -> list[Publishable]:
+        """Committed transactional enqueues not yet published."""
+        return self._to_publish(
+            "WITH o AS (SELECT id FROM synth_jobs WHERE state = 'queued' AND published_at IS "
+            "NULL LIMIT %s FOR UPDATE SKIP LOCKED) UPDATE synth_jobs j SET published_at = now()"
+            " FROM o WHERE j.id = o.id "
+            "RETURNING j.id, j.task, j.queue, j.priority, j.payload, j.args",
+            (limit,),
+        )
+
+    def reap_expired(self, limit: int = 1000) -> tuple[list[Publishable], int]:
+        """Running jobs whose lease expired → queued again (or dead as poison pills)."""
+        with self.connection() as conn:
+            rows = conn.execute(
+                "WITH x AS (SELECT id FROM synth_jobs WHERE state = 'running' AND "
+                "lease_expires_at < now() LIMIT %s FOR UPDATE SKIP LOCKED) "
+                "UPDATE synth_jobs j SET worker_losses = worker_losses + 1, "
+                "state = CASE WHEN worker_losses + 1 >= %s THEN 'dead' ELSE 'queued' END, "
+                "failure_class = CASE WHEN worker_losses + 1 >= %s THEN 'poison_pill' "
+                "ELSE 'worker_lost' END, error_class = 'LeaseExpired', "
+                "last_error = 'lease expired: worker ' || coalesce(lease_owner, '?') || "
+                "' stopped renewing', finished_at = CASE WHEN worker_losses + 1 >= %s "
+                "THEN now() END, published_at = now(), lease_owner = NULL, "
+                "lease_expires_at = NULL, updated_at = now() FROM x WHERE j.id = x.id "
+                "RETURNING j.id, j.task, j.queue, j.priority, j.payload, j.args, j.state",
+                (limit,) + (self.settings.poison_pill_losses,) * 3,
+            ).fetchall()
+        requeued = [Publishable(str(r[0]), r[1], r[2], r[3], r[4], r[5]) for r in rows
+                    if r[6] == "queued"]
+        return requeued, len(rows) - len(requeued)
+
+    def stale_queued(self, grace: float, limit: int = 5000) -> list[Publishable]:
+        """Queued jobs published more than ``grace`` seconds ago (to check against Redis)."""
+        with self.connection() as conn:
+            rows = conn.execute(
+                "SELECT id, task, queue, priority, payload, args FROM synth_jobs WHERE state = "
+                "'queued' AND published_at < now() - make_interval(secs => %s) "
+                "ORDER BY published_at LIMIT %s",
+                (grace, limit),
+            ).fetchall()
+        return [Publishable(str(r[0]), r[1], r[2], r[3], r[4], r[5]) for r in rows]
+
+    def mark_republished(self, ids: Sequence[str]) -> None:
+        with self.connection() as conn:
+            conn.execute(
+                "UPDATE synth_jobs SET published_at = now() WHERE id = ANY(%s) "
+                "AND state = 'queued'", (list(ids),),
+            )
+
+    def _to_publish(self, query: str, params: Sequence[Any]) -> list[Publishable]:
+        with self.connection() as conn:
+            rows = conn.execute(query, params).fetchall()  # type: ignore[arg-type]
+        return [Publishable(str(r[0]), r[1], r[2], r[3], r[4], r[5]) for r in rows]
+
+    # --- producer side: reads and cancellation -------------------------------------------
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        try:
+            uuid.UUID(job_id)
+        except ValueError:
+            return None
+        with self.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            return cur.execute("SELECT * FROM synth_jobs WHERE id = %s", (job_id,)).fetchone()
+
+    def cancel(self, job_id: str) -> str:
+        """'cancelled' (never starts), 'requested' (running: asked to stop), 'final' (already
+        ended) or 'unknown'."""
+        with self.connection() as conn:
+            row = conn.execute(
+                "UPDATE synth_jobs SET state = CASE WHEN state = 'running' THEN state "
+                "ELSE 'cancelled' END, cancel_requested = true, finished_at = CASE WHEN "
+                "state = 'running' THEN finished_at ELSE now() END, updated_at = now() "
+                "WHERE id = %s AND state IN ('scheduled', 'queued', 'failed-retrying', "
+                "'running') RETURNING state",
+                (job_id,),
+            ).fetchone()
+            if row is not None:
+                return "requested" if row[0] == "running" else "cancelled"
+            exists = conn.execute("SELECT 1 FROM synth_jobs WHERE id = %s", (job_id,)).fetchone()
+        return "final" if exists else "unknown"
+
+    def list_jobs(
+        self,
+        *,
+        states: Sequence[str] = (),
+        task: str | None = None,
+        queue: str | None = None,
+        failure_class: str | None = None,
+        older_than: float | None = None,
+        newer_than: float | None = None,
+        limit: int = 100,
+    ) -> list[dict[str, Any]]:
+        where, params = self.filters(states=states, task=task, queue=queue,
+                                     failure_class=failure_class, older_than=older_than,
+                                     newer_than=newer_than)
+        with self.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            return cur.execute(
+                f"SELECT * FROM synth_jobs WHERE {where} "  # noqa: S608 - fixed fragments
+                "ORDER BY enqueued_at DESC LIMIT %s",
+                (*params, limit),
+            ).fetchall()
+
+    @staticmethod
+    def filters(
+        *,
+        states: Sequence[str] = (),
+        task: str | None = None,
+        queue: str | None = None,
+        failure_class: str | None = None,
+        older_than: float | None = None,
+        newer_than: float | None = None,
+    ) -> tuple[str, list[Any]]:
+        """A WHERE clause (fixed fragments, bound values) for job listings."""
+        parts = ["true"]
+        params: list[Any] = []
+        if states:
+            parts.append("state = ANY(%s)")
+            params.append(list(states))
+        if task:
+            parts.append("task = %s")
+            params.append(task)
+        if queue:
+            parts.append("queue = %s")
+            params.append(queue)
+        if failure_class:
+            parts.append("failure_class = %s")
+            params.append(failure_class)
+        if older_than is not None:
+            parts.append("coalesce(finished_at, enqueued_at) < now() - make_interval(secs => %s)")
+            params.append(older_than)
+        if newer_than is not None:
+            parts.append("coalesce(finished_at, enqueued_at) >= now() - "
+                         "make_interval(secs => %s)")
+            params.append(newer_than)
+        return " AND ".join(parts), params
+
+    def now(self) -> datetime:
+        with self.connection() as conn:
+            row = conn.execute("SELECT now()").fetchone()
+        assert row is not None
+        return row[0]  # type: ignore[no-any-return]

@@ -1,0 +1,136 @@
+"""The ledger sweeper: a thread in every worker's main process (a worker bootstep).
+
+Every ``SYNTH_SWEEP_INTERVAL`` seconds — and at once when a transactional enqueue commits
+(``LISTEN synth_outbox``) — it publishes committed outbox rows, promotes due delayed jobs and
+retries, and takes back jobs whose lease expired (dead-lettering poison pills). Every few
+sweeps one worker (a Postgres advisory lock decides) re-publishes queued jobs that Redis no
+longer holds (Redis restarted, or a publish was lost). Sweeps from several workers are safe
+together: rows are taken with ``FOR UPDATE SKIP LOCKED``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from celery import bootsteps
+
+from synth_workers.ledger.store import NOTIFY_CHANNEL
+from synth_workers.ledger.transport import ids_in_redis, publish
+
+if TYPE_CHECKING:
+    import psycopg
+
+    from synth_workers.app import SynthCelery
+
+log = logging.getLogger(__name__)
+RECONCILE_LOCK = "synth_reconcile"
+
+
+class Sweeper:
+    def __init__(self, app: SynthCelery) -> None:
+        self.app = app
+        self.settings = app.settings
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_reconcile = 0.0
+        self.reconcile_every = max(self.settings.sweep_interval * 5, 1.0)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="synth-sweeper", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        listener: psycopg.Connection[Any] | None = None
+        while not self._stop.is_set():
+            try:
+                if listener is None or listener.closed:
+                    listener = self.app.ledger.connect()
+                    listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                self.sweep()
+                # Sleep until the next sweep, or until an outbox commit wakes us.
+                for _ in listener.notifies(timeout=self.settings.sweep_interval, stop_after=1):
+                    pass
+            except Exception:
+                log.exception("ledger sweep failed; retrying")
+                if listener is not None:
+                    listener.close()
+                listener = None
+                self._stop.wait(self.settings.sweep_interval)
+        if listener is not None:
+            listener.close()
+
+    def sweep(self) -> dict[str, int]:
+        """One pass; returns what it did (for logs and tests)."""
+        ledger = self.app.ledger
+        counts: dict[str, int] = {}
+        outbox = ledger.take_outbox()
+        publish(self.app, outbox)
+        counts["outbox"] = len(outbox)
+        due = ledger.promote_due()
+        publish(self.app, due)
+        counts["promoted"] = len(due)
+        requeued, poisoned = ledger.reap_expired()
+        publish(self.app, requeued)
+        counts["reaped"] = len(requeued)
+        counts["poison_pills"] = poisoned
+        if requeued or poisoned:
+            log.warning("reaped %d expired leases (%d dead as poison pills)",
+                        len(requeued), poisoned)
+        now = time.monotonic()
+        if now - self._last_reconcile >= self.reconcile_every:
+            self._last_reconcile = now
+            counts["republished"] = self.reconcile()
+        return counts
+
+    def reconcile(self) -> int:
+        """Re-publish queued jobs that Redis lost; one worker at a time."""
+        ledger = self.app.ledger
+        with ledger.connection() as conn:
+            row = conn.execute(
+                "SELECT pg_try_advisory_lock(hashtext(%s))", (RECONCILE_LOCK,)
+            ).fetchone()
+            if not row or not row[0]:
+                return 0
+            try:
+                stale = ledger.stale_queued(self.settings.reconcile_grace)
+                if not stale:
+                    return 0
+                present = ids_in_redis(self.app, {job.queue for job in stale})
+                missing = [job for job in stale if job.id not in present]
+                if missing:
+                    # Mark first: a crash between the two only delays the next try.
+                    ledger.mark_republished([job.id for job in missing])
+                    publish(self.app, missing)
+                    log.warning("re-published %d queued jobs missing from Redis", len(missing))
+                return len(missing)
+            finally:
+                conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (RECONCILE_LOCK,))
+
+
+class SweeperStep(bootsteps.StartStopStep):
+    """Worker bootstep running the :class:`Sweeper` in the worker's main process."""
+
+    label = "synth-ledger-sweeper"
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.sweeper: Sweeper | None = None
+
+    def start(self, parent: Any) -> None:
+        self.sweeper = Sweeper(parent.app)
+        self.sweeper.start()
+
+    def stop(self, parent: Any) -> None:
+        if self.sweeper is not None:
+            self.sweeper.stop()
+
+    def shutdown(self, parent: Any) -> None:
+        self.stop(parent)

@@ -1,0 +1,72 @@
+"""Publishing ledger jobs to Redis, and finding which queued jobs Redis still holds."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from synth_workers.routing import MAX_PRIORITY, MIN_PRIORITY, to_transport
+
+if TYPE_CHECKING:
+    from synth_workers.app import SynthCelery
+    from synth_workers.ledger.store import Publishable
+
+#: kombu's Redis transport: priority sub-list separator and the unacked hash.
+PRIORITY_SEP = "\x06\x16"
+UNACKED_KEY = "unacked"
+
+
+def publish(app: SynthCelery, jobs: Sequence[Publishable]) -> None:
+    """Send each job's message (same id, payload, queue and priority)."""
+    if not jobs:
+        return
+    with app.producer_or_acquire() as producer:
+        for job in jobs:
+            app.send_task(
+                job.task,
+                args=job.args or (),
+                kwargs=job.payload,
+                task_id=job.id,
+                queue=job.queue,
+                priority=to_transport(job.priority),
+                producer=producer,
+            )
+
+
+def priority_lists(queue: str) -> list[str]:
+    """Every Redis list of ``queue``: one per priority step."""
+    return [queue if step == 0 else f"{queue}{PRIORITY_SEP}{step}"
+            for step in range(MIN_PRIORITY, MAX_PRIORITY + 1)]
+
+
+def _message_id(raw: bytes | str) -> str | None:
+    try:
+        message: Any = json.loads(raw)
+    except ValueError:
+        return None
+    if isinstance(message, list) and message:  # unacked entries: [message, exchange, key]
+        message = message[0]
+    if not isinstance(message, dict):
+        return None
+    headers = message.get("headers") or {}
+    job_id = headers.get("id") if isinstance(headers, dict) else None
+    return str(job_id) if job_id else None
+
+
+def ids_in_redis(app: SynthCelery, queues: Iterable[str]) -> set[str]:
+    """Ids of the jobs whose message sits in one of ``queues`` or is delivered but unacked."""
+    client = app.redis
+    found: set[str] = set()
+    pipe = client.pipeline(transaction=False)
+    for queue in set(queues):
+        for key in priority_lists(queue):
+            pipe.lrange(key, 0, -1)
+    for items in pipe.execute():
+        for raw in items:
+            if (job_id := _message_id(raw)) is not None:
+                found.add(job_id)
+    for raw in client.hvals(UNACKED_KEY):
+        if (job_id := _message_id(raw)) is not None:
+            found.add(job_id)
+    return found
