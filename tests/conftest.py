@@ -73,6 +73,10 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     from synth_workers import app
 
     app.ledger.migrate()
+    with app.ledger.connection() as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS test_effects (job_id uuid PRIMARY KEY, "
+                     "n integer NOT NULL, owner text NOT NULL)")
+        conn.execute("CREATE TABLE IF NOT EXISTS test_duplicates (job_id uuid NOT NULL)")
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -103,7 +107,8 @@ def rclient(redis_url: str) -> Iterator[object]:
 
     with app.ledger.connection() as conn:
         conn.execute("TRUNCATE synth_jobs, synth_idempotency, synth_effects, "
-                     "synth_late_completions, synth_periodic_slots")
+                     "synth_late_completions, synth_periodic_slots, test_effects, "
+                     "test_duplicates")
     yield client
     client.close()
 

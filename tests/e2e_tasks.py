@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from synth_workers import PermanentError, TransientError, app
+from synth_workers import PermanentError, Task, TransientError, app
 
 
 def _r() -> Any:
@@ -62,3 +62,65 @@ class Order(BaseModel):
 def typed(payload: Order) -> dict[str, Any]:
     _r().incr(f"test:count:typed:{payload.order_id}")
     return {"order_id": payload.order_id}
+
+
+@app.task(name="tests.e2e_tasks.effect", bind=True)
+def effect(self: Task, n: int, sleep: float = 0.0) -> int:
+    """Write one effect row with the job's completion (exactly once); a second write of the
+    same job is recorded as a duplicate and fails the job."""
+    import psycopg
+
+    if sleep:
+        time.sleep(sleep)
+    claim = self.claim
+    assert claim is not None
+    try:
+        with self.effect_transaction() as conn:
+            conn.execute("INSERT INTO test_effects (job_id, n, owner) VALUES (%s, %s, %s)",
+                         (claim.job_id, n, claim.owner))
+    except psycopg.errors.UniqueViolation:
+        with app.ledger.connection() as conn:
+            conn.execute("INSERT INTO test_duplicates (job_id) VALUES (%s)", (claim.job_id,))
+        raise PermanentError(f"duplicate effect for job {claim.job_id}") from None
+    return n
+
+
+@app.task(name="tests.e2e_tasks.suicide")
+def suicide(key: str) -> None:
+    """Kill the process running it: a poison pill."""
+    import os
+    import signal
+
+    _r().incr(f"test:count:{key}")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@app.task(name="tests.e2e_tasks.guarded", bind=True)
+def guarded(self: Task, key: str) -> int:
+    """An outside effect guarded against a second run; the first run then fails."""
+    if not self.effect_done("sent"):
+        _r().incr(f"test:count:{key}")
+        self.record_effect("sent", {"key": key})
+    attempt = self.claim.attempt if self.claim else 0
+    if attempt == 1:
+        raise TransientError("fail after the effect, so the job runs again")
+    return attempt
+
+
+@app.task(name="tests.e2e_tasks.fails_while_flagged")
+def fails_while_flagged(key: str) -> str:
+    _r().incr(f"test:count:{key}")
+    if _r().get(f"test:flag:{key}"):
+        raise PermanentError("flag is set")
+    return "ok"
+
+
+@app.task(name="tests.e2e_tasks.long_running", bind=True)
+def long_running(self: Task, key: str, seconds: float) -> str:
+    """Runs until done or cancelled, checking cooperatively."""
+    deadline = time.monotonic() + seconds
+    _r().set(f"test:started:{key}", 1)
+    while time.monotonic() < deadline:
+        self.raise_if_cancelled()
+        time.sleep(0.05)
+    return "finished"
