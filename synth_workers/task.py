@@ -236,6 +236,9 @@ class Task(celery.Task):  # type: ignore[type-arg]
             return self._retry_or_die(claim, error, "exception", wanted.countdown)
         except _CONTROL_FLOW:
             raise
+        except LeaseLostError:
+            # Another worker owns the job now; its outcome is theirs to record.
+            raise Ignore(f"job {claim.job_id}: lease lost, outcome refused") from None
         except Ignore:
             ledger.succeed(claim, None)
             raise
@@ -305,6 +308,11 @@ class Task(celery.Task):  # type: ignore[type-arg]
         ledger = self.synth_app.ledger
         with ledger.connection() as conn:
             with conn.transaction():
+                # Hold the job's row while the effect is written: the claim is checked first,
+                # and no reaper can take the job back until this commits or rolls back.
+                if not ledger.lock_claim(conn, claim):
+                    ledger.record_late(claim, "effect")
+                    raise LeaseLostError(f"job {claim.job_id} attempt {claim.attempt} lost")
                 yield conn
                 if not ledger.succeed(claim, None, conn=conn):
                     raise LeaseLostError(f"job {claim.job_id} attempt {claim.attempt} lost")

@@ -262,6 +262,14 @@ class Ledger:
 
     _FENCE = "id = %s AND attempt = %s AND lease_owner = %s AND state = 'running'"
 
+    def lock_claim(self, conn: psycopg.Connection[Any], claim: Claim) -> bool:
+        """Lock the job's row in ``conn``'s transaction if ``claim`` still holds."""
+        row = conn.execute(
+            f"SELECT 1 FROM synth_jobs WHERE {self._FENCE} FOR UPDATE",  # noqa: S608
+            (claim.job_id, claim.attempt, claim.owner),
+        ).fetchone()
+        return row is not None
+
     def succeed(self, claim: Claim, result: Any, conn: psycopg.Connection[Any] | None = None
                 ) -> bool:
         return self._finish(
