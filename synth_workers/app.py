@@ -12,11 +12,12 @@ from functools import cached_property
 from typing import Any
 
 import redis
-from celery import Celery
+from celery import Celery, signals
 
 from synth_workers import routing
 from synth_workers.errors import ConfigurationError
 from synth_workers.ledger import LeaseKeeper, Ledger
+from synth_workers.ledger.completer import Completer
 from synth_workers.ledger.sweeper import SweeperStep
 from synth_workers.settings import Settings, load_settings
 
@@ -31,6 +32,7 @@ class SynthCelery(Celery):
         super().__init__(**kwargs)
         self.settings = settings
         self._keeper: LeaseKeeper | None = None
+        self._completer: Completer | None = None
 
     @cached_property
     def redis(self) -> redis.Redis:
@@ -55,6 +57,25 @@ class SynthCelery(Celery):
         if keeper is None or keeper.pid != os.getpid():
             keeper = self._keeper = LeaseKeeper(self.ledger, self.settings.lease_seconds)
         return keeper
+
+    @property
+    def completer(self) -> Completer:
+        """This process's batched-completion writer (a new one after fork)."""
+        completer = self._completer
+        keeper = self.lease_keeper
+        if completer is None or completer.keeper is not keeper:
+            completer = self._completer = Completer(self.ledger, keeper)
+        return completer
+
+    def flush_completions(self) -> None:
+        if self._completer is not None and self._completer.keeper is self._keeper:
+            self._completer.flush()
+
+
+def _on_worker_init(sender: Any = None, **kwargs: Any) -> None:
+    app = getattr(sender, "app", None)
+    if isinstance(app, SynthCelery):
+        app.ledger.use_fast_commits()
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -107,6 +128,13 @@ def create_app(settings: Settings | None = None) -> SynthCelery:
     )
     app.config_from_object(celery_config(settings))
     app.steps["worker"].add(SweeperStep)
+    signals.worker_init.connect(_on_worker_init, weak=False)
+
+    def flush_completions(**kwargs: Any) -> None:  # a worker process stops: write what's done
+        app.flush_completions()
+
+    signals.worker_process_shutdown.connect(flush_completions, weak=False)
+    signals.worker_shutdown.connect(flush_completions, weak=False)
     from beat_schedule import beat_schedule
 
     app.conf.beat_schedule = beat_schedule

@@ -156,8 +156,14 @@ def demo(timeout: float) -> None:
 
             os.environ["SYNTH_MAIL_OUTBOX"] = str(outbox)  # children inherit it
             stack.start()
-            app = create_app(settings.model_copy(update={
-                "redis_url": stack.env["REDIS_URL"], "database_url": stack.env["DATABASE_URL"]}))
+            app = create_app(
+                settings.model_copy(
+                    update={
+                        "redis_url": stack.env["REDIS_URL"],
+                        "database_url": stack.env["DATABASE_URL"],
+                    }
+                )
+            )
             for label, handle in _demo_jobs(app, outbox):
                 try:
                     result = handle.wait(timeout=timeout)
@@ -228,8 +234,10 @@ def _app() -> SynthCelery:
 
 
 def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: (v.isoformat() if hasattr(v, "isoformat") else
-                str(v) if isinstance(v, uuid.UUID) else v) for k, v in row.items()}
+    return {
+        k: (v.isoformat() if hasattr(v, "isoformat") else str(v) if isinstance(v, uuid.UUID) else v)
+        for k, v in row.items()
+    }
 
 
 def _print_rows(rows: list[dict[str, Any]], as_json: bool) -> None:
@@ -239,8 +247,10 @@ def _print_rows(rows: list[dict[str, Any]], as_json: bool) -> None:
     click.echo(f"{'id':36}  {'state':15}  {'task':36}  {'queue':14}  att  error")
     for r in rows:
         error = f"{r.get('failure_class') or ''} {r.get('error_class') or ''}".strip()
-        click.echo(f"{r['id']!s:36}  {r['state']:15}  {r['task'][:36]:36}  "
-                   f"{r['queue'][:14]:14}  {r['attempt']:3}  {error}")
+        click.echo(
+            f"{r['id']!s:36}  {r['state']:15}  {r['task'][:36]:36}  "
+            f"{r['queue'][:14]:14}  {r['attempt']:3}  {error}"
+        )
 
 
 @main.group()
@@ -280,14 +290,20 @@ def jobs_show(job_id: str, as_json: bool) -> None:
 
 
 @jobs.command("list")
-@click.option("--state", "states", multiple=True,
-              type=click.Choice([s.value for s in JobState]), help="Repeatable.")
+@click.option(
+    "--state",
+    "states",
+    multiple=True,
+    type=click.Choice([s.value for s in JobState]),
+    help="Repeatable.",
+)
 @click.option("--task", default=None)
 @click.option("--queue", default=None)
 @click.option("--limit", type=int, default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def jobs_list(states: tuple[str, ...], task: str | None, queue: str | None, limit: int,
-              as_json: bool) -> None:
+def jobs_list(
+    states: tuple[str, ...], task: str | None, queue: str | None, limit: int, as_json: bool
+) -> None:
     """List jobs, newest first."""
     app = _app()
     try:
@@ -306,10 +322,12 @@ def jobs_cancel(job_id: str) -> None:
         outcome = app.ledger.cancel(job_id)
     except SynthWorkersError as exc:
         _fail(exc)
-    messages = {"cancelled": "cancelled: it will never start",
-                "requested": "running: asked to stop",
-                "final": "not cancelled: already finished",
-                "unknown": f"no job {job_id}"}
+    messages = {
+        "cancelled": "cancelled: it will never start",
+        "requested": "running: asked to stop",
+        "final": "not cancelled: already finished",
+        "unknown": f"no job {job_id}",
+    }
     click.echo(messages[outcome])
     sys.exit(ExitCode.OK if outcome == "cancelled" else ExitCode.FAILED)
 
@@ -317,13 +335,15 @@ def jobs_cancel(job_id: str) -> None:
 def _dlq_filter_options(fn: Any) -> Any:
     from synth_workers.deadletter import FAILURE_CLASSES
 
-    for option in reversed([
-        click.option("--task", default=None, help="Only this task."),
-        click.option("--queue", default=None, help="Only this queue."),
-        click.option("--failure-class", default=None, type=click.Choice(FAILURE_CLASSES)),
-        click.option("--older-than", type=float, default=None, help="Died over N seconds ago."),
-        click.option("--newer-than", type=float, default=None, help="Died in the last N s."),
-    ]):
+    for option in reversed(
+        [
+            click.option("--task", default=None, help="Only this task."),
+            click.option("--queue", default=None, help="Only this queue."),
+            click.option("--failure-class", default=None, type=click.Choice(FAILURE_CLASSES)),
+            click.option("--older-than", type=float, default=None, help="Died over N seconds ago."),
+            click.option("--newer-than", type=float, default=None, help="Died in the last N s."),
+        ]
+    ):
         fn = option(fn)
     return fn
 
@@ -331,9 +351,13 @@ def _dlq_filter_options(fn: Any) -> Any:
 def _dlq_filter(**kw: Any) -> DLQFilter:
     from synth_workers.deadletter import DLQFilter
 
-    return DLQFilter(task=kw.get("task"), queue=kw.get("queue"),
-                     failure_class=kw.get("failure_class"), older_than=kw.get("older_than"),
-                     newer_than=kw.get("newer_than"))
+    return DLQFilter(
+        task=kw.get("task"),
+        queue=kw.get("queue"),
+        failure_class=kw.get("failure_class"),
+        older_than=kw.get("older_than"),
+        newer_than=kw.get("newer_than"),
+    )
 
 
 @main.group()
@@ -374,8 +398,7 @@ def dlq_show(job_id: str) -> None:
 @_dlq_filter_options
 @click.option("--all", "replay_all", is_flag=True, help="Replay every dead job (no filter).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def dlq_replay(job_ids: tuple[str, ...], replay_all: bool, as_json: bool,
-               **filters: Any) -> None:
+def dlq_replay(job_ids: tuple[str, ...], replay_all: bool, as_json: bool, **filters: Any) -> None:
     """Re-enqueue dead jobs (by id, or by filter) with a fresh attempt budget."""
     from synth_workers.deadletter import DeadLetterQueue
 

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import base64
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from celery.worker.consumer import Consumer as CeleryConsumer
+
+if TYPE_CHECKING:
+    from synth_workers.app import SynthCelery
 
 log = logging.getLogger(__name__)
 
@@ -30,30 +33,34 @@ def _describe(message: Any) -> tuple[str | None, str, str, str]:
             raise ValueError("NUL")
     except ValueError:
         raw = "base64:" + base64.b64encode(body).decode()
-    return (headers.get("id"), str(headers.get("task") or "?"),
-            str(info.get("routing_key") or "?"), raw)
+    return (
+        headers.get("id"),
+        str(headers.get("task") or "?"),
+        str(info.get("routing_key") or "?"),
+        raw,
+    )
 
 
-class Consumer(CeleryConsumer):  # type: ignore[misc]
+class Consumer(CeleryConsumer):
     def _dead_letter(self, message: Any, reason: str, exc: BaseException | None) -> None:
         job_id, task, queue, raw = _describe(message)
         try:
             content_type = getattr(message, "content_type", "?")
-            self.app.ledger.record_rejected(
+            cast("SynthCelery", self.app).ledger.record_rejected(
                 job_id, task, queue, raw, reason, f"{content_type}: {exc!r}"
             )
         except Exception:
             log.exception("could not dead-letter a rejected message")
 
-    def on_decode_error(self, message: Any, exc: BaseException) -> None:
+    def on_decode_error(self, message: Any, exc: Exception) -> None:
         self._dead_letter(message, "DecodeError", exc)
         super().on_decode_error(message, exc)
 
-    def on_unknown_task(self, body: Any, message: Any, exc: BaseException) -> None:
+    def on_unknown_task(self, body: Any, message: Any, exc: Exception) -> None:
         self._dead_letter(message, "UnknownTask", exc)
         super().on_unknown_task(body, message, exc)
 
-    def on_invalid_task(self, body: Any, message: Any, exc: BaseException) -> None:
+    def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
         self._dead_letter(message, type(exc).__name__, exc)
         super().on_invalid_task(body, message, exc)
 

@@ -19,8 +19,14 @@ from synth_workers.ledger.transport import publish
 if TYPE_CHECKING:
     from synth_workers.app import SynthCelery
 
-FAILURE_CLASSES = ("exception", "soft_timeout", "hard_timeout", "worker_lost", "poison_pill",
-                   "rejected_message")
+FAILURE_CLASSES = (
+    "exception",
+    "soft_timeout",
+    "hard_timeout",
+    "worker_lost",
+    "poison_pill",
+    "rejected_message",
+)
 
 
 @dataclass(frozen=True)
@@ -38,9 +44,14 @@ class DLQFilter:
 
         if self.failure_class is not None and self.failure_class not in FAILURE_CLASSES:
             raise ValueError(f"failure class must be one of {', '.join(FAILURE_CLASSES)}")
-        return Ledger.filters(states=("dead",), task=self.task, queue=self.queue,
-                              failure_class=self.failure_class, older_than=self.older_than,
-                              newer_than=self.newer_than)
+        return Ledger.filters(
+            states=("dead",),
+            task=self.task,
+            queue=self.queue,
+            failure_class=self.failure_class,
+            older_than=self.older_than,
+            newer_than=self.newer_than,
+        )
 
 
 class DeadLetterQueue:
@@ -50,9 +61,15 @@ class DeadLetterQueue:
 
     def list_dead(self, where: DLQFilter | None = None, limit: int = 100) -> list[dict[str, Any]]:
         f = where or DLQFilter()
-        return self.ledger.list_jobs(states=("dead",), task=f.task, queue=f.queue,
-                                     failure_class=f.failure_class, older_than=f.older_than,
-                                     newer_than=f.newer_than, limit=limit)
+        return self.ledger.list_jobs(
+            states=("dead",),
+            task=f.task,
+            queue=f.queue,
+            failure_class=f.failure_class,
+            older_than=f.older_than,
+            newer_than=f.newer_than,
+            limit=limit,
+        )
 
     def count(self, where: DLQFilter | None = None) -> int:
         clause, params = (where or DLQFilter()).where()
@@ -67,8 +84,9 @@ class DeadLetterQueue:
         row = self.ledger.get(job_id)
         return row if row is not None and row["state"] == "dead" else None
 
-    def replay(self, ids: list[str] | None = None, where: DLQFilter | None = None,
-               limit: int = 10_000) -> list[tuple[str, str]]:
+    def replay(
+        self, ids: list[str] | None = None, where: DLQFilter | None = None, limit: int = 10_000
+    ) -> list[tuple[str, str]]:
         """Re-enqueue dead jobs (by id, or by filter); return (original id, new id) pairs."""
         if ids is not None:
             clause, params = "state = 'dead' AND id = ANY(%s::uuid[])", [ids]
@@ -85,9 +103,18 @@ class DeadLetterQueue:
             for row in rows:
                 new_id = str(uuid.uuid4())
                 self.ledger.insert_job(
-                    conn, job_id=new_id, task=row[1], queue=row[2], priority=row[3],
-                    payload=row[4], args=row[5], delay=None, idempotency_key=None,
-                    max_attempts=None, published=False, replay_of=str(row[0]),
+                    conn,
+                    job_id=new_id,
+                    task=row[1],
+                    queue=row[2],
+                    priority=row[3],
+                    payload=row[4],
+                    args=row[5],
+                    delay=None,
+                    idempotency_key=None,
+                    max_attempts=None,
+                    published=False,
+                    replay_of=str(row[0]),
                 )
                 pairs.append((str(row[0]), new_id))
         # Published by the sweeper's outbox relay too; publishing here saves the wait.
@@ -103,7 +130,8 @@ class DeadLetterQueue:
             clause, params = (where or DLQFilter()).where()
         with self.ledger.connection() as conn:
             return conn.execute(
-                f"DELETE FROM synth_jobs WHERE {clause}", params  # noqa: S608 - fixed parts
+                f"DELETE FROM synth_jobs WHERE {clause}",  # noqa: S608 - fixed parts
+                params,
             ).rowcount
 
     def apply_retention(self) -> dict[str, int]:
@@ -112,15 +140,18 @@ class DeadLetterQueue:
         with self.ledger.connection() as conn:
             aged = conn.execute(
                 "DELETE FROM synth_jobs WHERE state = 'dead' AND "
-                "finished_at < now() - make_interval(secs => %s)", (s.dlq_max_age,),
+                "finished_at < now() - make_interval(secs => %s)",
+                (s.dlq_max_age,),
             ).rowcount
             over = conn.execute(
                 "DELETE FROM synth_jobs WHERE id IN (SELECT id FROM synth_jobs WHERE state = "
-                "'dead' ORDER BY finished_at DESC OFFSET %s)", (s.dlq_max_count,),
+                "'dead' ORDER BY finished_at DESC OFFSET %s)",
+                (s.dlq_max_count,),
             ).rowcount
             finished = conn.execute(
                 "DELETE FROM synth_jobs WHERE state IN ('succeeded', 'cancelled') AND "
-                "finished_at < now() - make_interval(secs => %s)", (s.job_ttl,),
+                "finished_at < now() - make_interval(secs => %s)",
+                (s.job_ttl,),
             ).rowcount
             conn.execute("DELETE FROM synth_idempotency WHERE expires_at < now()")
             conn.execute(
@@ -139,5 +170,4 @@ class DeadLetterQueue:
                 "SELECT task, failure_class, count(*), max(finished_at) FROM synth_jobs "
                 "WHERE state = 'dead' GROUP BY task, failure_class ORDER BY count(*) DESC"
             ).fetchall()
-        return [{"task": r[0], "failure_class": r[1], "count": r[2], "last": r[3]}
-                for r in rows]
+        return [{"task": r[0], "failure_class": r[1], "count": r[2], "last": r[3]} for r in rows]

@@ -259,8 +259,11 @@ class DevStack:
     def _wait_for_workers(self, redis_url: str, timeout: float = 60.0) -> None:
         from synth_workers.app import create_app
 
-        app = create_app(self.settings.model_copy(
-            update={"redis_url": redis_url, "database_url": self.env["DATABASE_URL"]}))
+        app = create_app(
+            self.settings.model_copy(
+                update={"redis_url": redis_url, "database_url": self.env["DATABASE_URL"]}
+            )
+        )
         expected = {f"{pool.name}@{socket.gethostname()}" for pool in POOLS}
         deadline = time.monotonic() + timeout
         seen: set[str] = set()

@@ -140,20 +140,27 @@ class Settings(BaseSettings):
         default=4, ge=1, le=100, description="SYNTH_DB_POOL_SIZE: connections per process."
     )
     lease_seconds: float = Field(
-        default=30.0, gt=0, description="SYNTH_LEASE_SECONDS: a running job's lease; renewed "
-        "every third of it, reaped when it expires."
+        default=30.0,
+        gt=0,
+        description="SYNTH_LEASE_SECONDS: a running job's lease; renewed "
+        "every third of it, reaped when it expires.",
     )
     sweep_interval: float = Field(
-        default=1.0, gt=0, description="SYNTH_SWEEP_INTERVAL: seconds between ledger sweeps "
-        "(due delays and retries, expired leases, outbox)."
+        default=1.0,
+        gt=0,
+        description="SYNTH_SWEEP_INTERVAL: seconds between ledger sweeps "
+        "(due delays and retries, expired leases, outbox).",
     )
     reconcile_grace: float = Field(
-        default=15.0, ge=0, description="SYNTH_RECONCILE_GRACE: a queued job absent from Redis "
-        "this long after its publish is published again."
+        default=15.0,
+        ge=0,
+        description="SYNTH_RECONCILE_GRACE: a queued job absent from Redis "
+        "this long after its publish is published again.",
     )
     poison_pill_losses: int = Field(
-        default=3, ge=1, description="SYNTH_POISON_PILL_LOSSES: workers a job may kill before "
-        "it is dead-lettered."
+        default=3,
+        ge=1,
+        description="SYNTH_POISON_PILL_LOSSES: workers a job may kill before it is dead-lettered.",
     )
     dlq_max_count: int = Field(
         default=100_000, ge=1, description="SYNTH_DLQ_MAX_COUNT: dead jobs kept (oldest go)."

@@ -31,7 +31,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import celery
 import psycopg
@@ -107,14 +107,15 @@ class Request(CeleryRequest):
 
     def on_timeout(self, soft: bool, timeout: float) -> None:
         if not soft:
-            app: SynthCelery = self.task.app
+            app = cast("SynthCelery", self.task.app)
             app.ledger.hard_timeout(self.id, f"hard time limit ({timeout}s) exceeded")
         super().on_timeout(soft, timeout)
 
-    def on_failure(self, exc_info: Any, send_failed_event: bool = True,
-                   return_ok: bool = False) -> None:
+    def on_failure(
+        self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
+    ) -> None:
         if isinstance(exc_info.exception, WorkerLostError):
-            app: SynthCelery = self.task.app
+            app = cast("SynthCelery", self.task.app)
             app.ledger.worker_lost(self.id)  # before the message is requeued
         super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
 
@@ -165,7 +166,7 @@ class Task(celery.Task):  # type: ignore[type-arg]
         options["task_id"] = job_id
         queue = _queue_name(options.get("queue") or getattr(self, "queue", None))
         ledger = self.synth_app.ledger
-        row = {
+        row: dict[str, Any] = {
             "job_id": job_id,
             "task": self.name,
             "queue": queue or queue_for_task(self.name),
@@ -200,13 +201,20 @@ class Task(celery.Task):  # type: ignore[type-arg]
             sig.options["priority"] = from_transport(int(transport))
         return sig
 
-    def retry(self, args: Any = None, kwargs: Any = None, exc: Any = None, throw: bool = True,
-              eta: Any = None, countdown: Any = None, max_retries: Any = None,
-              **options: Any) -> Any:
+    def retry(
+        self,
+        args: Any = None,
+        kwargs: Any = None,
+        exc: Any = None,
+        throw: bool = True,
+        eta: Any = None,
+        countdown: Any = None,
+        max_retries: Any = None,
+        **options: Any,
+    ) -> Any:
         """Celery's ``self.retry()``, kept durable: the wait goes to the ledger."""
         if self.request.called_directly:
-            return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries,
-                                 **options)
+            return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
         raise _RetryRequested(exc, countdown)
 
     # --- running ----------------------------------------------------------------------------
@@ -219,13 +227,21 @@ class Task(celery.Task):  # type: ignore[type-arg]
         claim = app.ledger.claim(request.id, keeper.owner)
         if claim is None:
             raise Ignore(f"job {request.id} is not queued; not run")
-        request.synth_claim = claim
-        request.synth_finished = False
+        request.synth_claim = claim  # type: ignore[attr-defined]
+        request.synth_finished = False  # type: ignore[attr-defined]
         keeper.add(claim.job_id)
+        handed_over = False
         try:
-            return self._run_claimed(claim, args, kwargs)
+            result = self._run_claimed(claim, args, kwargs)
+            if not getattr(request, "synth_finished", False):
+                # Written by the completer, batched, while the next job runs; the lease is
+                # renewed until then.
+                app.completer.submit(claim, result)
+                handed_over = True
+            return result
         finally:
-            keeper.remove(claim.job_id)
+            if not handed_over:
+                keeper.remove(claim.job_id)
 
     def _run_claimed(self, claim: Claim, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         ledger = self.synth_app.ledger
@@ -255,25 +271,29 @@ class Task(celery.Task):  # type: ignore[type-arg]
         except BaseException as exc:
             ledger.dead(claim, "exception", type(exc).__name__, str(exc), traceback.format_exc())
             raise
-        if not self.request.synth_finished:
-            ledger.succeed(claim, result)
         return result
 
-    def _retry_or_die(self, claim: Claim, exc: BaseException, failure_class: str,
-                      countdown: float | None) -> Any:
+    def _retry_or_die(
+        self, claim: Claim, exc: BaseException, failure_class: str, countdown: float | None
+    ) -> Any:
         settings = self.synth_app.settings
         limit = self.max_attempts or settings.max_attempts
         if claim.attempt >= limit:
-            self.synth_app.ledger.dead(claim, failure_class, type(exc).__name__, str(exc),
-                                       traceback.format_exc())
+            self.synth_app.ledger.dead(
+                claim, failure_class, type(exc).__name__, str(exc), traceback.format_exc()
+            )
             raise exc
-        wait = countdown if countdown is not None else full_jitter_backoff(
-            claim.attempt,
-            self.backoff_base or settings.retry_backoff_base,
-            self.backoff_cap or settings.retry_backoff_cap,
+        wait = (
+            countdown
+            if countdown is not None
+            else full_jitter_backoff(
+                claim.attempt,
+                self.backoff_base or settings.retry_backoff_base,
+                self.backoff_cap or settings.retry_backoff_cap,
+            )
         )
         self.synth_app.ledger.retry_later(claim, wait, exc, failure_class)
-        raise Retry(exc=exc if isinstance(exc, Exception) else None, when=wait)
+        raise Retry(exc=exc if isinstance(exc, Exception) else None, when=wait)  # type: ignore[arg-type]
 
     def _invoke(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         model = self.payload_model
@@ -308,6 +328,7 @@ class Task(celery.Task):  # type: ignore[type-arg]
         ledger = self.synth_app.ledger
         with ledger.connection() as conn:
             with conn.transaction():
+                ledger.durable(conn)
                 # Hold the job's row while the effect is written: the claim is checked first,
                 # and no reaper can take the job back until this commits or rolls back.
                 if not ledger.lock_claim(conn, claim):
@@ -316,7 +337,7 @@ class Task(celery.Task):  # type: ignore[type-arg]
                 yield conn
                 if not ledger.succeed(claim, None, conn=conn):
                     raise LeaseLostError(f"job {claim.job_id} attempt {claim.attempt} lost")
-            self.request.synth_finished = True
+            self.request.synth_finished = True  # type: ignore[attr-defined]
 
     def effect_done(self, key: str) -> bool:
         """Whether this job already recorded the effect ``key`` (in any earlier run)."""

@@ -51,9 +51,16 @@ def dlq_digest(self: Task) -> dict[str, Any]:
     if not recipients or not total:
         return {"dead": total, "sent": False}
     day = datetime.now(UTC).date().isoformat()
-    context = {"day": day, "total": total,
-               "rows": [{**r, "last": r["last"].isoformat() if r["last"] else ""} for r in rows]}
-    handle = enqueue("tasks.email.send_email",
-                     {"to": recipients, "template": "dlq_digest", "context": context},
-                     priority="low", idempotency_key=f"dlq-digest:{day}", app=app)
+    context = {
+        "day": day,
+        "total": total,
+        "rows": [{**r, "last": r["last"].isoformat() if r["last"] else ""} for r in rows],
+    }
+    handle = enqueue(
+        "tasks.email.send_email",
+        {"to": recipients, "template": "dlq_digest", "context": context},
+        priority="low",
+        idempotency_key=f"dlq-digest:{day}",
+        app=app,
+    )
     return {"dead": total, "sent": True, "email_job": handle.id}

@@ -45,8 +45,7 @@ def _start_postgres() -> str:
 
     import pgserver
 
-    _pgserver = pgserver.get_server(tempfile.mkdtemp(prefix="synth-test-pg-"),
-                                    cleanup_mode="stop")
+    _pgserver = pgserver.get_server(tempfile.mkdtemp(prefix="synth-test-pg-"), cleanup_mode="stop")
     return str(_pgserver.get_uri())
 
 
@@ -74,8 +73,10 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
     app.ledger.migrate()
     with app.ledger.connection() as conn:
-        conn.execute("CREATE TABLE IF NOT EXISTS test_effects (job_id uuid PRIMARY KEY, "
-                     "n integer NOT NULL, owner text NOT NULL)")
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS test_effects (job_id uuid PRIMARY KEY, "
+            "n integer NOT NULL, owner text NOT NULL)"
+        )
         conn.execute("CREATE TABLE IF NOT EXISTS test_duplicates (job_id uuid NOT NULL)")
 
 
@@ -106,9 +107,11 @@ def rclient(redis_url: str) -> Iterator[object]:
     from synth_workers import app
 
     with app.ledger.connection() as conn:
-        conn.execute("TRUNCATE synth_jobs, synth_idempotency, synth_effects, "
-                     "synth_late_completions, synth_periodic_slots, test_effects, "
-                     "test_duplicates")
+        conn.execute(
+            "TRUNCATE synth_jobs, synth_idempotency, synth_effects, "
+            "synth_late_completions, synth_periodic_slots, test_effects, "
+            "test_duplicates"
+        )
     yield client
     client.close()
 

@@ -76,8 +76,10 @@ def effect(self: Task, n: int, sleep: float = 0.0) -> int:
     assert claim is not None
     try:
         with self.effect_transaction() as conn:
-            conn.execute("INSERT INTO test_effects (job_id, n, owner) VALUES (%s, %s, %s)",
-                         (claim.job_id, n, claim.owner))
+            conn.execute(
+                "INSERT INTO test_effects (job_id, n, owner) VALUES (%s, %s, %s)",
+                (claim.job_id, n, claim.owner),
+            )
     except psycopg.errors.UniqueViolation:
         with app.ledger.connection() as conn:
             conn.execute("INSERT INTO test_duplicates (job_id) VALUES (%s)", (claim.job_id,))

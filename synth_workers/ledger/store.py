@@ -99,8 +99,26 @@ class Ledger:
             )
         return url
 
-    def connect_kwargs(self) -> dict[str, Any]:
-        return {"options": f"-c search_path={self.settings.db_schema}", "connect_timeout": 5}
+    #: False in worker processes: state transitions commit without waiting for the WAL
+    #: flush (a Postgres crash can only make a job run again: at least once), while
+    #: enqueues, effect transactions and cancellations still commit durably.
+    durable_commits = True
+
+    def use_fast_commits(self) -> None:
+        """Worker processes: asynchronous commits for claims, renewals and completions."""
+        self.durable_commits = False
+        self._after_fork()
+
+    def connect_kwargs(self, durable: bool = True) -> dict[str, Any]:
+        options = f"-c search_path={self.settings.db_schema}"
+        if not durable:
+            options += " -c synchronous_commit=off"
+        return {"options": options, "connect_timeout": 5}
+
+    def durable(self, conn: psycopg.Connection[Any]) -> None:
+        """Make the open transaction on ``conn`` commit durably (worker processes)."""
+        if not self.durable_commits:
+            conn.execute("SET LOCAL synchronous_commit = on")
 
     @property
     def pool(self) -> ConnectionPool[psycopg.Connection[Any]]:
@@ -112,7 +130,7 @@ class Ledger:
                         self.conninfo,
                         min_size=1,
                         max_size=self.settings.db_pool_size,
-                        kwargs={**self.connect_kwargs(), "autocommit": True},
+                        kwargs={**self.connect_kwargs(self.durable_commits), "autocommit": True},
                         open=False,
                         name=f"synth-ledger-{pid}",
                     )
@@ -155,8 +173,12 @@ class Ledger:
         """Apply the SQL migrations not yet applied; return their names."""
         schema = self.settings.db_schema
         files = sorted(
-            p for p in resources.files("synth_workers.ledger.migrations").iterdir()
-            if p.name.endswith(".sql")
+            (
+                p
+                for p in resources.files("synth_workers.ledger.migrations").iterdir()
+                if p.name.endswith(".sql")
+            ),
+            key=lambda p: p.name,
         )
         applied: list[str] = []
         with self.connect() as conn:
@@ -171,7 +193,7 @@ class Ledger:
                 for file in files:
                     if file.name in done:
                         continue
-                    conn.execute(file.read_text())  # type: ignore[arg-type]
+                    conn.execute(file.read_text().encode())
                     conn.execute(
                         "INSERT INTO synth_schema_migrations (name) VALUES (%s)", (file.name,)
                     )
@@ -198,6 +220,7 @@ class Ledger:
         """Insert a job row (queued, or scheduled when delayed); with an idempotency key,
         return the id of the live job that already holds the key instead (nothing inserted).
         """
+        self.durable(conn)
         if idempotency_key is not None:
             row = conn.execute(
                 "INSERT INTO synth_idempotency (key, job_id, expires_at) "
@@ -219,10 +242,21 @@ class Ledger:
             " state, max_attempts, run_at, published_at, replay_of) VALUES (%s, %s, %s, %s, %s,"
             " %s, %s, %s, %s, CASE WHEN %s THEN now() + make_interval(secs => %s) END,"
             " CASE WHEN %s THEN now() END, %s)",
-            (job_id, task, queue, priority, Jsonb(payload), Jsonb(args) if args else None,
-             idempotency_key,
-             "scheduled" if scheduled else "queued", max_attempts, scheduled, delay or 0,
-             published and not scheduled, replay_of),
+            (
+                job_id,
+                task,
+                queue,
+                priority,
+                Jsonb(payload),
+                Jsonb(args) if args else None,
+                idempotency_key,
+                "scheduled" if scheduled else "queued",
+                max_attempts,
+                scheduled,
+                delay or 0,
+                published and not scheduled,
+                replay_of,
+            ),
         )
         if not published and not scheduled:
             conn.execute(f"NOTIFY {NOTIFY_CHANNEL}")
@@ -270,27 +304,61 @@ class Ledger:
         ).fetchone()
         return row is not None
 
-    def succeed(self, claim: Claim, result: Any, conn: psycopg.Connection[Any] | None = None
-                ) -> bool:
+    def succeed(
+        self, claim: Claim, result: Any, conn: psycopg.Connection[Any] | None = None
+    ) -> bool:
         return self._finish(
-            claim, "succeeded",
-            "state = 'succeeded', result = %s, finished_at = now()", (encode_result(result),),
+            claim,
+            "succeeded",
+            "state = 'succeeded', result = %s, finished_at = now()",
+            (encode_result(result),),
             conn,
         )
 
-    def retry_later(self, claim: Claim, delay: float, error: BaseException,
-                    failure_class: str) -> bool:
+    def succeed_many(self, done: Sequence[tuple[Claim, Any]]) -> set[str]:
+        """Fenced completion of several jobs in one statement; returns the ids completed.
+        The others were refused (lease lost) and are recorded as late."""
+        if not done:
+            return set()
+        values = [(c.job_id, c.attempt, c.owner, encode_result(r)) for c, r in done]
+        with self.connection() as conn, conn.cursor() as cur:
+            rows = cur.execute(
+                "UPDATE synth_jobs j SET state = 'succeeded', result = v.result, "
+                "finished_at = now(), lease_owner = NULL, lease_expires_at = NULL, "
+                "updated_at = now() FROM (SELECT unnest(%s::uuid[]) AS id, "
+                "unnest(%s::int[]) AS attempt, unnest(%s::text[]) AS owner, "
+                "unnest(%s::jsonb[]) AS result) v WHERE j.id = v.id AND j.attempt = v.attempt "
+                "AND j.lease_owner = v.owner AND j.state = 'running' RETURNING j.id",
+                (
+                    [v[0] for v in values],
+                    [v[1] for v in values],
+                    [v[2] for v in values],
+                    [v[3] for v in values],
+                ),
+            ).fetchall()
+        completed = {str(r[0]) for r in rows}
+        for claim, _ in done:
+            if claim.job_id not in completed:
+                self.record_late(claim, "succeeded")
+        return completed
+
+    def retry_later(
+        self, claim: Claim, delay: float, error: BaseException, failure_class: str
+    ) -> bool:
         return self._finish(
-            claim, "failed-retrying",
+            claim,
+            "failed-retrying",
             "state = 'failed-retrying', run_at = now() + make_interval(secs => %s), "
             "failure_class = %s, error_class = %s, last_error = %s",
             (delay, failure_class, type(error).__name__, str(error)[:4000]),
         )
 
-    def dead(self, claim: Claim, failure_class: str, error_class: str, error: str,
-             traceback: str) -> bool:
+    def dead(
+        self, claim: Claim, failure_class: str, error_class: str, error: str, traceback: str
+    ) -> bool:
         return self._finish(
-            claim, "dead",
+            claim,
+            "dead",
             "state = 'dead', finished_at = now(), failure_class = %s, error_class = %s, "
             "last_error = %s, traceback = %s",
             (failure_class, error_class, error[:4000], traceback[-16000:]),
@@ -299,16 +367,24 @@ class Ledger:
     def cancelled_while_running(self, claim: Claim) -> bool:
         return self._finish(claim, "cancelled", "state = 'cancelled', finished_at = now()", ())
 
-    def _finish(self, claim: Claim, outcome: str, assignments: str, params: Sequence[Any],
-                conn: psycopg.Connection[Any] | None = None) -> bool:
-        query = (f"UPDATE synth_jobs SET {assignments}, lease_owner = NULL, "  # noqa: S608
-                 f"lease_expires_at = NULL, updated_at = now() WHERE {self._FENCE}")
+    def _finish(
+        self,
+        claim: Claim,
+        outcome: str,
+        assignments: str,
+        params: Sequence[Any],
+        conn: psycopg.Connection[Any] | None = None,
+    ) -> bool:
+        query = (
+            f"UPDATE synth_jobs SET {assignments}, lease_owner = NULL, "  # noqa: S608
+            f"lease_expires_at = NULL, updated_at = now() WHERE {self._FENCE}"
+        )
         args = (*params, claim.job_id, claim.attempt, claim.owner)
         if conn is not None:
-            done = conn.execute(query, args).rowcount == 1  # type: ignore[arg-type]
+            done = conn.execute(query.encode(), args).rowcount == 1
         else:
             with self.connection() as own:
-                done = own.execute(query, args).rowcount == 1  # type: ignore[arg-type]
+                done = own.execute(query.encode(), args).rowcount == 1
         if not done:
             self.record_late(claim, outcome)
         return done
@@ -353,8 +429,9 @@ class Ledger:
             ).fetchone()
         return None if row is None else str(row[0])
 
-    def record_rejected(self, job_id: str | None, task: str, queue: str, body: Any,
-                        reason: str, error: str) -> str:
+    def record_rejected(
+        self, job_id: str | None, task: str, queue: str, body: Any, reason: str, error: str
+    ) -> str:
         """A message a worker refused (bad JSON, unknown task, other serializer): dead-letter
         it with failure class ``rejected_message``; an existing live row of that id ends so."""
         try:
@@ -379,17 +456,23 @@ class Ledger:
     # --- effect guard --------------------------------------------------------------------
     def effect_recorded(self, job_id: str, key: str) -> bool:
         with self.connection() as conn:
-            return conn.execute(
-                "SELECT 1 FROM synth_effects WHERE job_id = %s AND key = %s", (job_id, key)
-            ).fetchone() is not None
+            return (
+                conn.execute(
+                    "SELECT 1 FROM synth_effects WHERE job_id = %s AND key = %s", (job_id, key)
+                ).fetchone()
+                is not None
+            )
 
     def record_effect(self, job_id: str, key: str, detail: Any = None) -> bool:
         with self.connection() as conn:
-            return conn.execute(
-                "INSERT INTO synth_effects (job_id, key, detail) VALUES (%s, %s, %s) "
-                "ON CONFLICT DO NOTHING",
-                (job_id, key, encode_result(detail)),
-            ).rowcount == 1
+            return (
+                conn.execute(
+                    "INSERT INTO synth_effects (job_id, key, detail) VALUES (%s, %s, %s) "
+                    "ON CONFLICT DO NOTHING",
+                    (job_id, key, encode_result(detail)),
+                ).rowcount
+                == 1
+            )
 
     # --- sweeper -------------------------------------------------------------------------
     def promote_due(self, limit: int = 1000) -> list[Publishable]:
@@ -430,8 +513,9 @@ class Ledger:
                 "RETURNING j.id, j.task, j.queue, j.priority, j.payload, j.args, j.state",
                 (limit,) + (self.settings.poison_pill_losses,) * 3,
             ).fetchall()
-        requeued = [Publishable(str(r[0]), r[1], r[2], r[3], r[4], r[5]) for r in rows
-                    if r[6] == "queued"]
+        requeued = [
+            Publishable(str(r[0]), r[1], r[2], r[3], r[4], r[5]) for r in rows if r[6] == "queued"
+        ]
         return requeued, len(rows) - len(requeued)
 
     def stale_queued(self, grace: float, limit: int = 5000) -> list[Publishable]:
@@ -449,12 +533,13 @@ class Ledger:
         with self.connection() as conn:
             conn.execute(
                 "UPDATE synth_jobs SET published_at = now() WHERE id = ANY(%s) "
-                "AND state = 'queued'", (list(ids),),
+                "AND state = 'queued'",
+                (list(ids),),
             )
 
     def _to_publish(self, query: str, params: Sequence[Any]) -> list[Publishable]:
         with self.connection() as conn:
-            rows = conn.execute(query, params).fetchall()  # type: ignore[arg-type]
+            rows = conn.execute(query.encode(), params).fetchall()
         return [Publishable(str(r[0]), r[1], r[2], r[3], r[4], r[5]) for r in rows]
 
     # --- producer side: reads and cancellation -------------------------------------------
@@ -469,7 +554,8 @@ class Ledger:
     def cancel(self, job_id: str) -> str:
         """'cancelled' (never starts), 'requested' (running: asked to stop), 'final' (already
         ended) or 'unknown'."""
-        with self.connection() as conn:
+        with self.connection() as conn, conn.transaction():
+            self.durable(conn)
             row = conn.execute(
                 "UPDATE synth_jobs SET state = CASE WHEN state = 'running' THEN state "
                 "ELSE 'cancelled' END, cancel_requested = true, finished_at = CASE WHEN "
@@ -494,9 +580,14 @@ class Ledger:
         newer_than: float | None = None,
         limit: int = 100,
     ) -> list[dict[str, Any]]:
-        where, params = self.filters(states=states, task=task, queue=queue,
-                                     failure_class=failure_class, older_than=older_than,
-                                     newer_than=newer_than)
+        where, params = self.filters(
+            states=states,
+            task=task,
+            queue=queue,
+            failure_class=failure_class,
+            older_than=older_than,
+            newer_than=newer_than,
+        )
         with self.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
             return cur.execute(
                 f"SELECT * FROM synth_jobs WHERE {where} "  # noqa: S608 - fixed fragments
@@ -533,8 +624,7 @@ class Ledger:
             parts.append("coalesce(finished_at, enqueued_at) < now() - make_interval(secs => %s)")
             params.append(older_than)
         if newer_than is not None:
-            parts.append("coalesce(finished_at, enqueued_at) >= now() - "
-                         "make_interval(secs => %s)")
+            parts.append("coalesce(finished_at, enqueued_at) >= now() - make_interval(secs => %s)")
             params.append(newer_than)
         return " AND ".join(parts), params
 

@@ -82,8 +82,9 @@ class Sweeper:
         counts["reaped"] = len(requeued)
         counts["poison_pills"] = poisoned
         if requeued or poisoned:
-            log.warning("reaped %d expired leases (%d dead as poison pills)",
-                        len(requeued), poisoned)
+            log.warning(
+                "reaped %d expired leases (%d dead as poison pills)", len(requeued), poisoned
+            )
         now = time.monotonic()
         if now - self._last_reconcile >= self.reconcile_every:
             self._last_reconcile = now

@@ -36,8 +36,10 @@ def publish(app: SynthCelery, jobs: Sequence[Publishable]) -> None:
 
 def priority_lists(queue: str) -> list[str]:
     """Every Redis list of ``queue``: one per priority step."""
-    return [queue if step == 0 else f"{queue}{PRIORITY_SEP}{step}"
-            for step in range(MIN_PRIORITY, MAX_PRIORITY + 1)]
+    return [
+        queue if step == 0 else f"{queue}{PRIORITY_SEP}{step}"
+        for step in range(MIN_PRIORITY, MAX_PRIORITY + 1)
+    ]
 
 
 def _message_id(raw: bytes | str) -> str | None:
