@@ -143,16 +143,24 @@ def wait_for_worker(
     timeout: float = 30,
     process: subprocess.Popen[bytes] | None = None,
     log: Path | None = None,
+    broker_url: str | None = None,
 ) -> None:
+    from celery import Celery
+
     from synth_workers import app
 
+    pinger = Celery(broker=broker_url) if broker_url else app
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            text = log.read_text(errors="replace") if log else ""
-            raise RuntimeError(f"worker exited with {process.returncode}:\n{text[-4000:]}")
-        if app.control.ping(destination=[name], timeout=0.5):
-            return
+    try:
+        while time.monotonic() < deadline:
+            if process is not None and process.poll() is not None:
+                text = log.read_text(errors="replace") if log else ""
+                raise RuntimeError(f"worker exited with {process.returncode}:\n{text[-4000:]}")
+            if pinger.control.ping(destination=[name], timeout=0.5):
+                return
+    finally:
+        if pinger is not app:
+            pinger.close()
     text = log.read_text(errors="replace") if log else ""
     raise RuntimeError(f"worker {name} did not answer in {timeout}s:\n{text[-4000:]}")
 
@@ -202,7 +210,7 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
             )
         worker = Worker(process, name, log)
         started.append(worker)
-        wait_for_worker(name, process=process, log=log)
+        wait_for_worker(name, process=process, log=log, broker_url=(env or {}).get("REDIS_URL"))
         return worker
 
     yield start
