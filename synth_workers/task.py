@@ -25,6 +25,7 @@
 from __future__ import annotations
 
 import random
+import socket
 import time
 import traceback
 import uuid
@@ -105,10 +106,16 @@ def _delay(options: dict[str, Any]) -> float | None:
 class Request(CeleryRequest):
     """Celery's Request, telling the ledger when a job's process died or was killed."""
 
+    def _owner_prefix(self) -> str:
+        """Lease owners of the pool process that ran this request (see LeaseKeeper)."""
+        return f"{socket.gethostname()}:{self.worker_pid}:"
+
     def on_timeout(self, soft: bool, timeout: float) -> None:
         if not soft:
             app = cast("SynthCelery", self.task.app)
-            app.ledger.hard_timeout(self.id, f"hard time limit ({timeout}s) exceeded")
+            app.ledger.hard_timeout(
+                self.id, f"hard time limit ({timeout}s) exceeded", self._owner_prefix()
+            )
         super().on_timeout(soft, timeout)
 
     def on_failure(
@@ -116,7 +123,8 @@ class Request(CeleryRequest):
     ) -> None:
         if isinstance(exc_info.exception, WorkerLostError):
             app = cast("SynthCelery", self.task.app)
-            app.ledger.worker_lost(self.id)  # before the message is requeued
+            # before the message is requeued; only if that process still holds the job
+            app.ledger.worker_lost(self.id, self._owner_prefix())
         super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
 
 

@@ -397,7 +397,7 @@ class Ledger:
                 (claim.job_id, claim.attempt, claim.owner, outcome),
             )
 
-    def worker_lost(self, job_id: str) -> str | None:
+    def worker_lost(self, job_id: str, owner_prefix: str) -> str | None:
         """The process running ``job_id`` died: requeue it, or dead-letter it as a poison
         pill once it has killed ``SYNTH_POISON_PILL_LOSSES`` workers. Returns the new state."""
         with self.connection() as conn:
@@ -409,12 +409,13 @@ class Ledger:
                 "error_class = 'WorkerLostError', last_error = 'the worker process died', "
                 "finished_at = CASE WHEN worker_losses + 1 >= %s THEN now() END, "
                 "published_at = now(), lease_owner = NULL, lease_expires_at = NULL, "
-                "updated_at = now() WHERE id = %s AND state = 'running' RETURNING state",
-                (self.settings.poison_pill_losses,) * 3 + (job_id,),
+                "updated_at = now() WHERE id = %s AND state = 'running' "
+                "AND starts_with(lease_owner, %s) RETURNING state",
+                (*(self.settings.poison_pill_losses,) * 3, job_id, owner_prefix),
             ).fetchone()
         return None if row is None else str(row[0])
 
-    def hard_timeout(self, job_id: str, error: str) -> str | None:
+    def hard_timeout(self, job_id: str, error: str, owner_prefix: str) -> str | None:
         """The job hit its hard time limit (its process was killed): retry or dead-letter."""
         with self.connection() as conn:
             row = conn.execute(
@@ -424,8 +425,10 @@ class Ledger:
                 "error_class = 'TimeLimitExceeded', last_error = %s, "
                 "finished_at = CASE WHEN attempt >= COALESCE(max_attempts, %s) THEN now() END, "
                 "lease_owner = NULL, lease_expires_at = NULL, updated_at = now() "
-                "WHERE id = %s AND state = 'running' RETURNING state",
-                (self.settings.max_attempts, error, self.settings.max_attempts, job_id),
+                "WHERE id = %s AND state = 'running' AND starts_with(lease_owner, %s) "
+                "RETURNING state",
+                (self.settings.max_attempts, error, self.settings.max_attempts, job_id,
+                 owner_prefix),
             ).fetchone()
         return None if row is None else str(row[0])
 

@@ -12,9 +12,8 @@ if TYPE_CHECKING:
     from synth_workers.app import SynthCelery
     from synth_workers.ledger.store import Publishable
 
-#: kombu's Redis transport: priority sub-list separator and the unacked hash.
+#: kombu's Redis transport: the priority sub-list separator.
 PRIORITY_SEP = "\x06\x16"
-UNACKED_KEY = "unacked"
 
 
 def publish(app: SynthCelery, jobs: Sequence[Publishable]) -> None:
@@ -57,7 +56,13 @@ def _message_id(raw: bytes | str) -> str | None:
 
 
 def ids_in_redis(app: SynthCelery, queues: Iterable[str]) -> set[str]:
-    """Ids of the jobs whose message sits in one of ``queues`` or is delivered but unacked."""
+    """Ids of the jobs whose message waits in one of ``queues``.
+
+    Messages delivered but unacked are not counted: a job still *queued* in the ledger well
+    after its message was delivered was taken by a worker that died before claiming it (its
+    message would come back only after the visibility timeout), so it is published again;
+    should that worker be alive after all, the second delivery's claim is refused.
+    """
     client = app.redis
     found: set[str] = set()
     pipe = client.pipeline(transaction=False)
@@ -68,7 +73,4 @@ def ids_in_redis(app: SynthCelery, queues: Iterable[str]) -> set[str]:
         for raw in items:
             if (job_id := _message_id(raw)) is not None:
                 found.add(job_id)
-    for raw in client.hvals(UNACKED_KEY):
-        if (job_id := _message_id(raw)) is not None:
-            found.add(job_id)
     return found
