@@ -232,7 +232,14 @@ class Task(celery.Task):  # type: ignore[type-arg]
             return self._invoke(args, kwargs)
         app = self.synth_app
         keeper = app.lease_keeper
-        claim = app.ledger.claim(request.id, keeper.owner)
+        completer = app.completer
+        finished = completer.take()
+        try:
+            claim = app.ledger.claim(request.id, keeper.owner, complete=finished)
+        except BaseException:
+            completer.write(finished)
+            raise
+        completer.written(finished)
         if claim is None:
             raise Ignore(f"job {request.id} is not queued; not run")
         request.synth_claim = claim  # type: ignore[attr-defined]

@@ -269,20 +269,70 @@ class Ledger:
             conn.execute("DELETE FROM synth_jobs WHERE id = %s AND state = 'queued'", (job_id,))
 
     # --- worker: claim, lease, finish ----------------------------------------------------
-    def claim(self, job_id: str, owner: str) -> Claim | None:
+    _CLAIM = (
+        "UPDATE synth_jobs SET state = 'running', attempt = attempt + 1, "
+        "lease_owner = %s, lease_expires_at = now() + make_interval(secs => %s), "
+        "started_at = now(), updated_at = now() "
+        "WHERE id = %s AND state = 'queued' RETURNING attempt, max_attempts"
+    )
+    _COMPLETE = (
+        "UPDATE synth_jobs j SET state = 'succeeded', result = v.result, "
+        "finished_at = now(), lease_owner = NULL, lease_expires_at = NULL, "
+        "updated_at = now() FROM (SELECT unnest(%s::uuid[]) AS id, "
+        "unnest(%s::int[]) AS attempt, unnest(%s::text[]) AS owner, "
+        "unnest(%s::jsonb[]) AS result) v WHERE j.id = v.id AND j.attempt = v.attempt "
+        "AND j.lease_owner = v.owner AND j.state = 'running' RETURNING j.id"
+    )
+
+    _COMPLETE_AND_CLAIM = (
+        f"WITH done AS ({_COMPLETE}), claimed AS ({_CLAIM}) "  # noqa: S608 - constants
+        "SELECT (SELECT attempt FROM claimed), (SELECT max_attempts FROM claimed), "
+        "(SELECT coalesce(array_agg(id), '{}') FROM done)"
+    )
+
+    @staticmethod
+    def _completion_params(done: Sequence[tuple[Claim, Any]]) -> tuple[list[Any], ...]:
+        return (
+            [c.job_id for c, _ in done],
+            [c.attempt for c, _ in done],
+            [c.owner for c, _ in done],
+            [encode_result(r) for _, r in done],
+        )
+
+    def claim(
+        self, job_id: str, owner: str, complete: Sequence[tuple[Claim, Any]] = ()
+    ) -> Claim | None:
         """Take a queued job for ``owner``; ``None`` when it is not queued (already taken,
-        finished, cancelled, or not due)."""
-        with self.connection() as conn:
-            row = conn.execute(
-                "UPDATE synth_jobs SET state = 'running', attempt = attempt + 1, "
-                "lease_owner = %s, lease_expires_at = now() + make_interval(secs => %s), "
-                "started_at = now(), updated_at = now() "
-                "WHERE id = %s AND state = 'queued' RETURNING attempt, max_attempts",
-                (owner, self.settings.lease_seconds, job_id),
-            ).fetchone()
+        finished, cancelled, or not due). ``complete``: finished jobs of this process whose
+        fenced completion rides along in the same statement (one round trip per job)."""
+        if not complete:
+            with self.connection() as conn:
+                row = conn.execute(
+                    self._CLAIM, (owner, self.settings.lease_seconds, job_id)
+                ).fetchone()
+        else:
+            with self.connection() as conn:
+                row = conn.execute(
+                    self._COMPLETE_AND_CLAIM,
+                    (
+                        *self._completion_params(complete),
+                        owner,
+                        self.settings.lease_seconds,
+                        job_id,
+                    ),
+                ).fetchone()
+            assert row is not None
+            self._late_unless({str(i) for i in row[2]}, complete)
+            if row[0] is None:
+                return None
         if row is None:
             return None
         return Claim(job_id, int(row[0]), row[1], owner)
+
+    def _late_unless(self, completed: set[str], done: Sequence[tuple[Claim, Any]]) -> None:
+        for claim, _ in done:
+            if claim.job_id not in completed:
+                self.record_late(claim, "succeeded")
 
     def renew(self, owner: str) -> list[tuple[str, bool]]:
         """Extend every lease ``owner`` holds, in one statement; return (job, cancel asked)."""
@@ -320,26 +370,10 @@ class Ledger:
         The others were refused (lease lost) and are recorded as late."""
         if not done:
             return set()
-        values = [(c.job_id, c.attempt, c.owner, encode_result(r)) for c, r in done]
-        with self.connection() as conn, conn.cursor() as cur:
-            rows = cur.execute(
-                "UPDATE synth_jobs j SET state = 'succeeded', result = v.result, "
-                "finished_at = now(), lease_owner = NULL, lease_expires_at = NULL, "
-                "updated_at = now() FROM (SELECT unnest(%s::uuid[]) AS id, "
-                "unnest(%s::int[]) AS attempt, unnest(%s::text[]) AS owner, "
-                "unnest(%s::jsonb[]) AS result) v WHERE j.id = v.id AND j.attempt = v.attempt "
-                "AND j.lease_owner = v.owner AND j.state = 'running' RETURNING j.id",
-                (
-                    [v[0] for v in values],
-                    [v[1] for v in values],
-                    [v[2] for v in values],
-                    [v[3] for v in values],
-                ),
-            ).fetchall()
+        with self.connection() as conn:
+            rows = conn.execute(self._COMPLETE, self._completion_params(done)).fetchall()
         completed = {str(r[0]) for r in rows}
-        for claim, _ in done:
-            if claim.job_id not in completed:
-                self.record_late(claim, "succeeded")
+        self._late_unless(completed, done)
         return completed
 
     def retry_later(
@@ -427,8 +461,13 @@ class Ledger:
                 "lease_owner = NULL, lease_expires_at = NULL, updated_at = now() "
                 "WHERE id = %s AND state = 'running' AND starts_with(lease_owner, %s) "
                 "RETURNING state",
-                (self.settings.max_attempts, error, self.settings.max_attempts, job_id,
-                 owner_prefix),
+                (
+                    self.settings.max_attempts,
+                    error,
+                    self.settings.max_attempts,
+                    job_id,
+                    owner_prefix,
+                ),
             ).fetchone()
         return None if row is None else str(row[0])
 
