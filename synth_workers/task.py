@@ -43,6 +43,7 @@ from pydantic import BaseModel, ValidationError
 
 from synth_workers.errors import InvalidPayloadError, PermanentError, SynthWorkersError
 from synth_workers.routing import (
+    DEFAULT_PRIORITY,
     from_transport,
     queue_for_task,
     resolve_priority,
@@ -240,6 +241,19 @@ class Task(celery.Task):  # type: ignore[type-arg]
             completer.write(finished)
             raise
         completer.written(finished)
+        if claim is None and app.ledger.get(request.id) is None:
+            # Sent around the platform (Celery's send_task, another producer): adopt it.
+            info = request.delivery_info or {}
+            transport = info.get("priority")
+            app.ledger.adopt(
+                request.id,
+                self.name,
+                str(info.get("routing_key") or queue_for_task(self.name)),
+                DEFAULT_PRIORITY if transport is None else from_transport(int(transport)),
+                dict(kwargs),
+                list(args) or None,
+            )
+            claim = app.ledger.claim(request.id, keeper.owner)
         if claim is None:
             raise Ignore(f"job {request.id} is not queued; not run")
         request.synth_claim = claim  # type: ignore[attr-defined]

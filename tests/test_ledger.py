@@ -329,3 +329,27 @@ def test_two_beats_enqueue_each_slot_once(rclient: Any, tmp_path: Path, start_wo
     assert wait_until(lambda: _count(rclient, "beat") == len(slots), timeout=15)
     # both beats were live: one of them found slots already taken by the other
     assert any("already enqueued by another beat" in out for out in outs), outs
+
+
+def test_message_sent_around_the_ledger_is_adopted(rclient: Any, start_worker: Any) -> None:
+    start_worker(QUEUE)
+    result = app.send_task("tests.e2e_tasks.side_effect", kwargs={"key": "adopted"}, queue=QUEUE)
+    from synth_workers import JobHandle
+
+    handle = JobHandle(result.id)
+    assert wait_until(lambda: app.ledger.get(result.id) is not None, timeout=30)
+    assert handle.wait(timeout=30) == "adopted"
+    assert handle.info()["queue"] == QUEUE
+    assert _count(rclient, "adopted") == 1
+
+
+def test_reconcile_finds_waiting_messages_from_the_tail(rclient: Any) -> None:
+    from synth_workers.ledger.transport import ids_in_redis
+
+    handles = [
+        enqueue("tests.e2e_tasks.side_effect", {"key": f"t{i}"}, queue="nobody") for i in range(30)
+    ]
+    oldest = {h.id for h in handles[:3]}
+    assert ids_in_redis(app, {"nobody"}, oldest, chunk=7) == oldest
+    missing = {"00000000-0000-0000-0000-000000000000"}
+    assert ids_in_redis(app, {"nobody"}, oldest | missing, chunk=7) == oldest

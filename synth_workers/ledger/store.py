@@ -329,6 +329,25 @@ class Ledger:
             return None
         return Claim(job_id, int(row[0]), row[1], owner)
 
+    def adopt(
+        self,
+        job_id: str,
+        task: str,
+        queue: str,
+        priority: int,
+        payload: dict[str, Any],
+        args: list[Any] | None,
+    ) -> None:
+        """Give a ledger row to a message sent around the platform (``send_task``, another
+        producer), so that it runs like any job; nothing happens when the row exists."""
+        with self.connection() as conn:
+            conn.execute(
+                "INSERT INTO synth_jobs (id, task, queue, priority, payload, args, state, "
+                "published_at) VALUES (%s, %s, %s, %s, %s, %s, 'queued', now()) "
+                "ON CONFLICT (id) DO NOTHING",
+                (job_id, task, queue, priority, Jsonb(payload), Jsonb(args) if args else None),
+            )
+
     def _late_unless(self, completed: set[str], done: Sequence[tuple[Claim, Any]]) -> None:
         for claim, _ in done:
             if claim.job_id not in completed:

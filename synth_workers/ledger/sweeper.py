@@ -104,7 +104,9 @@ class Sweeper:
                 stale = ledger.stale_queued(self.settings.reconcile_grace)
                 if not stale:
                     return 0
-                present = ids_in_redis(self.app, {job.queue for job in stale})
+                present = ids_in_redis(
+                    self.app, {job.queue for job in stale}, {job.id for job in stale}
+                )
                 missing = [job for job in stale if job.id not in present]
                 if missing:
                     # Mark first: a crash between the two only delays the next try.

@@ -55,22 +55,34 @@ def _message_id(raw: bytes | str) -> str | None:
     return str(job_id) if job_id else None
 
 
-def ids_in_redis(app: SynthCelery, queues: Iterable[str]) -> set[str]:
-    """Ids of the jobs whose message waits in one of ``queues``.
+def ids_in_redis(
+    app: SynthCelery, queues: Iterable[str], wanted: set[str], chunk: int = 1000
+) -> set[str]:
+    """Which of the ``wanted`` job ids still have a message waiting in one of ``queues``.
 
-    Messages delivered but unacked are not counted: a job still *queued* in the ledger well
-    after its message was delivered was taken by a worker that died before claiming it (its
-    message would come back only after the visibility timeout), so it is published again;
-    should that worker be alive after all, the second delivery's claim is refused.
+    Lists are read from their tail (the oldest messages, where long-queued jobs are) in
+    chunks, stopping once every wanted id is found. Messages delivered but unacked are not
+    counted: a job still *queued* in the ledger well after its message was delivered was
+    taken by a worker that died before claiming it (its message would come back only after
+    the visibility timeout), so it is published again; should that worker be alive after
+    all, the second delivery's claim is refused.
     """
     client = app.redis
     found: set[str] = set()
-    pipe = client.pipeline(transaction=False)
     for queue in set(queues):
         for key in priority_lists(queue):
-            pipe.lrange(key, 0, -1)
-    for items in pipe.execute():
-        for raw in items:
-            if (job_id := _message_id(raw)) is not None:
-                found.add(job_id)
+            end = -1
+            while found < wanted:
+                items = client.lrange(key, end - chunk + 1, end)
+                if not items:
+                    break
+                for raw in items:
+                    job_id = _message_id(raw)
+                    if job_id in wanted:
+                        found.add(job_id)
+                if len(items) < chunk:
+                    break
+                end -= chunk
+            if found >= wanted:
+                return found
     return found
