@@ -126,3 +126,13 @@ def long_running(self: Task, key: str, seconds: float) -> str:
         self.raise_if_cancelled()
         time.sleep(0.05)
     return "finished"
+
+
+@app.task(name="tests.e2e_tasks.slow_soft", soft_time_limit=0.5, max_attempts=1)
+def slow_soft() -> None:
+    time.sleep(5)
+
+
+@app.task(name="tests.e2e_tasks.slow_hard", time_limit=1, max_attempts=1)
+def slow_hard() -> None:
+    time.sleep(10)

@@ -353,3 +353,48 @@ def test_reconcile_finds_waiting_messages_from_the_tail(rclient: Any) -> None:
     assert ids_in_redis(app, {"nobody"}, oldest, chunk=7) == oldest
     missing = {"00000000-0000-0000-0000-000000000000"}
     assert ids_in_redis(app, {"nobody"}, oldest | missing, chunk=7) == oldest
+
+
+@pytest.mark.parametrize(
+    ("task", "failure_class"),
+    [
+        ("tests.e2e_tasks.slow_soft", "soft_timeout"),
+        ("tests.e2e_tasks.slow_hard", "hard_timeout"),
+    ],
+)
+def test_time_limits_dead_letter_with_their_failure_class(
+    rclient: Any, start_worker: Any, task: str, failure_class: str
+) -> None:
+    start_worker(QUEUE)
+    h = enqueue(task, {}, queue=QUEUE)
+    assert wait_until(lambda: h.state() is JobState.DEAD, timeout=30), h.info()
+    assert h.info()["failure_class"] == failure_class
+
+
+def test_db_migrate_is_idempotent() -> None:
+    out = _cli("db", "migrate")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "up to date"
+
+
+def test_dlq_digest_mails_a_summary(rclient: Any, start_worker: Any, tmp_path: Path) -> None:
+    outbox = tmp_path / "outbox"
+    start_worker(
+        QUEUE,
+        "email",
+        "default",
+        env={"SYNTH_DLQ_DIGEST_TO": "ops@example.com", "SYNTH_MAIL_OUTBOX": str(outbox)},
+    )
+    rclient.set("test:flag:dg", 1)
+    dead = enqueue("tests.e2e_tasks.fails_while_flagged", {"key": "dg"}, queue=QUEUE)
+    assert wait_until(lambda: dead.state() is JobState.DEAD, timeout=30)
+    digest = enqueue("tasks.system.dlq_digest", {})
+    summary = digest.wait(timeout=30)
+    assert summary["dead"] == 1
+    assert summary["sent"] is True
+    from synth_workers import JobHandle
+
+    JobHandle(summary["email_job"]).wait(timeout=30)
+    text = next(outbox.glob("*.eml")).read_text()
+    assert "To: ops@example.com" in text
+    assert "tests.e2e_tasks.fails_while_flagged" in text

@@ -56,3 +56,28 @@ def test_unknown_task_message_is_never_executed(rclient: Any, start_worker: Any)
     assert [(d["task"], d["error_class"]) for d in dead] == [
         ("tests.e2e_tasks.not_registered", "UnknownTask")
     ]
+
+
+def test_undecodable_json_message_is_dead_lettered(rclient: Any, start_worker: Any) -> None:
+    task_id = str(uuid.uuid4())
+    message = app.amqp.as_task_v2(
+        task_id, "tests.e2e_tasks.side_effect", args=(), kwargs={"key": "bad"}
+    )
+    with app.producer_or_acquire() as producer:
+        producer.publish(
+            b"{not json",
+            routing_key=QUEUE,
+            exchange="",
+            content_type="application/json",
+            content_encoding="utf-8",
+            headers=message.headers,
+            priority=to_transport(5),
+            declare=[],
+        )
+    after = enqueue("tests.e2e_tasks.side_effect", {"key": "fine"}, queue=QUEUE)
+    start_worker(QUEUE)
+    after.wait(timeout=30)
+    assert rclient.get("test:count:bad") is None
+    dead = app.ledger.list_jobs(states=("dead",), failure_class="rejected_message")
+    assert len(dead) == 1
+    assert dead[0]["payload"]["raw"] == "{not json"
