@@ -126,7 +126,9 @@ class DevStack:
             url = self.settings.database_url
             origin = "DATABASE_URL"
         else:
-            import pgserver
+            with warnings.catch_warnings():  # platformdirs: XDG_RUNTIME_DIR unset
+                warnings.simplefilter("ignore")
+                import pgserver
 
             data = self.base_dir / "postgres"
             data.mkdir(parents=True, exist_ok=True)
