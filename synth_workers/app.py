@@ -11,11 +11,12 @@ import os
 from functools import cached_property
 from typing import Any
 
+import psycopg
 import redis
 from celery import Celery, signals
 
 from synth_workers import routing
-from synth_workers.errors import ConfigurationError
+from synth_workers.errors import ConfigurationError, ServiceUnavailableError
 from synth_workers.ledger import LeaseKeeper, Ledger
 from synth_workers.ledger.completer import Completer
 from synth_workers.ledger.sweeper import SweeperStep
@@ -73,9 +74,21 @@ class SynthCelery(Celery):
 
 
 def _on_worker_init(sender: Any = None, **kwargs: Any) -> None:
+    """A worker needs its ledger: stop at start-up, naming the cause, when it is missing."""
     app = getattr(sender, "app", None)
-    if isinstance(app, SynthCelery):
-        app.ledger.use_fast_commits()
+    if not isinstance(app, SynthCelery):
+        return
+    try:
+        with app.ledger.connect() as conn:
+            conn.execute("SELECT 1 FROM synth_jobs LIMIT 0")
+    except (ConfigurationError, ServiceUnavailableError) as exc:
+        raise SystemExit(f"synth-workers: {exc}") from None
+    except psycopg.errors.UndefinedTable:
+        raise SystemExit(
+            "synth-workers: the job ledger's tables are missing in schema "
+            f"{app.settings.db_schema!r}: run `synth-workers db migrate`"
+        ) from None
+    app.ledger.use_fast_commits()
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:

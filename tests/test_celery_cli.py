@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from synth_workers import JobState, Task, app, enqueue
 
 from .conftest import ROOT, wait_until
@@ -72,3 +74,37 @@ def test_beat_sends_periodic_jobs(rclient: Any, tmp_path: Path, start_worker: An
     beat_jobs = app.ledger.list_jobs(task="tests.e2e_tasks.side_effect")
     assert len(beat_jobs) >= 2
     assert all(job["priority"] == 8 for job in beat_jobs)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"DATABASE_URL": ""}, "DATABASE_URL is not set"),
+        ({"DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"}, "Postgres is not reachable"),
+        ({"SYNTH_DB_SCHEMA": "no_such_schema"}, "synth-workers db migrate"),
+    ],
+)
+def test_worker_stops_at_start_naming_a_missing_ledger(env: dict[str, str], message: str) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "synth_workers",
+            "worker",
+            "-Q",
+            "nothing",
+            "-P",
+            "solo",
+            "--without-mingle",
+            "--without-gossip",
+        ],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode != 0
+    assert message in proc.stdout + proc.stderr
