@@ -13,7 +13,3 @@ class JobState(StrEnum):
     RETRYING = "failed-retrying"
     DEAD = "dead"
     CANCELLED = "cancelled"
-
-    @property
-    def final(self) -> bool:
-        return self in (JobState.SUCCEEDED, JobState.DEAD, JobState.CANCELLED)

@@ -190,8 +190,13 @@ class Task(celery.Task):  # type: ignore[type-arg]
         if conn is not None:
             actual = ledger.insert_job(conn, **row)
             return self.AsyncResult(actual)
-        with ledger.connection() as own, own.transaction():
-            actual = ledger.insert_job(own, **row)
+        if key is None and ledger.durable_commits:
+            # One statement in autocommit: a single round trip (no BEGIN/COMMIT).
+            with ledger.connection() as own:
+                actual = ledger.insert_job(own, **row)
+        else:  # the key's upsert and the row commit together; durable in worker processes
+            with ledger.connection() as own, own.transaction():
+                actual = ledger.insert_job(own, **row)
         if actual != job_id or delay:
             return self.AsyncResult(actual)
         options["priority"] = to_transport(level)

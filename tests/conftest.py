@@ -225,3 +225,35 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 30, interval: flo
             return True
         time.sleep(interval)
     return predicate()
+
+
+def start_beat(schedule: Path) -> subprocess.Popen[bytes]:
+    """A real ``celery -A synth_workers beat`` with the fast test entry (tests.beat_fast)."""
+    env = {**os.environ, "SYNTH_INCLUDE": "tests.e2e_tasks,tests.beat_fast"}
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "synth_workers",
+            "beat",
+            "-s",
+            str(schedule),
+            "--max-interval",
+            "1",
+            "-l",
+            "INFO",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def stop_beat(proc: subprocess.Popen[bytes]) -> str:
+    """Stop a beat started by :func:`start_beat`; return its output."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    return proc.communicate(timeout=30)[0].decode()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ import pytest
 
 from synth_workers import JobState, Task, app, enqueue
 
-from .conftest import ROOT, wait_until
+from .conftest import ROOT, start_beat, stop_beat, wait_until
 
 
 def test_user_module_with_I_gets_the_platform_task(rclient: Any, start_worker: Any) -> None:
@@ -42,33 +41,11 @@ def test_beat_schedule_is_loaded() -> None:
 
 def test_beat_sends_periodic_jobs(rclient: Any, tmp_path: Path, start_worker: Any) -> None:
     start_worker("default")
-    env = {**os.environ, "SYNTH_INCLUDE": "tests.e2e_tasks,tests.beat_fast"}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "synth_workers",
-            "beat",
-            "-s",
-            str(tmp_path / "beat-schedule"),
-            "--max-interval",
-            "1",
-            "-l",
-            "INFO",
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    proc = start_beat(tmp_path / "beat-schedule")
     try:
         assert wait_until(lambda: int(rclient.get("test:count:beat") or 0) >= 2, timeout=30)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        out = proc.communicate(timeout=30)[0].decode()
+        out = stop_beat(proc)
     assert "beat: Starting" in out, out
     # jobs sent by beat have ledger rows like any other
     beat_jobs = app.ledger.list_jobs(task="tests.e2e_tasks.side_effect")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import pytest
 from synth_workers import JobCancelledError, JobState, app, enqueue
 from synth_workers.deadletter import DeadLetterQueue, DLQFilter
 
-from .conftest import ROOT, wait_until
+from .conftest import ROOT, start_beat, stop_beat, wait_until
 
 QUEUE = "ledger-test"
 CLI = [sys.executable, "-m", "synth_workers.cli"]
@@ -287,38 +286,11 @@ def test_jobs_cli_list_and_show(rclient: Any) -> None:
 
 def test_two_beats_enqueue_each_slot_once(rclient: Any, tmp_path: Path, start_worker: Any) -> None:
     start_worker("default")
-    env = {**os.environ, "SYNTH_INCLUDE": "tests.e2e_tasks,tests.beat_fast"}
-    beats = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "synth_workers",
-                "beat",
-                "-s",
-                str(tmp_path / f"beat-{i}"),
-                "--max-interval",
-                "1",
-                "-l",
-                "INFO",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        for i in range(2)
-    ]
+    beats = [start_beat(tmp_path / f"beat-{i}") for i in range(2)]
     try:
         time.sleep(8)
     finally:
-        outs = []
-        for proc in beats:
-            os.killpg(proc.pid, signal.SIGTERM)
-            outs.append(proc.communicate(timeout=30)[0].decode())
+        outs = [stop_beat(proc) for proc in beats]
     with app.ledger.connection() as conn:
         slots = conn.execute(
             "SELECT slot FROM synth_periodic_slots WHERE name = 'test-fast' ORDER BY slot"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -76,7 +77,7 @@ class Completer:
             self._wake.wait()
             self._wake.clear()
             # Give the next claim the chance to carry these; write them if none comes.
-            threading.Event().wait(LINGER_SECONDS)
+            time.sleep(LINGER_SECONDS)
             done = self.take()
             if done:
                 self.write(done)
