@@ -20,6 +20,7 @@ from synth_workers.errors import ConfigurationError, ServiceUnavailableError
 from synth_workers.ledger import LeaseKeeper, Ledger
 from synth_workers.ledger.completer import Completer
 from synth_workers.ledger.sweeper import SweeperStep
+from synth_workers.lifecycle import Lifecycle
 from synth_workers.settings import Settings, load_settings
 
 #: Our job kinds; ``SYNTH_INCLUDE`` adds the user's own modules.
@@ -45,6 +46,11 @@ class SynthCelery(Celery):
     @cached_property
     def ledger(self) -> Ledger:
         return Ledger(self.settings)
+
+    @property
+    def lifecycle(self) -> Lifecycle:
+        """Where every job state change is announced (events, metrics and logs listen)."""
+        return self.ledger.lifecycle
 
     def close(self) -> None:
         if "ledger" in self.__dict__:

@@ -197,6 +197,14 @@ class Task(celery.Task):  # type: ignore[type-arg]
         else:  # the key's upsert and the row commit together; durable in worker processes
             with ledger.connection() as own, own.transaction():
                 actual = ledger.insert_job(own, **row)
+        if actual == job_id and ledger.lifecycle.listening:
+            ledger.lifecycle.announce(
+                "scheduled" if delay else "queued",
+                job_id,
+                task=self.name,
+                queue=row["queue"],
+                data={"priority": level, "delay": delay} if delay else {"priority": level},
+            )
         if actual != job_id or delay:
             return self.AsyncResult(actual)
         options["priority"] = to_transport(level)
@@ -372,6 +380,7 @@ class Task(celery.Task):  # type: ignore[type-arg]
                 if not ledger.succeed(claim, None, conn=conn):
                     raise LeaseLostError(f"job {claim.job_id} attempt {claim.attempt} lost")
             self.request.synth_finished = True  # type: ignore[attr-defined]
+            ledger.announce_finish(claim, "succeeded")
 
     def effect_done(self, key: str) -> bool:
         """Whether this job already recorded the effect ``key`` (in any earlier run)."""

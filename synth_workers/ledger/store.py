@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from importlib import resources
 from typing import Any
@@ -27,6 +28,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from synth_workers.errors import ConfigurationError, ServiceUnavailableError
+from synth_workers.lifecycle import Lifecycle
 from synth_workers.settings import Settings, mask_url
 
 FINAL_STATES = ("succeeded", "dead", "cancelled")
@@ -42,6 +44,12 @@ class Claim:
     attempt: int
     max_attempts: int | None
     owner: str
+    task: str | None = None
+    queue: str | None = None
+    user_id: str | None = None
+    #: Unix times: when the job was enqueued, and when this attempt was claimed.
+    enqueued_at: float | None = None
+    claimed_at: float = field(default_factory=time.time)
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,8 @@ class Ledger:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        #: Told of every state change this process commits (see ``synth_workers.lifecycle``).
+        self.lifecycle = Lifecycle()
         self._pool: ConnectionPool[psycopg.Connection[Any]] | None = None
         self._pid = 0
         self._lock = threading.Lock()
@@ -273,7 +283,8 @@ class Ledger:
         "UPDATE synth_jobs SET state = 'running', attempt = attempt + 1, "
         "lease_owner = %s, lease_expires_at = now() + make_interval(secs => %s), "
         "started_at = now(), updated_at = now() "
-        "WHERE id = %s AND state = 'queued' RETURNING attempt, max_attempts"
+        "WHERE id = %s AND state = 'queued' "
+        "RETURNING attempt, max_attempts, task, queue, user_id, extract(epoch FROM enqueued_at)"
     )
     _COMPLETE = (
         "UPDATE synth_jobs j SET state = 'succeeded', result = v.result, "
@@ -286,8 +297,8 @@ class Ledger:
 
     _COMPLETE_AND_CLAIM = (
         f"WITH done AS ({_COMPLETE}), claimed AS ({_CLAIM}) "  # noqa: S608 - constants
-        "SELECT (SELECT attempt FROM claimed), (SELECT max_attempts FROM claimed), "
-        "(SELECT coalesce(array_agg(id), '{}') FROM done)"
+        "SELECT c.*, (SELECT coalesce(array_agg(id), '{}') FROM done) "
+        "FROM (SELECT 1) one LEFT JOIN claimed c ON true"
     )
 
     @staticmethod
@@ -322,12 +333,43 @@ class Ledger:
                     ),
                 ).fetchone()
             assert row is not None
-            self._late_unless({str(i) for i in row[2]}, complete)
+            self._late_unless({str(i) for i in row[6]}, complete)
             if row[0] is None:
                 return None
         if row is None:
             return None
-        return Claim(job_id, int(row[0]), row[1], owner)
+        claim = Claim(
+            job_id,
+            int(row[0]),
+            row[1],
+            owner,
+            task=row[2],
+            queue=row[3],
+            user_id=row[4],
+            enqueued_at=float(row[5]),
+        )
+        if self.lifecycle.listening:
+            self.lifecycle.announce(
+                "started",
+                job_id,
+                **self._about(claim),
+                data={"queue_wait": max(0.0, claim.claimed_at - float(row[5]))},
+            )
+        return claim
+
+    @staticmethod
+    def _about(claim: Claim) -> dict[str, Any]:
+        return {
+            "task": claim.task,
+            "queue": claim.queue,
+            "attempt": claim.attempt,
+            "user_id": claim.user_id,
+        }
+
+    def announce_finish(self, claim: Claim, kind: str, **data: Any) -> None:
+        if self.lifecycle.listening:
+            data.setdefault("runtime", max(0.0, time.time() - claim.claimed_at))
+            self.lifecycle.announce(kind, claim.job_id, **self._about(claim), data=data)
 
     def adopt(
         self,
@@ -352,6 +394,8 @@ class Ledger:
         for claim, _ in done:
             if claim.job_id not in completed:
                 self.record_late(claim, "succeeded")
+            else:
+                self.announce_finish(claim, "succeeded")
 
     def renew(self, owner: str) -> list[tuple[str, bool]]:
         """Extend every lease ``owner`` holds, in one statement; return (job, cancel asked)."""
@@ -382,6 +426,7 @@ class Ledger:
             "state = 'succeeded', result = %s, finished_at = now()",
             (encode_result(result),),
             conn,
+            event=("succeeded", {}),
         )
 
     def succeed_many(self, done: Sequence[tuple[Claim, Any]]) -> set[str]:
@@ -404,6 +449,14 @@ class Ledger:
             "state = 'failed-retrying', run_at = now() + make_interval(secs => %s), "
             "failure_class = %s, error_class = %s, last_error = %s",
             (delay, failure_class, type(error).__name__, str(error)[:4000]),
+            event=(
+                "retrying",
+                {
+                    "failure_class": failure_class,
+                    "error_class": type(error).__name__,
+                    "delay": delay,
+                },
+            ),
         )
 
     def dead(
@@ -415,10 +468,17 @@ class Ledger:
             "state = 'dead', finished_at = now(), failure_class = %s, error_class = %s, "
             "last_error = %s, traceback = %s",
             (failure_class, error_class, error[:4000], traceback[-16000:]),
+            event=("dead", {"failure_class": failure_class, "error_class": error_class}),
         )
 
     def cancelled_while_running(self, claim: Claim) -> bool:
-        return self._finish(claim, "cancelled", "state = 'cancelled', finished_at = now()", ())
+        return self._finish(
+            claim,
+            "cancelled",
+            "state = 'cancelled', finished_at = now()",
+            (),
+            event=("cancelled", {"while_running": True}),
+        )
 
     def _finish(
         self,
@@ -427,7 +487,10 @@ class Ledger:
         assignments: str,
         params: Sequence[Any],
         conn: psycopg.Connection[Any] | None = None,
+        event: tuple[str, dict[str, Any]] | None = None,
     ) -> bool:
+        """One fenced state change; ``event`` is announced once it commits (by the caller
+        when ``conn`` is the caller's transaction: see :meth:`announce_finish`)."""
         query = (
             f"UPDATE synth_jobs SET {assignments}, lease_owner = NULL, "  # noqa: S608
             f"lease_expires_at = NULL, updated_at = now() WHERE {self._FENCE}"
@@ -440,9 +503,15 @@ class Ledger:
                 done = own.execute(query.encode(), args).rowcount == 1
         if not done:
             self.record_late(claim, outcome)
+        elif event is not None and conn is None:
+            self.announce_finish(claim, event[0], **event[1])
         return done
 
     def record_late(self, claim: Claim, outcome: str) -> None:
+        if self.lifecycle.listening:
+            self.lifecycle.announce(
+                "late_refused", claim.job_id, **self._about(claim), data={"outcome": outcome}
+            )
         with self.connection() as conn:
             conn.execute(
                 "INSERT INTO synth_late_completions (job_id, attempt, owner, outcome) "
@@ -463,10 +532,23 @@ class Ledger:
                 "finished_at = CASE WHEN worker_losses + 1 >= %s THEN now() END, "
                 "published_at = now(), lease_owner = NULL, lease_expires_at = NULL, "
                 "updated_at = now() WHERE id = %s AND state = 'running' "
-                "AND starts_with(lease_owner, %s) RETURNING state",
+                "AND starts_with(lease_owner, %s) RETURNING state, task, queue, attempt",
                 (*(self.settings.poison_pill_losses,) * 3, job_id, owner_prefix),
             ).fetchone()
-        return None if row is None else str(row[0])
+        if row is None:
+            return None
+        if row[0] == "dead":
+            self._announce_row("dead", job_id, row, failure_class="poison_pill")
+        else:
+            self._announce_row("queued", job_id, row, reason="worker_lost")
+        return str(row[0])
+
+    def _announce_row(self, kind: str, job_id: str, row: Sequence[Any], **data: Any) -> None:
+        """Announce from a ``RETURNING state, task, queue, attempt`` row."""
+        if self.lifecycle.listening:
+            self.lifecycle.announce(
+                kind, job_id, task=row[1], queue=row[2], attempt=row[3], data=data
+            )
 
     def hard_timeout(self, job_id: str, error: str, owner_prefix: str) -> str | None:
         """The job hit its hard time limit (its process was killed): retry or dead-letter."""
@@ -479,7 +561,7 @@ class Ledger:
                 "finished_at = CASE WHEN attempt >= COALESCE(max_attempts, %s) THEN now() END, "
                 "lease_owner = NULL, lease_expires_at = NULL, updated_at = now() "
                 "WHERE id = %s AND state = 'running' AND starts_with(lease_owner, %s) "
-                "RETURNING state",
+                "RETURNING state, task, queue, attempt",
                 (
                     self.settings.max_attempts,
                     error,
@@ -488,7 +570,16 @@ class Ledger:
                     owner_prefix,
                 ),
             ).fetchone()
-        return None if row is None else str(row[0])
+        if row is None:
+            return None
+        self._announce_row(
+            "dead" if row[0] == "dead" else "retrying",
+            job_id,
+            row,
+            failure_class="hard_timeout",
+            error_class="TimeLimitExceeded",
+        )
+        return str(row[0])
 
     def record_rejected(
         self, job_id: str | None, task: str, queue: str, body: Any, reason: str, error: str
@@ -545,6 +636,7 @@ class Ledger:
             "published_at = now(), updated_at = now() FROM due WHERE j.id = due.id "
             "RETURNING j.id, j.task, j.queue, j.priority, j.payload, j.args",
             (limit,),
+            "due",
         )
 
     def take_outbox(self, limit: int = 1000) -> list[Publishable]:
@@ -555,6 +647,7 @@ class Ledger:
             " FROM o WHERE j.id = o.id "
             "RETURNING j.id, j.task, j.queue, j.priority, j.payload, j.args",
             (limit,),
+            "outbox",
         )
 
     def reap_expired(self, limit: int = 1000) -> tuple[list[Publishable], int]:
@@ -577,6 +670,24 @@ class Ledger:
         requeued = [
             Publishable(str(r[0]), r[1], r[2], r[3], r[4], r[5]) for r in rows if r[6] == "queued"
         ]
+        if self.lifecycle.listening:
+            for r in rows:
+                if r[6] == "queued":
+                    self.lifecycle.announce(
+                        "queued",
+                        str(r[0]),
+                        task=r[1],
+                        queue=r[2],
+                        data={"reason": "lease_expired"},
+                    )
+                else:
+                    self.lifecycle.announce(
+                        "dead",
+                        str(r[0]),
+                        task=r[1],
+                        queue=r[2],
+                        data={"failure_class": "poison_pill", "error_class": "LeaseExpired"},
+                    )
         return requeued, len(rows) - len(requeued)
 
     def stale_queued(self, grace: float, limit: int = 5000) -> list[Publishable]:
@@ -598,10 +709,18 @@ class Ledger:
                 (list(ids),),
             )
 
-    def _to_publish(self, query: str, params: Sequence[Any]) -> list[Publishable]:
+    def _to_publish(
+        self, query: str, params: Sequence[Any], reason: str | None = None
+    ) -> list[Publishable]:
         with self.connection() as conn:
             rows = conn.execute(query.encode(), params).fetchall()
-        return [Publishable(str(r[0]), r[1], r[2], r[3], r[4], r[5]) for r in rows]
+        jobs = [Publishable(str(r[0]), r[1], r[2], r[3], r[4], r[5]) for r in rows]
+        if reason is not None and self.lifecycle.listening:
+            for job in jobs:
+                self.lifecycle.announce(
+                    "queued", job.id, task=job.task, queue=job.queue, data={"reason": reason}
+                )
+        return jobs
 
     # --- producer side: reads and cancellation -------------------------------------------
     def get(self, job_id: str) -> dict[str, Any] | None:
@@ -622,13 +741,20 @@ class Ledger:
                 "ELSE 'cancelled' END, cancel_requested = true, finished_at = CASE WHEN "
                 "state = 'running' THEN finished_at ELSE now() END, updated_at = now() "
                 "WHERE id = %s AND state IN ('scheduled', 'queued', 'failed-retrying', "
-                "'running') RETURNING state",
+                "'running') RETURNING state, task, queue, attempt",
                 (job_id,),
             ).fetchone()
-            if row is not None:
-                return "requested" if row[0] == "running" else "cancelled"
-            exists = conn.execute("SELECT 1 FROM synth_jobs WHERE id = %s", (job_id,)).fetchone()
-        return "final" if exists else "unknown"
+            exists = (
+                row is not None
+                or conn.execute("SELECT 1 FROM synth_jobs WHERE id = %s", (job_id,)).fetchone()
+                is not None
+            )
+        if row is None:
+            return "final" if exists else "unknown"
+        if row[0] == "running":
+            return "requested"
+        self._announce_row("cancelled", job_id, row)  # once committed
+        return "cancelled"
 
     def list_jobs(
         self,

@@ -1,0 +1,105 @@
+"""Job lifecycle announcements: the one place every change of a job's state is told.
+
+The ledger (``synth_workers.ledger.store``) records each state change; right after a change
+commits it emits a :class:`JobEvent` here. In-process listeners — Redis Streams events,
+Prometheus metrics, per-job log lines — connect to the app's :class:`Lifecycle` (wired by
+the app factory, never at import time) instead of each patching the task's code paths.
+
+Event kinds (``JobEvent.kind``):
+
+====================  ===================================================================
+``queued``            the job can run now: enqueued, promoted when due, published from the
+                      outbox, or requeued after its worker was lost (``data["reason"]``)
+``scheduled``         enqueued with a delay: it waits in the ledger
+``started``           a worker claimed it (``attempt`` is the new attempt;
+                      ``data["queue_wait"]``: seconds since it was enqueued)
+``progress``          the running task reported progress (``current``, ``total``, ``message``)
+``retrying``          the attempt failed and another one is due (``failure_class``,
+                      ``error_class``, ``delay``)
+``succeeded``         finished (``data["runtime"]``: seconds the attempt ran, when known)
+``dead``              dead-lettered (``failure_class``, ``error_class``)
+``cancelled``         cancelled before it started, or stopped on request while running
+``late_refused``      a worker that lost its lease tried to finish it; refused (``outcome``)
+====================  ===================================================================
+
+Listeners run in the emitting thread: they must be cheap, and an exception in one is logged
+and never reaches the job.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+KINDS = (
+    "queued",
+    "scheduled",
+    "started",
+    "progress",
+    "retrying",
+    "succeeded",
+    "dead",
+    "cancelled",
+    "late_refused",
+)
+#: Kinds after which a job never changes again.
+FINAL_KINDS = frozenset({"succeeded", "dead", "cancelled"})
+
+
+@dataclass(frozen=True, slots=True)
+class JobEvent:
+    """Something that happened to one job."""
+
+    kind: str
+    job_id: str
+    task: str | None = None
+    queue: str | None = None
+    attempt: int | None = None
+    user_id: str | None = None
+    #: Unix time of the change.
+    at: float = field(default_factory=time.time)
+    data: Mapping[str, Any] = field(default_factory=dict)
+
+
+Listener = Callable[[JobEvent], None]
+
+
+class Lifecycle:
+    """Fans each :class:`JobEvent` out to the connected listeners, in connection order."""
+
+    def __init__(self) -> None:
+        self._listeners: tuple[Listener, ...] = ()
+        self._lock = threading.Lock()
+
+    def connect(self, listener: Listener) -> Listener:
+        with self._lock:
+            if listener not in self._listeners:
+                self._listeners = (*self._listeners, listener)
+        return listener
+
+    def disconnect(self, listener: Listener) -> None:
+        with self._lock:
+            self._listeners = tuple(f for f in self._listeners if f != listener)
+
+    @property
+    def listening(self) -> bool:
+        return bool(self._listeners)
+
+    def emit(self, event: JobEvent) -> None:
+        for listener in self._listeners:
+            try:
+                listener(event)
+            except Exception:
+                log.exception("lifecycle listener %r failed on %s", listener, event.kind)
+
+    def announce(self, kind: str, job_id: str, **fields: Any) -> None:
+        """Build and emit an event; skipped entirely when nobody listens."""
+        if self._listeners:
+            data = fields.pop("data", None) or {}
+            self.emit(JobEvent(kind, job_id, data=data, **fields))
