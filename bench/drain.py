@@ -77,8 +77,9 @@ class Target:
 
 
 RAW = Target("raw", "bench.raw_app", "bench-raw", "bench.noop")
-RAW_TRACKED = Target("raw-tracked", "bench.raw_tracked_app", "bench-raw-tracked",
-                     "bench.noop_tracked")
+RAW_TRACKED = Target(
+    "raw-tracked", "bench.raw_tracked_app", "bench-raw-tracked", "bench.noop_tracked"
+)
 PLATFORM = Target("platform", "synth_workers", "bench-platform", "bench.platform_noop")
 TARGETS = (RAW, RAW_TRACKED, PLATFORM)
 RESULT_PREFIX = "celery-task-meta-"  # Celery's Redis result backend: one key per job
@@ -145,14 +146,30 @@ def queue_keys(queue: str) -> list[str]:
     return [queue] + [f"{queue}{PRIORITY_SEP}{step}" for step in range(1, 10)]
 
 
-def backlog(client: redis.Redis, queue: str) -> tuple[int, int]:
-    """(messages waiting in the queue's ten lists, entries in the unacked hash)."""
+def backlog(client: redis.Redis, queue: str, ledger: bool = False) -> tuple[int, int]:
+    """(messages waiting in the queue's ten lists, jobs taken but not finished).
+
+    Celery's jobs in flight are the entries of kombu's ``unacked`` hash. The platform keeps
+    no such hash (its leases are in the ledger: ``synth_workers/broker.py``), so for it
+    (``ledger=True``), once the lists are empty, the ledger's unfinished rows are counted.
+    """
     pipe = client.pipeline(transaction=False)
     for key in queue_keys(queue):
         pipe.llen(key)
     pipe.hlen("unacked")
     *lengths, unacked = pipe.execute()
-    return sum(int(n) for n in lengths), int(unacked)
+    waiting = sum(int(n) for n in lengths)
+    if ledger and waiting == 0:
+        unacked += ledger_unfinished()
+    return waiting, int(unacked)
+
+
+def ledger_unfinished() -> int:
+    from synth_workers import app
+
+    with app.ledger.connection() as conn:
+        row = conn.execute("SELECT count(*) FROM synth_jobs WHERE state <> 'succeeded'").fetchone()
+    return int(row[0]) if row else 0
 
 
 def clean_redis(client: redis.Redis, queue: str) -> None:
@@ -170,7 +187,7 @@ def clean_results(client: redis.Redis) -> None:
     """Delete Celery's result keys (raw-tracked) so each round counts only its own jobs."""
     keys = result_keys(client)
     for i in range(0, len(keys), 1000):
-        client.delete(*keys[i:i + 1000])
+        client.delete(*keys[i : i + 1000])
 
 
 def result_states(client: redis.Redis) -> dict[str, int]:
@@ -178,7 +195,7 @@ def result_states(client: redis.Redis) -> dict[str, int]:
     counts: dict[str, int] = {}
     keys = result_keys(client)
     for i in range(0, len(keys), 1000):
-        for raw in client.mget(keys[i:i + 1000]):
+        for raw in client.mget(keys[i : i + 1000]):
             try:
                 state = str(json.loads(raw)["status"])
             except (TypeError, ValueError, KeyError):
@@ -190,9 +207,24 @@ def result_states(client: redis.Redis) -> dict[str, int]:
 # --- workers -----------------------------------------------------------------------------
 def worker_command(target: Target, node: str, concurrency: int) -> list[str]:
     return [
-        sys.executable, "-m", "celery", "-A", target.module, "worker",
-        "-Q", target.queue, "-n", node, "-P", "prefork", "-c", str(concurrency),
-        "--without-mingle", "--without-gossip", "-l", "WARNING",
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        target.module,
+        "worker",
+        "-Q",
+        target.queue,
+        "-n",
+        node,
+        "-P",
+        "prefork",
+        "-c",
+        str(concurrency),
+        "--without-mingle",
+        "--without-gossip",
+        "-l",
+        "WARNING",
     ]
 
 
@@ -287,8 +319,9 @@ def ledger_states() -> tuple[dict[str, int], int]:
 
 
 # --- one measurement ---------------------------------------------------------------------
-def measure(target: Target, rnd: int, args: argparse.Namespace, client: redis.Redis,
-            logs: Path) -> Run:
+def measure(
+    target: Target, rnd: int, args: argparse.Namespace, client: redis.Redis, logs: Path
+) -> Run:
     app = load_app(target)
     run = Run(app=target.label, round=rnd, jobs=args.jobs)
     host = socket.gethostname()
@@ -325,10 +358,11 @@ def measure(target: Target, rnd: int, args: argparse.Namespace, client: redis.Re
     else:
         enqueue_celery(app, target, args.jobs)
     run.enqueue_s = time.perf_counter() - t
-    waiting, unacked = backlog(client, target.queue)
+    waiting, unacked = backlog(client, target.queue, target is PLATFORM)
     if waiting != args.jobs or unacked:
-        run.errors.append(f"after enqueue: {waiting} waiting, {unacked} unacked, "
-                          f"expected {args.jobs} and 0")
+        run.errors.append(
+            f"after enqueue: {waiting} waiting, {unacked} unacked, expected {args.jobs} and 0"
+        )
         return run
 
     # 3. the drain, timed from the worker's process start.
@@ -343,14 +377,15 @@ def measure(target: Target, rnd: int, args: argparse.Namespace, client: redis.Re
         while True:
             now = time.perf_counter()
             if now - t0 > args.timeout:
-                waiting, unacked = backlog(client, target.queue)
-                run.errors.append(f"not drained within {args.timeout:g}s: {waiting} waiting, "
-                                  f"{unacked} unacked")
+                waiting, unacked = backlog(client, target.queue, target is PLATFORM)
+                run.errors.append(
+                    f"not drained within {args.timeout:g}s: {waiting} waiting, {unacked} unacked"
+                )
                 break
             if proc.poll() is not None:
                 run.errors.append(f"worker exited with {proc.returncode} during the drain")
                 break
-            state = backlog(client, target.queue)
+            state = backlog(client, target.queue, target is PLATFORM)
             if first is None and state != (args.jobs, 0):
                 first = now  # the worker took its first message (resolution POLL_S)
             if state == (0, 0):
@@ -358,7 +393,7 @@ def measure(target: Target, rnd: int, args: argparse.Namespace, client: redis.Re
                 # last message can be in neither for an instant. Confirm a moment later.
                 end = now
                 time.sleep(CONFIRM_S)
-                if backlog(client, target.queue) == (0, 0):
+                if backlog(client, target.queue, target is PLATFORM) == (0, 0):
                     break
                 end = None
             time.sleep(POLL_S)
@@ -375,11 +410,14 @@ def measure(target: Target, rnd: int, args: argparse.Namespace, client: redis.Re
         if run.worker_total is None:
             run.errors.append("the worker did not answer the stats request")
         elif run.worker_total < args.jobs:
-            run.errors.append(f"the worker ran {run.worker_total} of {args.jobs} jobs "
-                              "(some were dropped)")
+            run.errors.append(
+                f"the worker ran {run.worker_total} of {args.jobs} jobs (some were dropped)"
+            )
         elif run.worker_total > args.jobs:
-            run.log_problems.append(f"[drain] the worker accepted {run.worker_total} messages "
-                                    f"for {args.jobs} jobs (duplicates delivered)")
+            run.log_problems.append(
+                f"[drain] the worker accepted {run.worker_total} messages "
+                f"for {args.jobs} jobs (duplicates delivered)"
+            )
         assert run.startup_s is not None
         run.net_s = run.drain_s - run.startup_s
         run.jobs_per_s_incl_startup = args.jobs / run.drain_s
@@ -395,15 +433,18 @@ def measure(target: Target, rnd: int, args: argparse.Namespace, client: redis.Re
         run.ledger_states, run.late_completions = ledger_states()
         succeeded = run.ledger_states.get("succeeded", 0)
         if succeeded != args.jobs:
-            run.errors.append(f"ledger: {succeeded} of {args.jobs} jobs succeeded "
-                              f"(states: {run.ledger_states})")
+            run.errors.append(
+                f"ledger: {succeeded} of {args.jobs} jobs succeeded (states: {run.ledger_states})"
+            )
     if target is RAW_TRACKED:
         run.result_states = result_states(client)
         clean_results(client)
         succeeded = run.result_states.get("SUCCESS", 0)
         if succeeded != args.jobs:
-            run.errors.append(f"result backend: {succeeded} of {args.jobs} jobs SUCCESS "
-                              f"(states: {run.result_states})")
+            run.errors.append(
+                f"result backend: {succeeded} of {args.jobs} jobs SUCCESS "
+                f"(states: {run.result_states})"
+            )
     return run
 
 
@@ -445,12 +486,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=2000, help="jobs per backlog (2000)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per app (3)")
     parser.add_argument("--concurrency", type=int, default=2, help="worker -c (2)")
-    parser.add_argument("--timeout", type=float, default=300.0,
-                        help="seconds a drain may take before the jobs count as lost (300)")
-    parser.add_argument("--redis-url",
-                        default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/14"))
-    parser.add_argument("--database-url", default=os.environ.get(
-        "DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"))
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        help="seconds a drain may take before the jobs count as lost (300)",
+    )
+    parser.add_argument(
+        "--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/14")
+    )
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"),
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "drain.json")
     args = parser.parse_args(argv)
     if args.jobs < 1 or args.rounds < 1 or args.concurrency < 1:
@@ -478,9 +526,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {PLATFORM.task} is not registered on synth_workers.app", file=sys.stderr)
         return 2
 
-    print(f"drain benchmark: {args.jobs} no-op jobs, {args.rounds} round(s), 1 worker "
-          f"(prefork -c {args.concurrency}), redis {mask_url(args.redis_url)}, "
-          f"ledger schema {DB_SCHEMA}; worker logs in {logs}")
+    print(
+        f"drain benchmark: {args.jobs} no-op jobs, {args.rounds} round(s), 1 worker "
+        f"(prefork -c {args.concurrency}), redis {mask_url(args.redis_url)}, "
+        f"ledger schema {DB_SCHEMA}; worker logs in {logs}"
+    )
     runs: list[Run] = []
     for rnd in range(args.rounds):
         shift = rnd % len(TARGETS)  # rotate the order each round: cancels drift
@@ -488,11 +538,13 @@ def main(argv: list[str] | None = None) -> int:
             run = measure(target, rnd, args, client, logs)
             runs.append(run)
             status = "ok" if run.ok else "FAILED: " + "; ".join(run.errors)
-            print(f"  round {rnd} {target.label:<11} enqueue {run.enqueue_s:6.2f}s  "
-                  f"startup {fmt(run.startup_s)}s  drain {fmt(run.drain_s)}s  "
-                  f"net {fmt(run.net_s)}s  {fmt(run.jobs_per_s, '.0f')} jobs/s | "
-                  f"first take {fmt(run.first_take_s)}s  consume {fmt(run.consume_s)}s  "
-                  f"{fmt(run.consume_jobs_per_s, '.0f')} jobs/s  {status}")
+            print(
+                f"  round {rnd} {target.label:<11} enqueue {run.enqueue_s:6.2f}s  "
+                f"startup {fmt(run.startup_s)}s  drain {fmt(run.drain_s)}s  "
+                f"net {fmt(run.net_s)}s  {fmt(run.jobs_per_s, '.0f')} jobs/s | "
+                f"first take {fmt(run.first_take_s)}s  consume {fmt(run.consume_s)}s  "
+                f"{fmt(run.consume_jobs_per_s, '.0f')} jobs/s  {status}"
+            )
             for line in run.log_problems:
                 print(f"      log: {line}")
 
@@ -504,21 +556,24 @@ def main(argv: list[str] | None = None) -> int:
         return {
             "consume": ratio(plat["consume_jobs_per_s"], base["consume_jobs_per_s"]),
             "net": ratio(plat["jobs_per_s"], base["jobs_per_s"]),
-            "incl_startup": ratio(plat["jobs_per_s_incl_startup"],
-                                  base["jobs_per_s_incl_startup"]),
+            "incl_startup": ratio(plat["jobs_per_s_incl_startup"], base["jobs_per_s_incl_startup"]),
         }
 
     vs_tracked, vs_raw = ratios_vs(RAW_TRACKED), ratios_vs(RAW)
     print()
     print(f"medians over {args.rounds} round(s), N = {args.jobs}")
-    print(f"{'app':<12}{'startup':>9}{'drain':>8}{'net':>7}{'jobs/s':>8}{'incl.':>7}"
-          f"{'1st take':>10}{'consume':>9}{'jobs/s':>8}   (seconds; jobs/s = N / net,")
+    print(
+        f"{'app':<12}{'startup':>9}{'drain':>8}{'net':>7}{'jobs/s':>8}{'incl.':>7}"
+        f"{'1st take':>10}{'consume':>9}{'jobs/s':>8}   (seconds; jobs/s = N / net,"
+    )
     print(f"{'':<60}    incl. = N / drain, last = N / consume)")
     for label, m in medians.items():
-        print(f"{label:<12}{fmt(m['startup_s']):>9}{fmt(m['drain_s']):>8}{fmt(m['net_s']):>7}"
-              f"{fmt(m['jobs_per_s'], '.0f'):>8}{fmt(m['jobs_per_s_incl_startup'], '.0f'):>7}"
-              f"{fmt(m['first_take_s']):>10}{fmt(m['consume_s']):>9}"
-              f"{fmt(m['consume_jobs_per_s'], '.0f'):>8}")
+        print(
+            f"{label:<12}{fmt(m['startup_s']):>9}{fmt(m['drain_s']):>8}{fmt(m['net_s']):>7}"
+            f"{fmt(m['jobs_per_s'], '.0f'):>8}{fmt(m['jobs_per_s_incl_startup'], '.0f'):>7}"
+            f"{fmt(m['first_take_s']):>10}{fmt(m['consume_s']):>9}"
+            f"{fmt(m['consume_jobs_per_s'], '.0f'):>8}"
+        )
 
     def verdict(value: float | None) -> str:
         if value is None:
@@ -527,27 +582,39 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print("throughput ratio, N / (drain - first take)  <- read these")
-    print(f"  platform/raw-tracked (like-for-like: both record every job's state): "
-          f"{verdict(vs_tracked['consume'])}")
-    print(f"  platform/raw         (bare Celery, records nothing):                 "
-          f"{verdict(vs_raw['consume'])}")
+    print(
+        f"  platform/raw-tracked (like-for-like: both record every job's state): "
+        f"{verdict(vs_tracked['consume'])}"
+    )
+    print(
+        f"  platform/raw         (bare Celery, records nothing):                 "
+        f"{verdict(vs_raw['consume'])}"
+    )
     print("other figures (startup by ping: up to 1 s late, see bench/README.md)")
     for name, r in (("platform/raw-tracked", vs_tracked), ("platform/raw", vs_raw)):
-        print(f"  {name:<20} N / (drain - startup): {fmt(r['net'], '.3f')}   "
-              f"N / drain (incl. start-up): {fmt(r['incl_startup'], '.3f')}")
+        print(
+            f"  {name:<20} N / (drain - startup): {fmt(r['net'], '.3f')}   "
+            f"N / drain (incl. start-up): {fmt(r['incl_startup'], '.3f')}"
+        )
 
     failed = [r for r in runs if not r.ok]
     result = {
         "benchmark": "drain",
         "config": {
-            "jobs": args.jobs, "rounds": args.rounds, "concurrency": args.concurrency,
-            "timeout_s": args.timeout, "redis_url": mask_url(args.redis_url),
-            "database_url": mask_url(args.database_url), "db_schema": DB_SCHEMA,
-            "worker_command": {t.label: worker_command(t, "NODE", args.concurrency)
-                               for t in TARGETS},
+            "jobs": args.jobs,
+            "rounds": args.rounds,
+            "concurrency": args.concurrency,
+            "timeout_s": args.timeout,
+            "redis_url": mask_url(args.redis_url),
+            "database_url": mask_url(args.database_url),
+            "db_schema": DB_SCHEMA,
+            "worker_command": {
+                t.label: worker_command(t, "NODE", args.concurrency) for t in TARGETS
+            },
         },
         "machine": {
-            "host": socket.gethostname(), "cpus": os.cpu_count(),
+            "host": socket.gethostname(),
+            "cpus": os.cpu_count(),
             "python": platform.python_version(),
             **{pkg: version(pkg) for pkg in ("celery", "kombu", "redis", "psycopg")},
         },
@@ -567,8 +634,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"results: {args.out}")
     if failed:
-        print(f"FAILED: {len(failed)} run(s) lost jobs or did not drain; see the logs above",
-              file=sys.stderr)
+        print(
+            f"FAILED: {len(failed)} run(s) lost jobs or did not drain; see the logs above",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -104,6 +104,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_url": broker,
         "result_backend": settings.result_backend_url or broker,
         "broker_connection_retry_on_startup": True,
+        # redis:// without kombu's unacked hash: the ledger's leases replace it (broker.py).
+        **(
+            {"broker_transport": "synth_workers.broker:Transport"}
+            if broker.split("://", 1)[0] in ("redis", "rediss")
+            else {}
+        ),
         "broker_transport_options": {
             "priority_steps": list(range(routing.MIN_PRIORITY, routing.MAX_PRIORITY + 1)),
             "queue_order_strategy": "priority",

@@ -308,6 +308,11 @@ class Task(celery.Task):  # type: ignore[type-arg]
             raise
         except SoftTimeLimitExceeded as exc:
             return self._retry_or_die(claim, exc, "soft_timeout", None)
+        except (SystemExit, KeyboardInterrupt):
+            # The process is being stopped under the job (a signal to the pool process):
+            # not the job's failure. The worker's main process reports the lost process
+            # (requeue, counted toward the poison-pill limit), else the lease expires.
+            raise
         except self.retry_for as exc:
             return self._retry_or_die(claim, exc, "exception", None)
         except BaseException as exc:
