@@ -126,7 +126,10 @@ class Settings(BaseSettings):
         default=7 * 24 * 3600, ge=60, description="SYNTH_JOB_TTL: seconds job records are kept."
     )
     visibility_timeout: int = Field(
-        default=3600, ge=1, description="SYNTH_VISIBILITY_TIMEOUT: Redis transport redelivery."
+        default=3600,
+        ge=1,
+        description="SYNTH_VISIBILITY_TIMEOUT: kombu's redelivery timeout, used only by brokers "
+        "other than redis:// and rediss:// (there the ledger's leases replace it: broker.py).",
     )
     worker_prefetch_multiplier: int = Field(
         default=1, ge=1, description="SYNTH_WORKER_PREFETCH_MULTIPLIER: 1 keeps priorities strict."
