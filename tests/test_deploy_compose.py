@@ -85,7 +85,7 @@ HEALTH = {
     "metrics": ("/health", 9809),
 }
 
-_VAR = re.compile(r"\$\{([A-Z0-9_]+)(?::?[-?][^}]*)?\}")
+_VAR = re.compile(r"\$\{([A-Z0-9_]+)(?::?([-?])([^}]*))?\}")
 
 
 # --- the contract: settings and CLI ---------------------------------------------------------
@@ -181,13 +181,19 @@ def repo_file_exists(rel: str) -> bool:
 
 # --- loading compose files ------------------------------------------------------------------
 def interpolation_vars(text: str) -> set[str]:
-    return set(_VAR.findall(text))
+    return {match.group(1) for match in _VAR.finditer(text)}
+
+
+def _placeholder(match: re.Match[str]) -> str:
+    """``${VAR:-default}`` gives its default, any other ``${VAR...}`` gives ``x<var>``."""
+    name, operator, default = match.groups()
+    return default if operator == "-" else f"x{name.lower()}"
 
 
 def load_compose(name: str) -> dict[str, Any]:
     text = (DOCKER / name).read_text()
-    # Interpolate ${VAR...} with a placeholder: only the structure matters here.
-    return yaml.safe_load(_VAR.sub(lambda m: f"x{m.group(1).lower()}", text))
+    # Interpolate as compose would, with placeholders for the values .env must give.
+    return yaml.safe_load(_VAR.sub(_placeholder, text))
 
 
 COMPOSE_FILES = ("compose.yaml", "compose.gpu.yaml")
@@ -290,7 +296,9 @@ def test_ports_match_what_listens(compose: tuple[str, dict[str, Any]]) -> None:
             options = option_pairs(argv[4:])
             port = int(options["--port"])
             assert options["--address"] == "0.0.0.0"
-            assert env["FLOWER_BASIC_AUTH"].startswith("x"), "Flower needs basic auth"
+            user, password = env["FLOWER_BASIC_AUTH"].split(":")
+            assert (user, password) == (env["SYNTH_FLOWER_USER"], env["SYNTH_FLOWER_PASSWORD"])
+            assert password == "xsynth_flower_password", "Flower's password is required"
             assert int(env["SYNTH_FLOWER_PORT"]) == port
         elif kind in ("events", "metrics"):
             options = check_synth_workers_argv(argv)
