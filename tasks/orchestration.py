@@ -24,6 +24,7 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -34,7 +35,13 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from pydantic import BaseModel, EmailStr, Field
 
-from synth_workers.errors import RateLimitedError
+from synth_workers.errors import (
+    JobFailedError,
+    JobNotFoundError,
+    JobTimeoutError,
+    PermanentError,
+    RateLimitedError,
+)
 from synth_workers.limits import QuotaGovernor, QuotaLimit, estimate_tokens
 from synth_workers.producer import enqueue
 from synth_workers.providers import llm
@@ -136,19 +143,65 @@ def start_workflow(
     return jobs
 
 
-def enqueue_workflow(
-    payload: WorkflowPayload | dict[str, Any], app: SynthCelery | None = None
-) -> str:
-    """Start a workflow from app code (one transaction); returns the workflow id."""
+def _app(app: SynthCelery | None) -> SynthCelery:
     if app is None:
         from synth_workers.app import app as default_app
 
-        app = default_app
+        return default_app
+    return app
+
+
+class WorkflowHandle:
+    """A workflow that was started: its row, state, and a wait for its result."""
+
+    def __init__(self, workflow_id: str, app: SynthCelery | None = None) -> None:
+        self.id = workflow_id
+        self._app = _app(app)
+
+    def __repr__(self) -> str:
+        return f"WorkflowHandle({self.id!r})"
+
+    def info(self) -> dict[str, Any]:
+        row = workflow(self.id, self._app)
+        if row is None:
+            raise JobNotFoundError(self.id, f"no workflow {self.id}")
+        return row
+
+    def state(self) -> str:
+        """``running``, ``aggregating`` or ``completed``."""
+        return str(self.info()["state"])
+
+    def wait(self, timeout: float | None = None, poll: float = 0.1) -> Any:
+        """Block until the workflow completed; return its result (``summary``, ``outputs``).
+        Raises JobFailedError when one of its jobs was dead-lettered."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            row = self.info()
+            if row["state"] == "completed":
+                return row["result"]
+            with self._app.ledger.connection() as conn:
+                dead = conn.execute(
+                    "SELECT id, error_class, last_error FROM synth_jobs WHERE state = 'dead' "
+                    "AND task = ANY(%s) AND payload->>'workflow_id' = %s LIMIT 1",
+                    ([PART_TASK, AGGREGATE_TASK], self.id),
+                ).fetchone()
+            if dead is not None:
+                raise JobFailedError(str(dead[0]), dead[1] or "?", dead[2] or "")
+            if deadline is not None and time.monotonic() >= deadline:
+                raise JobTimeoutError(self.id, f"workflow {self.id} still {row['state']}")
+            time.sleep(poll)
+
+
+def enqueue_workflow(
+    payload: WorkflowPayload | dict[str, Any], app: SynthCelery | None = None
+) -> WorkflowHandle:
+    """Start a workflow from app code: its row and part jobs commit in one transaction."""
+    app = _app(app)
     model = WorkflowPayload.model_validate(payload) if isinstance(payload, dict) else payload
     with app.ledger.connection() as conn, conn.transaction():
         app.ledger.durable(conn)
         start_workflow(model, conn, app)
-    return str(model.workflow_id)
+    return WorkflowHandle(str(model.workflow_id), app)
 
 
 @shared_task(name="tasks.orchestration.run_workflow", bind=True, payload_model=WorkflowPayload)
@@ -374,8 +427,6 @@ def aggregate_workflow(self: Task, payload: AggregatePayload) -> dict[str, Any]:
             (wid,),
         ).fetchall()
     if wf is None:
-        from synth_workers.errors import PermanentError
-
         raise PermanentError(f"no workflow {wid}")
     if wf["state"] == "completed":
         return {"workflow_id": wid, "already_completed": True}
@@ -449,10 +500,7 @@ def aggregate_workflow(self: Task, payload: AggregatePayload) -> dict[str, Any]:
 
 def workflow(workflow_id: str, app: SynthCelery | None = None) -> dict[str, Any] | None:
     """A workflow's row (state, done/total, result) for app code and tests."""
-    if app is None:
-        from synth_workers.app import app as default_app
-
-        app = default_app
+    app = _app(app)
     with app.ledger.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
         row = cur.execute("SELECT * FROM synth_workflows WHERE id = %s", (workflow_id,)).fetchone()
     return json.loads(json.dumps(row, default=str)) if row is not None else None

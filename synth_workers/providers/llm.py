@@ -40,7 +40,7 @@ from synth_workers.settings import Settings
 
 Provider = Literal["openai", "anthropic"]
 PROVIDERS: tuple[Provider, ...] = ("openai", "anthropic")
-HeadersHook = Callable[[Mapping[str, str]], None]
+HeadersHook = Callable[[Mapping[str, str]], object]
 
 
 @dataclass(frozen=True)
