@@ -258,6 +258,11 @@ class Settings(BaseSettings):
         description='SYNTH_LLM_PRICES: JSON credits per 1000 tokens by "provider:model", '
         '"provider:*" or "*", e.g. {"openai:gpt-4o": {"input": 2.5, "output": 10}}.',
     )
+    llm_demo_model: str | None = Field(
+        default=None,
+        description="SYNTH_LLM_DEMO_MODEL: the model `synth-workers demo` asks (a local "
+        "server's model name); unset: a small default model of the provider.",
+    )
 
     @property
     def mail_transport(self) -> MailBackend:

@@ -307,7 +307,7 @@ def test_governor_learns_from_provider_headers(
     provider_server: FakeProviders, rclient: Any
 ) -> None:
     """In process: the real SDK, the loopback server's headers, the shared governor."""
-    from tasks.orchestration import governor
+    from tasks.llm_calls import governor
 
     settings = load_settings(OPENAI_API_KEY="sk-x", OPENAI_BASE_URL=f"{provider_server.url}/v1")
     gov = governor(app)
