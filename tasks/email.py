@@ -170,6 +170,8 @@ def send_email_task(self: Task, payload: EmailPayload) -> dict[str, Any]:
         result = deliver(mail, settings)
     except (RateLimitedError, ProviderUnavailableError) as exc:
         if exc.retry_after is not None:
+            if limiter is not None and isinstance(exc, RateLimitedError):
+                limiter.block(exc.retry_after)  # every worker holds off, not only this one
             self.retry(exc=exc, countdown=exc.retry_after)
         raise
     finally:

@@ -9,6 +9,8 @@
   the same transaction as its own completion (``effect_transaction``); the part that makes
   ``done == total`` enqueues the aggregate in that transaction (key ``wf:<id>:aggregate``).
   A worker that dies mid-way commits nothing: its part runs again and counts once.
+  A dead-lettered part leaves the workflow ``running`` (``WorkflowHandle.wait`` raises
+  ``JobFailedError``); replaying it (``synth-workers dlq replay``) completes the workflow.
 - **Aggregate**: combines the outputs (asking the model with ``aggregate_instruction`` when
   given), marks the workflow completed, enqueues the notification email (template
   ``workflow_completed``, key ``wf:<id>:notify``) in the same transaction, then announces
@@ -177,9 +179,12 @@ class WorkflowHandle:
             if row["state"] == "completed":
                 return row["result"]
             with self._app.ledger.connection() as conn:
+                # a dead job counts until a replay of it (dlq replay) is alive or done
                 dead = conn.execute(
-                    "SELECT id, error_class, last_error FROM synth_jobs WHERE state = 'dead' "
-                    "AND task = ANY(%s) AND payload->>'workflow_id' = %s LIMIT 1",
+                    "SELECT id, error_class, last_error FROM synth_jobs j WHERE state = 'dead' "
+                    "AND task = ANY(%s) AND payload->>'workflow_id' = %s AND NOT EXISTS "
+                    "(SELECT 1 FROM synth_jobs r WHERE r.replay_of = j.id AND r.state <> 'dead')"
+                    " LIMIT 1",
                     ([PART_TASK, AGGREGATE_TASK], self.id),
                 ).fetchone()
             if dead is not None:

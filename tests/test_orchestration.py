@@ -333,3 +333,51 @@ def test_sdk_timeout_stays_below_the_soft_time_limit() -> None:
         assert app.tasks[name].soft_time_limit > 240 >= app.settings.llm_timeout
     with pytest.raises(Exception, match="SYNTH_LLM_TIMEOUT"):
         load_settings(llm_timeout=400)
+
+
+def test_demo_runs_a_workflow_when_an_llm_is_configured(
+    provider_server: FakeProviders, redis_url: str, database_url: str
+) -> None:
+    import subprocess
+    import sys
+
+    from .test_stack import ROOT, _clean_env
+
+    env = _clean_env(
+        REDIS_URL=redis_url,
+        DATABASE_URL=database_url,
+        OPENAI_BASE_URL=f"{provider_server.url}/v1",
+        SYNTH_LLM_DEMO_MODEL="local-model",
+    )
+    env.pop("OPENAI_API_KEY", None)  # a local OpenAI-compatible server needs no key
+    proc = subprocess.run(
+        [sys.executable, "-m", "synth_workers.cli", "demo"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "ok        orchestration (openai/local-model): completed" in proc.stdout, proc.stdout
+    [request] = provider_server.requests(OPENAI)
+    assert request.body["model"] == "local-model"
+
+
+def test_a_dead_part_fails_the_wait_and_a_replay_completes_the_workflow(
+    provider_server: FakeProviders, start_worker: Any, rclient: Any, tmp_path: Path
+) -> None:
+    from synth_workers.deadletter import DeadLetterQueue
+    from synth_workers.errors import JobFailedError
+
+    provider_server.script(OPENAI, Reply(400, "Invalid request: context too long"))
+    start_worker("orchestration", env=_env(provider_server, tmp_path))
+    handle = enqueue_workflow(_payload("openai", 2))
+    with pytest.raises(JobFailedError, match="context too long"):
+        handle.wait(timeout=60)
+    assert handle.state() == "running"
+    [dead] = [p for p in _jobs(handle.id, PART_TASK) if p["state"] == "dead"]
+    DeadLetterQueue(app).replay([str(dead["id"])])
+    result = handle.wait(timeout=60)
+    assert [p["document_id"] for p in result["outputs"]] == ["doc-0", "doc-1"]
+    assert len(_jobs(handle.id, AGGREGATE_TASK)) == 1
