@@ -24,7 +24,7 @@ from synth_workers.lifecycle import Lifecycle
 from synth_workers.settings import Settings, load_settings
 
 #: Our job kinds; ``SYNTH_INCLUDE`` adds the user's own modules.
-TASK_MODULES: tuple[str, ...] = ("tasks.email", "tasks.system")
+TASK_MODULES: tuple[str, ...] = ("tasks.email", "tasks.system", "tasks.orchestration")
 
 
 class SynthCelery(Celery):

@@ -127,7 +127,37 @@ def _demo_jobs(app: Any, outbox: Path) -> list[tuple[str, Any]]:
             ),
         ),
         ("system ping", enqueue("tasks.system.ping", {"message": "ping"}, app=app)),
+        *_demo_workflow(app),
     ]
+
+
+def _demo_workflow(app: Any) -> list[tuple[str, Any]]:
+    """A one-document AI workflow, when an LLM provider is configured (says so otherwise)."""
+    import importlib
+
+    # by name: the job modules stay outside the typed package
+    orchestration: Any = importlib.import_module("tasks.orchestration")
+    s = app.settings
+    if s.openai_api_key or s.openai_base_url:
+        provider, model = "openai", s.llm_demo_model or "gpt-4o-mini"
+    elif s.anthropic_api_key or s.anthropic_base_url:
+        provider, model = "anthropic", s.llm_demo_model or "claude-3-5-haiku-latest"
+    else:
+        click.echo(
+            "skipped   orchestration: no LLM configured (set OPENAI_API_KEY or OPENAI_BASE_URL,"
+            " or ANTHROPIC_API_KEY or ANTHROPIC_BASE_URL)"
+        )
+        return []
+    document = {"id": "demo", "text": "SynthStack Workers runs jobs on Celery and Redis."}
+    payload = {
+        "documents": [document],
+        "instruction": "Summarize in one short sentence.",
+        "provider": provider,
+        "model": model,
+        "max_tokens": 64,
+    }
+    handle = orchestration.enqueue_workflow(payload, app=app)
+    return [(f"orchestration ({provider}/{model})", handle)]
 
 
 @main.command()

@@ -16,8 +16,11 @@
      │    ├── JobCancelledError      the job was cancelled before it ran
      │    └── JobTimeoutError        ``wait(timeout=...)`` ran out (the job goes on)
      ├── TransientError              raised by job code: retry with backoff
+     │    ├── RateLimitedError       a shared limit or a provider's 429 said wait (retry_after)
+     │    └── ProviderUnavailableError  5xx, connection error, timeout (retry_after if told)
      └── PermanentError              raised by job code: dead-letter now, never retry
-          └── InvalidPayloadError    the worker could not parse the payload
+          ├── InvalidPayloadError    the worker could not parse the payload
+          └── ProviderRejectedError  the provider refused the request (400/401/403/404)
 
 Job code raises ``TransientError`` or ``PermanentError`` (or a provider leaf under them); any
 other exception is treated by the retry policy of the task (see ``synth_workers.task``).
@@ -97,3 +100,33 @@ class PermanentError(SynthWorkersError):
 
 class InvalidPayloadError(PermanentError):
     """The worker could not parse the job's payload into the task's model."""
+
+
+# --- provider errors (email and LLM providers) ------------------------------------------------
+
+
+class RateLimitedError(TransientError):
+    """Over a shared rate limit or a provider's (429): wait ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ProviderUnavailableError(TransientError):
+    """The provider failed in a way worth retrying: 5xx, a lost connection, a timeout."""
+
+    def __init__(
+        self, message: str, status: int | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after
+
+
+class ProviderRejectedError(PermanentError):
+    """The provider refused the request for good; the message carries the provider's text."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status

@@ -22,6 +22,13 @@ Event kinds (``JobEvent.kind``):
 ``late_refused``      a worker that lost its lease tried to finish it; refused (``outcome``)
 ====================  ===================================================================
 
+Announced by ``tasks.orchestration`` (facts about work, not job states; never final):
+``workflow_completed`` — an AI workflow's aggregate committed (``job_id`` is the workflow
+id; ``data``: ``documents``, ``provider``, ``model``, ``input_tokens``, ``output_tokens``,
+``credits``, ``aggregate_job``); ``usage`` — an LLM job's usage committed (``data``:
+``provider``, ``model``, ``input_tokens``, ``output_tokens``, ``credits``, ``workflow_id``),
+what ``synth_llm_tokens_total`` and ``synth_credits_charged_total`` count.
+
 Listeners run in the emitting thread: they must be cheap, and an exception in one is logged
 and never reaches the job.
 """
@@ -47,6 +54,9 @@ KINDS = (
     "dead",
     "cancelled",
     "late_refused",
+    # announced by tasks.orchestration (not job states: never final)
+    "workflow_completed",
+    "usage",
 )
 #: Kinds after which a job never changes again.
 FINAL_KINDS = frozenset({"succeeded", "dead", "cancelled"})

@@ -22,7 +22,7 @@ from synth_workers.errors import ConfigurationError
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
-MailBackend = Literal["file", "console"]
+MailBackend = Literal["file", "console", "sendgrid"]
 
 _REDIS_SCHEMES = ("redis", "rediss", "redis+socket", "sentinel")
 _POSTGRES_SCHEMES = ("postgresql", "postgres")
@@ -181,15 +181,98 @@ class Settings(BaseSettings):
     )
 
     # --- mail ---------------------------------------------------------------------------------
-    mail_backend: MailBackend = Field(
-        default="file",
-        description="SYNTH_MAIL_BACKEND: file (an .eml per message in SYNTH_MAIL_OUTBOX) or "
-        "console.",
+    mail_backend: MailBackend | None = Field(
+        default=None,
+        description="SYNTH_MAIL_BACKEND: sendgrid, file (an .eml per message in "
+        "SYNTH_MAIL_OUTBOX) or console; unset: sendgrid when SENDGRID_API_KEY is set, else file.",
     )
     mail_outbox: Path = Field(
         default=Path("outbox"), description="SYNTH_MAIL_OUTBOX: folder of the file backend."
     )
     mail_from: str = Field(default="no-reply@localhost", description="SYNTH_MAIL_FROM")
+
+    # --- email and LLM providers -------------------------------------------------------------
+    sendgrid_api_host: str = Field(
+        default="https://api.sendgrid.com",
+        validation_alias=AliasChoices("SENDGRID_API_HOST", "sendgrid_api_host"),
+        description="SENDGRID_API_HOST: base URL of the SendGrid v3 API (a test server, a proxy).",
+    )
+    sendgrid_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        le=50,
+        description="SYNTH_SENDGRID_TIMEOUT: seconds per SendGrid call; stays below the email "
+        "task's soft time limit (60 s).",
+    )
+    email_rate_per_second: float | None = Field(
+        default=None,
+        gt=0,
+        description="SYNTH_EMAIL_RATE_PER_SECOND: messages per second across all workers "
+        "(shared in Redis); unset: no limit.",
+    )
+    limit_max_inline_wait: float = Field(
+        default=5.0,
+        ge=0,
+        le=30,
+        description="SYNTH_LIMIT_MAX_INLINE_WAIT: seconds a job may wait in process for a shared "
+        "rate limit or quota; a longer wait re-schedules it in the ledger (no attempt used).",
+    )
+    openai_base_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("OPENAI_BASE_URL", "openai_base_url"),
+        description="OPENAI_BASE_URL: any OpenAI-compatible server (vLLM, llama.cpp, Ollama); "
+        "unset: the SDK's default.",
+    )
+    anthropic_base_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("ANTHROPIC_BASE_URL", "anthropic_base_url"),
+        description="ANTHROPIC_BASE_URL: Anthropic API base URL; unset: the SDK's default.",
+    )
+    llm_timeout: float = Field(
+        default=60.0,
+        gt=0,
+        le=240,
+        description="SYNTH_LLM_TIMEOUT: seconds per LLM call; stays below the orchestration "
+        "tasks' soft time limit (300 s). The SDKs' own retries are off: the platform retries.",
+    )
+    llm_quota_window: float = Field(
+        default=60.0,
+        gt=0,
+        description="SYNTH_LLM_QUOTA_WINDOW: seconds of the quota window (60: per minute).",
+    )
+    llm_requests_per_window: int | None = Field(
+        default=None,
+        ge=1,
+        description="SYNTH_LLM_REQUESTS_PER_WINDOW: requests per window per (provider, model), "
+        "shared by all workers; unset: only what the provider's headers say.",
+    )
+    llm_tokens_per_window: int | None = Field(
+        default=None,
+        ge=1,
+        description="SYNTH_LLM_TOKENS_PER_WINDOW: tokens per window per (provider, model).",
+    )
+    llm_quotas: dict[str, dict[Literal["requests", "tokens"], int]] = Field(
+        default_factory=dict,
+        description='SYNTH_LLM_QUOTAS: JSON overrides, e.g. {"openai:gpt-4o-mini": '
+        '{"requests": 500, "tokens": 200000}, "anthropic:*": {"requests": 50}}.',
+    )
+    llm_prices: dict[str, dict[Literal["input", "output"], float]] = Field(
+        default_factory=lambda: {"*": {"input": 1.0, "output": 1.0}},  # type: ignore[arg-type]
+        description='SYNTH_LLM_PRICES: JSON credits per 1000 tokens by "provider:model", '
+        '"provider:*" or "*", e.g. {"openai:gpt-4o": {"input": 2.5, "output": 10}}.',
+    )
+    llm_demo_model: str | None = Field(
+        default=None,
+        description="SYNTH_LLM_DEMO_MODEL: the model `synth-workers demo` asks (a local "
+        "server's model name); unset: a small default model of the provider.",
+    )
+
+    @property
+    def mail_transport(self) -> MailBackend:
+        """The mail backend in use: SYNTH_MAIL_BACKEND, else sendgrid when keyed, else file."""
+        if self.mail_backend is not None:
+            return self.mail_backend
+        return "sendgrid" if self.sendgrid_api_key is not None else "file"
 
     # --- flower / dev -------------------------------------------------------------------------
     flower_user: str = Field(default="admin", description="SYNTH_FLOWER_USER")

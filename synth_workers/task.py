@@ -32,7 +32,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, ClassVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, cast
 
 import celery
 import psycopg
@@ -72,6 +72,13 @@ class _RetryRequested(Exception):  # noqa: N818 - control flow
         super().__init__("retry requested")
         self.exc = exc
         self.countdown = countdown
+
+
+class _DeferRequested(Exception):  # noqa: N818 - control flow
+    def __init__(self, countdown: float, reason: str) -> None:
+        super().__init__(f"deferred {countdown:.2f}s: {reason}")
+        self.countdown = countdown
+        self.reason = reason
 
 
 def backoff_bound(attempt: int, base: float, cap: float) -> float:
@@ -239,6 +246,15 @@ class Task(celery.Task):  # type: ignore[type-arg]
             return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
         raise _RetryRequested(exc, countdown)
 
+    def defer(self, countdown: float, reason: str = "rate_limited") -> NoReturn:
+        """Run this job again in ``countdown`` seconds *without using an attempt* (a shared
+        rate limit or a provider's 429 said wait). The wait is kept in the ledger."""
+        if self.claim is None:
+            from synth_workers.errors import RateLimitedError
+
+            raise RateLimitedError(f"deferred: {reason}", retry_after=countdown)
+        raise _DeferRequested(max(0.0, float(countdown)), reason)
+
     # --- running ----------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         request = self.request
@@ -292,6 +308,9 @@ class Task(celery.Task):  # type: ignore[type-arg]
         except _RetryRequested as wanted:
             error = wanted.exc if isinstance(wanted.exc, BaseException) else Exception("retry")
             return self._retry_or_die(claim, error, "exception", wanted.countdown)
+        except _DeferRequested as wanted:
+            ledger.defer(claim, wanted.countdown, wanted.reason)
+            raise Retry(when=wanted.countdown) from None  # type: ignore[arg-type]
         except _CONTROL_FLOW:
             raise
         except LeaseLostError:

@@ -480,6 +480,21 @@ class Ledger:
             event=("cancelled", {"while_running": True}),
         )
 
+    # --- deferral (a shared rate limit or a provider's 429: wait, no attempt used) -------
+    def defer(self, claim: Claim, delay: float, reason: str) -> bool:
+        """Put the running job back to ``scheduled`` in ``delay`` seconds and give its
+        attempt back (``attempt - 1``), fenced by the claim."""
+        return self._finish(
+            claim,
+            "deferred",
+            "state = 'scheduled', run_at = now() + make_interval(secs => %s), "
+            "attempt = attempt - 1",
+            (delay,),
+            event=("scheduled", {"reason": "deferred", "why": reason, "delay": delay}),
+        )
+
+    # --- end of deferral -------------------------------------------------------------------
+
     def _finish(
         self,
         claim: Claim,
