@@ -15,7 +15,7 @@ import psycopg
 import redis
 from celery import Celery, signals
 
-from synth_workers import routing
+from synth_workers import health, metrics, routing
 from synth_workers.errors import ConfigurationError, ServiceUnavailableError
 from synth_workers.ledger import LeaseKeeper, Ledger
 from synth_workers.ledger.completer import Completer
@@ -148,6 +148,11 @@ def create_app(settings: Settings | None = None) -> SynthCelery:
     app.config_from_object(celery_config(settings))
     app.steps["worker"].add(SweeperStep)
     signals.worker_init.connect(_on_worker_init, weak=False)
+    # operations: metrics, health probes, logs (synth_workers.metrics, .health, .logging)
+    app.steps["worker"].add(health.OpsStep)
+    app.steps["consumer"].add(health.HeartbeatStep)
+    signals.worker_init.connect(health.on_worker_init, weak=False)
+    app.lifecycle.connect(metrics.observe)
 
     def flush_completions(**kwargs: Any) -> None:  # a worker process stops: write what's done
         app.flush_completions()
