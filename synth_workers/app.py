@@ -15,7 +15,8 @@ import psycopg
 import redis
 from celery import Celery, signals
 
-from synth_workers import health, metrics, routing
+from synth_workers import health, metrics, routing, sentry
+from synth_workers import logging as logs
 from synth_workers.errors import ConfigurationError, ServiceUnavailableError
 from synth_workers.ledger import LeaseKeeper, Ledger
 from synth_workers.ledger.completer import Completer
@@ -153,6 +154,14 @@ def create_app(settings: Settings | None = None) -> SynthCelery:
     app.steps["consumer"].add(health.HeartbeatStep)
     signals.worker_init.connect(health.on_worker_init, weak=False)
     app.lifecycle.connect(metrics.observe)
+    app.lifecycle.connect(logs.log_job_event)
+    signals.setup_logging.connect(
+        logs.on_setup_logging(app), weak=False, dispatch_uid="synth-workers-logging"
+    )
+    signals.task_prerun.connect(logs.bind_job, weak=False)
+    signals.task_postrun.connect(logs.unbind_job, weak=False)
+    signals.celeryd_init.connect(sentry.on_process_init, weak=False)
+    signals.beat_init.connect(sentry.on_process_init, weak=False)
 
     def flush_completions(**kwargs: Any) -> None:  # a worker process stops: write what's done
         app.flush_completions()

@@ -78,6 +78,7 @@ class DependencyChecks:
         self.timeout = timeout
         self._results: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
+        self._refreshing = threading.Lock()
         self.runs = 0
 
     def redis(self) -> dict[str, Any] | None:
@@ -116,35 +117,33 @@ class DependencyChecks:
         return {"url": mask_url(settings.qdrant_url)}
 
     def refresh(self) -> dict[str, dict[str, Any]]:
-        results = {
-            "redis": _timed(self.redis),
-            "postgres": _timed(self.postgres),
-            "qdrant": _timed(self.qdrant),
-        }
-        with self._lock:
-            self._results = results
-            self.runs += 1
+        """Run the checks now (one caller at a time) and cache the results."""
+        with self._refreshing:
+            results = {
+                "redis": _timed(self.redis),
+                "postgres": _timed(self.postgres),
+                "qdrant": _timed(self.qdrant),
+            }
+            with self._lock:
+                self._results = results
+                self.runs += 1
         return results
 
     def results(self, max_age: float | None = None) -> dict[str, dict[str, Any]]:
-        """The cached results; refreshed here only when none exist yet or they are older
-        than ``max_age`` (so a burst of probes costs at most one check)."""
+        """The cached results; checked here only when there are none yet, or when they are
+        older than ``max_age`` (a burst of probes then costs one check, not one each)."""
         with self._lock:
             results = self._results
         oldest = min((r["checked_at"] for r in results.values()), default=0.0)
-        if not results or (max_age is not None and time.time() - oldest > max_age):
-            with self._lock:  # one refresher at a time; others wait and reuse
+        if results and (max_age is None or time.time() - oldest <= max_age):
+            return results
+        with self._refreshing:  # a concurrent caller may have refreshed meanwhile
+            with self._lock:
                 results = self._results
-                oldest = min((r["checked_at"] for r in results.values()), default=0.0)
-                if not results or (max_age is not None and time.time() - oldest > max_age):
-                    results = {
-                        "redis": _timed(self.redis),
-                        "postgres": _timed(self.postgres),
-                        "qdrant": _timed(self.qdrant),
-                    }
-                    self._results = results
-                    self.runs += 1
-        return results
+            oldest = min((r["checked_at"] for r in results.values()), default=0.0)
+            if results and (max_age is None or time.time() - oldest <= max_age):
+                return results
+        return self.refresh()
 
 
 # --- the worker's own state --------------------------------------------------------------
