@@ -288,7 +288,9 @@ class OpsServer:
         self.routes = routes
         self.httpd = ThreadingHTTPServer((address, port), Handler)
         self.httpd.daemon_threads = True
-        self.address, self.port = self.httpd.server_address[:2]
+        host, port = self.httpd.server_address[:2]
+        self.address = host if isinstance(host, str) else host.decode()
+        self.port = int(port)
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
