@@ -176,10 +176,15 @@ def create_app(settings: Settings | None = None) -> SynthCelery:
 
 def _app_from_environment() -> SynthCelery:
     try:
-        return create_app()
+        created = create_app()
     except ConfigurationError as exc:
         # A wrong environment stops start-up, naming the variable, without a traceback.
         raise SystemExit(f"synth-workers: {exc}") from None
+    # `celery -A synth_workers flower`: auth, address and port from our settings
+    from synth_workers.flower import apply_flower_defaults
+
+    apply_flower_defaults(created.settings)
+    return created
 
 
 app = _app_from_environment()
