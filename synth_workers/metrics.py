@@ -43,6 +43,17 @@ RUNTIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
                    600, 1800, 3600)  # fmt: skip
 WAIT_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 FINAL_OUTCOMES = ("succeeded", "dead", "cancelled")
+#: The gauges of ``synth-workers metrics serve`` (see :class:`ClusterCollector`).
+CLUSTER_METRICS = (
+    "synth_queue_depth",
+    "synth_queue_delayed",
+    "synth_queue_oldest_job_age_seconds",
+    "synth_queue_workers",
+    "synth_dlq_size",
+    "synth_ledger_jobs",
+    "synth_beat_last_slot_timestamp_seconds",
+    "synth_workers_up",
+)
 UNKNOWN = "unknown"
 
 
@@ -307,18 +318,8 @@ def metric_names() -> set[str]:
     names: set[str] = set()
     registry = CollectorRegistry()
     JobMetrics(registry=registry)
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum")}
     for family in registry.collect():
-        names |= {sample.name for sample in family.samples}
-        names.add(family.name)
-    cluster = (
-        "synth_queue_depth",
-        "synth_queue_delayed",
-        "synth_queue_oldest_job_age_seconds",
-        "synth_queue_workers",
-        "synth_dlq_size",
-        "synth_ledger_jobs",
-        "synth_beat_last_slot_timestamp_seconds",
-        "synth_workers_up",
-    )
-    names.update(cluster)
+        names |= {family.name + suffix for suffix in suffixes.get(family.type, ("",))}
+    names.update(CLUSTER_METRICS)
     return names
