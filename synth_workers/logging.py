@@ -114,7 +114,7 @@ class Redactor:
         return text
 
     def value(self, value: Any, depth: int = 0) -> Any:
-        if depth > 8:
+        if depth > 32:
             return value
         if isinstance(value, str):
             return self.scrub(value)
