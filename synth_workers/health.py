@@ -12,7 +12,7 @@
   for ``synth-workers status``; ``/health`` serves the cached results, so no probe ever costs
   a round trip to the broker.
 
-The HTTP server (:class:`OpsServer`, a thread of the worker's main process) serves
+The HTTP server (``synth_workers.opshttp``, a thread of the worker's main process) serves
 ``/metrics``, ``/live``, ``/ready`` and ``/health`` on ``SYNTH_METRICS_ADDRESS:
 SYNTH_METRICS_PORT``; ``synth-workers metrics serve`` uses the same server for the cluster.
 """
@@ -27,25 +27,21 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from celery import bootsteps
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from synth_workers import metrics
 from synth_workers.cluster import worker_key
+from synth_workers.opshttp import OpsServer, Response, json_response, metrics_response
 from synth_workers.settings import mask_url
 
 if TYPE_CHECKING:
     from synth_workers.app import SynthCelery
 
 log = logging.getLogger(__name__)
-
-Response = tuple[int, str, bytes]
-JSON = "application/json"
 
 
 def version() -> str:
@@ -243,65 +239,6 @@ def health_document(
     if worker is not None:
         body["worker"] = worker
     return (200 if status == "ok" else 503), body
-
-
-# --- HTTP ----------------------------------------------------------------------------------
-
-
-def json_response(code: int, body: Any) -> Response:
-    return code, JSON, json.dumps(body, default=str).encode()
-
-
-def metrics_response(registry: Callable[[], CollectorRegistry]) -> Callable[[], Response]:
-    def serve() -> Response:
-        return 200, CONTENT_TYPE_LATEST, generate_latest(registry())
-
-    return serve
-
-
-class OpsServer:
-    """A small threaded HTTP server for ``/metrics`` and the probes (GET only)."""
-
-    def __init__(self, address: str, port: int, routes: dict[str, Callable[[], Response]]):
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                route = outer.routes.get(self.path.split("?", 1)[0].rstrip("/") or "/")
-                if route is None:
-                    code, ctype, body = json_response(404, {"error": "not found"})
-                else:
-                    try:
-                        code, ctype, body = route()
-                    except Exception as exc:
-                        log.exception("%s failed", self.path)
-                        code, ctype, body = json_response(500, {"error": repr(exc)})
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                log.debug("ops http: " + format, *args)
-
-        self.routes = routes
-        self.httpd = ThreadingHTTPServer((address, port), Handler)
-        self.httpd.daemon_threads = True
-        host, port = self.httpd.server_address[:2]
-        self.address = host if isinstance(host, str) else host.decode()
-        self.port = int(port)
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._thread = threading.Thread(
-            target=self.httpd.serve_forever, name="synth-ops-http", daemon=True
-        )
-        self._thread.start()
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 # --- the worker's wiring -------------------------------------------------------------------

@@ -45,14 +45,9 @@ def metrics_serve(address: str, port: int) -> None:
     """Serve the cluster-wide gauges (queue depth per priority, delayed jobs, oldest job age,
     DLQ size, workers per queue, beat's last slot) on /metrics, and /health. Run one per
     cluster: every worker serves its own job metrics already."""
-    from synth_workers.health import (
-        DependencyChecks,
-        OpsServer,
-        health_document,
-        json_response,
-        metrics_response,
-    )
+    from synth_workers.health import DependencyChecks, health_document
     from synth_workers.metrics import cluster_registry
+    from synth_workers.opshttp import OpsServer, json_response, metrics_response
 
     app = _load_app()
     registry = cluster_registry(app)
