@@ -226,7 +226,7 @@ def health_document(
     """The /health JSON: status, version, uptime, dependency checks (and the worker)."""
     failing = [name for name, result in checks.items() if result.get("status") != "ok"]
     status = "ok"
-    if failing:
+    if failing or (worker is not None and not worker["ready"]):
         status = "degraded"
     if worker is not None and not worker["live"]:
         status = "fail"

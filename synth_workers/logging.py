@@ -208,8 +208,11 @@ def configure_logging(
 def on_setup_logging(app: Any) -> Any:
     """A ``setup_logging`` receiver for ``app`` (Celery then installs no handler itself)."""
 
-    def receiver(loglevel: int | str | None = None, **kwargs: Any) -> None:
-        configure_logging(app.settings, level=loglevel)
+    def receiver(
+        loglevel: int | str | None = None, logfile: str | None = None, **kwargs: Any
+    ) -> None:
+        stream = open(logfile, "a", buffering=1) if logfile else None  # noqa: SIM115
+        configure_logging(app.settings, level=loglevel, stream=stream)
 
     return receiver
 

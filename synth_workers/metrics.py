@@ -173,11 +173,22 @@ def worker_metrics() -> JobMetrics | None:
     return _metrics
 
 
+# Every metric write holds this lock, and a fork waits for it: a pool child is never forked
+# while another thread of its parent is inside prometheus-client's (unforkable) value lock.
+_write_lock = threading.Lock()
+os.register_at_fork(
+    before=_write_lock.acquire,
+    after_in_parent=_write_lock.release,
+    after_in_child=_write_lock.release,
+)
+
+
 def observe(event: JobEvent) -> None:
     """Lifecycle listener connected by the app factory (a no-op until a worker enables it)."""
     metrics = _metrics
     if metrics is not None:
-        metrics.observe(event)
+        with _write_lock:
+            metrics.observe(event)
 
 
 def record_llm_usage(
@@ -187,10 +198,11 @@ def record_llm_usage(
     metrics = _metrics
     if metrics is None:
         return
-    metrics.llm_tokens.labels(provider, model, "prompt").inc(prompt_tokens)
-    metrics.llm_tokens.labels(provider, model, "completion").inc(completion_tokens)
-    if credits:
-        metrics.llm_credits.labels(provider).inc(credits)
+    with _write_lock:
+        metrics.llm_tokens.labels(provider, model, "prompt").inc(prompt_tokens)
+        metrics.llm_tokens.labels(provider, model, "completion").inc(completion_tokens)
+        if credits:
+            metrics.llm_credits.labels(provider).inc(credits)
 
 
 def enable_worker_metrics(parent: Path | None, name: str) -> Path:
@@ -217,7 +229,8 @@ def enable_worker_metrics(parent: Path | None, name: str) -> Path:
         values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
         _dir = path
         _metrics = JobMetrics(registry=None)
-        _metrics.worker_up.set(1)
+        with _write_lock:
+            _metrics.worker_up.set(1)
         return path
 
 
@@ -226,7 +239,8 @@ def disable_worker_metrics() -> None:
     global _metrics, _dir
     with _lock:
         if _metrics is not None:
-            _metrics.worker_up.set(0)
+            with _write_lock:
+                _metrics.worker_up.set(0)
         if _dir is not None and _own_dir:
             shutil.rmtree(_dir, ignore_errors=True)
         _metrics = None

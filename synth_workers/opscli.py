@@ -46,10 +46,12 @@ def metrics_serve(address: str, port: int) -> None:
     DLQ size, workers per queue, beat's last slot) on /metrics, and /health. Run one per
     cluster: every worker serves its own job metrics already."""
     from synth_workers.health import DependencyChecks, health_document
+    from synth_workers.logging import configure_logging
     from synth_workers.metrics import cluster_registry
     from synth_workers.opshttp import OpsServer, json_response, metrics_response
 
     app = _load_app()
+    configure_logging(app.settings)
     registry = cluster_registry(app)
     checks = DependencyChecks(app)
     started = time.time()

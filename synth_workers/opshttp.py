@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -62,6 +63,9 @@ class OpsServer:
         self.address = host if isinstance(host, str) else host.decode()
         self.port = int(port)
         self._thread: threading.Thread | None = None
+        # Pool children forked from this process must not keep the listening socket open.
+        listener = self.httpd.socket
+        os.register_at_fork(after_in_child=listener.close)
 
     def start(self) -> None:
         self._thread = threading.Thread(
