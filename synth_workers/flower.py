@@ -24,12 +24,23 @@ if TYPE_CHECKING:
     from synth_workers.settings import Settings
 
 
+#: ``celery`` options placed before the subcommand that take a separate value.
+_VALUED = frozenset(
+    {"-A", "--app", "-b", "--broker", "--result-backend", "--loader", "--config", "--workdir"}
+)
+
+
 def is_flower_command(argv: Sequence[str]) -> bool:
-    """Whether this process is ``celery ... flower``."""
-    if not argv:
+    """Whether this process is ``celery [options] flower ...`` (flower the subcommand)."""
+    if not argv or Path(argv[0]).name not in ("celery", "__main__.py"):
         return False
-    program = Path(argv[0]).name
-    return program in ("celery", "__main__.py") and "flower" in argv[1:]
+    args = iter(argv[1:])
+    for arg in args:
+        if arg in _VALUED:
+            next(args, None)
+        elif not arg.startswith("-"):
+            return arg == "flower"
+    return False
 
 
 def _given(argv: Sequence[str], *names: str) -> bool:

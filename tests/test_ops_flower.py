@@ -135,3 +135,41 @@ def test_flower_refuses_to_start_without_a_password() -> None:
     assert proc.returncode != 0
     assert "SYNTH_FLOWER_PASSWORD" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["/venv/bin/celery", "-A", "synth_workers", "flower"], True),
+        (["/x/celery/__main__.py", "--app=synth_workers", "-b", "redis://", "flower"], True),
+        (["/venv/bin/celery", "-A", "synth_workers", "worker", "-Q", "flower"], False),
+        (["/venv/bin/celery", "-A", "flower", "worker"], False),
+        (["/venv/bin/synth-workers", "flower"], False),
+    ],
+)
+def test_flower_is_recognised_only_as_the_subcommand(argv: list[str], expected: bool) -> None:
+    from synth_workers.flower import apply_flower_defaults, is_flower_command
+    from synth_workers.settings import Settings
+
+    assert is_flower_command(argv) is expected
+    env: dict[str, str] = {}
+    settings = Settings(flower_password="pw", flower_port=5999)
+    assert apply_flower_defaults(settings, env, argv) is expected
+    if expected:
+        assert env == {
+            "FLOWER_ADDRESS": "127.0.0.1",
+            "FLOWER_PORT": "5999",
+            "FLOWER_BASIC_AUTH": "admin:pw",
+        }
+    else:
+        assert env == {}
+
+
+def test_flower_options_given_explicitly_win() -> None:
+    from synth_workers.flower import apply_flower_defaults
+    from synth_workers.settings import Settings
+
+    env = {"FLOWER_BASIC_AUTH": "me:mine"}
+    argv = ["celery", "-A", "synth_workers", "flower", "--address=0.0.0.0", "--port=1234"]
+    assert apply_flower_defaults(Settings(), env, argv)
+    assert env == {"FLOWER_BASIC_AUTH": "me:mine"}
