@@ -153,6 +153,7 @@ def create_app(settings: Settings | None = None) -> SynthCelery:
     app.steps["worker"].add(health.OpsStep)
     app.steps["consumer"].add(health.HeartbeatStep)
     signals.worker_init.connect(health.on_worker_init, weak=False)
+    signals.worker_shutdown.connect(health.on_worker_shutdown, weak=False)
     app.lifecycle.connect(metrics.observe)
     app.lifecycle.connect(logs.log_job_event)
     signals.setup_logging.connect(

@@ -264,6 +264,11 @@ def on_worker_init(sender: Any = None, **kwargs: Any) -> None:
         metrics.enable_worker_metrics(settings.prometheus_multiproc_dir, name)
 
 
+def on_worker_shutdown(**kwargs: Any) -> None:
+    """``worker_shutdown`` (after the pool stopped): the worker's metric files go."""
+    metrics.disable_worker_metrics()
+
+
 class Reporter:
     """Main-process thread: dependency checks and the Redis heartbeat, once per interval."""
 
@@ -364,7 +369,6 @@ class OpsStep(bootsteps.StartStopStep):
         if self.reporter is not None:
             self.reporter.stop()
             self.reporter = None
-        metrics.disable_worker_metrics()
 
     def shutdown(self, parent: Any) -> None:
         self.stop(parent)
