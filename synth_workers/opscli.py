@@ -133,7 +133,10 @@ def render_status(snap: dict[str, Any]) -> str:
 @click.option("--interval", type=float, default=2.0, show_default=True, help="With --watch.")
 def status(as_json: bool, watch: bool, interval: float) -> None:
     """Queues (depth per priority, delayed, oldest job), workers, DLQ size, jobs per state."""
+    import redis
+
     from synth_workers.cluster import snapshot
+    from synth_workers.settings import mask_url
 
     app = _load_app()
     try:
@@ -142,6 +145,13 @@ def status(as_json: bool, watch: bool, interval: float) -> None:
                 snap = snapshot(app, last_hour=True)
             except SynthWorkersError as exc:
                 click.echo(f"error: {exc}", err=True)
+                sys.exit(3)
+            except redis.RedisError as exc:
+                click.echo(
+                    f"error: Redis is not reachable at {mask_url(app.settings.broker_url)} "
+                    f"(REDIS_URL): {exc}",
+                    err=True,
+                )
                 sys.exit(3)
             text = json.dumps(snap, indent=2) if as_json else render_status(snap)
             if not watch:

@@ -161,3 +161,10 @@ def test_check_exits_0_when_all_answer_and_1_otherwise() -> None:
     bad_config = _run("check", env={"SYNTH_MAX_ATTEMPTS": "many"})
     assert bad_config.returncode == 1
     assert "SYNTH_MAX_ATTEMPTS" in bad_config.stderr
+
+
+def test_status_names_an_unreachable_redis() -> None:
+    proc = _run("status", env={"REDIS_URL": "redis://127.0.0.1:1/0"})
+    assert proc.returncode == 3
+    assert "Redis is not reachable at redis://127.0.0.1:1/0 (REDIS_URL)" in proc.stderr
+    assert "Traceback" not in proc.stderr
