@@ -15,7 +15,8 @@ import psycopg
 import redis
 from celery import Celery, signals
 
-from synth_workers import routing
+from synth_workers import health, metrics, routing, sentry
+from synth_workers import logging as logs
 from synth_workers.errors import ConfigurationError, ServiceUnavailableError
 from synth_workers.ledger import LeaseKeeper, Ledger
 from synth_workers.ledger.completer import Completer
@@ -154,6 +155,20 @@ def create_app(settings: Settings | None = None) -> SynthCelery:
     app.config_from_object(celery_config(settings))
     app.steps["worker"].add(SweeperStep)
     signals.worker_init.connect(_on_worker_init, weak=False)
+    # operations: metrics, health probes, logs (synth_workers.metrics, .health, .logging)
+    app.steps["worker"].add(health.OpsStep)
+    app.steps["consumer"].add(health.HeartbeatStep)
+    signals.worker_init.connect(health.on_worker_init, weak=False)
+    signals.worker_shutdown.connect(health.on_worker_shutdown, weak=False)
+    app.lifecycle.connect(metrics.observe)
+    app.lifecycle.connect(logs.log_job_event)
+    signals.setup_logging.connect(
+        logs.on_setup_logging(app), weak=False, dispatch_uid="synth-workers-logging"
+    )
+    signals.task_prerun.connect(logs.bind_job, weak=False)
+    signals.task_postrun.connect(logs.unbind_job, weak=False)
+    signals.celeryd_init.connect(sentry.on_process_init, weak=False)
+    signals.beat_init.connect(sentry.on_process_init, weak=False)
 
     def flush_completions(**kwargs: Any) -> None:  # a worker process stops: write what's done
         app.flush_completions()
@@ -168,10 +183,15 @@ def create_app(settings: Settings | None = None) -> SynthCelery:
 
 def _app_from_environment() -> SynthCelery:
     try:
-        return create_app()
+        created = create_app()
     except ConfigurationError as exc:
         # A wrong environment stops start-up, naming the variable, without a traceback.
         raise SystemExit(f"synth-workers: {exc}") from None
+    # `celery -A synth_workers flower`: auth, address and port from our settings
+    from synth_workers.flower import apply_flower_defaults
+
+    apply_flower_defaults(created.settings)
+    return created
 
 
 app = _app_from_environment()

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import click
 
+from synth_workers import opscli
 from synth_workers.errors import (
     ConfigurationError,
     EnqueueError,
@@ -464,25 +465,10 @@ def dlq_purge(job_ids: tuple[str, ...], purge_all: bool, yes: bool, **filters: A
     click.echo(f"purged {count} job(s)")
 
 
-@main.command()
-def check() -> None:
-    """Check the configuration and that Redis answers; exit 0 or non-zero."""
-    import redis
-
-    from synth_workers.settings import mask_url
-
-    settings = _settings()
-    try:
-        redis.Redis.from_url(settings.broker_url, socket_connect_timeout=3).ping()
-    except redis.RedisError as exc:
-        click.echo(
-            f"redis     {mask_url(settings.broker_url)}: unreachable ({exc}); start "
-            "redis-server or `synth-workers dev`, or set REDIS_URL",
-            err=True,
-        )
-        sys.exit(ExitCode.UNAVAILABLE)
-    click.echo(f"redis     {mask_url(settings.broker_url)}: ok")
-    sys.exit(ExitCode.OK)
+# operations: `metrics serve`, `status`, `check` (synth_workers.opscli)
+main.add_command(opscli.metrics_group)
+main.add_command(opscli.status)
+main.add_command(opscli.check)
 
 
 if __name__ == "__main__":

@@ -173,14 +173,14 @@ class DevStack:
     def _celery(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "celery", "-A", "synth_workers", *args]
 
-    def _spawn(self, name: str, argv: list[str]) -> Child:
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
         logs = self.base_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         log = logs / f"{name}.log"
         with log.open("ab") as out:
             process = subprocess.Popen(
                 argv,
-                env=self.env,
+                env={**self.env, **(env or {})},
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -203,6 +203,10 @@ class DevStack:
             "PYTHONUNBUFFERED": "1",
         }
         for pool in POOLS:
+            # each worker's /metrics and probes on a port of its own (0: off)
+            port = free_port(self.settings.metrics_address) if self.settings.metrics_port else 0
+            if port:
+                self.say(f"metrics   http://{self.settings.metrics_address}:{port} ({pool.name})")
             self._spawn(
                 f"worker-{pool.name}",
                 self._celery(
@@ -220,6 +224,7 @@ class DevStack:
                     "--without-mingle",
                     "--without-gossip",
                 ),
+                env={"SYNTH_METRICS_PORT": str(port)},
             )
         if self.with_beat:
             self._spawn(

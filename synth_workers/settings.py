@@ -285,6 +285,51 @@ class Settings(BaseSettings):
         default=Path(".synth-dev"), description="SYNTH_DEV_DIR: state of the embedded stack."
     )
 
+    # --- operations ---------------------------------------------------------------------------
+    # Metrics, health probes, logs and Sentry (synth_workers.metrics, .health, .logging).
+    metrics_port: int = Field(
+        default=9808,
+        ge=0,
+        le=65535,
+        description="SYNTH_METRICS_PORT: each worker's /metrics, /live, /ready and /health "
+        "(0 = off).",
+    )
+    metrics_address: str = Field(
+        default="127.0.0.1",
+        description="SYNTH_METRICS_ADDRESS: address the worker's metrics/health server binds.",
+    )
+    health_interval: float = Field(
+        default=10.0,
+        gt=0,
+        description="SYNTH_HEALTH_INTERVAL: seconds between worker heartbeats; /live fails "
+        "when the last one is older than twice this, and dependency checks are cached this long.",
+    )
+    heartbeat_file: Path | None = Field(
+        default=None,
+        description="SYNTH_HEARTBEAT_FILE: file the worker rewrites on each heartbeat "
+        "(for exec probes); unset: none.",
+    )
+    redact_fields: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="SYNTH_REDACT_FIELDS: comma-separated extra keys (payload fields) whose "
+        "values are replaced by [REDACTED] in logs; passwords, API keys, tokens and "
+        "authorization headers always are.",
+    )
+    sentry_traces_sample_rate: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        validation_alias=AliasChoices("SENTRY_TRACES_SAMPLE_RATE", "sentry_traces_sample_rate"),
+        description="SENTRY_TRACES_SAMPLE_RATE: share of jobs traced when SENTRY_DSN is set.",
+    )
+    prometheus_multiproc_dir: Path | None = Field(
+        default=None,
+        validation_alias=AliasChoices("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir"),
+        description="PROMETHEUS_MULTIPROC_DIR: parent folder of each worker's metric files "
+        "(a private temporary folder when unset).",
+    )
+    # --- end operations -----------------------------------------------------------------------
+
     @field_validator("redis_url", "result_backend_url")
     @classmethod
     def _redis_scheme(cls, value: str | None) -> str | None:
@@ -300,7 +345,7 @@ class Settings(BaseSettings):
     def _qdrant_scheme(cls, value: str | None) -> str | None:
         return _check_scheme(value, ("http", "https"))
 
-    @field_validator("include", "dlq_digest_to", mode="before")
+    @field_validator("include", "dlq_digest_to", "redact_fields", mode="before")
     @classmethod
     def _split(cls, value: object) -> object:
         if isinstance(value, str):

@@ -62,6 +62,8 @@ os.environ["SYNTH_INCLUDE"] = "tests.e2e_tasks"
 os.environ["SYNTH_RETRY_BACKOFF_BASE"] = "0.5"
 os.environ["SYNTH_RETRY_BACKOFF_CAP"] = "5"
 os.environ.pop("QDRANT_URL", None)
+# Workers serve no metrics/health port unless a test gives one (tests run side by side).
+os.environ["SYNTH_METRICS_PORT"] = "0"
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
