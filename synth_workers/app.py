@@ -23,7 +23,7 @@ from synth_workers.ledger.sweeper import SweeperStep
 from synth_workers.settings import Settings, load_settings
 
 #: Our job kinds; ``SYNTH_INCLUDE`` adds the user's own modules.
-TASK_MODULES: tuple[str, ...] = ("tasks.email", "tasks.system")
+TASK_MODULES: tuple[str, ...] = ("tasks.email", "tasks.system", "tasks.embeddings")
 
 
 class SynthCelery(Celery):

@@ -1,0 +1,1 @@
+"""Clients of outside services (mail, LLMs, embedders, vector stores), behind small protocols."""
