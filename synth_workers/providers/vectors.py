@@ -158,9 +158,7 @@ class VectorStore:
         with self._calling("upsert"):
             self.client.upsert(name, points=list(points), wait=True)
 
-    def delete_documents(
-        self, name: str, doc_ids: Sequence[str], keep: Sequence[str] = ()
-    ) -> None:
+    def delete_documents(self, name: str, doc_ids: Sequence[str], keep: Sequence[str] = ()) -> None:
         """Delete the points of ``doc_ids``, except the point ids in ``keep``."""
         if not doc_ids:
             return
