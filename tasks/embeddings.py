@@ -4,7 +4,8 @@
 consecutive chunks sharing ``chunk_overlap``), embeds the chunks and upserts one point per
 chunk. Point ids are deterministic — ``uuid5(doc id, chunk index)`` — so running a job again
 (retry, redelivery, the same documents sent twice) replaces points instead of adding them;
-chunks a shorter new version no longer has are deleted. The collection is created on first
+chunks a shorter new version no longer has are deleted (found by id from the old
+chunk 0's ``chunk_count``, not by a scan). The collection is created on first
 use with the model's vector size and ``SYNTH_EMBED_DISTANCE``. Each point's payload holds
 ``doc_id``, ``chunk_index``, ``chunk_count``, ``text`` and the document's ``metadata``.
 
@@ -150,17 +151,27 @@ def index_documents(
         for (doc, index, count), text, vector in zip(owners, texts, outcome.vectors, strict=True)
     ]
     dimension = len(outcome.vectors[0]) if outcome.vectors else None
+    # Chunks an earlier, longer version of a document had: its chunk 0 says how many there
+    # were (a lookup by id, not a scan). They go before the upsert rewrites chunk 0, so a
+    # run cut off in between leaves the old count for the next run to act on.
+    firsts = {point_id(doc.id, 0): doc for doc in payload.documents}
+    before = store.payload_values(collection, list(firsts), "chunk_count")
+    counts = {doc.id: count for doc, _, count in owners}
+    stale = [
+        point_id(doc.id, index)
+        for first, doc in firsts.items()
+        if isinstance(before.get(first), int)
+        for index in range(counts.get(doc.id, 0), before[first])
+    ]
+    store.delete_points(collection, stale)
     if dimension is not None:
         store.ensure_collection(collection, dimension, settings.embed_distance)
         store.upsert(collection, points)
-    # Chunks an earlier, longer version of these documents had (and empty documents' points).
-    store.delete_documents(
-        collection, [doc.id for doc in payload.documents], keep=[str(p.id) for p in points]
-    )
     return {
         "collection": collection,
         "documents": len(payload.documents),
         "points": len(points),
+        "stale_deleted": len(stale),
         "dimension": dimension,
         "model": embedder.model,
         "forward_passes": list(outcome.passes),

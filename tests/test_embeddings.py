@@ -383,7 +383,8 @@ def test_index_rerun_and_delete_through_a_worker(
     assert again.info()["queue"] == "embeddings.gpu"
     again.wait(timeout=60)
     shorter = {**docs[0], "text": long_text[:500]}
-    enqueue(INDEX, {"documents": [shorter], "chunk_size": 400, "chunk_overlap": 50}).wait(60)
+    short = enqueue(INDEX, {"documents": [shorter], "chunk_size": 400, "chunk_overlap": 50})
+    assert short.wait(timeout=60)["stale_deleted"] == len(a_chunks) - 2
     enqueue(DELETE, {"document_ids": ["c"]}).wait(timeout=60)
     assert worker.stop() == 0
 

@@ -158,18 +158,38 @@ class VectorStore:
         with self._calling("upsert"):
             self.client.upsert(name, points=list(points), wait=True)
 
-    def delete_documents(self, name: str, doc_ids: Sequence[str], keep: Sequence[str] = ()) -> None:
-        """Delete the points of ``doc_ids``, except the point ids in ``keep``."""
+    def payload_values(self, name: str, ids: Sequence[str], key: str) -> dict[str, Any]:
+        """``{point id: payload[key]}`` for those of ``ids`` that exist (a lookup by id)."""
+        if not ids:
+            return {}
+        with self._calling("retrieve"):
+            if name not in self._known and not self.client.collection_exists(name):
+                return {}
+            records = self.client.retrieve(
+                name, ids=list(ids), with_payload=[key], with_vectors=False
+            )
+        return {str(r.id): (r.payload or {}).get(key) for r in records}
+
+    def delete_points(self, name: str, ids: Sequence[str]) -> None:
+        """Delete the points ``ids`` (missing ones are ignored)."""
+        if not ids:
+            return
+        with self._calling("delete"):
+            self.client.delete(
+                name, points_selector=models.PointIdsList(points=list(ids)), wait=True
+            )
+
+    def delete_documents(self, name: str, doc_ids: Sequence[str]) -> None:
+        """Delete every point whose ``doc_id`` is one of ``doc_ids`` (a payload filter)."""
         if not doc_ids:
             return
         selector = models.FilterSelector(
             filter=models.Filter(
-                must=[models.FieldCondition(key=DOC_ID, match=models.MatchAny(any=list(doc_ids)))],
-                must_not=[models.HasIdCondition(has_id=list(keep))] if keep else None,
+                must=[models.FieldCondition(key=DOC_ID, match=models.MatchAny(any=list(doc_ids)))]
             )
         )
         with self._calling("delete"):
-            if not self.client.collection_exists(name):
+            if name not in self._known and not self.client.collection_exists(name):
                 return
             self.client.delete(name, points_selector=selector, wait=True)
 
