@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--concurrency", type=int, default=64, help="worker threads (-c)")
+    parser.add_argument("--concurrency", type=int, default=128, help="worker threads (-c)")
     parser.add_argument("--batch-max", type=int, default=64, help="SYNTH_EMBED_BATCH_MAX")
     parser.add_argument("--linger-ms", type=float, default=5.0, help="SYNTH_EMBED_BATCH_LINGER_MS")
     parser.add_argument("--qdrant-path", default=":memory:", help="SYNTH_QDRANT_PATH")
