@@ -28,7 +28,7 @@ from celery import shared_task
 from pydantic import BaseModel, Field, field_validator, model_validator
 from qdrant_client import models
 
-from synth_workers.errors import PermanentError
+from synth_workers.errors import ConfigurationError, PermanentError
 from synth_workers.producer import JobHandle, enqueue
 from synth_workers.providers.batching import EmbeddingService, embedding_service
 from synth_workers.providers.embedder import EmbeddingRateLimitedError
@@ -197,12 +197,17 @@ def index_documents_task(self: Task, payload: IndexPayload) -> dict[str, Any]:
         )
     except EmbeddingRateLimitedError as exc:  # wait what the provider asked, not the backoff
         raise self.retry(exc=exc, countdown=exc.retry_after) from exc
+    except ConfigurationError as exc:  # no model, a locked Qdrant folder: retrying won't help
+        raise PermanentError(str(exc)) from exc
 
 
 @shared_task(name="tasks.embeddings.delete_documents", bind=True, payload_model=DeletePayload)
 def delete_documents_task(self: Task, payload: DeletePayload) -> dict[str, Any]:
     settings = self.synth_app.settings
-    return delete_documents(payload, settings, vector_store(settings))
+    try:
+        return delete_documents(payload, settings, vector_store(settings))
+    except ConfigurationError as exc:
+        raise PermanentError(str(exc)) from exc
 
 
 def enqueue_index(

@@ -223,6 +223,33 @@ def test_openai_errors_map_to_retry_or_dead(
     assert len(fake_openai.requests) == 1  # no SDK retries: the ledger's policy retries
 
 
+def test_index_documents_is_a_plain_function(fake_openai: FakeOpenAI) -> None:
+    from synth_workers.providers.vectors import VectorStore, VectorStoreRequestError
+    from tasks.embeddings import IndexPayload, index_documents
+
+    settings = load_settings(embed_chunk_size=20, embed_chunk_overlap=5)
+    service = EmbeddingService(
+        OpenAIEmbedder("m", api_key="k", base_url=fake_openai.base_url), batching=False
+    )
+    store = VectorStore(QdrantClient(":memory:"), local=True)
+    payload = IndexPayload.model_validate(
+        {"documents": [{"id": 7, "text": "a" * 50}, {"id": "empty", "text": " "}]}
+    )
+    first = index_documents(payload, settings, service, store)
+    assert first["points"] == len(chunk_text("a" * 50, 20, 5)) == 3
+    assert first["dimension"] == DIM and store.count("documents") == 3
+    again = index_documents(payload, settings, service, store)  # same ids: replaced
+    assert again["points"] == 3 and again["stale_deleted"] == 0
+    assert store.count("documents") == 3 and store.count("documents", ["7"]) == 3
+    # a collection made for another vector size is refused, not mixed
+    store.ensure_collection("other", DIM + 1)
+    with pytest.raises(VectorStoreRequestError, match="9-dimensional"):
+        index_documents(
+            payload.model_copy(update={"collection": "other"}), settings, service, store
+        )
+    store.close()
+
+
 def test_openai_unreachable_is_transient() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -303,6 +330,19 @@ def test_a_bad_job_in_a_shared_pass_fails_alone() -> None:
     assert isinstance(results[1], EmbeddingRequestError)
     for i in (0, 2, 3):
         assert results[i].vectors == [fake_vector(jobs[i][0])]
+
+
+def test_local_qdrant_folder_is_one_process_only(tmp_path: Path) -> None:
+    from synth_workers.providers.vectors import VectorStore
+
+    owner = QdrantClient(path=str(tmp_path))  # holds the folder's lock
+    try:
+        settings = load_settings(qdrant_path=str(tmp_path))
+        with pytest.raises(ConfigurationError, match="-P threads"):
+            VectorStore.from_settings(settings)
+    finally:
+        owner.close()
+    VectorStore.from_settings(settings).close()  # free again
 
 
 # --- end to end through real workers ------------------------------------------------------
