@@ -79,7 +79,10 @@ class Run:
     log_problems: list[str] = field(default_factory=list)
 
 
-def text_of(i: int) -> str:
+def text_of(i: int, short: bool = False) -> str:
+    """Job ``i``'s document: a support ticket of ~25 tokens, or ~8 with ``--short``."""
+    if short:
+        return f"Ticket {i}: refund request"
     return (
         f"Ticket {i}: the customer reports that invoice {1000 + i} was charged twice "
         "and asks for a refund."
@@ -242,12 +245,15 @@ def measure(mode: str, rnd: int, args: argparse.Namespace, client: Any, logs: Pa
     proc = start_worker(node, mode, args, log)
     try:
         wait_for_ping(app, node, proc, 120)
-        warm = enqueue(TASK, {"documents": [{"id": "warmup", "text": text_of(0)}]}, queue=QUEUE)
+        warm = enqueue(
+            TASK, {"documents": [{"id": "warmup", "text": text_of(0, args.short)}]}, queue=QUEUE
+        )
         warm.wait(timeout=300)  # loads the model
         app.control.cancel_consumer(QUEUE, destination=[node], reply=True, timeout=10)
         t0 = time.perf_counter()
         for i in range(args.jobs):
-            enqueue(TASK, {"documents": [{"id": f"d{i}", "text": text_of(i)}]}, queue=QUEUE)
+            doc = {"id": f"d{i}", "text": text_of(i, args.short)}
+            enqueue(TASK, {"documents": [doc]}, queue=QUEUE)
         run.enqueue_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         app.control.add_consumer(QUEUE, destination=[node], reply=True, timeout=10)
@@ -292,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=128, help="worker threads (-c)")
     parser.add_argument("--batch-max", type=int, default=64, help="SYNTH_EMBED_BATCH_MAX")
     parser.add_argument("--linger-ms", type=float, default=5.0, help="SYNTH_EMBED_BATCH_LINGER_MS")
+    parser.add_argument("--short", action="store_true", help="~8-token documents, not ~25")
     parser.add_argument("--qdrant-path", default=":memory:", help="SYNTH_QDRANT_PATH")
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL"))
@@ -312,8 +319,13 @@ def main(argv: list[str] | None = None) -> int:
         logs.mkdir(parents=True, exist_ok=True)
         device = device_info()
         where = device.get("gpu", f"CPU ({device['cpus']} cores)")
-        print(f"embeddings bench: {args.jobs} one-document jobs, -P threads -c {args.concurrency}, "
-              f"batch max {args.batch_max}, linger {args.linger_ms} ms, on {where}")  # fmt: skip
+        kind = "short" if args.short else "ticket"
+        omp = os.environ.get("OMP_NUM_THREADS", "unset")
+        print(
+            f"embeddings bench: {args.jobs} one-document jobs ({kind}), -P threads "
+            f"-c {args.concurrency}, batch max {args.batch_max}, linger {args.linger_ms} ms, "
+            f"on {where}, OMP_NUM_THREADS={omp}"
+        )
         runs: list[Run] = []
         for rnd in range(1, args.rounds + 1):
             order = MODES if rnd % 2 else tuple(reversed(MODES))
@@ -340,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
         report = {
             "benchmark": "embeddings",
             "jobs": args.jobs,
+            "document": "short (~8 tokens)" if args.short else "ticket (~25 tokens)",
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "switch_interval_ms": os.environ.get("SYNTH_EMBED_SWITCH_INTERVAL_MS", "0.5"),
             "rounds": args.rounds,
             "concurrency": args.concurrency,
             "batch_max": args.batch_max,

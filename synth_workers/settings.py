@@ -246,6 +246,13 @@ class Settings(BaseSettings):
         ge=0,
         description="SYNTH_EMBED_BATCH_LINGER_MS: how long a batch waits for more jobs' texts.",
     )
+    embed_switch_interval_ms: float = Field(
+        default=0.5,
+        ge=0,
+        description="SYNTH_EMBED_SWITCH_INTERVAL_MS: Python's thread switch interval in a "
+        "process running the local model, so a forward pass gets the GIL back quickly while "
+        "job threads run Python (Python's default: 5 ms; 0 keeps it).",
+    )
 
     @field_validator("embed_chunk_overlap")
     @classmethod
