@@ -12,7 +12,7 @@ shared.
 A job with more texts than the batch maximum is split into parts of at most that many. If
 the provider refuses a shared batch as a bad request, each job's part is tried alone, so only
 the job with the bad input is dead-lettered. With batching off, each job embeds its own texts
-(at most the batch maximum per pass), one pass at a time.
+(at most the batch maximum per pass); the local model still runs one pass at a time.
 
 The embedder is created once per process (``embedding_service``): the local model is loaded
 by the first job of a process and shared by all its threads. A process running the local
@@ -83,7 +83,6 @@ class EmbeddingService:
         #: Forward passes (``embed`` calls) run so far by this service.
         self.passes = 0
         self._count_lock = threading.Lock()
-        self._direct_lock = threading.Lock()
         self._queue: queue.SimpleQueue[_Part | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         if batching:
@@ -133,10 +132,9 @@ class EmbeddingService:
     def _direct(self, pieces: list[list[str]]) -> EmbedOutcome:
         vectors: list[list[float]] = []
         passes: list[int] = []
-        for piece in pieces:
-            with self._direct_lock:  # one pass at a time, as the batcher does
-                passes.append(self._next_pass())
-                vectors.extend(self._checked(piece, self.embedder.embed(piece)))
+        for piece in pieces:  # (the local model runs one pass at a time; an API, many)
+            passes.append(self._next_pass())
+            vectors.extend(self._checked(piece, self.embedder.embed(piece)))
         return EmbedOutcome(vectors, tuple(passes), 1)
 
     def _wait(self, future: Future[_PassResult]) -> _PassResult:
