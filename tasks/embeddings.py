@@ -37,8 +37,9 @@ from synth_workers.routing import Priority
 from synth_workers.settings import Settings
 from synth_workers.task import Task
 
-#: Namespace of point ids: ``uuid5(POINT_NAMESPACE, f"{doc_id}#{chunk_index}")``.
-POINT_NAMESPACE = uuid.UUID("5b0c1c6e-8f53-5b3e-9a53-2f1c7d0e4a61")
+#: Namespace of point ids: ``uuid5(POINT_NAMESPACE, f"{doc_id}#{chunk_index}")``. Fixed
+#: forever: changing it would make every re-run add points instead of replacing them.
+POINT_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "synth-workers:embeddings:point")
 _COLLECTION = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}$"
 
 
