@@ -25,7 +25,12 @@ from synth_workers.lifecycle import Lifecycle
 from synth_workers.settings import Settings, load_settings
 
 #: Our job kinds; ``SYNTH_INCLUDE`` adds the user's own modules.
-TASK_MODULES: tuple[str, ...] = ("tasks.email", "tasks.system", "tasks.orchestration")
+TASK_MODULES: tuple[str, ...] = (
+    "tasks.email",
+    "tasks.system",
+    "tasks.orchestration",
+    "tasks.embeddings",
+)
 
 
 class SynthCelery(Celery):

@@ -51,7 +51,9 @@ class Pool:
 
 POOLS: tuple[Pool, ...] = (
     Pool("main", ("email", "orchestration", "default"), "prefork", 2),
-    Pool("embeddings", ("embeddings", "embeddings.gpu"), "threads", 2),
+    # threads: one process owns Qdrant's local folder and the model; 16 jobs in flight
+    # let micro-batching put their texts in one forward pass.
+    Pool("embeddings", ("embeddings", "embeddings.gpu"), "threads", 16),
 )
 
 

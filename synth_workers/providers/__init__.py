@@ -1,3 +1,4 @@
 """Clients of outside services, each through its official SDK: mail (SendGrid, file,
-console) and LLMs (OpenAI, Anthropic). Provider failures are mapped to the platform's
-errors here (``TransientError`` leaves retry, ``PermanentError`` leaves dead-letter)."""
+console), LLMs (OpenAI, Anthropic), embedders (OpenAI, local sentence-transformers) and
+vector stores (Qdrant). Provider failures are mapped to the platform's errors here
+(``TransientError`` leaves retry, ``PermanentError`` leaves dead-letter)."""

