@@ -121,7 +121,7 @@ class JobMetrics:
             registry=r,
         )
         self.llm_credits = Counter(
-            "synth_llm_credits",
+            "synth_credits_charged",
             "LLM credits (provider cost units) used by jobs.",
             ("provider",),
             registry=r,
@@ -145,6 +145,19 @@ class JobMetrics:
             return
         if kind == "late_refused":
             self.late_completions.labels(task, queue).inc()
+            return
+        if kind == "usage":  # an LLM call's tokens and credits (tasks/llm_calls.py)
+            provider = str(data.get("provider") or UNKNOWN)
+            model = str(data.get("model") or UNKNOWN)
+            self.llm_tokens.labels(provider, model, "prompt").inc(
+                int(data.get("input_tokens") or 0)
+            )
+            self.llm_tokens.labels(provider, model, "completion").inc(
+                int(data.get("output_tokens") or 0)
+            )
+            credits = float(data.get("credits") or 0)
+            if credits:
+                self.llm_credits.labels(provider).inc(credits)
             return
         if kind not in ("retrying", *FINAL_OUTCOMES):
             return
@@ -189,20 +202,6 @@ def observe(event: JobEvent) -> None:
     if metrics is not None:
         with _write_lock:
             metrics.observe(event)
-
-
-def record_llm_usage(
-    provider: str, model: str, prompt_tokens: int, completion_tokens: int, credits: float = 0.0
-) -> None:
-    """Count an LLM call's usage (orchestration jobs call this after each provider call)."""
-    metrics = _metrics
-    if metrics is None:
-        return
-    with _write_lock:
-        metrics.llm_tokens.labels(provider, model, "prompt").inc(prompt_tokens)
-        metrics.llm_tokens.labels(provider, model, "completion").inc(completion_tokens)
-        if credits:
-            metrics.llm_credits.labels(provider).inc(credits)
 
 
 def enable_worker_metrics(parent: Path | None, name: str) -> Path:

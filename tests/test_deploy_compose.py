@@ -34,9 +34,6 @@ DOCKER = ROOT / "docker"
 # health/metrics endpoints; events server). Delete each name once settings.py reads it.
 PENDING_SETTINGS: frozenset[str] = frozenset(
     {
-        "SYNTH_METRICS_PORT",  # worker /metrics, /live, /ready, /health (default 9808)
-        "SYNTH_METRICS_ADDRESS",  # their bind address (default 127.0.0.1; containers 0.0.0.0)
-        "SYNTH_HEALTH_INTERVAL",  # liveness heartbeat period
         "SYNTH_EVENTS_ADDRESS",  # events SSE server bind address
         "SYNTH_EVENTS_PORT",  # events SSE server port (8765)
         "JWT_SECRET",  # events server token secret
@@ -46,17 +43,10 @@ PENDING_SETTINGS: frozenset[str] = frozenset(
 # `synth-workers` commands from the contract, not yet in cli.py: path -> options they take.
 PENDING_CLI_COMMANDS: dict[tuple[str, ...], frozenset[str]] = {
     ("events", "serve"): frozenset({"--address", "--port"}),
-    ("metrics", "serve"): frozenset({"--address", "--port"}),
 }
 
 # Files the operations branch writes, mounted or referenced here. Delete once merged.
-PENDING_FILES: frozenset[str] = frozenset(
-    {
-        "docker/prometheus/alerts.yml",
-        "docker/grafana/dashboards/synth-workers.json",
-        "docker/grafana/dashboards",
-    }
-)
+PENDING_FILES: frozenset[str] = frozenset()
 
 # Environment variables read by the processes themselves, not by our settings.
 PROCESS_ENV: dict[str, str] = {

@@ -93,7 +93,7 @@ def test_every_metric_in_dashboard_and_rules_exists_in_the_code() -> None:
         "synth_dlq_size",
         "synth_worker_up",
         "synth_llm_tokens_total",
-        "synth_llm_credits_total",
+        "synth_credits_charged_total",
     ):
         assert name in dashboard_used, name
 

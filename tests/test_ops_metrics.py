@@ -165,6 +165,34 @@ def test_listener_counts_lease_expiries_and_late_finishes() -> None:
     assert get_value("synth_jobs_total", {"task": "t", "queue": "q", "outcome": "dead"}) == 1
 
 
+def test_llm_usage_announcements_count_tokens_and_credits() -> None:
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry()
+    m = JobMetrics(registry=registry)
+    for job in ("a", "b"):
+        usage = {
+            "provider": "openai",
+            "model": "m1",
+            "input_tokens": 100,
+            "output_tokens": 20,
+            "credits": 0.12,
+        }
+        m.observe(JobEvent("usage", job, task="t", queue="orchestration", data=usage))
+    get_value = registry.get_sample_value
+    labels = {"provider": "openai", "model": "m1"}
+    assert get_value("synth_llm_tokens_total", {**labels, "kind": "prompt"}) == 200
+    assert get_value("synth_llm_tokens_total", {**labels, "kind": "completion"}) == 40
+    assert get_value("synth_credits_charged_total", {"provider": "openai"}) == pytest.approx(0.24)
+    # usage is not a job outcome
+    assert (
+        get_value(
+            "synth_jobs_total", {"task": "t", "queue": "orchestration", "outcome": "succeeded"}
+        )
+        is None
+    )
+
+
 def test_live_fails_within_the_interval_when_the_consumer_stops(
     rclient: Any, start_worker: Any, tmp_path: Path
 ) -> None:
