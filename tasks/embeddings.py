@@ -196,8 +196,8 @@ def index_documents_task(self: Task, payload: IndexPayload) -> dict[str, Any]:
         return index_documents(
             payload, settings, embedding_service(settings), vector_store(settings)
         )
-    except EmbeddingRateLimitedError as exc:  # wait what the provider asked, not the backoff
-        raise self.retry(exc=exc, countdown=exc.retry_after) from exc
+    except EmbeddingRateLimitedError as exc:  # wait what the provider asked; no attempt used
+        self.defer(exc.retry_after if exc.retry_after is not None else 1.0, "rate_limited")
     except ConfigurationError as exc:  # no model, a locked Qdrant folder: retrying won't help
         raise PermanentError(str(exc)) from exc
 

@@ -355,7 +355,7 @@ def _read_points(path: Path, collection: str = "documents") -> list[Any]:
         client.close()
 
 
-def test_openai_job_retries_a_429_then_dead_letters_a_401(
+def test_openai_job_waits_out_a_429_then_dead_letters_a_401(
     rclient: Any, start_worker: Any, fake_openai: FakeOpenAI, tmp_path: Path
 ) -> None:
     qdrant = tmp_path / "qdrant"
@@ -378,7 +378,8 @@ def test_openai_job_retries_a_429_then_dead_letters_a_401(
     result = h.wait(timeout=60)
     assert time.monotonic() - t0 >= 0.9  # waited the Retry-After
     info = h.info()
-    assert info["attempt"] == 2 and result["points"] == 2 and result["dimension"] == DIM
+    # a 429 defers the job without using an attempt
+    assert info["attempt"] == 1 and result["points"] == 2 and result["dimension"] == DIM
     assert [r["body"]["input"] for r in fake_openai.requests] == [
         ["first document", "second document"]
     ] * 2

@@ -12,10 +12,13 @@ Two implementations of :class:`Embedder`, chosen by ``SYNTH_EMBED_PROVIDER``:
 Provider failures map onto the platform's error tree::
 
     TransientError
-     └── EmbeddingUnavailableError   5xx, 408/409, connection error, timeout: retry with backoff
-          └── EmbeddingRateLimitedError  429: retry after the provider's Retry-After
+     ├── ProviderUnavailableError
+     │    └── EmbeddingUnavailableError  5xx, 408/409, connection error, timeout: retry (backoff)
+     └── RateLimitedError
+          └── EmbeddingRateLimitedError  429: wait the Retry-After without using an attempt
     PermanentError
-     └── EmbeddingRequestError       400/401/403/404/422 and other 4xx: dead-letter now
+     └── ProviderRejectedError
+          └── EmbeddingRequestError      400/401/403/404/422 and other 4xx: dead-letter now
 
 The SDK's own retries are off: the ledger's retry policy (durable, jittered backoff) is the
 only retry loop, so a job's attempts in the ledger are the provider calls it made.
@@ -30,7 +33,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from synth_workers.errors import ConfigurationError, PermanentError, TransientError
+from synth_workers.errors import (
+    ConfigurationError,
+    ProviderRejectedError,
+    ProviderUnavailableError,
+    RateLimitedError,
+)
 
 if TYPE_CHECKING:
     from synth_workers.settings import Settings
@@ -41,19 +49,15 @@ DEFAULT_LOCAL_MODEL = "all-MiniLM-L6-v2"
 DEFAULT_OPENAI_MODEL = "text-embedding-3-small"
 
 
-class EmbeddingUnavailableError(TransientError):
+class EmbeddingUnavailableError(ProviderUnavailableError):
     """The embedding provider failed in a way worth retrying (5xx, connection, timeout)."""
 
 
-class EmbeddingRateLimitedError(EmbeddingUnavailableError):
+class EmbeddingRateLimitedError(RateLimitedError):
     """The provider said 429; ``retry_after`` is its Retry-After in seconds, when given."""
 
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
 
-
-class EmbeddingRequestError(PermanentError):
+class EmbeddingRequestError(ProviderRejectedError):
     """The provider refused the request (bad input, credentials, model); retrying won't help."""
 
 
