@@ -455,5 +455,13 @@ def check() -> None:
     sys.exit(ExitCode.OK)
 
 
+def _add_events() -> None:
+    from synth_workers.events.cli import events
+
+    main.add_command(events)
+
+
+_add_events()
+
 if __name__ == "__main__":
     main()
