@@ -13,8 +13,10 @@
 
 from __future__ import annotations
 
+import atexit
 from typing import TYPE_CHECKING
 
+from synth_workers.events.buffer import EventBuffer
 from synth_workers.events.stream import (
     GLOBAL_STREAM,
     Event,
@@ -31,6 +33,7 @@ if TYPE_CHECKING:
 __all__ = [
     "GLOBAL_STREAM",
     "Event",
+    "EventBuffer",
     "EventWriter",
     "Subscription",
     "connect_events",
@@ -41,8 +44,10 @@ __all__ = [
 ]
 
 
-def connect_events(app: SynthCelery) -> EventWriter:
-    """Write every job state change ``app``'s ledger announces to Redis Streams."""
+def connect_events(app: SynthCelery) -> EventBuffer:
+    """Write every job state change ``app``'s ledger announces to Redis Streams (hot-path
+    kinds batched from a background thread: see :mod:`synth_workers.events.buffer`).
+    Returns the listener; call its ``flush()`` when a process stops."""
     settings = app.settings
     writer = EventWriter(
         events_client(settings.broker_url),
@@ -50,8 +55,10 @@ def connect_events(app: SynthCelery) -> EventWriter:
         maxlen=settings.events_maxlen,
         job_ttl=settings.job_ttl,
     )
-    app.lifecycle.connect(writer)
-    return writer
+    buffer = EventBuffer(writer)
+    app.lifecycle.connect(buffer)
+    atexit.register(buffer.flush)
+    return buffer
 
 
 def subscribe(
