@@ -45,33 +45,35 @@ def expected_sequence(n: int = 10) -> list[str]:
 
 # --- the SSE server process ---------------------------------------------------------------
 class Server:
-    def __init__(self, process: subprocess.Popen[str], url: str) -> None:
+    def __init__(self, process: subprocess.Popen[bytes], url: str) -> None:
         self.process = process
         self.url = url
 
 
-def start_server(env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "synth_workers.cli", "events", "serve", "--port", "0"],
-        cwd=ROOT,
-        env={**os.environ, "JWT_SECRET": SECRET, "SYNTH_EVENTS_HEARTBEAT": "0.5", **(env or {})},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-
-
 @pytest.fixture
-def sse_server(rclient: Any) -> Iterator[Server]:
-    process = start_server()
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    match = re.search(r"listening on (http://\S+)", line)
-    assert match, f"server did not start: {line}{process.stdout.read() if not line else ''}"
-    yield Server(process, match.group(1))
+def sse_server(rclient: Any, tmp_path: Path) -> Iterator[Server]:
+    """``synth-workers events serve --port 0`` in its own process (output to a file)."""
+    log = tmp_path / "events-serve.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "synth_workers.cli", "events", "serve", "--port", "0"],
+            cwd=ROOT,
+            env={**os.environ, "JWT_SECRET": SECRET, "SYNTH_EVENTS_HEARTBEAT": "0.5"},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    found: list[str] = []
+
+    def listening() -> bool:
+        found[:] = re.findall(r"listening on (http://\S+)", log.read_text(errors="replace"))
+        return bool(found) or process.poll() is not None
+
+    assert wait_until(listening, timeout=60) and found, log.read_text(errors="replace")
+    yield Server(process, found[0])
     os.killpg(process.pid, signal.SIGTERM)
-    assert process.wait(timeout=20) == 0
+    assert process.wait(timeout=20) == 0, log.read_text(errors="replace")
+    assert "Traceback" not in log.read_text(errors="replace"), log.read_text(errors="replace")
 
 
 def sse_messages(response: httpx.Response) -> Iterator[dict[str, Any]]:

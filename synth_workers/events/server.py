@@ -28,6 +28,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import redis
 import redis.asyncio as aioredis
 import tornado.httpserver
 import tornado.netutil
@@ -36,7 +37,9 @@ from tornado.iostream import StreamClosedError
 
 from synth_workers.errors import ConfigurationError
 from synth_workers.events.auth import AuthenticationError, authenticate
+from synth_workers.events.fanout import Fanout, Subscriber
 from synth_workers.events.stream import Event, job_stream, user_stream
+from synth_workers.ledger import Ledger
 from synth_workers.lifecycle import FINAL_KINDS
 from synth_workers.settings import Settings
 
@@ -57,17 +60,21 @@ class State:
     def __init__(
         self,
         redis_client: aioredis.Redis,
+        fanout: Fanout,
         secret: str,
         heartbeat: float,
         lookup: JobLookup,
     ) -> None:
         self.redis = redis_client
+        self.fanout = fanout
         self.secret = secret
         self.heartbeat = heartbeat
         self.lookup = lookup
         self.started = time.time()
         self.connections = 0
         self.events_sent = 0
+        #: Set at shutdown: open streams end (their clients reconnect elsewhere, resuming).
+        self.stopping = False
 
 
 class HealthHandler(tornado.web.RequestHandler):
@@ -95,6 +102,9 @@ class EventsHandler(tornado.web.RequestHandler):
 
     def on_connection_close(self) -> None:
         self.closed = True
+        subscriber = getattr(self, "subscriber", None)
+        if subscriber is not None:
+            subscriber.close()  # wake the handler now
 
     def _refuse(self, status: int, message: str) -> None:
         self.set_status(status)
@@ -145,8 +155,8 @@ class EventsHandler(tornado.web.RequestHandler):
         if cursor == "0":
             cursor = "0-0"
 
-        backlog = await self._read(key, cursor, block=None)
-        if job_id and not backlog and await self._ended(key, cursor, final_state):
+        nothing_new = job_id is not None and not await self._read(key, cursor, count=1)
+        if nothing_new and await self._ended(key, cursor, final_state):
             self.set_status(204)  # nothing left to send: an EventSource stops reconnecting
             self.finish()
             return
@@ -155,36 +165,51 @@ class EventsHandler(tornado.web.RequestHandler):
         self.set_header("Cache-Control", "no-cache")
         self.set_header("X-Accel-Buffering", "no")
         state.connections += 1
+        self.subscriber = None
         try:
-            await self._stream(key, cursor, backlog, until_final=bool(job_id))
+            self.subscriber = await state.fanout.subscribe(key, cursor)
+            await self._stream(self.subscriber, until_final=bool(job_id))
         except StreamClosedError:
             pass
+        except redis.RedisError as exc:  # the client reconnects with Last-Event-ID
+            if not state.stopping:
+                log.warning("events: Redis error on %s: %s; stream ended", key, exc)
+            if not self._finished:
+                self.finish()
         finally:
             state.connections -= 1
+            if self.subscriber is not None:
+                state.fanout.unsubscribe(self.subscriber)
 
-    async def _stream(self, key: str, cursor: str, backlog: list[Event], until_final: bool) -> None:
+    async def _stream(self, sub: Subscriber, until_final: bool) -> None:
         state = self.state
         self.write(f"retry: {RETRY_MS}\n\n")
         await self.flush()
-        events = backlog
-        block_ms = max(1, int(state.heartbeat * 1000))
-        while not self.closed:
-            if events:
-                for event in events:
-                    self.write(f"id: {event.id}\ndata: {event.to_json()}\n\n")
-                    cursor = event.id
-                    state.events_sent += 1
-                    if until_final and event.final:
-                        await self.flush()
-                        self.finish()
-                        return
-            else:
+        while not self.closed and not state.stopping:
+            try:
+                event = await asyncio.wait_for(sub.queue.get(), state.heartbeat)
+            except TimeoutError:
                 self.write(": heartbeat\n\n")
+                await self.flush()
+                continue
+            while event is not None:
+                self.write(f"id: {event.id}\ndata: {event.to_json()}\n\n")
+                state.events_sent += 1
+                if until_final and event.final:
+                    await self.flush()
+                    self.finish()
+                    return
+                if sub.queue.empty():
+                    break
+                event = sub.queue.get_nowait()
+            if event is None:  # shutdown, too far behind, or the client left
+                break
             await self.flush()
-            events = await self._read(key, cursor, block=block_ms)
+        if not self._finished and not self.closed:
+            self.finish()
 
-    async def _read(self, key: str, cursor: str, block: int | None) -> list[Event]:
-        reply: Any = await self.state.redis.xread({key: cursor}, count=500, block=block)
+    async def _read(self, key: str, cursor: str, count: int) -> list[Event]:
+        reply: Any = await self.state.redis.xread({key: cursor}, count=count)
         return [Event.from_entry(i, f) for _k, entries in reply or [] for i, f in entries]
 
     async def _last_id(self, key: str) -> str:
@@ -197,7 +222,13 @@ class EventsHandler(tornado.web.RequestHandler):
     async def _job_owner(self, job_id: str) -> tuple[str | None, bool, bool]:
         """(owner, ended per the ledger, known): the ledger first, the job's stream after."""
         loop = asyncio.get_running_loop()
-        found = await loop.run_in_executor(None, self.state.lookup, job_id)
+        try:
+            found = await loop.run_in_executor(None, self.state.lookup, job_id)
+        except Exception as exc:  # the ledger is down: the job's events still say whose it is
+            log.warning(
+                "events: ledger lookup of job %s failed (%s); using its stream", job_id, exc
+            )
+            found = None
         if found is not None:
             owner, ledger_state = found
             return owner, ledger_state in FINAL_STATES, True
@@ -215,11 +246,8 @@ class EventsHandler(tornado.web.RequestHandler):
         return any(Event.from_entry(i, f).kind in FINAL_KINDS for i, f in recent)
 
 
-def ledger_lookup(settings: Settings) -> JobLookup:
+def ledger_lookup(ledger: Ledger) -> JobLookup:
     """Owner and state of a job, read from the ledger."""
-    from synth_workers.ledger import Ledger
-
-    ledger = Ledger(settings)
 
     def lookup(job_id: str) -> tuple[str | None, str] | None:
         row = ledger.get(job_id)
@@ -263,13 +291,22 @@ def serve(
     port = settings.events_port if port is None else port
 
     async def main() -> None:
-        client = aioredis.Redis.from_url(
+        # Short reads only (the fan-out's blocking read has its own connection): a bounded
+        # pool that makes a burst of new clients wait their turn.
+        pool = aioredis.BlockingConnectionPool.from_url(
             settings.broker_url,
+            max_connections=32,
+            timeout=30,
             socket_connect_timeout=5,
-            socket_timeout=settings.events_heartbeat + 30,
-            health_check_interval=30,
+            socket_timeout=30,
         )
-        state = State(client, secret, settings.events_heartbeat, lookup or ledger_lookup(settings))
+        client = aioredis.Redis(connection_pool=pool)
+        ledger = Ledger(settings)
+        fanout = Fanout(client, settings.broker_url)
+        fanout.start()
+        state = State(
+            client, fanout, secret, settings.events_heartbeat, lookup or ledger_lookup(ledger)
+        )
         sockets = tornado.netutil.bind_sockets(port, address)
         server = tornado.httpserver.HTTPServer(make_app(state), idle_connection_timeout=3600)
         server.add_sockets(sockets)
@@ -281,7 +318,14 @@ def serve(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-        server.stop()
+        server.stop()  # no new connections
+        state.stopping = True
+        await fanout.close()  # each open stream ends
         await client.aclose()
+        deadline = time.monotonic() + 5
+        while state.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await server.close_all_connections()
+        ledger.close()
 
     asyncio.run(main())
