@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 #: Kinds written from the background thread; all others are written at once.
 BUFFERED_KINDS = frozenset({"started", "progress", "succeeded"})
+#: Announcements that are not job events (``usage``: LLM token counts, for metrics only).
+SKIPPED_KINDS = frozenset({"usage"})
 BATCH = 500
 
 
@@ -54,6 +56,8 @@ class EventBuffer:
         self._pid = os.getpid()
 
     def __call__(self, event: JobEvent) -> None:
+        if event.kind in SKIPPED_KINDS:
+            return
         if event.kind in BUFFERED_KINDS:
             self._pending.append(event)
             if self._thread is None or self._pid != os.getpid():
