@@ -283,8 +283,19 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     server_log = args.out.parent / "sse_fanout_server.log"
     proc, base = start_server(args.redis_url, args.database_url, server_log)
+    import psutil
+
+    server = psutil.Process(proc.pid)
+    server_cpu = None
     try:
         results = asyncio.run(run(args, base))
+        cpu = server.cpu_times()
+        server_cpu = cpu.user + cpu.system
+        own = psutil.Process().cpu_times()
+        print(
+            f"  CPU seconds: server process {server_cpu:.2f}, this process (the {args.clients} "
+            f"clients and the writer) {own.user + own.system:.2f}"
+        )
     finally:
         code = stop_server(proc)
     ok = all(
@@ -298,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
                 "benchmark": "sse_fanout",
                 "config": vars(args) | {"out": str(args.out)},
                 "phases": results,
+                "server_cpu_s": server_cpu,
                 "server_exit": code,
                 "ok": ok,
             },

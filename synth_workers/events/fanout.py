@@ -31,18 +31,23 @@ def id_key(event_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
+def frame(event: Event) -> bytes:
+    """The event as one SSE message."""
+    return f"id: {event.id}\ndata: {event.to_json()}\n\n".encode()
+
+
 class Subscriber:
-    """One client's view of one stream: a queue of events after ``last``."""
+    """One client's view of one stream: a queue of (event, SSE message) after ``last``."""
 
     def __init__(self, key: str, cursor: str, max_queue: int) -> None:
         self.key = key
         self.last = id_key(cursor)
         self.max_queue = max_queue
         #: Events to send; ``None`` ends the stream (shutdown, overflow, disconnect).
-        self.queue: asyncio.Queue[Event | None] = asyncio.Queue()
+        self.queue: asyncio.Queue[tuple[Event, bytes] | None] = asyncio.Queue()
         self.overflowed = False
 
-    def push(self, event: Event) -> None:
+    def push(self, event: Event, message: bytes | None = None) -> None:
         position = id_key(event.id)
         if position <= self.last or self.overflowed:
             return
@@ -51,7 +56,7 @@ class Subscriber:
             self.overflowed = True
             self.queue.put_nowait(None)
             return
-        self.queue.put_nowait(event)
+        self.queue.put_nowait((event, message or frame(event)))
 
     def close(self) -> None:
         self.queue.put_nowait(None)
@@ -164,5 +169,6 @@ class Fanout:
                     event = Event.from_entry(entry_id, fields)
                     if key in self.positions:
                         self.positions[key] = event.id
+                    message = frame(event)  # encoded once for every subscriber
                     for sub in list(subs or ()):
-                        sub.push(event)
+                        sub.push(event, message)

@@ -192,17 +192,18 @@ class EventsHandler(tornado.web.RequestHandler):
                 self.write(": heartbeat\n\n")
                 await self.flush()
                 continue
-            while event is not None:
-                self.write(f"id: {event.id}\ndata: {event.to_json()}\n\n")
+            item = event
+            while item is not None:
+                self.write(item[1])
                 state.events_sent += 1
-                if until_final and event.final:
+                if until_final and item[0].final:
                     await self.flush()
                     self.finish()
                     return
                 if sub.queue.empty():
                     break
-                event = sub.queue.get_nowait()
-            if event is None:  # shutdown, too far behind, or the client left
+                item = sub.queue.get_nowait()
+            if item is None:  # shutdown, too far behind, or the client left
                 break
             await self.flush()
         if not self._finished and not self.closed:
