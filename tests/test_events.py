@@ -463,3 +463,32 @@ def test_stream_memory_returns_to_baseline_after_retention(private_redis: redis.
     assert peak_used > baseline_used + 1_000_000  # the jobs did take memory
     assert abs(after_events - baseline_events) <= 0.10 * baseline_events
     assert abs(after_used - baseline_used) <= 0.10 * baseline_used
+
+
+def test_buffer_keeps_a_process_order_and_survives_a_redis_outage(
+    private_redis: redis.Redis,
+) -> None:
+    from synth_workers.events import EventBuffer
+
+    about = {"task": "t", "queue": "q", "user_id": "kim"}
+    buffer = EventBuffer(EventWriter(private_redis, retention=60, maxlen=100, job_ttl=3600))
+    buffer(JobEvent("started", "j1", attempt=1, **about))  # buffered
+    buffer(JobEvent("progress", "j1", attempt=1, **about, data={"current": 1}))  # buffered
+    buffer(JobEvent("dead", "j1", attempt=1, **about, data={"error_class": "E"}))  # at once
+    entries = private_redis.xrange(job_stream("j1"))
+    assert [f[b"kind"] for _i, f in entries] == [b"started", b"progress", b"failed", b"dead"]
+    assert 0 < private_redis.ttl(job_stream("j1")) <= 60
+    buffer(JobEvent("usage", "j1", **about))  # not a job event: never written
+    assert buffer.flush()
+    assert private_redis.xlen(job_stream("j1")) == 4
+
+    port = private_redis.connection_pool.connection_kwargs["port"]
+    down = redis.Redis(host="127.0.0.1", port=port, db=1, socket_connect_timeout=1)
+    offline = EventBuffer(EventWriter(down, retention=60, maxlen=100, job_ttl=3600))
+    down.connection_pool.connection_kwargs["port"] = 1  # nothing listens there
+    offline(JobEvent("progress", "j2", **about))
+    time.sleep(0.1)
+    assert not offline.flush()  # refused, kept
+    down.connection_pool.connection_kwargs["port"] = port
+    down.connection_pool.reset()
+    assert wait_until(lambda: down.exists(job_stream("j2")) == 1, timeout=5)
