@@ -180,6 +180,16 @@ def create_app(settings: Settings | None = None) -> SynthCelery:
 
     signals.worker_process_shutdown.connect(flush_completions, weak=False)
     signals.worker_shutdown.connect(flush_completions, weak=False)
+    if settings.events_enabled:  # job events on Redis Streams (synth_workers.events)
+        from synth_workers.events import connect_events
+
+        events = connect_events(app)
+
+        def flush_events(**kwargs: Any) -> None:  # after flush_completions: its events too
+            events.flush()
+
+        signals.worker_process_shutdown.connect(flush_events, weak=False)
+        signals.worker_shutdown.connect(flush_events, weak=False)
     from beat_schedule import beat_schedule
 
     app.conf.beat_schedule = beat_schedule

@@ -471,5 +471,13 @@ main.add_command(opscli.status)
 main.add_command(opscli.check)
 
 
+def _add_events() -> None:
+    from synth_workers.events.cli import events
+
+    main.add_command(events)
+
+
+_add_events()
+
 if __name__ == "__main__":
     main()

@@ -95,7 +95,7 @@ class DeadLetterQueue:
         pairs: list[tuple[str, str]] = []
         with self.ledger.connection() as conn, conn.transaction():
             rows = conn.execute(
-                f"SELECT id, task, queue, priority, payload, args FROM synth_jobs "  # noqa: S608
+                f"SELECT id, task, queue, priority, payload, args, user_id FROM synth_jobs "  # noqa: S608
                 f"WHERE {clause} AND failure_class IS DISTINCT FROM 'rejected_message' "
                 "ORDER BY finished_at LIMIT %s FOR UPDATE",
                 [*params, limit],
@@ -115,6 +115,7 @@ class DeadLetterQueue:
                     max_attempts=None,
                     published=False,
                     replay_of=str(row[0]),
+                    user_id=row[6],
                 )
                 pairs.append((str(row[0]), new_id))
         # Published by the sweeper's outbox relay too; publishing here saves the wait.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -36,6 +36,7 @@ from synth_workers.task import Task
 
 if TYPE_CHECKING:
     from synth_workers.app import SynthCelery
+    from synth_workers.events import Event
 
 
 def _default_app() -> SynthCelery:
@@ -94,6 +95,20 @@ class JobHandle:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             time.sleep(interval if remaining is None else min(interval, remaining))
             interval = min(interval * 1.5, 0.5)
+
+    def events(self, timeout: float | None = 60.0, since: str | None = None) -> Iterator[Event]:
+        """The job's events in order, blocking for new ones: its whole history (after event
+        id ``since`` when given), ending after its final event (succeeded, dead, cancelled).
+
+        Raises :class:`JobTimeoutError` when the job has not ended within ``timeout`` seconds
+        (``None``: wait for ever).
+        """
+        from synth_workers.events import subscribe
+
+        subscription = subscribe(job_id=self.id, since=since, timeout=timeout, app=self._app)
+        yield from subscription
+        if subscription.timed_out:
+            raise JobTimeoutError(self.id, f"job {self.id} did not end within {timeout}s")
 
     def cancel(self) -> bool:
         """Cancel the job; True when it will never start.
@@ -158,6 +173,7 @@ def enqueue(
     gpu: bool = False,
     conn: psycopg.Connection[Any] | None = None,
     job_id: str | None = None,
+    user_id: str | None = None,
     app: SynthCelery | None = None,
 ) -> JobHandle:
     """Enqueue one job; return its handle once it is recorded and published.
@@ -168,6 +184,8 @@ def enqueue(
     ``queue``: override the route; ``gpu=True``: an embedding job for a GPU worker.
     ``conn``: an open psycopg connection inside a transaction (outbox): the job is written
     in it and published only once it commits; a rollback leaves no job.
+    ``user_id``: the user (tenant) the job belongs to: its events go to that user's stream
+    and only that user may read them over SSE (see ``synth_workers.events``).
     Returns once the ledger row is committed (or written in ``conn``) and published.
     """
     app = app or _default_app()
@@ -195,6 +213,8 @@ def enqueue(
         options["synth_idempotency_key"] = idempotency_key
     if conn is not None:
         options["synth_conn"] = conn
+    if user_id is not None:
+        options["synth_user_id"] = str(user_id)
     try:
         result = task.apply_async(kwargs=data, **options)
     except (OperationalError, redis.RedisError, OSError) as exc:

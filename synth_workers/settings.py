@@ -406,6 +406,45 @@ class Settings(BaseSettings):
     )
     # --- end operations -----------------------------------------------------------------------
 
+    # --- events -------------------------------------------------------------------------------
+    # Job lifecycle events on Redis Streams and their SSE server (synth_workers.events).
+    events_enabled: bool = Field(
+        default=True,
+        description="SYNTH_EVENTS_ENABLED: write every job's lifecycle and progress events to "
+        "Redis Streams (false: none are written; subscribers see nothing new).",
+    )
+    events_retention: int = Field(
+        default=3600,
+        ge=1,
+        description="SYNTH_EVENTS_RETENTION: seconds a job's event stream lives after the job "
+        "ends (a user's stream: after its last event).",
+    )
+    events_maxlen: int = Field(
+        default=100_000,
+        ge=1,
+        description="SYNTH_EVENTS_MAXLEN: approximate cap on the global event stream's length "
+        "(and on each user's stream).",
+    )
+    events_address: str = Field(
+        default="127.0.0.1", description="SYNTH_EVENTS_ADDRESS: `events serve` binds here."
+    )
+    events_port: int = Field(
+        default=8765, ge=1, le=65535, description="SYNTH_EVENTS_PORT: `events serve` port."
+    )
+    events_heartbeat: float = Field(
+        default=15.0,
+        gt=0,
+        description="SYNTH_EVENTS_HEARTBEAT: seconds between SSE heartbeat comments on an idle "
+        "stream.",
+    )
+    jwt_secret: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("JWT_SECRET", "jwt_secret"),
+        description="JWT_SECRET: HS256 key of the bearer tokens `events serve` accepts (their "
+        "`sub` is the user); required by `events serve` only.",
+    )
+    # --- end events ---------------------------------------------------------------------------
+
     @field_validator("redis_url", "result_backend_url")
     @classmethod
     def _redis_scheme(cls, value: str | None) -> str | None:

@@ -20,6 +20,8 @@
   ``self.record_effect(key)`` guard an outside effect (an email) against a second run.
 - **Cancellation**: ``self.cancel_requested`` turns true when someone cancels the running
   job; ``self.raise_if_cancelled()`` stops it there.
+- **Progress**: ``self.progress(current, total, message=...)`` emits a ``progress`` event
+  (``synth_workers.events``); ``self.workflow_completed(**summary)`` a ``workflow_completed``.
 """
 
 from __future__ import annotations
@@ -172,11 +174,13 @@ class Task(celery.Task):  # type: ignore[type-arg]
         ``synth_conn=`` (an open psycopg connection in a transaction) makes it an outbox
         enqueue: the row is written in that transaction and published once it commits.
         ``synth_idempotency_key=`` dedupes: the existing job's result handle is returned.
+        ``synth_user_id=``: the user (tenant) the job belongs to (its events are theirs).
         """
         level = options.pop("priority", None)
         level = resolve_priority(self.priority if level is None else level)
         conn: psycopg.Connection[Any] | None = options.pop("synth_conn", None)
         key: str | None = options.pop("synth_idempotency_key", None)
+        user_id: str | None = options.pop("synth_user_id", None)
         delay = _delay(options)
         job_id: str = options.get("task_id") or str(uuid.uuid4())
         options["task_id"] = job_id
@@ -193,6 +197,7 @@ class Task(celery.Task):  # type: ignore[type-arg]
             "idempotency_key": key,
             "max_attempts": self.max_attempts,
             "published": conn is None,
+            "user_id": user_id,
         }
         if conn is not None:
             actual = ledger.insert_job(conn, **row)
@@ -210,6 +215,7 @@ class Task(celery.Task):  # type: ignore[type-arg]
                 job_id,
                 task=self.name,
                 queue=row["queue"],
+                user_id=user_id,
                 data={"priority": level, "delay": delay} if delay else {"priority": level},
             )
         if actual != job_id or delay:
@@ -426,3 +432,32 @@ class Task(celery.Task):  # type: ignore[type-arg]
     def raise_if_cancelled(self) -> None:
         if self.cancel_requested:
             raise CancelledWhileRunning(f"job {self.request.id} was cancelled")
+
+    # --- events (synth_workers.events) --------------------------------------------------------
+    def progress(
+        self, current: float, total: float | None = None, message: str | None = None
+    ) -> None:
+        """Report the running job's progress: a ``progress`` event (one Redis round trip;
+        nothing outside a worker or with events off)."""
+        data: dict[str, Any] = {"current": current, "total": total}
+        if message is not None:
+            data["message"] = message[:500]
+        self._announce("progress", data)
+
+    def workflow_completed(self, **summary: Any) -> None:
+        """Tell subscribers this workflow finished its work (``summary``: small JSON)."""
+        self._announce("workflow_completed", summary)
+
+    def _announce(self, kind: str, data: dict[str, Any]) -> None:
+        claim = self.claim
+        lifecycle = self.synth_app.lifecycle
+        if claim is not None and lifecycle.listening:
+            lifecycle.announce(
+                kind,
+                claim.job_id,
+                task=claim.task or self.name,
+                queue=claim.queue,
+                attempt=claim.attempt,
+                user_id=claim.user_id,
+                data=data,
+            )

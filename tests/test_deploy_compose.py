@@ -32,18 +32,10 @@ DOCKER = ROOT / "docker"
 
 # Settings from the deployment contract that other branches add to settings.py (operations:
 # health/metrics endpoints; events server). Delete each name once settings.py reads it.
-PENDING_SETTINGS: frozenset[str] = frozenset(
-    {
-        "SYNTH_EVENTS_ADDRESS",  # events SSE server bind address
-        "SYNTH_EVENTS_PORT",  # events SSE server port (8765)
-        "JWT_SECRET",  # events server token secret
-    }
-)
+PENDING_SETTINGS: frozenset[str] = frozenset()
 
 # `synth-workers` commands from the contract, not yet in cli.py: path -> options they take.
-PENDING_CLI_COMMANDS: dict[tuple[str, ...], frozenset[str]] = {
-    ("events", "serve"): frozenset({"--address", "--port"}),
-}
+PENDING_CLI_COMMANDS: dict[tuple[str, ...], frozenset[str]] = {}
 
 # Files the operations branch writes, mounted or referenced here. Delete once merged.
 PENDING_FILES: frozenset[str] = frozenset()

@@ -226,6 +226,7 @@ class Ledger:
         max_attempts: int | None,
         published: bool,
         replay_of: str | None = None,
+        user_id: str | None = None,
     ) -> str:
         """Insert a job row (queued, or scheduled when delayed); with an idempotency key,
         return the id of the live job that already holds the key instead (nothing inserted).
@@ -249,9 +250,9 @@ class Ledger:
         scheduled = bool(delay and delay > 0)
         conn.execute(
             "INSERT INTO synth_jobs (id, task, queue, priority, payload, args, idempotency_key,"
-            " state, max_attempts, run_at, published_at, replay_of) VALUES (%s, %s, %s, %s, %s,"
-            " %s, %s, %s, %s, CASE WHEN %s THEN now() + make_interval(secs => %s) END,"
-            " CASE WHEN %s THEN now() END, %s)",
+            " state, max_attempts, run_at, published_at, replay_of, user_id) VALUES (%s, %s, %s,"
+            " %s, %s, %s, %s, %s, %s, CASE WHEN %s THEN now() + make_interval(secs => %s) END,"
+            " CASE WHEN %s THEN now() END, %s, %s)",
             (
                 job_id,
                 task,
@@ -266,6 +267,7 @@ class Ledger:
                 delay or 0,
                 published and not scheduled,
                 replay_of,
+                user_id,
             ),
         )
         if not published and not scheduled:

@@ -1,0 +1,108 @@
+"""Keeps event writes off a worker's hot path: the listener the app factory connects.
+
+``started``, ``progress`` and ``succeeded`` (what every job emits, in the thread that runs
+it) are appended to a per-process buffer; a background thread writes what has gathered every
+``linger`` seconds, many events per round trip. Every other kind (``queued`` at enqueue,
+``retrying``, ``dead``, ``cancelled``, ...) is written at once, in the announcing thread,
+together with whatever the buffer holds: one process's events reach Redis in the order it
+announced them, and an enqueue returns only once its ``queued`` event is stored (so it
+precedes anything a worker writes about the job).
+
+The buffer is flushed when a worker process stops (the app factory connects :meth:`flush`
+to Celery's shutdown signals) and at interpreter exit; a process killed outright loses at
+most the last ``linger`` seconds of its buffered events. A forked child starts with an empty
+buffer (its parent writes its own). If Redis cannot be reached the events are kept (up to
+``max_pending``, oldest dropped first, with a warning) and retried.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+import time
+
+from synth_workers.events.stream import EventWriter
+from synth_workers.lifecycle import JobEvent
+
+log = logging.getLogger(__name__)
+
+#: Kinds written from the background thread; all others are written at once.
+BUFFERED_KINDS = frozenset({"started", "progress", "succeeded"})
+#: Announcements that are not job events (``usage``: LLM token counts, for metrics only).
+SKIPPED_KINDS = frozenset({"usage"})
+BATCH = 500
+
+
+class EventBuffer:
+    """A lifecycle listener: buffers hot-path events, writes the rest at once, in order."""
+
+    def __init__(
+        self, writer: EventWriter, *, linger: float = 0.01, max_pending: int = 100_000
+    ) -> None:
+        self.writer = writer
+        self.linger = linger
+        self.max_pending = max_pending
+        self.dropped = 0
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        self._pending: collections.deque[JobEvent] = collections.deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
+
+    def __call__(self, event: JobEvent) -> None:
+        if event.kind in SKIPPED_KINDS:
+            return
+        if event.kind in BUFFERED_KINDS:
+            self._pending.append(event)
+            if self._thread is None or self._pid != os.getpid():
+                self._start()
+            if not self._wake.is_set():
+                self._wake.set()
+            return
+        self._pending.append(event)
+        self.flush(raise_errors=True)
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="synth-events-writer", daemon=True
+                )
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            time.sleep(self.linger)  # let a batch gather
+            self._wake.clear()
+            if not self.flush():
+                time.sleep(0.5)  # Redis unreachable: retry soon
+                self._wake.set()
+
+    def flush(self, raise_errors: bool = False) -> bool:
+        """Write every pending event now, in order; False if Redis refused them (kept)."""
+        with self._lock:
+            pending = self._pending
+            while pending:
+                batch = [pending.popleft() for _ in range(min(BATCH, len(pending)))]
+                try:
+                    self.writer.write(batch)
+                except Exception:
+                    pending.extendleft(reversed(batch))
+                    overflow = len(pending) - self.max_pending
+                    if overflow > 0:
+                        for _ in range(overflow):
+                            pending.popleft()
+                        self.dropped += overflow
+                        log.warning("events: Redis unreachable; dropped %d event(s)", overflow)
+                    if raise_errors:
+                        raise
+                    log.exception("events: writing %d event(s) failed; kept", len(batch))
+                    return False
+        return True

@@ -1,0 +1,332 @@
+"""The SSE server (``synth-workers events serve``): job events over HTTP, on Tornado.
+
+``GET /events?job=ID`` streams one job's events (its whole history first, then live; the
+stream ends after the job's final event), ``GET /events?user=ID`` one user's (new events;
+``since=0`` for the history kept). Each event is one SSE message: ``id:`` (the event id,
+monotonic over all jobs) and ``data:`` (the event as JSON: ``kind``, ``job_id``, ``task``,
+``queue``, ``attempt``, ``user_id``, ``at``, ``data``). A client that reconnects with
+``Last-Event-ID`` (browsers do) gets every event after that id, none twice; once the job has
+ended and nothing is left to send, the answer is ``204 No Content`` (a browser's EventSource
+then stops reconnecting). An idle stream carries a ``: heartbeat`` comment every
+``SYNTH_EVENTS_HEARTBEAT`` seconds.
+
+Authentication: ``Authorization: Bearer <JWT>`` signed with ``JWT_SECRET`` (HS256), whose
+``sub`` is the user. Missing or invalid: 401. Another user's job or stream: 403. A user reads
+only their own jobs' events. ``GET /health`` answers JSON from local state (no Redis round
+trip).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import signal
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+import tornado.httpserver
+import tornado.netutil
+import tornado.web
+from tornado.iostream import StreamClosedError
+
+from synth_workers.errors import ConfigurationError
+from synth_workers.events.auth import AuthenticationError, authenticate
+from synth_workers.events.fanout import Fanout, Subscriber
+from synth_workers.events.stream import Event, job_stream, user_stream
+from synth_workers.ledger import Ledger
+from synth_workers.lifecycle import FINAL_KINDS
+from synth_workers.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_EVENT_ID = re.compile(r"^\d{1,20}(-\d{1,20})?$")
+FINAL_STATES = frozenset({"succeeded", "dead", "cancelled"})
+#: Browsers wait this long (ms) before reconnecting a dropped stream.
+RETRY_MS = 2000
+
+#: ``job id -> (owner user id, ledger state)``, ``None`` when the ledger has no such job.
+JobLookup = Callable[[str], "tuple[str | None, str] | None"]
+
+
+class State:
+    """What every handler of one server shares."""
+
+    def __init__(
+        self,
+        redis_client: aioredis.Redis,
+        fanout: Fanout,
+        secret: str,
+        heartbeat: float,
+        lookup: JobLookup,
+    ) -> None:
+        self.redis = redis_client
+        self.fanout = fanout
+        self.secret = secret
+        self.heartbeat = heartbeat
+        self.lookup = lookup
+        self.started = time.time()
+        self.connections = 0
+        self.events_sent = 0
+        #: Set at shutdown: open streams end (their clients reconnect elsewhere, resuming).
+        self.stopping = False
+
+
+class HealthHandler(tornado.web.RequestHandler):
+    def initialize(self, state: State) -> None:
+        self.state = state
+
+    def get(self) -> None:
+        state = self.state
+        self.write(
+            {
+                "status": "ok",
+                "connections": state.connections,
+                "events_sent": state.events_sent,
+                "uptime_seconds": round(time.time() - state.started, 3),
+            }
+        )
+
+
+class EventsHandler(tornado.web.RequestHandler):
+    """``GET /events?job=ID`` / ``?user=ID``: server-sent events."""
+
+    def initialize(self, state: State) -> None:
+        self.state = state
+        self.closed = False
+
+    def on_connection_close(self) -> None:
+        self.closed = True
+        subscriber = getattr(self, "subscriber", None)
+        if subscriber is not None:
+            subscriber.close()  # wake the handler now
+
+    def _refuse(self, status: int, message: str) -> None:
+        self.set_status(status)
+        if status == 401:
+            self.set_header("WWW-Authenticate", 'Bearer realm="synth-workers events"')
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps({"error": message}))
+
+    async def get(self) -> None:
+        state = self.state
+        try:
+            user = authenticate(self.request.headers.get("Authorization"), state.secret)
+        except AuthenticationError as exc:
+            self._refuse(401, str(exc))
+            return
+        job_id = self.get_argument("job", None)
+        wanted_user = self.get_argument("user", None)
+        if not job_id and not wanted_user:
+            self._refuse(400, "give ?job=ID or ?user=ID")
+            return
+        if wanted_user and wanted_user != user:
+            self._refuse(403, "not your events")
+            return
+        since = self.request.headers.get("Last-Event-ID") or self.get_argument("since", None)
+        if since is not None and since not in ("0", "$") and not _EVENT_ID.match(since):
+            self._refuse(400, "Last-Event-ID / since must be an event id")
+            return
+
+        final_state = False
+        if job_id:
+            try:
+                uuid.UUID(job_id)
+            except ValueError:
+                self._refuse(404, "no such job")
+                return
+            owner, final_state, known = await self._job_owner(job_id)
+            if not known:
+                self._refuse(404, "no such job")
+                return
+            if owner != user:
+                self._refuse(403, "not your job")
+                return
+            key = job_stream(job_id)
+            cursor = since if since and since != "$" else "0-0"
+        else:
+            key = user_stream(user)
+            cursor = since if since and since != "$" else await self._last_id(key)
+        if cursor == "0":
+            cursor = "0-0"
+
+        nothing_new = job_id is not None and not await self._read(key, cursor, count=1)
+        if nothing_new and await self._ended(key, cursor, final_state):
+            self.set_status(204)  # nothing left to send: an EventSource stops reconnecting
+            self.finish()
+            return
+
+        self.set_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.set_header("Cache-Control", "no-cache")
+        self.set_header("X-Accel-Buffering", "no")
+        state.connections += 1
+        self.subscriber = None
+        try:
+            self.subscriber = await state.fanout.subscribe(key, cursor)
+            await self._stream(self.subscriber, until_final=bool(job_id))
+        except StreamClosedError:
+            pass
+        except redis.RedisError as exc:  # the client reconnects with Last-Event-ID
+            if not state.stopping:
+                log.warning("events: Redis error on %s: %s; stream ended", key, exc)
+            if not self._finished:
+                self.finish()
+        finally:
+            state.connections -= 1
+            if self.subscriber is not None:
+                state.fanout.unsubscribe(self.subscriber)
+
+    async def _stream(self, sub: Subscriber, until_final: bool) -> None:
+        state = self.state
+        self.write(f"retry: {RETRY_MS}\n\n")
+        await self.flush()
+        while not self.closed and not state.stopping:
+            try:
+                event = await asyncio.wait_for(sub.queue.get(), state.heartbeat)
+            except TimeoutError:
+                self.write(": heartbeat\n\n")
+                await self.flush()
+                continue
+            item = event
+            while item is not None:
+                self.write(item[1])
+                state.events_sent += 1
+                if until_final and item[0].final:
+                    await self.flush()
+                    self.finish()
+                    return
+                if sub.queue.empty():
+                    break
+                item = sub.queue.get_nowait()
+            if item is None:  # shutdown, too far behind, or the client left
+                break
+            await self.flush()
+        if not self._finished and not self.closed:
+            self.finish()
+
+    async def _read(self, key: str, cursor: str, count: int) -> list[Event]:
+        reply: Any = await self.state.redis.xread({key: cursor}, count=count)
+        return [Event.from_entry(i, f) for _k, entries in reply or [] for i, f in entries]
+
+    async def _last_id(self, key: str) -> str:
+        entries: Any = await self.state.redis.xrevrange(key, max="+", min="-", count=1)
+        if not entries:
+            return "0-0"
+        entry_id = entries[0][0]
+        return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+
+    async def _job_owner(self, job_id: str) -> tuple[str | None, bool, bool]:
+        """(owner, ended per the ledger, known): the ledger first, the job's stream after."""
+        loop = asyncio.get_running_loop()
+        try:
+            found = await loop.run_in_executor(None, self.state.lookup, job_id)
+        except Exception as exc:  # the ledger is down: the job's events still say whose it is
+            log.warning(
+                "events: ledger lookup of job %s failed (%s); using its stream", job_id, exc
+            )
+            found = None
+        if found is not None:
+            owner, ledger_state = found
+            return owner, ledger_state in FINAL_STATES, True
+        first: Any = await self.state.redis.xrange(job_stream(job_id), "-", "+", count=1)
+        if not first:
+            return None, False, False
+        event = Event.from_entry(first[0][0], first[0][1])
+        return event.user_id, False, True
+
+    async def _ended(self, key: str, cursor: str, ended_in_ledger: bool) -> bool:
+        """Whether a job stream has nothing more to come for a client at ``cursor``."""
+        recent: Any = await self.state.redis.xrevrange(key, max="+", min="-", count=10)
+        if not recent:
+            return ended_in_ledger  # its events expired after it ended
+        return any(Event.from_entry(i, f).kind in FINAL_KINDS for i, f in recent)
+
+
+def ledger_lookup(ledger: Ledger) -> JobLookup:
+    """Owner and state of a job, read from the ledger."""
+
+    def lookup(job_id: str) -> tuple[str | None, str] | None:
+        row = ledger.get(job_id)
+        if row is None:
+            return None
+        return row["user_id"], str(row["state"])
+
+    return lookup
+
+
+def make_app(state: State) -> tornado.web.Application:
+    return tornado.web.Application(
+        [
+            (r"/health", HealthHandler, {"state": state}),
+            (r"/events", EventsHandler, {"state": state}),
+        ]
+    )
+
+
+def secret_of(settings: Settings) -> str:
+    secret = settings.jwt_secret.get_secret_value() if settings.jwt_secret else ""
+    if not secret:
+        raise ConfigurationError(
+            "JWT_SECRET is not set: `synth-workers events serve` verifies bearer tokens "
+            "(HS256) with it. Set JWT_SECRET to the secret your application signs them with."
+        )
+    return secret
+
+
+def serve(
+    settings: Settings,
+    address: str | None = None,
+    port: int | None = None,
+    on_listening: Callable[[str, int], None] | None = None,
+    lookup: JobLookup | None = None,
+) -> None:
+    """Run the SSE server until SIGINT or SIGTERM (port 0: a free one, given to
+    ``on_listening``)."""
+    secret = secret_of(settings)
+    address = address or settings.events_address
+    port = settings.events_port if port is None else port
+
+    async def main() -> None:
+        # Short reads only (the fan-out's blocking read has its own connection): a bounded
+        # pool that makes a burst of new clients wait their turn.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            settings.broker_url,
+            max_connections=32,
+            timeout=30,
+            socket_connect_timeout=5,
+            socket_timeout=30,
+        )
+        client = aioredis.Redis(connection_pool=pool)
+        ledger = Ledger(settings)
+        fanout = Fanout(client, settings.broker_url)
+        fanout.start()
+        state = State(
+            client, fanout, secret, settings.events_heartbeat, lookup or ledger_lookup(ledger)
+        )
+        sockets = tornado.netutil.bind_sockets(port, address)
+        server = tornado.httpserver.HTTPServer(make_app(state), idle_connection_timeout=3600)
+        server.add_sockets(sockets)
+        actual = sockets[0].getsockname()[1]
+        if on_listening is not None:
+            on_listening(address, actual)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        server.stop()  # no new connections
+        state.stopping = True
+        await fanout.close()  # each open stream ends
+        await client.aclose()
+        deadline = time.monotonic() + 5
+        while state.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await server.close_all_connections()
+        ledger.close()
+
+    asyncio.run(main())

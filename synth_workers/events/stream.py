@@ -1,0 +1,331 @@
+"""Job events on Redis Streams: the writer (a lifecycle listener) and the readers.
+
+Every :class:`~synth_workers.lifecycle.JobEvent` the ledger announces is written, in one
+round trip (one Lua script call), to:
+
+* ``synth:events:job:<job id>``: the job's own stream, its whole history. It expires
+  ``SYNTH_EVENTS_RETENTION`` seconds after the job's final event (``SYNTH_JOB_TTL`` after
+  its first one, as a safety net for a job that never ends);
+* ``synth:events:all``: every job's events, capped at about ``SYNTH_EVENTS_MAXLEN`` entries;
+* ``synth:events:user:<user id>``: the events of the user's jobs, capped the same way, expiring
+  ``SYNTH_EVENTS_RETENTION`` seconds after its last event.
+
+One event has **the same id in every stream** it is in: the id the global stream gives it,
+which is monotonic over all jobs. So ``since=`` / ``Last-Event-ID`` work whatever stream is
+read. An event without a user id (a state change announced by a sweeper) takes the user of
+its job's first event, read in the same script.
+
+Kinds are those of :mod:`synth_workers.lifecycle` plus ``failed`` (an attempt failed; written
+just before the ``retrying`` or ``dead`` it leads to) and ``workflow_completed`` (announced by
+a workflow task, see :meth:`synth_workers.task.Task.workflow_completed`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from synth_workers.lifecycle import FINAL_KINDS, JobEvent
+
+log = logging.getLogger(__name__)
+
+PREFIX = "synth:events:"
+GLOBAL_STREAM = PREFIX + "all"
+#: A job's own stream keeps at most about this many events (progress of a very long job).
+JOB_STREAM_CAP = 10_000
+#: ``data`` above this many bytes of JSON is replaced by ``{"truncated": true, "bytes": n}``.
+DATA_LIMIT_BYTES = 4096
+#: Kinds written as a ``failed`` event followed by themselves.
+FAILURE_KINDS = frozenset({"retrying", "dead"})
+
+
+def job_stream(job_id: str) -> str:
+    return f"{PREFIX}job:{job_id}"
+
+
+def user_stream(user_id: str) -> str:
+    return f"{PREFIX}user:{user_id}"
+
+
+# KEYS[1]: the global stream. ARGV: global cap, job cap, job safety TTL, retention, user key
+# prefix, job key prefix, then per event: job id, user id ('' = none), final (0/1), number
+# of field/value pairs, the pairs. Returns the ids given, in order.
+_WRITE = """
+local gcap, jcap, jttl, ret = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local uprefix, jprefix = ARGV[5], ARGV[6]
+local ids = {}
+local i = 7
+while i <= #ARGV do
+  local job, user, final, n = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
+  local jkey = jprefix .. job
+  local fields = {}
+  for k = 1, 2 * n do fields[k] = ARGV[i + 3 + k] end
+  i = i + 4 + 2 * n
+  if user == '' then
+    local first = redis.call('XRANGE', jkey, '-', '+', 'COUNT', 1)[1]
+    if first then
+      local f = first[2]
+      for k = 1, #f, 2 do
+        if f[k] == 'user' then user = f[k + 1] break end
+      end
+    end
+    if user ~= '' then
+      fields[#fields + 1] = 'user'
+      fields[#fields + 1] = user
+    end
+  end
+  local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', gcap, '*', unpack(fields))
+  local ok = redis.pcall('XADD', jkey, 'MAXLEN', '~', jcap, id, unpack(fields))
+  if type(ok) == 'table' and ok.err then
+    redis.call('XADD', jkey, 'MAXLEN', '~', jcap, '*', unpack(fields))
+  end
+  if final == '1' then
+    redis.call('EXPIRE', jkey, ret)
+  else
+    redis.call('EXPIRE', jkey, jttl, 'NX')
+  end
+  if user ~= '' then
+    local ukey = uprefix .. user
+    ok = redis.pcall('XADD', ukey, 'MAXLEN', '~', gcap, id, unpack(fields))
+    if type(ok) == 'table' and ok.err then
+      redis.call('XADD', ukey, 'MAXLEN', '~', gcap, '*', unpack(fields))
+    end
+    redis.call('EXPIRE', ukey, ret)
+  end
+  ids[#ids + 1] = id
+end
+return ids
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One job event as read back from a stream; ``id`` orders all events."""
+
+    id: str
+    kind: str
+    job_id: str
+    task: str | None = None
+    queue: str | None = None
+    attempt: int | None = None
+    user_id: str | None = None
+    #: Unix time of the change.
+    at: float = 0.0
+    data: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def final(self) -> bool:
+        """The job ended with this event (succeeded, dead or cancelled)."""
+        return self.kind in FINAL_KINDS
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "job_id": self.job_id,
+            "task": self.task,
+            "queue": self.queue,
+            "attempt": self.attempt,
+            "user_id": self.user_id,
+            "at": self.at,
+            "data": dict(self.data),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_dict(), separators=(",", ":"), default=str)
+
+    @classmethod
+    def from_entry(cls, entry_id: bytes | str, fields: Mapping[bytes, bytes]) -> Event:
+        def text(name: bytes) -> str | None:
+            value = fields.get(name)
+            return None if value is None else value.decode()
+
+        attempt = text(b"attempt")
+        data = text(b"data")
+        return cls(
+            id=entry_id.decode() if isinstance(entry_id, bytes) else entry_id,
+            kind=text(b"kind") or "?",
+            job_id=text(b"job") or "?",
+            task=text(b"task"),
+            queue=text(b"queue"),
+            attempt=int(attempt) if attempt else None,
+            user_id=text(b"user"),
+            at=float(text(b"at") or 0.0),
+            data=json.loads(data) if data else {},
+        )
+
+
+def encode_data(data: Mapping[str, Any]) -> str:
+    text = json.dumps(dict(data), separators=(",", ":"), default=str)
+    if len(text) > DATA_LIMIT_BYTES:
+        return json.dumps({"truncated": True, "bytes": len(text)})
+    return text
+
+
+def _fields(kind: str, event: JobEvent, data: Mapping[str, Any]) -> list[str]:
+    out = ["kind", kind, "job", event.job_id, "at", repr(event.at)]
+    if event.task:
+        out += ["task", event.task]
+    if event.queue:
+        out += ["queue", event.queue]
+    if event.attempt is not None:
+        out += ["attempt", str(event.attempt)]
+    if event.user_id:
+        out += ["user", str(event.user_id)]
+    if data:
+        out += ["data", encode_data(data)]
+    return out
+
+
+class EventWriter:
+    """Writes lifecycle events to Redis Streams; connect :meth:`__call__` to a Lifecycle.
+
+    Runs in the thread that changed the job's state: one Redis round trip per event, and a
+    Redis error is raised to the lifecycle hub (which logs it and never fails the job).
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        retention: int,
+        maxlen: int,
+        job_ttl: int,
+    ) -> None:
+        self.client = client
+        self.retention = retention
+        self.maxlen = maxlen
+        self.job_ttl = job_ttl
+        self._script = client.register_script(_WRITE)
+
+    def __call__(self, event: JobEvent) -> None:
+        self.write([event])
+
+    @staticmethod
+    def _args(event: JobEvent) -> list[str]:
+        entries: list[tuple[str, Mapping[str, Any]]] = []
+        if event.kind in FAILURE_KINDS:
+            failed = {k: v for k, v in event.data.items() if k in ("failure_class", "error_class")}
+            entries.append(("failed", failed))
+        entries.append((event.kind, event.data))
+        args: list[str] = []
+        for kind, data in entries:
+            fields = _fields(kind, event, data)
+            args += [
+                event.job_id,
+                str(event.user_id or ""),
+                "1" if kind in FINAL_KINDS else "0",
+                str(len(fields) // 2),
+                *fields,
+            ]
+        return args
+
+    def write(self, events: Sequence[JobEvent]) -> list[str]:
+        """Write ``events`` in one round trip; return the ids they were given."""
+        args: list[str] = [
+            str(self.maxlen),
+            str(JOB_STREAM_CAP),
+            str(self.job_ttl),
+            str(self.retention),
+            PREFIX + "user:",
+            PREFIX + "job:",
+        ]
+        for event in events:
+            args += self._args(event)
+        ids = self._script(keys=[GLOBAL_STREAM], args=args)
+        return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
+
+
+# --- reading -----------------------------------------------------------------------------
+def stream_for(job_id: str | None = None, user_id: str | None = None) -> str:
+    """The stream to read: a job's, else a user's, else the global one."""
+    if job_id:
+        return job_stream(job_id)
+    if user_id:
+        return user_stream(user_id)
+    return GLOBAL_STREAM
+
+
+def read_range(client: redis.Redis, key: str, since: str | None, count: int = 1000) -> list[Event]:
+    """Events of ``key`` after ``since`` (exclusive; ``None``: from the start)."""
+    start = "-" if not since or since in ("0", "0-0") else f"({since}"
+    entries: Any = client.xrange(key, min=start, max="+", count=count)
+    return [Event.from_entry(i, f) for i, f in entries]
+
+
+def last_id(client: redis.Redis, key: str) -> str:
+    """The id of the newest event of ``key`` ("0-0" when it has none)."""
+    entries: Any = client.xrevrange(key, max="+", min="-", count=1)
+    if not entries:
+        return "0-0"
+    entry_id = entries[0][0]
+    return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+
+
+class Subscription:
+    """An iterator over events of one stream, in order, blocking for new ones.
+
+    ``since``: the id of the last event already seen (exclusive); ``None`` starts from the
+    whole history for a job, from now on for a user or the global stream. The iteration ends
+    after ``timeout`` seconds in all (``None``: never), and, for a job with ``until_final``,
+    after the job's final event.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        job_id: str | None = None,
+        user_id: str | None = None,
+        since: str | None = None,
+        timeout: float | None = None,
+        until_final: bool = True,
+        block_ms: int = 1000,
+    ) -> None:
+        self.client = client
+        self.job_id = job_id
+        self.user_id = user_id
+        self.key = stream_for(job_id, user_id)
+        self.timeout = timeout
+        self.until_final = until_final and job_id is not None
+        self.block_ms = block_ms
+        self.since = since
+        #: Set when the iteration stopped because ``timeout`` ran out.
+        self.timed_out = False
+
+    def __iter__(self) -> Iterator[Event]:
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        cursor = self.since
+        if cursor is None:
+            cursor = "0-0" if self.job_id else last_id(self.client, self.key)
+        while True:
+            block = self.block_ms
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.timed_out = True
+                    return
+                block = max(1, min(block, int(left * 1000)))
+            reply: Any = self.client.xread({self.key: cursor}, count=500, block=block)
+            for _key, entries in reply or []:
+                for entry_id, fields in entries:
+                    event = Event.from_entry(entry_id, fields)
+                    cursor = event.id
+                    if self.user_id and self.job_id and event.user_id != self.user_id:
+                        continue
+                    yield event
+                    if self.until_final and event.final:
+                        return
+
+
+def events_client(url: str) -> redis.Redis:
+    """A client for the event streams (short timeouts: a listener must not hang a job)."""
+    return redis.Redis.from_url(
+        url, socket_connect_timeout=5, socket_timeout=5, socket_keepalive=True
+    )

@@ -1,0 +1,24 @@
+"""Tasks the events tests run in real worker processes (SYNTH_INCLUDE adds this module)."""
+
+from __future__ import annotations
+
+import time
+
+from synth_workers import Task, app
+
+
+@app.task(name="tests.events_tasks.steps", bind=True)
+def steps(self: Task, n: int = 10, sleep: float = 0.0) -> int:
+    """Report ``n`` progress steps, ``sleep`` seconds apart."""
+    for i in range(1, n + 1):
+        self.progress(i, n, message=f"step {i}")
+        if sleep:
+            time.sleep(sleep)
+    return n
+
+
+@app.task(name="tests.events_tasks.workflow", bind=True)
+def workflow(self: Task) -> str:
+    self.progress(1, 1)
+    self.workflow_completed(outputs=1)
+    return "done"
