@@ -45,12 +45,14 @@ def _effects() -> tuple[int, int]:
 def test_sigkill_random_worker_processes(rclient: Any, start_worker: Any) -> None:
     total = 2000
     for n in range(total):
-        enqueue("tests.e2e_tasks.effect", {"n": n, "sleep": 0.01}, queue=QUEUE)
+        # 2000 x 100 ms on 6 pool processes: the backlog lasts past the 20 s of kills
+        enqueue("tests.e2e_tasks.effect", {"n": n, "sleep": 0.1}, queue=QUEUE)
     workers = [start_worker(QUEUE, concurrency=2) for _ in range(3)]
     rng = random.Random(1234)
-    kills = 0
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
+    kills = hits = 0
+    # one SIGKILL every 2 s, 10 in all ("every 2 s for 20 s"); starting a replacement for a
+    # killed main process adds its start-up time, so the loop counts kills, not seconds
+    while kills < 10:
         time.sleep(2)
         alive = [w for w in workers if w.process.poll() is None]
         procs = []
@@ -60,8 +62,10 @@ def test_sigkill_random_worker_processes(rclient: Any, start_worker: Any) -> Non
             procs.extend((w, child) for child in main.children(recursive=True))
         worker, victim = rng.choice(procs)
         try:
+            running = _states().get("succeeded", 0) < total
             victim.send_signal(signal.SIGKILL)
             kills += 1
+            hits += running
         except psutil.NoSuchProcess:
             continue
         if victim.pid == worker.process.pid:
@@ -69,7 +73,8 @@ def test_sigkill_random_worker_processes(rclient: Any, start_worker: Any) -> Non
             worker.stop(timeout=5)
             workers.remove(worker)
             workers.append(start_worker(QUEUE, concurrency=2))
-    assert kills >= 8
+    assert kills == 10
+    assert hits >= 8, f"only {hits} kills hit a running backlog"
     assert wait_until(lambda: _states().get("succeeded", 0) == total, timeout=240), (
         _states(),
         _not_succeeded(),
