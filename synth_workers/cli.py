@@ -128,8 +128,32 @@ def _demo_jobs(app: Any, outbox: Path) -> list[tuple[str, Any]]:
             ),
         ),
         ("system ping", enqueue("tasks.system.ping", {"message": "ping"}, app=app)),
+        *_demo_embedding(app),
         *_demo_workflow(app),
     ]
+
+
+def _demo_embedding(app: Any) -> list[tuple[str, Any]]:
+    """Index one document into Qdrant (local mode unless QDRANT_URL), when an embedder is
+    installed or configured (says so otherwise)."""
+    import importlib.util
+
+    from synth_workers.producer import enqueue
+
+    s = app.settings
+    if s.embed_provider == "local" and importlib.util.find_spec("sentence_transformers") is None:
+        click.echo(
+            "skipped   embeddings: the local model is not installed "
+            "(pip install -e '.[embeddings]', or SYNTH_EMBED_PROVIDER=openai)"
+        )
+        return []
+    document = {
+        "id": "demo",
+        "text": "SynthStack Workers indexes documents into Qdrant.",
+        "metadata": {"source": "demo"},
+    }
+    handle = enqueue("tasks.embeddings.index_documents", {"documents": [document]}, app=app)
+    return [(f"embeddings ({s.embed_provider})", handle)]
 
 
 def _demo_workflow(app: Any) -> list[tuple[str, Any]]:

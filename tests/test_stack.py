@@ -43,6 +43,11 @@ def test_demo_runs_one_job_of_each_kind_and_exits_0() -> None:
     assert "(embedded pgserver)" in proc.stdout
     assert re.search(r"ok +email \(welcome\): succeeded", proc.stdout), proc.stdout
     assert re.search(r"ok +system ping: succeeded", proc.stdout), proc.stdout
+    # one document indexed by the local model into Qdrant's local folder
+    assert re.search(r'ok +embeddings \(local\): succeeded -> .*"points": 1', proc.stdout), (
+        proc.stdout
+    )
+    assert "skipped   orchestration: no LLM configured" in proc.stdout
     assert "outbox    1 message(s)" in proc.stdout
     assert proc.stdout.rstrip().endswith("demo succeeded")
 
