@@ -22,20 +22,21 @@ dead-letter.
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import shared_task
 from pydantic import BaseModel, Field, field_validator, model_validator
-from qdrant_client import models
 
 from synth_workers.errors import ConfigurationError, PermanentError
 from synth_workers.producer import JobHandle, enqueue
 from synth_workers.providers.batching import EmbeddingService, embedding_service
 from synth_workers.providers.embedder import EmbeddingRateLimitedError
-from synth_workers.providers.vectors import CHUNK_INDEX, DOC_ID, VectorStore, vector_store
 from synth_workers.routing import Priority
 from synth_workers.settings import Settings
 from synth_workers.task import Task
+
+if TYPE_CHECKING:
+    from synth_workers.providers.vectors import VectorStore
 
 #: Namespace of point ids: ``uuid5(POINT_NAMESPACE, f"{doc_id}#{chunk_index}")``. Fixed
 #: forever: changing it would make every re-run add points instead of replacing them.
@@ -128,6 +129,11 @@ def index_documents(
     payload: IndexPayload, settings: Settings, embedder: EmbeddingService, store: VectorStore
 ) -> dict[str, Any]:
     """Chunk, embed and upsert ``payload``'s documents; return a summary for the ledger."""
+    # qdrant-client on first use (not at worker start-up: it takes ~0.7 s to import)
+    from qdrant_client import models
+
+    from synth_workers.providers.vectors import CHUNK_INDEX, DOC_ID
+
     size, overlap = chunking(payload, settings)
     collection = payload.collection or settings.embed_collection
     texts: list[str] = []
@@ -189,12 +195,18 @@ def delete_documents(
     return {"collection": collection, "documents": len(payload.document_ids)}
 
 
+def _vector_store(settings: Settings) -> VectorStore:
+    from synth_workers.providers.vectors import vector_store
+
+    return vector_store(settings)
+
+
 @shared_task(name="tasks.embeddings.index_documents", bind=True, payload_model=IndexPayload)
 def index_documents_task(self: Task, payload: IndexPayload) -> dict[str, Any]:
     settings = self.synth_app.settings
     try:
         return index_documents(
-            payload, settings, embedding_service(settings), vector_store(settings)
+            payload, settings, embedding_service(settings), _vector_store(settings)
         )
     except EmbeddingRateLimitedError as exc:  # wait what the provider asked; no attempt used
         self.defer(exc.retry_after if exc.retry_after is not None else 1.0, "rate_limited")
@@ -206,7 +218,7 @@ def index_documents_task(self: Task, payload: IndexPayload) -> dict[str, Any]:
 def delete_documents_task(self: Task, payload: DeletePayload) -> dict[str, Any]:
     settings = self.synth_app.settings
     try:
-        return delete_documents(payload, settings, vector_store(settings))
+        return delete_documents(payload, settings, _vector_store(settings))
     except ConfigurationError as exc:
         raise PermanentError(str(exc)) from exc
 

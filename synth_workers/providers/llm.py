@@ -21,15 +21,13 @@ the provider's limits from them).
 
 from __future__ import annotations
 
+import importlib
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal
-
-import anthropic
-import openai
 
 from synth_workers.errors import (
     ProviderRejectedError,
@@ -80,11 +78,17 @@ def client(settings: Settings, provider: Provider) -> Any:
     with _lock:
         found = _clients.get(cache_key)
         if found is None:
+            # The SDKs are imported on first use: they take over a second to import, which a
+            # worker that never runs an LLM job should not pay at start-up.
             if provider == "openai":
+                import openai
+
                 found = openai.OpenAI(
                     api_key=key, base_url=base, timeout=settings.llm_timeout, max_retries=0
                 )
             else:
+                import anthropic
+
                 found = anthropic.Anthropic(
                     api_key=key, base_url=base, timeout=settings.llm_timeout, max_retries=0
                 )
@@ -139,7 +143,7 @@ def complete(
 ) -> Completion:
     """One chat completion (OpenAI) or message (Anthropic); raises the platform's errors."""
     sdk = client(settings, provider)
-    errors: Any = openai if provider == "openai" else anthropic
+    errors: Any = importlib.import_module(provider)  # the SDK's module: its error classes
     try:
         if provider == "openai":
             messages: list[dict[str, str]] = []
