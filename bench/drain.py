@@ -190,6 +190,14 @@ def clean_results(client: redis.Redis) -> None:
         client.delete(*keys[i : i + 1000])
 
 
+def clean_events(client: redis.Redis) -> None:
+    """Delete the platform's event streams (``synth:events:*``) so each round starts alike,
+    as the raw-tracked app's result keys are deleted."""
+    keys = list(client.scan_iter(match="synth:events:*", count=1000))
+    for i in range(0, len(keys), 1000):
+        client.delete(*keys[i : i + 1000])
+
+
 def result_states(client: redis.Redis) -> dict[str, int]:
     """How many result keys are in each state (STARTED is overwritten by SUCCESS)."""
     counts: dict[str, int] = {}
@@ -329,6 +337,7 @@ def measure(
     clean_redis(client, target.queue)
     if target is PLATFORM:
         ledger_reset()
+        clean_events(client)
     if target is RAW_TRACKED:
         clean_results(client)
 
