@@ -60,16 +60,8 @@ class DeadLetterQueue:
         self.ledger = app.ledger
 
     def list_dead(self, where: DLQFilter | None = None, limit: int = 100) -> list[dict[str, Any]]:
-        f = where or DLQFilter()
-        return self.ledger.list_jobs(
-            states=("dead",),
-            task=f.task,
-            queue=f.queue,
-            failure_class=f.failure_class,
-            older_than=f.older_than,
-            newer_than=f.newer_than,
-            limit=limit,
-        )
+        clause, params = (where or DLQFilter()).where()
+        return self.ledger.list_where(clause, params, limit)
 
     def count(self, where: DLQFilter | None = None) -> int:
         clause, params = (where or DLQFilter()).where()

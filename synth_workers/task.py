@@ -437,8 +437,8 @@ class Task(celery.Task):  # type: ignore[type-arg]
     def progress(
         self, current: float, total: float | None = None, message: str | None = None
     ) -> None:
-        """Report the running job's progress: a ``progress`` event (one Redis round trip;
-        nothing outside a worker or with events off)."""
+        """Report the running job's progress: a ``progress`` event (buffered and written in
+        batches by the worker's event writer; nothing outside a worker or with events off)."""
         data: dict[str, Any] = {"current": current, "total": total}
         if message is not None:
             data["message"] = message[:500]
@@ -450,14 +450,6 @@ class Task(celery.Task):  # type: ignore[type-arg]
 
     def _announce(self, kind: str, data: dict[str, Any]) -> None:
         claim = self.claim
-        lifecycle = self.synth_app.lifecycle
-        if claim is not None and lifecycle.listening:
-            lifecycle.announce(
-                kind,
-                claim.job_id,
-                task=claim.task or self.name,
-                queue=claim.queue,
-                attempt=claim.attempt,
-                user_id=claim.user_id,
-                data=data,
-            )
+        ledger = self.synth_app.ledger
+        if claim is not None and ledger.lifecycle.listening:
+            ledger.lifecycle.announce(kind, claim.job_id, **ledger.about(claim), data=data)

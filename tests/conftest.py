@@ -8,15 +8,20 @@ their own (``.ci/run`` uses db 15).
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -130,14 +135,36 @@ class Worker:
         return self.log.read_text(errors="replace")
 
     def stop(self, timeout: float = 20) -> int:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        return self.process.returncode
+        return stop_group(self.process, timeout)
+
+
+def stop_group(process: subprocess.Popen[Any], timeout: float = 20) -> int:
+    """SIGTERM a process started with ``start_new_session=True`` and its group; SIGKILL the
+    group after ``timeout`` seconds. Returns its exit status."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    return int(process.returncode)
+
+
+def http_json(url: str, auth: tuple[str, str] | None = None) -> tuple[int, Any]:
+    """GET ``url`` (with HTTP basic ``auth``): (status, decoded JSON body); (0, None) when
+    nothing answers."""
+    request = urllib.request.Request(url)
+    if auth:
+        token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        return exc.code, None
+    except OSError:
+        return 0, None
 
 
 def wait_for_worker(

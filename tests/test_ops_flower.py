@@ -3,14 +3,9 @@ our workers and tasks."""
 
 from __future__ import annotations
 
-import base64
-import json
 import os
-import signal
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,7 +14,7 @@ import pytest
 
 from synth_workers import enqueue
 
-from .conftest import ROOT, wait_until
+from .conftest import ROOT, http_json, stop_group, wait_until
 from .test_ops_metrics import free_port
 
 QUEUE = "ops-flower"
@@ -27,17 +22,7 @@ USER, PASSWORD = "ops", "flower-test-pw"
 
 
 def api(url: str, auth: tuple[str, str] | None = (USER, PASSWORD)) -> tuple[int, Any]:
-    request = urllib.request.Request(url)
-    if auth:
-        token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
-        request.add_header("Authorization", f"Basic {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, json.loads(response.read() or b"null")
-    except urllib.error.HTTPError as exc:
-        return exc.code, None
-    except OSError:
-        return 0, None
+    return http_json(url, auth)
 
 
 def _flower_env(**extra: str) -> dict[str, str]:
@@ -63,12 +48,7 @@ def flower() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
         assert wait_until(lambda: api(f"{base}/api/workers", None)[0] != 0, timeout=60)
         yield base, proc
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc)
 
 
 def test_flower_requires_auth_and_shows_our_workers_and_tasks(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from synth_workers import JobFailedError, JobState, enqueue
 from synth_workers.lifecycle import JobEvent
 from synth_workers.metrics import JobMetrics
 
-from .conftest import ROOT, wait_until
+from .conftest import ROOT, stop_group, wait_until
 
 QUEUE = "ops-metrics"
 INTERVAL = 0.5
@@ -301,11 +300,6 @@ def test_ready_is_false_until_the_worker_consumes(tmp_path: Path) -> None:
         assert wait_until(lambda: get(f"{base}/ready")[0] == 200, timeout=40), log.read_text()
         assert get(f"{base}/live")[0] == 200
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc)
         if server is not None:
             server.stop()

@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import base64
-import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
 
 from synth_workers import JobState, Settings, create_app, enqueue
+
+from .conftest import http_json
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "synth_workers.cli"]
@@ -80,18 +77,6 @@ def test_dev_names_an_unreachable_service(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
 
 
-def _get(url: str, auth: tuple[str, str] | None = None) -> tuple[int, Any]:
-    request = urllib.request.Request(url)
-    if auth:
-        token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
-        request.add_header("Authorization", f"Basic {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, json.loads(response.read() or b"null")
-    except urllib.error.HTTPError as exc:
-        return exc.code, None
-
-
 def _read_until(proc: subprocess.Popen[str], marker: str, timeout: float) -> list[str]:
     lines: list[str] = []
     deadline = time.monotonic() + timeout
@@ -140,11 +125,11 @@ def test_dev_runs_until_ctrl_c_and_leaves_nothing_behind(tmp_path: Path) -> None
 
         # Flower: auth required, and its API shows our workers
         base, user, password = flower.groups()
-        assert _get(f"{base}/api/workers")[0] == 401
+        assert http_json(f"{base}/api/workers")[0] == 401
         names: set[str] = set()
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not {"main", "embeddings"} <= names:
-            status, body = _get(f"{base}/api/workers?refresh=1", (user, password))
+            status, body = http_json(f"{base}/api/workers?refresh=1", (user, password))
             assert status == 200
             names = {name.split("@")[0] for name in (body or {})}
             time.sleep(0.5)

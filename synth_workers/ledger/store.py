@@ -354,13 +354,14 @@ class Ledger:
             self.lifecycle.announce(
                 "started",
                 job_id,
-                **self._about(claim),
+                **self.about(claim),
                 data={"queue_wait": max(0.0, claim.claimed_at - float(row[5]))},
             )
         return claim
 
     @staticmethod
-    def _about(claim: Claim) -> dict[str, Any]:
+    def about(claim: Claim) -> dict[str, Any]:
+        """The fields a lifecycle announcement about ``claim``'s job carries."""
         return {
             "task": claim.task,
             "queue": claim.queue,
@@ -371,7 +372,7 @@ class Ledger:
     def announce_finish(self, claim: Claim, kind: str, **data: Any) -> None:
         if self.lifecycle.listening:
             data.setdefault("runtime", max(0.0, time.time() - claim.claimed_at))
-            self.lifecycle.announce(kind, claim.job_id, **self._about(claim), data=data)
+            self.lifecycle.announce(kind, claim.job_id, **self.about(claim), data=data)
 
     def adopt(
         self,
@@ -527,7 +528,7 @@ class Ledger:
     def record_late(self, claim: Claim, outcome: str) -> None:
         if self.lifecycle.listening:
             self.lifecycle.announce(
-                "late_refused", claim.job_id, **self._about(claim), data={"outcome": outcome}
+                "late_refused", claim.job_id, **self.about(claim), data={"outcome": outcome}
             )
         with self.connection() as conn:
             conn.execute(
@@ -792,6 +793,10 @@ class Ledger:
             older_than=older_than,
             newer_than=newer_than,
         )
+        return self.list_where(where, params, limit)
+
+    def list_where(self, where: str, params: Sequence[Any], limit: int) -> list[dict[str, Any]]:
+        """Jobs matching a clause made by :meth:`filters`, newest first."""
         with self.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
             return cur.execute(
                 f"SELECT * FROM synth_jobs WHERE {where} "  # noqa: S608 - fixed fragments
