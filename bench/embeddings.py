@@ -6,8 +6,11 @@ rotating the order, with everything else the same:
 
 1. clean the queue and the ledger (schema ``synth_bench_embed``);
 2. start one worker, ``celery -A synth_workers worker -Q bench-embeddings -P threads -c C``
-   (the GPU pool's command), and run one warm-up job so the model is loaded (on CUDA when
-   torch sees one, else on CPU) and the Qdrant collection exists;
+   (the GPU pool's command; ``C`` is ``--concurrency``, 128, batched and
+   ``--unbatched-concurrency``, 1, unbatched: each mode at its best, since without batching
+   more job threads only compete with the one pass running), and run one warm-up job so the
+   model is loaded (on CUDA when torch sees one, else on CPU) and the Qdrant collection
+   exists;
 3. stop its consumer (``cancel_consumer``), enqueue N jobs of one short document each (not
    timed), start the consumer again (``add_consumer``) and wait until the ledger holds N
    finished jobs; ``drain`` runs from just before ``add_consumer`` to the ledger's last
@@ -16,6 +19,9 @@ rotating the order, with everything else the same:
    ``finished_at``;
 4. check every job succeeded with its own point, and count the distinct forward passes the
    jobs report.
+
+Before the rounds, the model alone is timed in this process (one text per call against one
+call of ``--batch-max`` texts): that ratio is the ceiling for the speed-up.
 
 The figure is ``jobs/s = N / drain`` per mode (median over rounds) and the speed-up
 batched ÷ unbatched; the target is ≥ 5× on CPU. Qdrant runs in local mode in memory inside
@@ -70,6 +76,7 @@ class Run:
     mode: str
     round: int
     jobs: int
+    concurrency: int = 0
     enqueue_s: float = 0.0
     drain_s: float = 0.0
     busy_s: float = 0.0
@@ -143,6 +150,45 @@ def device_info() -> dict[str, Any]:
     return info
 
 
+def model_ceiling(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The model alone, in this process, before any worker runs: ms per text with one text
+    per call against one call of ``--batch-max`` texts (median of 3). Its ratio is the most
+    batching jobs can gain; each job's own work (claim, completion, upsert) only lowers it.
+    ``None`` when the embedder is not the local model."""
+    import gc
+
+    from synth_workers import app
+    from synth_workers.providers.embedder import LocalEmbedder, create_embedder
+
+    embedder = create_embedder(app.settings)
+    if not isinstance(embedder, LocalEmbedder):
+        return None
+    texts = [text_of(i, args.short) for i in range(1, args.batch_max + 1)]
+    embedder.embed(texts)
+    for text in texts[:5]:
+        embedder.embed([text])
+    single: list[float] = []
+    batch: list[float] = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for text in texts:
+            embedder.embed([text])
+        single.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        embedder.embed(texts)
+        batch.append(time.perf_counter() - t0)
+    result = {
+        "device": embedder.device,
+        "texts": len(texts),
+        "single_ms_per_text": round(statistics.median(single) / len(texts) * 1000, 3),
+        "batch_ms_per_text": round(statistics.median(batch) / len(texts) * 1000, 3),
+    }
+    result["ratio"] = round(result["single_ms_per_text"] / result["batch_ms_per_text"], 2)
+    del embedder
+    gc.collect()
+    return result
+
+
 # --- worker --------------------------------------------------------------------------------
 def start_worker(
     node: str, mode: str, args: argparse.Namespace, log: Path
@@ -157,7 +203,7 @@ def start_worker(
     }
     argv = [
         sys.executable, "-m", "celery", "-A", "synth_workers", "worker",
-        "-Q", QUEUE, "-n", node, "-P", "threads", "-c", str(args.concurrency),
+        "-Q", QUEUE, "-n", node, "-P", "threads", "-c", str(concurrency(mode, args)),
         "--without-mingle", "--without-gossip", "-l", "WARNING",
     ]  # fmt: skip
     with log.open("wb") as out:
@@ -170,6 +216,14 @@ def start_worker(
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
+
+
+def concurrency(mode: str, args: argparse.Namespace) -> int:
+    """Worker threads for ``mode``: each mode at its own best, so the baseline is not
+    handicapped. Without batching a local model runs one pass at a time, and more job threads
+    only compete with that pass for the cores (here: 43 jobs/s at -c 1, 40 at -c 2, 32 at
+    -c 128)."""
+    return args.concurrency if mode == "batched" else args.unbatched_concurrency
 
 
 def stop_worker(proc: subprocess.Popen[bytes]) -> None:
@@ -254,7 +308,7 @@ def finished(exclude: str) -> tuple[float, float, list[Any]]:
 def measure(mode: str, rnd: int, args: argparse.Namespace, client: Any, logs: Path) -> Run:
     from synth_workers import app, enqueue
 
-    run = Run(mode=mode, round=rnd, jobs=args.jobs)
+    run = Run(mode=mode, round=rnd, jobs=args.jobs, concurrency=concurrency(mode, args))
     node = f"bench-embed-{mode}-{rnd}@{socket.gethostname()}"
     log = logs / f"embeddings-{mode}-r{rnd}.log"
     reset(client)
@@ -314,7 +368,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--concurrency", type=int, default=128, help="worker threads (-c)")
+    parser.add_argument(
+        "--concurrency", type=int, default=128, help="worker threads (-c), batched mode"
+    )
+    parser.add_argument(
+        "--unbatched-concurrency", type=int, default=1, help="worker threads, unbatched mode"
+    )
+    parser.add_argument("--no-ceiling", action="store_true", help="skip the model-only measurement")
     parser.add_argument("--batch-max", type=int, default=64, help="SYNTH_EMBED_BATCH_MAX")
     parser.add_argument("--linger-ms", type=float, default=5.0, help="SYNTH_EMBED_BATCH_LINGER_MS")
     parser.add_argument("--short", action="store_true", help="~8-token documents, not ~25")
@@ -342,9 +402,18 @@ def main(argv: list[str] | None = None) -> int:
         omp = os.environ.get("OMP_NUM_THREADS", "unset")
         print(
             f"embeddings bench: {args.jobs} one-document jobs ({kind}), -P threads "
-            f"-c {args.concurrency}, batch max {args.batch_max}, linger {args.linger_ms} ms, "
+            f"-c {args.concurrency} batched / -c {args.unbatched_concurrency} unbatched, "
+            f"batch max {args.batch_max}, linger {args.linger_ms} ms, "
             f"on {where}, OMP_NUM_THREADS={omp}"
         )
+        ceiling = None if args.no_ceiling else model_ceiling(args)
+        if ceiling:
+            print(
+                f"  model alone ({ceiling['device']}): one text per call "
+                f"{ceiling['single_ms_per_text']:.2f} ms/text, {ceiling['texts']} per call "
+                f"{ceiling['batch_ms_per_text']:.2f} ms/text -> {ceiling['ratio']:.2f}x "
+                "(the most batching can gain, before any per-job work)"
+            )
         runs: list[Run] = []
         for rnd in range(1, args.rounds + 1):
             order = MODES if rnd % 2 else tuple(reversed(MODES))
@@ -376,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
             "switch_interval_ms": os.environ.get("SYNTH_EMBED_SWITCH_INTERVAL_MS", "0.5"),
             "rounds": args.rounds,
             "concurrency": args.concurrency,
+            "unbatched_concurrency": args.unbatched_concurrency,
+            "model_ceiling": ceiling,
             "batch_max": args.batch_max,
             "linger_ms": args.linger_ms,
             "qdrant": os.environ.get("QDRANT_URL") or args.qdrant_path,
