@@ -26,6 +26,7 @@ FAILURE_CLASSES = (
     "worker_lost",
     "poison_pill",
     "rejected_message",
+    "rate_limited",
 )
 
 

@@ -117,6 +117,14 @@ class Settings(BaseSettings):
     retry_backoff_cap: float = Field(
         default=300.0, gt=0, description="SYNTH_RETRY_BACKOFF_CAP: seconds; largest backoff."
     )
+    defer_max_seconds: float = Field(
+        default=3600.0,
+        gt=0,
+        description="SYNTH_DEFER_MAX_SECONDS: how long a job may keep deferring on a provider's "
+        "429 (since its first such deferral); after that a 429 is a failed attempt "
+        "(failure class rate_limited), retried with backoff and dead-lettered when attempts run "
+        "out. Waits on the platform's own shared limits are not capped.",
+    )
     max_payload_bytes: int = Field(
         default=256 * 1024, ge=1, description="SYNTH_MAX_PAYLOAD_BYTES: payload cap at enqueue."
     )

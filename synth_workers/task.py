@@ -43,7 +43,12 @@ from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 from celery.worker.request import Request as CeleryRequest
 from pydantic import BaseModel, ValidationError
 
-from synth_workers.errors import InvalidPayloadError, PermanentError, SynthWorkersError
+from synth_workers.errors import (
+    InvalidPayloadError,
+    PermanentError,
+    RateLimitedError,
+    SynthWorkersError,
+)
 from synth_workers.routing import (
     DEFAULT_PRIORITY,
     from_transport,
@@ -77,10 +82,11 @@ class _RetryRequested(Exception):  # noqa: N818 - control flow
 
 
 class _DeferRequested(Exception):  # noqa: N818 - control flow
-    def __init__(self, countdown: float, reason: str) -> None:
+    def __init__(self, countdown: float, reason: str, capped: bool) -> None:
         super().__init__(f"deferred {countdown:.2f}s: {reason}")
         self.countdown = countdown
         self.reason = reason
+        self.capped = capped
 
 
 def backoff_bound(attempt: int, base: float, cap: float) -> float:
@@ -252,14 +258,22 @@ class Task(celery.Task):  # type: ignore[type-arg]
             return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
         raise _RetryRequested(exc, countdown)
 
-    def defer(self, countdown: float, reason: str = "rate_limited") -> NoReturn:
+    def defer(
+        self, countdown: float, reason: str = "rate_limited", *, capped: bool = True
+    ) -> NoReturn:
         """Run this job again in ``countdown`` seconds *without using an attempt* (a shared
-        rate limit or a provider's 429 said wait). The wait is kept in the ledger."""
-        if self.claim is None:
-            from synth_workers.errors import RateLimitedError
+        rate limit or a provider's 429 said wait). The wait is kept in the ledger.
 
+        ``capped`` (the default, for a provider's 429): a job keeps deferring for at most
+        ``SYNTH_DEFER_MAX_SECONDS`` since its first capped deferral; after that the 429 is a
+        failed attempt (failure class ``rate_limited``), retried after ``countdown`` and
+        dead-lettered when attempts run out, so a provider that answers 429 forever does not
+        hold the job forever. ``capped=False`` for waits on the platform's own shared limits,
+        which a backlog may make long but which always free up.
+        """
+        if self.claim is None:
             raise RateLimitedError(f"deferred: {reason}", retry_after=countdown)
-        raise _DeferRequested(max(0.0, float(countdown)), reason)
+        raise _DeferRequested(max(0.0, float(countdown)), reason, capped)
 
     # --- running ----------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -315,7 +329,14 @@ class Task(celery.Task):  # type: ignore[type-arg]
             error = wanted.exc if isinstance(wanted.exc, BaseException) else Exception("retry")
             return self._retry_or_die(claim, error, "exception", wanted.countdown)
         except _DeferRequested as wanted:
-            ledger.defer(claim, wanted.countdown, wanted.reason)
+            limit = self.synth_app.settings.defer_max_seconds if wanted.capped else None
+            if ledger.defer(claim, wanted.countdown, wanted.reason, limit) == "exhausted":
+                error = RateLimitedError(
+                    f"{wanted.reason}: still rate limited after deferring for more than "
+                    f"{limit:.0f}s (SYNTH_DEFER_MAX_SECONDS)",
+                    retry_after=wanted.countdown,
+                )
+                return self._retry_or_die(claim, error, "rate_limited", wanted.countdown)
             raise Retry(when=wanted.countdown) from None  # type: ignore[arg-type]
         except _CONTROL_FLOW:
             raise

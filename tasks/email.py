@@ -165,7 +165,7 @@ def send_email_task(self: Task, payload: EmailPayload) -> dict[str, Any]:
         try:
             reservation = acquire(limiter, 0, settings.limit_max_inline_wait)
         except RateLimitedError as exc:
-            self.defer(exc.retry_after or 1.0, "email_rate_limit")
+            self.defer(exc.retry_after or 1.0, "email_rate_limit", capped=False)
     try:
         result = deliver(mail, settings)
     except (RateLimitedError, ProviderUnavailableError) as exc:

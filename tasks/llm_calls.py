@@ -61,7 +61,7 @@ def call_llm(
     try:
         reservation = quota.reserve(provider, model, estimate, settings.limit_max_inline_wait)
     except RateLimitedError as exc:
-        task.defer(exc.retry_after or 1.0, "llm_quota")
+        task.defer(exc.retry_after or 1.0, "llm_quota", capped=False)
     used: int | None = None
     try:
         completion = llm.complete(

@@ -35,6 +35,16 @@ def flaky(key: str, fail_times: int) -> int:
     return count
 
 
+@app.task(name="tests.e2e_tasks.deferring", bind=True)
+def deferring(self: Task, key: str, times: int, wait: float, capped: bool) -> int:
+    """Defer ``times`` times (``times`` < 0: always) for ``wait`` s, then succeed; each run
+    counted. ``capped``: as on a provider's 429; else as on the platform's own limit."""
+    count = int(_r().incr(f"test:count:{key}"))
+    if times < 0 or count <= times:
+        self.defer(wait, "test_429" if capped else "own_limit", capped=capped)
+    return count
+
+
 @app.task(name="tests.e2e_tasks.always_failing")
 def always_failing(key: str) -> None:
     _r().incr(f"test:count:{key}")

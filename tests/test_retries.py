@@ -92,3 +92,35 @@ def test_invalid_payload_at_the_worker_is_never_retried(rclient: Any, start_work
     assert caught.value.error_class == "InvalidPayloadError"
     assert handle.info()["attempt"] == 1
     assert rclient.keys("test:count:typed:*") == []
+
+
+def test_deferring_is_capped_for_a_429_not_for_own_limits(rclient: Any, start_worker: Any) -> None:
+    start_worker(QUEUE, env={"SYNTH_DEFER_MAX_SECONDS": "1.5", "SYNTH_MAX_ATTEMPTS": "2"})
+    forever = enqueue(
+        "tests.e2e_tasks.deferring",
+        {"key": "cap", "times": -1, "wait": 0.2, "capped": True},
+        queue=QUEUE,
+    )
+    own = enqueue(
+        "tests.e2e_tasks.deferring",
+        {"key": "own", "times": 10, "wait": 0.2, "capped": False},
+        queue=QUEUE,
+    )
+    # A provider answering 429 forever: deferred (no attempt used) for 1.5 s, then each 429
+    # is a failed attempt, and the job is dead-lettered when attempts run out.
+    with pytest.raises(JobFailedError) as failed:
+        forever.wait(timeout=60)
+    assert failed.value.error_class == "RateLimitedError"
+    assert "SYNTH_DEFER_MAX_SECONDS" in failed.value.error
+    info = forever.info()
+    assert info["state"] == JobState.DEAD
+    assert info["failure_class"] == "rate_limited"
+    assert info["attempt"] == 2
+    runs = int(rclient.get("test:count:cap"))
+    assert runs >= 4, runs  # two or more deferrals before the two failed attempts
+    assert info["first_deferred_at"] is not None
+    # A wait on the platform's own shared limit is not capped: 10 deferrals (well over 1.5 s),
+    # then it succeeds on its first attempt.
+    assert own.wait(timeout=60) == 11
+    assert own.info()["attempt"] == 1
+    assert own.info()["first_deferred_at"] is None

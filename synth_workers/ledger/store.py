@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from importlib import resources
-from typing import Any
+from typing import Any, Literal
 
 import psycopg
 from psycopg import sql
@@ -484,17 +484,47 @@ class Ledger:
         )
 
     # --- deferral (a shared rate limit or a provider's 429: wait, no attempt used) -------
-    def defer(self, claim: Claim, delay: float, reason: str) -> bool:
+    def defer(
+        self, claim: Claim, delay: float, reason: str, max_seconds: float | None = None
+    ) -> Literal["deferred", "lost", "exhausted"]:
         """Put the running job back to ``scheduled`` in ``delay`` seconds and give its
-        attempt back (``attempt - 1``), fenced by the claim."""
-        return self._finish(
-            claim,
-            "deferred",
-            "state = 'scheduled', run_at = now() + make_interval(secs => %s), "
-            "attempt = attempt - 1",
-            (delay,),
-            event=("scheduled", {"reason": "deferred", "why": reason, "delay": delay}),
+        attempt back (``attempt - 1``), fenced by the claim: ``"deferred"``, or ``"lost"``
+        when the claim no longer holds (recorded as late).
+
+        With ``max_seconds`` (a provider's 429, not a wait on the platform's own limits) the
+        job's first such deferral is remembered, and once it is ``max_seconds`` old the job is
+        left running and ``"exhausted"`` is returned: the caller fails the attempt instead.
+        """
+        assignments = (
+            "state = 'scheduled', run_at = now() + make_interval(secs => %s), attempt = attempt - 1"
         )
+        event = ("scheduled", {"reason": "deferred", "why": reason, "delay": delay})
+        if max_seconds is None:
+            done = self._finish(claim, "deferred", assignments, (delay,), event=event)
+            return "deferred" if done else "lost"
+        query = (
+            "SELECT first_deferred_at IS NOT NULL AND first_deferred_at <= now() - "  # noqa: S608
+            f"make_interval(secs => %s) FROM synth_jobs WHERE {self._FENCE} FOR UPDATE"
+        )
+        with self.connection() as conn, conn.transaction():
+            row = conn.execute(
+                query.encode(), (max_seconds, claim.job_id, claim.attempt, claim.owner)
+            ).fetchone()
+            if row is not None and row[0]:
+                return "exhausted"
+            done = row is not None and self._finish(
+                claim,
+                "deferred",
+                assignments + ", first_deferred_at = coalesce(first_deferred_at, now())",
+                (delay,),
+                conn=conn,
+            )
+        if row is None:
+            self.record_late(claim, "deferred")
+        if not done:
+            return "lost"
+        self.announce_finish(claim, event[0], **event[1])
+        return "deferred"
 
     # --- end of deferral -------------------------------------------------------------------
 
