@@ -327,6 +327,41 @@ def test_reconcile_finds_waiting_messages_from_the_tail(rclient: Any) -> None:
     assert ids_in_redis(app, {"nobody"}, oldest | missing, chunk=7) == oldest
 
 
+def test_reconcile_passes_back_off_after_a_slow_one(
+    rclient: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from synth_workers.ledger.sweeper import RECONCILE_BACKOFF, Sweeper
+
+    sweeper = Sweeper(app)
+    assert sweeper.reconcile_every == 1.0  # SYNTH_SWEEP_INTERVAL 0.2 (conftest) x 5
+    passes: list[float] = []
+    pass_seconds = 0.02
+
+    def reconcile() -> int:
+        passes.append(time.monotonic())
+        time.sleep(pass_seconds)
+        return 0
+
+    monkeypatch.setattr(sweeper, "reconcile", reconcile)
+    sweeper.sweep()
+    assert len(passes) == 1
+    assert sweeper.reconcile_wait == 1.0  # a quick pass: the usual interval
+    pass_seconds = 0.1  # a large old backlog to read: the next pass waits 20x as long
+    time.sleep(1.0)
+    sweeper.sweep()
+    assert len(passes) == 2
+    assert sweeper.reconcile_wait >= pass_seconds * RECONCILE_BACKOFF
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:  # 1.5 s of sweeps: past the usual 1 s, within 2 s
+        sweeper.sweep()
+        time.sleep(0.05)
+    assert len(passes) == 2
+    ended = passes[-1] + pass_seconds  # the wait runs from the end of the slow pass
+    time.sleep(max(0.0, ended + sweeper.reconcile_wait + 0.05 - time.monotonic()))
+    sweeper.sweep()
+    assert len(passes) == 3
+
+
 @pytest.mark.parametrize(
     ("task", "failure_class"),
     [
