@@ -329,11 +329,12 @@ class Task(celery.Task):  # type: ignore[type-arg]
             error = wanted.exc if isinstance(wanted.exc, BaseException) else Exception("retry")
             return self._retry_or_die(claim, error, "exception", wanted.countdown)
         except _DeferRequested as wanted:
-            limit = self.synth_app.settings.defer_max_seconds if wanted.capped else None
+            cap = self.synth_app.settings.defer_max_seconds
+            limit = cap if wanted.capped else None
             if ledger.defer(claim, wanted.countdown, wanted.reason, limit) == "exhausted":
                 error = RateLimitedError(
                     f"{wanted.reason}: still rate limited after deferring for more than "
-                    f"{limit:.0f}s (SYNTH_DEFER_MAX_SECONDS)",
+                    f"{cap:g}s (SYNTH_DEFER_MAX_SECONDS)",
                     retry_after=wanted.countdown,
                 )
                 return self._retry_or_die(claim, error, "rate_limited", wanted.countdown)

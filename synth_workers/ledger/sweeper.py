@@ -4,9 +4,9 @@ Every ``SYNTH_SWEEP_INTERVAL`` seconds — and at once when a transactional enqu
 (``LISTEN synth_outbox``) — it publishes committed outbox rows, promotes due delayed jobs and
 retries, and takes back jobs whose lease expired (dead-lettering poison pills). Every few
 sweeps one worker (a Postgres advisory lock decides) re-publishes queued jobs that Redis no
-longer holds (Redis restarted, or a publish was lost); after a slow pass (a large backlog
-to read) the next one waits 20 times as long as that pass took. Sweeps from several workers are safe
-together: rows are taken with ``FOR UPDATE SKIP LOCKED``.
+longer holds (Redis restarted, or a publish was lost); after a slow pass (a large backlog to
+read) the next one waits 20 times as long as that pass took. Sweeps from several workers are
+safe together: rows are taken with ``FOR UPDATE SKIP LOCKED``.
 """
 
 from __future__ import annotations
