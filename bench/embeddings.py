@@ -156,8 +156,8 @@ def model_ceiling(args: argparse.Namespace) -> dict[str, Any] | None:
     gain; each job's own work (claim, completion, upsert) only lowers it. ``None`` when the
     embedder is not the local model.
 
-    Measured in a child process that exits afterwards: run in this process, the model's
-    thread pools slowed the worker rounds that followed (unbatched 29 instead of 43 jobs/s).
+    Measured in a child process that exits afterwards: when it ran in this process, the
+    unbatched rounds that followed were slow (29-34 instead of ~43 jobs/s).
     """
     argv = [sys.executable, "-m", "bench.embeddings", "--ceiling-only"]
     argv += ["--batch-max", str(args.batch_max)] + (["--short"] if args.short else [])
