@@ -3,6 +3,7 @@
 - SendGrid ``POST /v3/mail/send`` → 202 (``X-Message-Id``)
 - OpenAI ``POST /v1/chat/completions`` → a ``chat.completion`` with ``usage``
 - Anthropic ``POST /v1/messages`` → a ``message`` with ``usage``
+- OpenAI ``POST /v1/embeddings`` → one :func:`fake_vector` per input (floats or base64)
 
 Each path answers from a script (``script(path, Reply(...), ...)``, used up in order) and
 then with its default success. Errors carry each provider's own error body. Every request is
@@ -11,7 +12,10 @@ logged (arrival time, path, headers, JSON body) for the tests to check what the 
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import struct
 import threading
 import time
 import uuid
@@ -23,6 +27,33 @@ from typing import Any
 SENDGRID = "/v3/mail/send"
 OPENAI = "/v1/chat/completions"
 ANTHROPIC = "/v1/messages"
+EMBEDDINGS = "/v1/embeddings"
+#: Size of the fake embedding vectors.
+DIM = 8
+
+
+def fake_vector(text: str) -> list[float]:
+    """The fake embedding of ``text`` (deterministic)."""
+    digest = hashlib.sha256(text.encode()).digest()
+    return [b / 255.0 for b in digest[:DIM]]
+
+
+def _embeddings(body: dict[str, Any]) -> dict[str, Any]:
+    inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+    data = []
+    for i, text in enumerate(inputs):
+        vector = fake_vector(text)
+        if body.get("encoding_format") == "base64":
+            emb: Any = base64.b64encode(struct.pack(f"<{DIM}f", *vector)).decode()
+        else:
+            emb = vector
+        data.append({"object": "embedding", "index": i, "embedding": emb})
+    return {
+        "object": "list",
+        "data": data,
+        "model": body["model"],
+        "usage": {"prompt_tokens": len(inputs), "total_tokens": len(inputs)},
+    }
 
 
 @dataclass
@@ -175,6 +206,8 @@ class FakeProviders:
             headers.setdefault("X-Message-Id", uuid.uuid4().hex)
             return 202, None, headers
         body = body if isinstance(body, dict) else {}
+        if path == EMBEDDINGS:
+            return 200, _embeddings(body), headers
         prompt = _prompt_text(body)
         text = answer_for(prompt)
         headers.update(self.rate_headers.get(path, {}))

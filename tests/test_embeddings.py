@@ -8,16 +8,11 @@ from the folder once the worker has stopped.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import itertools
-import json
 import socket
-import struct
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +37,8 @@ from synth_workers.providers.embedder import (
     OpenAIEmbedder,
 )
 from tasks.embeddings import chunk_text, point_id
+
+from .fake_providers import DIM, EMBEDDINGS, FakeProviders, Reply, fake_vector
 
 INDEX = "tasks.embeddings.index_documents"
 DELETE = "tasks.embeddings.delete_documents"
@@ -96,86 +93,26 @@ def test_chunk_settings_and_payloads_are_checked(rclient: Any) -> None:
         enqueue(DELETE, {"document_ids": []})
 
 
-# --- a loopback server speaking OpenAI's /v1/embeddings -----------------------------------
-DIM = 8
-
-
-def fake_vector(text: str) -> list[float]:
-    digest = hashlib.sha256(text.encode()).digest()
-    return [b / 255.0 for b in digest[:DIM]]
-
-
+# --- the loopback provider server, speaking OpenAI's /v1/embeddings ---------------------
 class FakeOpenAI:
-    """``POST /v1/embeddings`` on 127.0.0.1; scripted replies, every request recorded."""
+    """:class:`FakeProviders` seen from the embeddings endpoint: its ``base_url``, the requests
+    it got, and ``fail`` to script an error answer."""
 
     def __init__(self) -> None:
-        self.requests: list[dict[str, Any]] = []
-        #: (status, headers, body) to answer with, in order; then plain successes.
-        self.script: list[tuple[int, dict[str, str], dict[str, Any]]] = []
-        self.lock = threading.Lock()
-        outer = self
+        self.server = FakeProviders()
+        self.base_url = f"{self.server.url}/v1"
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with outer.lock:
-                    outer.requests.append(
-                        {
-                            "path": self.path,
-                            "headers": {k.lower(): v for k, v in self.headers.items()},
-                            "body": body,
-                        }
-                    )
-                    scripted = outer.script.pop(0) if outer.script else None
-                if self.path != "/v1/embeddings":
-                    scripted = (404, {}, {"error": {"message": "not found", "type": "x"}})
-                if scripted is None:
-                    status, headers, reply = 200, {}, outer.success(body)
-                else:
-                    status, headers, reply = scripted
-                data = json.dumps(reply).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                for key, value in headers.items():
-                    self.send_header(key, value)
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        self.base_url = f"http://127.0.0.1:{self.port}/v1"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    @staticmethod
-    def success(body: dict[str, Any]) -> dict[str, Any]:
-        inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
-        data = []
-        for i, text in enumerate(inputs):
-            vector = fake_vector(text)
-            if body.get("encoding_format") == "base64":
-                emb: Any = base64.b64encode(struct.pack(f"<{DIM}f", *vector)).decode()
-            else:
-                emb = vector
-            data.append({"object": "embedding", "index": i, "embedding": emb})
-        return {
-            "object": "list",
-            "data": data,
-            "model": body["model"],
-            "usage": {"prompt_tokens": len(inputs), "total_tokens": len(inputs)},
-        }
+    @property
+    def requests(self) -> list[dict[str, Any]]:
+        return [
+            {"path": r.path, "headers": r.headers, "body": r.body} for r in self.server.requests()
+        ]
 
     def fail(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-        err = {"error": {"message": message, "type": "invalid_request_error", "code": None}}
-        self.script.append((status, headers or {}, err))
+        self.server.script(EMBEDDINGS, Reply(status, message, headers=headers or {}))
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.server.close()
 
 
 @pytest.fixture
