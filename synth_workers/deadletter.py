@@ -27,6 +27,7 @@ FAILURE_CLASSES = (
     "poison_pill",
     "rejected_message",
     "rate_limited",
+    "invalid_payload",
 )
 
 

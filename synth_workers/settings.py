@@ -128,6 +128,31 @@ class Settings(BaseSettings):
     max_payload_bytes: int = Field(
         default=256 * 1024, ge=1, description="SYNTH_MAX_PAYLOAD_BYTES: payload cap at enqueue."
     )
+    max_message_bytes: int = Field(
+        default=1024 * 1024,
+        ge=1024,
+        description="SYNTH_MAX_MESSAGE_BYTES: cap on a message's raw size as a worker reads it "
+        "from Redis, checked before anything is decoded; a larger message is dead-lettered "
+        "(failure class rejected_message, reason size).",
+    )
+    allow_compression: bool = Field(
+        default=False,
+        description="SYNTH_ALLOW_COMPRESSION: accept compressed messages (gzip/zlib, bzip2, "
+        "lzma). They are decompressed as a stream and refused once over "
+        "SYNTH_MAX_PAYLOAD_BYTES; when false every compressed message is refused.",
+    )
+    max_delay_seconds: float = Field(
+        default=365 * 24 * 3600.0,
+        gt=0,
+        description="SYNTH_MAX_DELAY_SECONDS: the longest delay (delay=, countdown=, eta=) a job "
+        "may ask for; a longer one is refused at enqueue, and dead-lettered at the worker.",
+    )
+    redis_timeout: float = Field(
+        default=5.0,
+        gt=0,
+        description="SYNTH_REDIS_TIMEOUT: seconds; connect and socket timeout of every Redis "
+        "connection of producers and workers (enqueue against a frozen Redis fails within it).",
+    )
     idempotency_window: int = Field(
         default=24 * 3600, ge=1, description="SYNTH_IDEMPOTENCY_WINDOW: seconds a key dedupes."
     )
@@ -450,6 +475,12 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("JWT_SECRET", "jwt_secret"),
         description="JWT_SECRET: HS256 key of the bearer tokens `events serve` accepts (their "
         "`sub` is the user); required by `events serve` only.",
+    )
+    events_token_max_ttl: float = Field(
+        default=24 * 3600.0,
+        gt=0,
+        description="SYNTH_EVENTS_TOKEN_MAX_TTL: seconds; `events serve` refuses a token "
+        "without `exp`, and one whose `exp` lies further ahead than this.",
     )
     # --- end events ---------------------------------------------------------------------------
 
