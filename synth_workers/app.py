@@ -22,6 +22,7 @@ from synth_workers.ledger import LeaseKeeper, Ledger
 from synth_workers.ledger.completer import Completer
 from synth_workers.ledger.sweeper import SweeperStep
 from synth_workers.lifecycle import Lifecycle
+from synth_workers.screening import Limits
 from synth_workers.settings import Settings, load_settings
 
 #: Our job kinds; ``SYNTH_INCLUDE`` adds the user's own modules.
@@ -120,6 +121,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "priority_steps": list(range(routing.MIN_PRIORITY, routing.MAX_PRIORITY + 1)),
             "queue_order_strategy": "priority",
             "visibility_timeout": settings.visibility_timeout,
+            # what the transport checks of each raw message it reads (screening.py)
+            **Limits.from_settings(settings).as_options(),
         },
         "task_serializer": "json",
         "result_serializer": "json",

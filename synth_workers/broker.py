@@ -16,14 +16,60 @@ True)`` and for giving unstarted messages back at warm shutdown) and writes noth
 Redis on delivery or ack. Selected by the app's ``broker_transport`` setting; the broker URL
 stays ``redis://`` (or ``rediss://``, ``sentinel://`` URLs with the Sentinel transport
 unchanged).
+
+It also screens every message it reads (``synth_workers.screening``): kombu parses a
+message's envelope where it reads it, and a message that is not JSON, or not an envelope,
+raised there and stopped the worker. Here the raw message is checked (size first, then the
+envelope, body encoding and compression) and a refused one is handed on as a quarantine
+envelope that the consumer dead-letters.
 """
 
 from __future__ import annotations
 
+import types
+from collections.abc import Callable
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
+
+from synth_workers.screening import Limits, open_envelope
+
+
+class _Unread(str):
+    """A message as read from Redis, not parsed yet (parsed by :func:`open_envelope`)."""
+
+    __slots__ = ()
+
+
+def _unread(text: str) -> _Unread:
+    return _Unread(text)
+
+
+def _reading_raw(func: Callable[..., Any]) -> Callable[..., Any]:
+    """kombu's own read function, with the ``loads`` it calls on each message read replaced
+    by one that hands the raw text on (kombu has no hook for it; the rest of the function,
+    connection handling and re-authentication included, stays kombu's)."""
+    return types.FunctionType(
+        func.__code__,
+        {**func.__globals__, "loads": _unread},
+        func.__name__,
+        func.__defaults__,
+        func.__closure__,
+    )
+
+
+_brpop_read_raw = _reading_raw(kombu_redis.Channel._brpop_read)  # type: ignore[attr-defined]
+_get_raw = _reading_raw(kombu_redis.Channel._get)
+
+
+def _limits(connection: Any) -> Limits:
+    """The screening caps, from the broker transport options (``app.celery_config``)."""
+    cached: Limits | None = getattr(connection, "_synth_limits", None)
+    if cached is None:
+        cached = Limits.from_options(getattr(connection, "transport_options", None))
+        connection._synth_limits = cached
+    return cached
 
 
 class QoS(kombu_redis.QoS):
@@ -45,8 +91,24 @@ class QoS(kombu_redis.QoS):
         """Nothing to restore: the ledger's reaper and reconciler take jobs back."""
 
 
+class Message(virtual.Message):
+    """kombu's message; ``synth_refused`` is set when the transport refused it."""
+
+    def __init__(self, payload: dict[str, Any], channel: Any = None, **kwargs: Any) -> None:
+        self.synth_refused: dict[str, str] | None = payload.pop("synth_refused", None)
+        super().__init__(payload, channel, **kwargs)
+
+
 class Channel(kombu_redis.Channel):
     QoS = QoS
+    Message = Message
+
+    def _brpop_read(self, **options: Any) -> Any:
+        return _brpop_read_raw(self, **options)
+
+    def _get(self, queue: str, timeout: float | None = None) -> Any:
+        raw = _get_raw(self, queue)
+        return open_envelope(raw, queue, _limits(self.connection.client))
 
     def _restore(self, message: Any, leftmost: bool = False) -> None:
         """Put a delivered, unstarted message back on its queue (from memory)."""
@@ -60,3 +122,8 @@ class Channel(kombu_redis.Channel):
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
+
+    def _deliver(self, message: Any, queue: str | None) -> None:
+        if isinstance(message, _Unread):
+            message = open_envelope(message, queue or "?", _limits(self.client))
+        super()._deliver(message, queue)

@@ -1,19 +1,31 @@
-"""Celery's worker Consumer, dead-lettering the messages it refuses.
+"""Celery's worker Consumer, screening every message before Celery builds a request from it.
 
-A message in another serialization (pickle included), one that does not decode, or one
-naming a task this worker does not know is never executed: Celery logs and drops it, and
-this consumer also records it in the ledger as a dead job with failure class
-``rejected_message`` (payload: the raw body, truncated), so it is counted and visible in the
-DLQ.
+Each message either runs or is dead-lettered (``synth_workers.screening`` lists the reasons):
+a refused message is recorded in the ledger as a dead job with failure class
+``rejected_message`` (payload: the message's first bytes), counted in
+``synth_rejected_messages_total{reason}``, and acknowledged: never put back on a queue, never
+the cause of a worker's exit. An expired message ends its job ``cancelled``; a message with an
+``eta`` (sent around the platform) is handed to the ledger, which holds it until it is due
+instead of worker memory.
+
+Should the ledger be unreachable while a message is refused, the message goes to the back of
+its queue (to be refused again once Postgres is back) rather than being lost; a quarantined
+message (refused by the transport, its original gone) is then only logged.
 """
 
 from __future__ import annotations
 
-import base64
 import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, cast
 
 from celery.worker.consumer import Consumer as CeleryConsumer
+from kombu.exceptions import ContentDisallowed
+
+from synth_workers.errors import ServiceUnavailableError
+from synth_workers.routing import DEFAULT_PRIORITY, from_transport
+from synth_workers.screening import Limits, Refused, TaskMessage, check_task_message, stored_text
 
 if TYPE_CHECKING:
     from synth_workers.app import SynthCelery
@@ -21,49 +33,132 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def _describe(message: Any) -> tuple[str | None, str, str, str]:
-    headers = getattr(message, "headers", None) or {}
+def _queue_of(message: Any) -> str:
     info = getattr(message, "delivery_info", None) or {}
-    body = getattr(message, "body", b"")
-    if isinstance(body, str):
-        body = body.encode("utf-8", "surrogateescape")
-    try:
-        raw = body.decode("utf-8")
-        if "\x00" in raw:
-            raise ValueError("NUL")
-    except ValueError:
-        raw = "base64:" + base64.b64encode(body).decode()
-    return (
-        headers.get("id"),
-        str(headers.get("task") or "?"),
-        str(info.get("routing_key") or "?"),
-        raw,
-    )
+    return str(info.get("routing_key") or "?")
 
 
 class Consumer(CeleryConsumer):
-    def _dead_letter(self, message: Any, reason: str, exc: BaseException | None) -> None:
-        job_id, task, queue, raw = _describe(message)
-        try:
-            content_type = getattr(message, "content_type", "?")
-            cast("SynthCelery", self.app).ledger.record_rejected(
-                job_id, task, queue, raw, reason, f"{content_type}: {exc!r}"
-            )
-        except Exception:
-            log.exception("could not dead-letter a rejected message")
+    @property
+    def synth_app(self) -> SynthCelery:
+        return cast("SynthCelery", self.app)
 
+    def create_task_handler(self, *args: Any, **kwargs: Any) -> Callable[[Any], Any]:
+        celery_handler = super().create_task_handler(*args, **kwargs)
+        limits = Limits.from_settings(self.synth_app.settings)
+        strategies = self.strategies  # type: ignore[attr-defined]
+
+        def on_task_received(message: Any) -> Any:
+            refused = getattr(message, "synth_refused", None)
+            if refused is not None:
+                return self.refuse(
+                    message,
+                    refused["reason"],
+                    refused["detail"],
+                    refused["raw"],
+                    job_id=refused.get("id"),
+                    task=refused.get("task"),
+                )
+            try:
+                checked = check_task_message(message, strategies, limits)
+            except Refused as exc:
+                return self.refuse(message, exc.reason, exc.detail)
+            if checked.expires is not None and checked.expires <= datetime.now(UTC):
+                return self._expired(message, checked)
+            if checked.eta is not None and checked.eta > datetime.now(UTC):
+                return self._to_ledger(message, checked)
+            try:
+                return celery_handler(message)
+            except Exception as exc:
+                if message.acknowledged:  # handed over already: nothing left to refuse
+                    log.exception("error after a message was taken")
+                    return None
+                # Celery could not build a request from a message that passed screening.
+                return self.refuse(message, "protocol", f"{type(exc).__name__}: {exc}")
+
+        return on_task_received
+
+    # --- outcomes ---------------------------------------------------------------------------
+    def refuse(
+        self,
+        message: Any,
+        reason: str,
+        detail: str,
+        raw: str | None = None,
+        *,
+        job_id: str | None = None,
+        task: str | None = None,
+    ) -> None:
+        """Dead-letter ``message`` (failure class ``rejected_message``) and acknowledge it."""
+        headers = message.headers if isinstance(message.headers, dict) else {}
+        job_id = job_id or headers.get("id")
+        task = task or headers.get("task")
+        if raw is None:
+            raw = stored_text(message.body or b"")
+        log.warning("refused a message from queue %s (%s): %s", _queue_of(message), reason, detail)
+        try:
+            self.synth_app.ledger.record_rejected(
+                job_id,
+                task if isinstance(task, str) else "?",
+                _queue_of(message),
+                raw,
+                reason,
+                detail,
+            )
+        except ServiceUnavailableError:
+            if getattr(message, "synth_refused", None) is None:
+                log.error("ledger unreachable: refused message put back at the end of its queue")
+                message.reject(requeue=True)
+                return
+            log.error("ledger unreachable: refused message dropped (%s: %s)", reason, raw[:200])
+        except Exception:
+            log.exception("could not dead-letter a refused message (%s); dropped", reason)
+        message.ack()
+
+    def _expired(self, message: Any, checked: TaskMessage) -> None:
+        expires = checked.expires.isoformat() if checked.expires else "?"
+        try:
+            outcome = self.synth_app.ledger.expire(
+                checked.id,
+                checked.task,
+                _queue_of(message),
+                stored_text(message.body or b""),
+                f"expired at {expires} before it started",
+            )
+        except ServiceUnavailableError:
+            message.reject(requeue=True)
+            return
+        log.info("job %s expired at %s: %s", checked.id, expires, outcome)
+        message.ack()
+
+    def _to_ledger(self, message: Any, checked: TaskMessage) -> None:
+        """A message with an ``eta``: the ledger holds the job until it is due."""
+        priority = message.properties.get("priority")
+        try:
+            self.synth_app.ledger.adopt(
+                checked.id,
+                checked.task,
+                _queue_of(message),
+                DEFAULT_PRIORITY if priority is None else from_transport(int(priority)),
+                checked.kwargs,
+                checked.args or None,
+                run_at=checked.eta,
+            )
+        except ServiceUnavailableError:
+            message.reject(requeue=True)
+            return
+        message.ack()
+
+    # --- Celery's own refusals (kept as a second line behind the screening) --------------------
     def on_decode_error(self, message: Any, exc: Exception) -> None:
-        self._dead_letter(message, "DecodeError", exc)
-        super().on_decode_error(message, exc)
+        reason = "content_type" if isinstance(exc, ContentDisallowed) else "body"
+        self.refuse(message, reason, f"{type(exc).__name__}: {exc}")
 
     def on_unknown_task(self, body: Any, message: Any, exc: Exception) -> None:
-        self._dead_letter(message, "UnknownTask", exc)
-        super().on_unknown_task(body, message, exc)
+        self.refuse(message, "unknown_task", f"{type(exc).__name__}: {exc}")
 
     def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
-        self._dead_letter(message, type(exc).__name__, exc)
-        super().on_invalid_task(body, message, exc)
+        self.refuse(message, "header", f"{type(exc).__name__}: {exc}")
 
     def on_unknown_message(self, body: Any, message: Any) -> None:
-        self._dead_letter(message, "UnknownMessage", None)
-        super().on_unknown_message(body, message)
+        self.refuse(message, "header", "not a task message")

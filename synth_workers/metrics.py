@@ -82,6 +82,14 @@ class JobMetrics:
             ("task", "queue", "failure_class"),
             registry=r,
         )
+        self.rejected = Counter(
+            "synth_rejected_messages",
+            "Messages a worker refused before running them, by the layer that refused them "
+            "(reason: size, envelope, compression, content_type, body, header, unknown_task, "
+            "expired, protocol, binding).",
+            ("reason",),
+            registry=r,
+        )
         self.lease_expiries = Counter(
             "synth_lease_expiries",
             "Running jobs taken back because their lease expired (worker dead or frozen).",
@@ -171,6 +179,10 @@ class JobMetrics:
         if kind == "dead":
             failure = str(data.get("failure_class") or UNKNOWN)
             self.dead_lettered.labels(task, queue, failure).inc()
+            if failure == "rejected_message":
+                self.rejected.labels(str(data.get("reason") or UNKNOWN)).inc()
+            elif failure == "invalid_payload":
+                self.rejected.labels("binding").inc()
             if data.get("error_class") == "LeaseExpired":
                 self.lease_expiries.labels(queue).inc()
 

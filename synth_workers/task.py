@@ -5,8 +5,9 @@
   *claims* its row (refused when the job is not queued: taken, finished or cancelled), then
   finishes it fenced by the claim's attempt and lease: a late finish is refused and recorded.
 - **Payloads**: a task with ``payload_model`` gets its keyword arguments parsed into that
-  pydantic model; a payload that does not parse is an :class:`InvalidPayloadError`
-  (dead at once, never retried).
+  pydantic model; any other task's arguments are bound to its ``run`` signature and checked
+  against its annotations (``synth_workers.binding``). A payload that does not parse or bind
+  is an :class:`InvalidPayloadError`: dead at once (failure class ``invalid_payload``).
 - **Retry policy** (per task, defaults from settings): ``max_attempts`` in total (3),
   exponential backoff with full jitter — attempt *n* waits a uniform random time in
   ``[0, min(cap, base * 2**(n-1))]``. ``PermanentError`` and payload validation errors are
@@ -43,6 +44,7 @@ from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 from celery.worker.request import Request as CeleryRequest
 from pydantic import BaseModel, ValidationError
 
+from synth_workers.binding import Binding
 from synth_workers.errors import (
     InvalidPayloadError,
     PermanentError,
@@ -324,6 +326,8 @@ class Task(celery.Task):  # type: ignore[type-arg]
     def _run_claimed(self, claim: Claim, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         ledger = self.synth_app.ledger
         try:
+            if self.payload_model is None:
+                self._binding().check(args, kwargs)
             result = self._invoke(args, kwargs)
         except _RetryRequested as wanted:
             error = wanted.exc if isinstance(wanted.exc, BaseException) else Exception("retry")
@@ -350,6 +354,11 @@ class Task(celery.Task):  # type: ignore[type-arg]
         except CancelledWhileRunning:
             ledger.cancelled_while_running(claim)
             raise Ignore(f"job {claim.job_id} cancelled while running") from None
+        except InvalidPayloadError as exc:  # the payload can never bind: no retry
+            ledger.dead(
+                claim, "invalid_payload", type(exc).__name__, str(exc), traceback.format_exc()
+            )
+            raise
         except (PermanentError, ValidationError) as exc:
             ledger.dead(claim, "exception", type(exc).__name__, str(exc), traceback.format_exc())
             raise
@@ -388,6 +397,12 @@ class Task(celery.Task):  # type: ignore[type-arg]
         )
         self.synth_app.ledger.retry_later(claim, wait, exc, failure_class)
         raise Retry(exc=exc if isinstance(exc, Exception) else None, when=wait)  # type: ignore[arg-type]
+
+    def _binding(self) -> Binding:
+        binding: Binding | None = self.__dict__.get("_synth_binding")
+        if binding is None:
+            binding = self.__dict__["_synth_binding"] = Binding(self.name, self.run)
+        return binding
 
     def _invoke(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         model = self.payload_model

@@ -64,6 +64,13 @@ class Publishable:
     args: list[Any] | None = None
 
 
+def _text(value: Any, limit: int) -> str:
+    """``value`` as text Postgres takes (no NUL, no lone surrogate), at most ``limit`` long."""
+    text = value if isinstance(value, str) else repr(value)
+    text = text[:limit].replace("\x00", "\\x00")
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def encode_result(result: Any) -> Jsonb:
     try:
         text = json.dumps(result, default=str)
@@ -382,15 +389,32 @@ class Ledger:
         priority: int,
         payload: dict[str, Any],
         args: list[Any] | None,
-    ) -> None:
+        run_at: datetime | None = None,
+    ) -> bool:
         """Give a ledger row to a message sent around the platform (``send_task``, another
-        producer), so that it runs like any job; nothing happens when the row exists."""
+        producer), so that it runs like any job; nothing happens when the row exists.
+
+        ``run_at``: the message's ``eta``: the job waits in the ledger (``scheduled``) and
+        the sweeper publishes it when due. Returns whether a row was written."""
         with self.connection() as conn:
-            conn.execute(
-                "INSERT INTO synth_jobs (id, task, queue, priority, payload, args, state, "
-                "published_at) VALUES (%s, %s, %s, %s, %s, %s, 'queued', now()) "
-                "ON CONFLICT (id) DO NOTHING",
-                (job_id, task, queue, priority, Jsonb(payload), Jsonb(args) if args else None),
+            return (
+                conn.execute(
+                    "INSERT INTO synth_jobs (id, task, queue, priority, payload, args, state, "
+                    "run_at, published_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, "
+                    "CASE WHEN %s THEN NULL ELSE now() END) ON CONFLICT (id) DO NOTHING",
+                    (
+                        job_id,
+                        task,
+                        queue,
+                        priority,
+                        Jsonb(payload),
+                        Jsonb(args) if args else None,
+                        "queued" if run_at is None else "scheduled",
+                        run_at,
+                        run_at is not None,
+                    ),
+                ).rowcount
+                == 1
             )
 
     def _late_unless(self, completed: set[str], done: Sequence[tuple[Claim, Any]]) -> None:
@@ -630,28 +654,66 @@ class Ledger:
         return str(row[0])
 
     def record_rejected(
-        self, job_id: str | None, task: str, queue: str, body: Any, reason: str, error: str
+        self, job_id: str | None, task: str, queue: str, raw: str, reason: str, error: str
     ) -> str:
-        """A message a worker refused (bad JSON, unknown task, other serializer): dead-letter
-        it with failure class ``rejected_message``; an existing live row of that id ends so."""
+        """A message a worker refused (``synth_workers.screening``): dead-letter it with
+        failure class ``rejected_message`` and ``reason`` as its error class; an existing
+        live row of that id ends so. ``raw``: the message's first bytes, as text."""
         try:
             row_id = str(uuid.UUID(str(job_id)))
         except ValueError:
             row_id = str(uuid.uuid4())
-        raw = body if isinstance(body, str) else repr(body)
-        payload = {"raw": raw[:RESULT_LIMIT_BYTES]}
+        task, queue = _text(task, 500), _text(queue, 500)
+        payload = {"raw": _text(raw, RESULT_LIMIT_BYTES)}
         with self.connection() as conn:
-            conn.execute(
+            done = conn.execute(
                 "INSERT INTO synth_jobs (id, task, queue, priority, payload, state, "
                 "failure_class, error_class, last_error, finished_at) VALUES (%s, %s, %s, 0, %s,"
                 " 'dead', 'rejected_message', %s, %s, now()) ON CONFLICT (id) DO UPDATE SET "
                 "state = 'dead', failure_class = 'rejected_message', error_class = "
                 "EXCLUDED.error_class, last_error = EXCLUDED.last_error, finished_at = now(), "
                 "lease_owner = NULL, lease_expires_at = NULL, updated_at = now() "
-                "WHERE synth_jobs.state NOT IN ('succeeded', 'dead', 'cancelled')",
-                (row_id, task[:500], queue[:500], Jsonb(payload), reason, error[:4000]),
+                "WHERE synth_jobs.state NOT IN ('succeeded', 'dead', 'cancelled', 'running') "
+                "RETURNING id",
+                (row_id, task, queue, Jsonb(payload), _text(reason, 100), _text(error, 4000)),
+            ).fetchone()
+        if done is not None and self.lifecycle.listening:
+            self.lifecycle.announce(
+                "dead",
+                row_id,
+                task=task,
+                queue=queue,
+                data={
+                    "failure_class": "rejected_message",
+                    "error_class": reason,
+                    "reason": reason,
+                },
             )
         return row_id
+
+    def expire(self, job_id: str, task: str, queue: str, raw: str, error: str) -> str:
+        """A message whose ``expires`` passed before it started: its live job ends
+        ``cancelled`` (Celery's *revoked*); one without a ledger row is dead-lettered
+        (reason ``expired``). Returns the state it ended in, or ``"final"`` when the job
+        had already started or finished (nothing changes)."""
+        with self.connection() as conn:
+            row = conn.execute(
+                "UPDATE synth_jobs SET state = 'cancelled', last_error = %s, finished_at = "
+                "now(), updated_at = now() WHERE id = %s AND state IN ('queued', 'scheduled', "
+                "'failed-retrying') RETURNING state, task, queue, attempt",
+                (_text(error, 4000), job_id),
+            ).fetchone()
+            exists = row is not None or (
+                conn.execute("SELECT 1 FROM synth_jobs WHERE id = %s", (job_id,)).fetchone()
+                is not None
+            )
+        if row is not None:
+            self._announce_row("cancelled", job_id, row, reason="expired")
+            return "cancelled"
+        if exists:
+            return "final"
+        self.record_rejected(job_id, task, queue, raw, "expired", error)
+        return "dead"
 
     # --- effect guard --------------------------------------------------------------------
     def effect_recorded(self, job_id: str, key: str) -> bool:
