@@ -8,9 +8,9 @@ the cause of a worker's exit. An expired message ends its job ``cancelled``; a m
 ``eta`` (sent around the platform) is handed to the ledger, which holds it until it is due
 instead of worker memory.
 
-Should the ledger be unreachable while a message is refused, the message goes to the back of
-its queue (to be refused again once Postgres is back) rather than being lost; a quarantined
-message (refused by the transport, its original gone) is then only logged.
+Refusals are written in batches by a background thread (``synth_workers.ledger.refusals``):
+a flood of bad messages costs the consuming loop the screening alone, and while Postgres is
+unreachable they are kept and retried.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from celery.worker.consumer import Consumer as CeleryConsumer
 from kombu.exceptions import ContentDisallowed
 
 from synth_workers.errors import ServiceUnavailableError
+from synth_workers.ledger.refusals import Refusal, RefusalWriter
 from synth_workers.routing import DEFAULT_PRIORITY, from_transport
 from synth_workers.screening import Limits, Refused, TaskMessage, check_task_message, stored_text
 
@@ -89,31 +90,34 @@ class Consumer(CeleryConsumer):
         job_id: str | None = None,
         task: str | None = None,
     ) -> None:
-        """Dead-letter ``message`` (failure class ``rejected_message``) and acknowledge it."""
+        """Acknowledge ``message`` and hand it to the refusal writer, which dead-letters it
+        (failure class ``rejected_message``) in its next batch."""
         headers = message.headers if isinstance(message.headers, dict) else {}
         job_id = job_id or headers.get("id")
         task = task or headers.get("task")
-        if raw is None:
-            raw = stored_text(message.body or b"")
-        log.warning("refused a message from queue %s (%s): %s", _queue_of(message), reason, detail)
-        try:
-            self.synth_app.ledger.record_rejected(
-                job_id,
+        message.ack()
+        self.refusals.add(
+            Refusal(
+                job_id if isinstance(job_id, str) else None,
                 task if isinstance(task, str) else "?",
                 _queue_of(message),
-                raw,
+                stored_text(message.body or b"") if raw is None else raw,
                 reason,
                 detail,
             )
-        except ServiceUnavailableError:
-            if getattr(message, "synth_refused", None) is None:
-                log.error("ledger unreachable: refused message put back at the end of its queue")
-                message.reject(requeue=True)
-                return
-            log.error("ledger unreachable: refused message dropped (%s: %s)", reason, raw[:200])
-        except Exception:
-            log.exception("could not dead-letter a refused message (%s); dropped", reason)
-        message.ack()
+        )
+
+    @property
+    def refusals(self) -> RefusalWriter:
+        writer: RefusalWriter | None = self.__dict__.get("_synth_refusals")
+        if writer is None:
+            writer = self.__dict__["_synth_refusals"] = RefusalWriter(self.synth_app.ledger)
+        return writer
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        if "_synth_refusals" in self.__dict__ and not self.refusals.flush():
+            log.error("refused messages not recorded at shutdown: the ledger is unreachable")
 
     def _expired(self, message: Any, checked: TaskMessage) -> None:
         expires = checked.expires.isoformat() if checked.expires else "?"

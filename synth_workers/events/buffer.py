@@ -1,9 +1,10 @@
 """Keeps event writes off a worker's hot path: the listener the app factory connects.
 
 ``started``, ``progress`` and ``succeeded`` (what every job emits, in the thread that runs
-it) are appended to a per-process buffer; a background thread writes what has gathered every
-``linger`` seconds, many events per round trip. Every other kind (``queued`` at enqueue,
-``retrying``, ``dead``, ``cancelled``, ...) is written at once, in the announcing thread,
+it), and the ``dead`` of a refused message, are appended to a per-process buffer; a
+background thread writes what has gathered every ``linger`` seconds, many events per round
+trip. Every other kind (``queued`` at enqueue, ``retrying``, ``dead``, ``cancelled``, ...)
+is written at once, in the announcing thread,
 together with whatever the buffer holds: one process's events reach Redis in the order it
 announced them, and an enqueue returns only once its ``queued`` event is stored (so it
 precedes anything a worker writes about the job).
@@ -58,7 +59,9 @@ class EventBuffer:
     def __call__(self, event: JobEvent) -> None:
         if event.kind in SKIPPED_KINDS:
             return
-        if event.kind in BUFFERED_KINDS:
+        if event.kind in BUFFERED_KINDS or event.data.get("failure_class") == "rejected_message":
+            # (a refused message's ``dead`` comes in batches from the refusal writer's
+            # thread, about a message no one enqueued through this process)
             self._pending.append(event)
             if self._thread is None or self._pid != os.getpid():
                 self._start()

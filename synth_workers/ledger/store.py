@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from importlib import resources
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import psycopg
 from psycopg import sql
@@ -30,6 +30,9 @@ from psycopg_pool import ConnectionPool
 from synth_workers.errors import ConfigurationError, ServiceUnavailableError
 from synth_workers.lifecycle import Lifecycle
 from synth_workers.settings import Settings, mask_url
+
+if TYPE_CHECKING:
+    from synth_workers.ledger.refusals import Refusal
 
 FINAL_STATES = ("succeeded", "dead", "cancelled")
 RESULT_LIMIT_BYTES = 64 * 1024
@@ -659,37 +662,62 @@ class Ledger:
         """A message a worker refused (``synth_workers.screening``): dead-letter it with
         failure class ``rejected_message`` and ``reason`` as its error class; an existing
         live row of that id ends so. ``raw``: the message's first bytes, as text."""
-        try:
-            row_id = str(uuid.UUID(str(job_id)))
-        except ValueError:
-            row_id = str(uuid.uuid4())
-        task, queue = _text(task, 500), _text(queue, 500)
-        payload = {"raw": _text(raw, RESULT_LIMIT_BYTES)}
+        from synth_workers.ledger.refusals import Refusal
+
+        return self.record_rejected_many([Refusal(job_id, task, queue, raw, reason, error)])[0]
+
+    _REJECT = (
+        "INSERT INTO synth_jobs (id, task, queue, priority, payload, state, failure_class, "
+        "error_class, last_error, finished_at) SELECT v.id, v.task, v.queue, 0, v.payload, "
+        "'dead', 'rejected_message', v.reason, v.error, now() FROM unnest(%s::uuid[], "
+        "%s::text[], %s::text[], %s::jsonb[], %s::text[], %s::text[]) AS v(id, task, queue, "
+        "payload, reason, error) ON CONFLICT (id) DO UPDATE SET state = 'dead', failure_class "
+        "= 'rejected_message', error_class = EXCLUDED.error_class, last_error = "
+        "EXCLUDED.last_error, finished_at = now(), lease_owner = NULL, lease_expires_at = NULL,"
+        " updated_at = now() WHERE synth_jobs.state NOT IN ('succeeded', 'dead', 'cancelled',"
+        " 'running') RETURNING id"
+    )
+
+    def record_rejected_many(self, refusals: Sequence[Refusal]) -> list[str]:
+        """Dead-letter refused messages in one statement (see :meth:`record_rejected`);
+        returns the row id given to each. A message whose id is not a UUID gets a new one;
+        one whose job already runs or ended changes nothing."""
+        rows: dict[str, Refusal] = {}
+        ids: list[str] = []
+        for refusal in refusals:
+            try:
+                row_id = str(uuid.UUID(str(refusal.job_id)))
+            except ValueError:
+                row_id = str(uuid.uuid4())
+            ids.append(row_id)
+            rows.setdefault(row_id, refusal)  # one row can be written once per statement
         with self.connection() as conn:
-            done = conn.execute(
-                "INSERT INTO synth_jobs (id, task, queue, priority, payload, state, "
-                "failure_class, error_class, last_error, finished_at) VALUES (%s, %s, %s, 0, %s,"
-                " 'dead', 'rejected_message', %s, %s, now()) ON CONFLICT (id) DO UPDATE SET "
-                "state = 'dead', failure_class = 'rejected_message', error_class = "
-                "EXCLUDED.error_class, last_error = EXCLUDED.last_error, finished_at = now(), "
-                "lease_owner = NULL, lease_expires_at = NULL, updated_at = now() "
-                "WHERE synth_jobs.state NOT IN ('succeeded', 'dead', 'cancelled', 'running') "
-                "RETURNING id",
-                (row_id, task, queue, Jsonb(payload), _text(reason, 100), _text(error, 4000)),
-            ).fetchone()
-        if done is not None and self.lifecycle.listening:
-            self.lifecycle.announce(
-                "dead",
-                row_id,
-                task=task,
-                queue=queue,
-                data={
-                    "failure_class": "rejected_message",
-                    "error_class": reason,
-                    "reason": reason,
-                },
-            )
-        return row_id
+            written = conn.execute(
+                self._REJECT,
+                (
+                    list(rows),
+                    [_text(r.task, 500) for r in rows.values()],
+                    [_text(r.queue, 500) for r in rows.values()],
+                    [Jsonb({"raw": _text(r.raw, RESULT_LIMIT_BYTES)}) for r in rows.values()],
+                    [_text(r.reason, 100) for r in rows.values()],
+                    [_text(r.detail, 4000) for r in rows.values()],
+                ),
+            ).fetchall()
+        if self.lifecycle.listening:
+            for (row_id,) in written:
+                r = rows[str(row_id)]
+                self.lifecycle.announce(
+                    "dead",
+                    str(row_id),
+                    task=_text(r.task, 500),
+                    queue=_text(r.queue, 500),
+                    data={
+                        "failure_class": "rejected_message",
+                        "error_class": r.reason,
+                        "reason": r.reason,
+                    },
+                )
+        return ids
 
     def expire(self, job_id: str, task: str, queue: str, raw: str, error: str) -> str:
         """A message whose ``expires`` passed before it started: its live job ends
