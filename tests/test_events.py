@@ -50,15 +50,14 @@ class Server:
         self.url = url
 
 
-@pytest.fixture
-def sse_server(rclient: Any, tmp_path: Path) -> Iterator[Server]:
-    """``synth-workers events serve --port 0`` in its own process (output to a file)."""
-    log = tmp_path / "events-serve.log"
+def start_server(log: Path, secret: str) -> Server:
+    """``synth-workers events serve --port 0`` in its own process (output to ``log``), once
+    it listens."""
     with log.open("wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "synth_workers.cli", "events", "serve", "--port", "0"],
             cwd=ROOT,
-            env={**os.environ, "JWT_SECRET": SECRET, "SYNTH_EVENTS_HEARTBEAT": "0.5"},
+            env={**os.environ, "JWT_SECRET": secret, "SYNTH_EVENTS_HEARTBEAT": "0.5"},
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -70,7 +69,16 @@ def sse_server(rclient: Any, tmp_path: Path) -> Iterator[Server]:
         return bool(found) or process.poll() is not None
 
     assert wait_until(listening, timeout=60) and found, log.read_text(errors="replace")
-    yield Server(process, found[0])
+    return Server(process, found[0])
+
+
+@pytest.fixture
+def sse_server(rclient: Any, tmp_path: Path) -> Iterator[Server]:
+    """A server for the test; stopped after it (exit 0, no traceback in its output)."""
+    log = tmp_path / "events-serve.log"
+    server = start_server(log, SECRET)
+    process = server.process
+    yield server
     os.killpg(process.pid, signal.SIGTERM)
     assert process.wait(timeout=20) == 0, log.read_text(errors="replace")
     assert "Traceback" not in log.read_text(errors="replace"), log.read_text(errors="replace")
@@ -281,6 +289,84 @@ def test_sse_auth_401_403_and_only_own_events(sse_server: Server, start_worker: 
         assert health.json()["status"] == "ok"
 
 
+def answer(client: httpx.Client, url: str, **kwargs: Any) -> tuple[int, str]:
+    """Status and body of a request; an event stream's body is not read (it would not end)."""
+    with client.stream("GET", url, **kwargs) as r:
+        if r.headers.get("content-type", "").startswith("text/event-stream"):
+            return r.status_code, "<event stream>"
+        return r.status_code, r.read().decode()
+
+
+HUGE_CURSOR = "99999999999999999999-99999999999999999999"
+BAD_CURSORS = [
+    HUGE_CURSOR,
+    "18446744073709551616",  # 2**64
+    "0-18446744073709551616",
+    "abc",
+    "1-2-3",
+    "-1",
+    "1-",
+    "1.5",
+    "",
+]
+
+
+def test_sse_bad_cursor_is_400_on_job_and_user_streams(sse_server: Server) -> None:
+    handle = enqueue(STEPS, {"n": 1}, user_id="olga")  # queued: no worker, not final
+    url = f"{sse_server.url}/events"
+    endpoints = [{"job": handle.id}, {"user": "olga"}]
+    with httpx.Client(timeout=10) as client:
+        for params in endpoints:
+            for cursor in [*BAD_CURSORS, "\u0661\u0662\u0663"]:  # Arabic-Indic 123
+                status, body = answer(
+                    client, url, params={**params, "since": cursor}, headers=token("olga")
+                )
+                assert status == 400, (params, cursor, status, body)
+                assert "event id" in json.loads(body)["error"]
+            for cursor in BAD_CURSORS[:-1]:  # an empty header is no header
+                headers = {**token("olga"), "Last-Event-ID": cursor}
+                status, body = answer(client, url, params=params, headers=headers)
+                assert status == 400, (params, cursor, status, body)
+                assert "event id" in json.loads(body)["error"]
+            # the largest id Redis takes is a cursor (nothing after it yet): a stream
+            headers = {**token("olga"), "Last-Event-ID": f"{2**64 - 1}-{2**64 - 1}"}
+            assert answer(client, url, params=params, headers=headers) == (200, "<event stream>")
+
+
+def test_sse_token_without_exp_or_beyond_max_ttl_is_401(sse_server: Server) -> None:
+    import jwt
+
+    url = f"{sse_server.url}/events"
+    params = {"user": "pia"}
+    now = int(time.time())
+    max_ttl = app.settings.events_token_max_ttl  # the server's: the same environment
+    with httpx.Client(timeout=10) as client:
+        for claims, why in [
+            ({"sub": "pia"}, '"exp"'),
+            ({"sub": "pia", "iat": now}, '"exp"'),
+            ({"sub": "pia", "exp": now + max_ttl + 3600}, "SYNTH_EVENTS_TOKEN_MAX_TTL"),
+            ({"sub": "pia", "exp": 2**62}, "SYNTH_EVENTS_TOKEN_MAX_TTL"),
+        ]:
+            headers = {"Authorization": f"Bearer {jwt.encode(claims, SECRET, 'HS256')}"}
+            status, body = answer(client, url, params=params, headers=headers)
+            assert status == 401, (claims, status, body)
+            assert why in json.loads(body)["error"], body
+        # just within the limit: accepted
+        within = jwt.encode({"sub": "pia", "exp": now + max_ttl - 60}, SECRET, "HS256")
+        headers = {"Authorization": f"Bearer {within}"}
+        assert answer(client, url, params=params, headers=headers) == (200, "<event stream>")
+
+
+def test_issue_token_needs_a_positive_ttl() -> None:
+    import jwt
+
+    claims = jwt.decode(issue_token(SECRET, "quinn", ttl=60), SECRET, algorithms=["HS256"])
+    assert 55 <= claims["exp"] - time.time() <= 60
+    for ttl in (0, -1, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="ttl"):
+            issue_token(SECRET, "quinn", ttl=ttl)
+
+
 def test_sse_live_user_stream_and_heartbeats(sse_server: Server, start_worker: Any) -> None:
     url = f"{sse_server.url}/events"
     lines: list[str] = []
@@ -331,6 +417,36 @@ def test_serve_without_jwt_secret_names_it(rclient: Any) -> None:
     )
     assert proc.returncode == 2
     assert "JWT_SECRET" in proc.stderr
+
+
+def test_serve_refuses_a_jwt_secret_under_32_bytes(rclient: Any) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "synth_workers.cli", "events", "serve", "--port", "0"],
+        cwd=ROOT,
+        env={**os.environ, "JWT_SECRET": "s" * 31},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "JWT_SECRET" in proc.stderr
+    assert "32" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "listening" not in proc.stdout
+
+
+@pytest.mark.parametrize("secret", ["s" * 32, "é" * 16], ids=["32-ascii", "16-chars-32-bytes"])
+def test_serve_starts_with_a_32_byte_jwt_secret(rclient: Any, tmp_path: Path, secret: str) -> None:
+    log = tmp_path / "events-serve.log"
+    server = start_server(log, secret)  # fails unless it listens
+    try:
+        with httpx.Client(timeout=10) as client:
+            assert client.get(f"{server.url}/health").status_code == 200
+            r = client.get(f"{server.url}/events", headers=token("zoe", secret))
+            assert r.status_code == 400  # authenticated with that secret; no ?job= or ?user=
+    finally:
+        os.killpg(server.process.pid, signal.SIGTERM)
+    assert server.process.wait(timeout=20) == 0, log.read_text(errors="replace")
 
 
 def test_tail_prints_a_jobs_events(rclient: Any, start_worker: Any) -> None:

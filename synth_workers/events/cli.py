@@ -31,7 +31,8 @@ def events() -> None:
 def serve_cmd(address: str | None, port: int | None) -> None:
     """Serve events over SSE: GET /events?job=ID|user=ID (bearer JWT), GET /health.
 
-    Runs until SIGINT or SIGTERM (exit 0). Needs JWT_SECRET (exit 2 without it).
+    Runs until SIGINT or SIGTERM (exit 0). Needs JWT_SECRET of at least 32 bytes (exit 2
+    without it or with a shorter one).
     """
     from synth_workers.cli import ExitCode, _settings
     from synth_workers.events.server import serve

@@ -10,10 +10,14 @@ ended and nothing is left to send, the answer is ``204 No Content`` (a browser's
 then stops reconnecting). An idle stream carries a ``: heartbeat`` comment every
 ``SYNTH_EVENTS_HEARTBEAT`` seconds.
 
-Authentication: ``Authorization: Bearer <JWT>`` signed with ``JWT_SECRET`` (HS256), whose
-``sub`` is the user. Missing or invalid: 401. Another user's job or stream: 403. A user reads
-only their own jobs' events. ``GET /health`` answers JSON from local state (no Redis round
-trip).
+Authentication: ``Authorization: Bearer <JWT>`` signed with ``JWT_SECRET`` (HS256, a key of
+at least 32 bytes), whose ``sub`` is the user and whose ``exp`` lies at most
+``SYNTH_EVENTS_TOKEN_MAX_TTL`` seconds ahead. Missing or invalid: 401. Another user's job
+or stream: 403. A user reads only their own jobs' events. ``GET /health`` answers JSON from
+local state (no Redis round trip).
+
+A cursor (``Last-Event-ID`` or ``since``) that is not a stream id Redis accepts (``ms`` or
+``ms-seq``, each an unsigned 64-bit integer) is a 400, checked before any Redis call.
 """
 
 from __future__ import annotations
@@ -45,13 +49,41 @@ from synth_workers.settings import Settings
 
 log = logging.getLogger(__name__)
 
-_EVENT_ID = re.compile(r"^\d{1,20}(-\d{1,20})?$")
+#: ``<ms>`` or ``<ms>-<seq>``, ASCII digits only (``\d`` would take other scripts' digits).
+_EVENT_ID = re.compile(r"([0-9]{1,20})(?:-([0-9]{1,20}))?")
+#: Each part of a stream id is an unsigned 64-bit integer.
+MAX_ID_PART = 2**64 - 1
+#: The least length of JWT_SECRET, in bytes (UTF-8): HS256's key is 256 bits.
+MIN_SECRET_BYTES = 32
+BAD_CURSOR = (
+    "Last-Event-ID / since must be an event id: <ms> or <ms>-<seq>, each an integer "
+    f"from 0 to {MAX_ID_PART} (or 0, or $)"
+)
 FINAL_STATES = frozenset({"succeeded", "dead", "cancelled"})
 #: Browsers wait this long (ms) before reconnecting a dropped stream.
 RETRY_MS = 2000
 
 #: ``job id -> (owner user id, ledger state)``, ``None`` when the ledger has no such job.
 JobLookup = Callable[[str], "tuple[str | None, str] | None"]
+
+
+def parse_cursor(raw: str) -> str:
+    """``since`` / ``Last-Event-ID`` as a stream id Redis accepts: ``$`` as it is, an id as
+    ``<ms>-<seq>``; :class:`ValueError` otherwise (never sent to Redis)."""
+    if raw == "$":
+        return raw
+    found = _EVENT_ID.fullmatch(raw)  # not match: "$" would let a trailing newline in
+    if found is None:
+        raise ValueError(BAD_CURSOR)
+    ms, seq = int(found[1]), int(found[2] or 0)
+    if ms > MAX_ID_PART or seq > MAX_ID_PART:
+        raise ValueError(BAD_CURSOR)
+    return f"{ms}-{seq}"
+
+
+def refused_id(exc: redis.RedisError) -> bool:
+    """Whether Redis refused a command for its stream id ("Invalid stream ID ...")."""
+    return isinstance(exc, redis.ResponseError) and " id " in f" {exc} ".lower()
 
 
 class State:
@@ -64,10 +96,13 @@ class State:
         secret: str,
         heartbeat: float,
         lookup: JobLookup,
+        token_max_ttl: float,
     ) -> None:
         self.redis = redis_client
         self.fanout = fanout
         self.secret = secret
+        #: The furthest ahead (seconds) a token's ``exp`` may lie.
+        self.token_max_ttl = token_max_ttl
         self.heartbeat = heartbeat
         self.lookup = lookup
         self.started = time.time()
@@ -116,7 +151,9 @@ class EventsHandler(tornado.web.RequestHandler):
     async def get(self) -> None:
         state = self.state
         try:
-            user = authenticate(self.request.headers.get("Authorization"), state.secret)
+            user = authenticate(
+                self.request.headers.get("Authorization"), state.secret, state.token_max_ttl
+            )
         except AuthenticationError as exc:
             self._refuse(401, str(exc))
             return
@@ -128,9 +165,11 @@ class EventsHandler(tornado.web.RequestHandler):
         if wanted_user and wanted_user != user:
             self._refuse(403, "not your events")
             return
-        since = self.request.headers.get("Last-Event-ID") or self.get_argument("since", None)
-        if since is not None and since not in ("0", "$") and not _EVENT_ID.match(since):
-            self._refuse(400, "Last-Event-ID / since must be an event id")
+        raw_since = self.request.headers.get("Last-Event-ID") or self.get_argument("since", None)
+        try:
+            since = None if raw_since is None else parse_cursor(raw_since)
+        except ValueError as exc:
+            self._refuse(400, str(exc))
             return
 
         final_state = False
@@ -152,27 +191,33 @@ class EventsHandler(tornado.web.RequestHandler):
         else:
             key = user_stream(user)
             cursor = since if since and since != "$" else await self._last_id(key)
-        if cursor == "0":
-            cursor = "0-0"
 
-        nothing_new = job_id is not None and not await self._read(key, cursor, count=1)
+        try:
+            nothing_new = job_id is not None and not await self._read(key, cursor, count=1)
+        except redis.RedisError as exc:
+            if not refused_id(exc):
+                raise
+            self._refuse(400, f"{BAD_CURSOR}; Redis: {exc}")
+            return
         if nothing_new and await self._ended(key, cursor, final_state):
             self.set_status(204)  # nothing left to send: an EventSource stops reconnecting
             self.finish()
             return
 
-        self.set_header("Content-Type", "text/event-stream; charset=utf-8")
-        self.set_header("Cache-Control", "no-cache")
-        self.set_header("X-Accel-Buffering", "no")
         state.connections += 1
         self.subscriber = None
         try:
             self.subscriber = await state.fanout.subscribe(key, cursor)
+            self.set_header("Content-Type", "text/event-stream; charset=utf-8")
+            self.set_header("Cache-Control", "no-cache")
+            self.set_header("X-Accel-Buffering", "no")
             await self._stream(self.subscriber, until_final=bool(job_id))
         except StreamClosedError:
             pass
         except redis.RedisError as exc:  # the client reconnects with Last-Event-ID
-            if not state.stopping:
+            if self.subscriber is None and refused_id(exc):  # nothing sent yet
+                self._refuse(400, f"{BAD_CURSOR}; Redis: {exc}")
+            elif not state.stopping:
                 log.warning("events: Redis error on %s: %s; stream ended", key, exc)
             if not self._finished:
                 self.finish()
@@ -269,11 +314,19 @@ def make_app(state: State) -> tornado.web.Application:
 
 
 def secret_of(settings: Settings) -> str:
+    """JWT_SECRET; :class:`ConfigurationError` when it is not set or shorter than
+    :data:`MIN_SECRET_BYTES` (a short HS256 key can be guessed offline from one token)."""
     secret = settings.jwt_secret.get_secret_value() if settings.jwt_secret else ""
     if not secret:
         raise ConfigurationError(
             "JWT_SECRET is not set: `synth-workers events serve` verifies bearer tokens "
             "(HS256) with it. Set JWT_SECRET to the secret your application signs them with."
+        )
+    if len(secret.encode()) < MIN_SECRET_BYTES:
+        raise ConfigurationError(
+            f"JWT_SECRET is {len(secret.encode())} bytes; `synth-workers events serve` needs "
+            f"at least {MIN_SECRET_BYTES} (UTF-8): HS256 keys that short can be guessed. "
+            "Generate one, e.g. `openssl rand -base64 32`."
         )
     return secret
 
@@ -306,7 +359,12 @@ def serve(
         fanout = Fanout(client, settings.broker_url)
         fanout.start()
         state = State(
-            client, fanout, secret, settings.events_heartbeat, lookup or ledger_lookup(ledger)
+            client,
+            fanout,
+            secret,
+            settings.events_heartbeat,
+            lookup or ledger_lookup(ledger),
+            token_max_ttl=settings.events_token_max_ttl,
         )
         sockets = tornado.netutil.bind_sockets(port, address)
         server = tornado.httpserver.HTTPServer(make_app(state), idle_connection_timeout=3600)
