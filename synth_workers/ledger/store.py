@@ -26,6 +26,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
+from psycopg_pool.errors import PoolClosed, PoolTimeout, TooManyRequests
 
 from synth_workers.errors import ConfigurationError, ServiceUnavailableError
 from synth_workers.lifecycle import Lifecycle
@@ -62,6 +63,27 @@ class Publishable:
     priority: int
     payload: dict[str, Any]
     args: list[Any] | None = None
+
+
+def is_connection_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` means Postgres could not be reached or the connection broke (report it
+    as :class:`ServiceUnavailableError`), as opposed to an error of the statement itself.
+
+    Connection failures: SQLSTATE class 08 (connection exception), 57P0x (server shut down,
+    crashed, not accepting connections yet, database dropped, idle session timed out), an
+    ``OperationalError`` with no SQLSTATE (libpq could not connect, the socket broke, the
+    connection is closed), and the pool giving no connection (timeout, closed, overloaded).
+    Everything else, e.g. ``ProgramLimitExceeded`` ("index row requires 12024 bytes") or
+    ``QueryCanceled``, which psycopg also files under ``OperationalError``, is not.
+    """
+    if isinstance(exc, (PoolTimeout, PoolClosed, TooManyRequests)):
+        return True
+    if not isinstance(exc, psycopg.Error):
+        return False
+    sqlstate = exc.sqlstate
+    if sqlstate is None:
+        return isinstance(exc, psycopg.OperationalError)
+    return sqlstate.startswith(("08", "57P0"))
 
 
 def encode_result(result: Any) -> Jsonb:
@@ -160,10 +182,14 @@ class Ledger:
 
     @contextmanager
     def connection(self) -> Iterator[psycopg.Connection[Any]]:
+        """A pooled connection; a connection failure (only that: see
+        :func:`is_connection_failure`) is raised as :class:`ServiceUnavailableError`."""
         try:
             with self.pool.connection() as conn:
                 yield conn
         except psycopg.OperationalError as exc:
+            if not is_connection_failure(exc):
+                raise
             raise self._unavailable(exc) from exc
 
     def connect(self) -> psycopg.Connection[Any]:
@@ -171,6 +197,8 @@ class Ledger:
         try:
             return psycopg.connect(self.conninfo, autocommit=True, **self.connect_kwargs())
         except psycopg.OperationalError as exc:
+            if not is_connection_failure(exc):
+                raise
             raise self._unavailable(exc) from exc
 
     def close(self) -> None:
