@@ -28,12 +28,10 @@ from __future__ import annotations
 
 import random
 import socket
-import time
 import traceback
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, cast
 
 import celery
@@ -45,6 +43,7 @@ from pydantic import BaseModel, ValidationError
 
 from synth_workers.errors import (
     InvalidPayloadError,
+    PayloadTooLargeError,
     PermanentError,
     RateLimitedError,
     SynthWorkersError,
@@ -56,6 +55,7 @@ from synth_workers.routing import (
     resolve_priority,
     to_transport,
 )
+from synth_workers.validation import check_delay, check_idempotency_key, eta_delay, payload_size
 
 if TYPE_CHECKING:
     from celery.canvas import Signature
@@ -107,15 +107,14 @@ def _queue_name(queue: Any) -> str | None:
     return str(getattr(queue, "name", queue))
 
 
-def _delay(options: dict[str, Any]) -> float | None:
+def _delay(options: dict[str, Any], limit: float) -> float | None:
+    """Seconds the job waits (``countdown=`` or ``eta=``), checked against ``limit``."""
     countdown = options.pop("countdown", None)
     eta = options.pop("eta", None)
-    if countdown:
-        return max(0.0, float(countdown))
-    if isinstance(eta, str):
-        eta = datetime.fromisoformat(eta)
-    if isinstance(eta, datetime):
-        return max(0.0, eta.timestamp() - time.time())
+    if countdown is not None and countdown != 0:  # NaN is != 0: refused by the check
+        return check_delay(countdown, limit)
+    if eta is not None:
+        return eta_delay(eta, limit)
     return None
 
 
@@ -181,13 +180,28 @@ class Task(celery.Task):  # type: ignore[type-arg]
         enqueue: the row is written in that transaction and published once it commits.
         ``synth_idempotency_key=`` dedupes: the existing job's result handle is returned.
         ``synth_user_id=``: the user (tenant) the job belongs to (its events are theirs).
+        ``synth_max_payload_bytes=``: refuse a larger payload (``enqueue`` passes the cap).
+
+        Before anything is written, the payload (strict JSON), the idempotency key and the
+        delay are checked (``synth_workers.validation``).
         """
+        settings = self.synth_app.settings
         level = options.pop("priority", None)
         level = resolve_priority(self.priority if level is None else level)
         conn: psycopg.Connection[Any] | None = options.pop("synth_conn", None)
         key: str | None = options.pop("synth_idempotency_key", None)
         user_id: str | None = options.pop("synth_user_id", None)
-        delay = _delay(options)
+        cap: int | None = options.pop("synth_max_payload_bytes", None)
+        # Refusals first: nothing is written to Postgres or Redis before these pass.
+        if key is not None:
+            check_idempotency_key(key)
+        delay = _delay(options, settings.max_delay_seconds)
+        size = payload_size(args, kwargs)
+        if cap is not None and size > cap:
+            raise PayloadTooLargeError(
+                f"{self.name}: payload is {size} bytes, over the {cap}-byte cap "
+                "(SYNTH_MAX_PAYLOAD_BYTES); store large inputs elsewhere and pass a reference"
+            )
         job_id: str = options.get("task_id") or str(uuid.uuid4())
         options["task_id"] = job_id
         queue = _queue_name(options.get("queue") or getattr(self, "queue", None))
