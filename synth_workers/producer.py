@@ -11,6 +11,17 @@ Refused before anything is written (``PayloadValidationError``; the checks live 
 key holding NUL or a lone surrogate; the message names the value's path), an idempotency key
 that is not 1 to 255 printable characters, a delay that is not finite, is negative or is over
 ``SYNTH_MAX_DELAY_SECONDS``.
+
+**When the publish fails** (Redis refuses, resets, or does not answer within
+``SYNTH_REDIS_TIMEOUT``) enqueue raises :class:`ServiceUnavailableError` within about that
+timeout (Celery's publish retries are off; one immediate retry after a reset connection). The
+job's ledger row is not deleted but made a tombstone: state ``cancelled``, ``last_error``
+saying the publish failed, and its idempotency key freed, so a retry with the same key makes
+a new job. A publish that timed out may still land once Redis answers; its message is then
+refused at claim (the job is not queued) and never adopted as a job sent around the
+platform. Should a worker have claimed the job before the tombstone was written, the publish
+did succeed: enqueue returns its handle instead of raising. A job is never both run and
+reported failed, as long as Postgres can record the tombstone.
 """
 
 from __future__ import annotations

@@ -26,8 +26,10 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import socket
+import time
 import traceback
 import uuid
 from collections.abc import Iterator
@@ -36,9 +38,11 @@ from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, cast
 
 import celery
 import psycopg
+import redis
 from billiard.exceptions import WorkerLostError
 from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 from celery.worker.request import Request as CeleryRequest
+from kombu.exceptions import OperationalError as KombuOperationalError
 from pydantic import BaseModel, ValidationError
 
 from synth_workers.errors import (
@@ -48,6 +52,7 @@ from synth_workers.errors import (
     RateLimitedError,
     SynthWorkersError,
 )
+from synth_workers.lifecycle import ListenerTimeout
 from synth_workers.routing import (
     DEFAULT_PRIORITY,
     from_transport,
@@ -64,6 +69,8 @@ if TYPE_CHECKING:
     from synth_workers.ledger.store import Claim
 
 _CONTROL_FLOW = (Retry, Reject)
+
+log = logging.getLogger(__name__)
 
 
 class LeaseLostError(SynthWorkersError):
@@ -116,6 +123,21 @@ def _delay(options: dict[str, Any], limit: float) -> float | None:
     if eta is not None:
         return eta_delay(eta, limit)
     return None
+
+
+#: A publish that failed faster than this (a reset or refused socket, not a timeout) is
+#: retried once at once.
+QUICK_FAILURE_SECONDS = 0.5
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it wraps) is a timeout."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, (redis.TimeoutError, TimeoutError, ListenerTimeout)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 class Request(CeleryRequest):
@@ -183,7 +205,8 @@ class Task(celery.Task):  # type: ignore[type-arg]
         ``synth_max_payload_bytes=``: refuse a larger payload (``enqueue`` passes the cap).
 
         Before anything is written, the payload (strict JSON), the idempotency key and the
-        delay are checked (``synth_workers.validation``).
+        delay are checked (``synth_workers.validation``). A failed publish leaves a
+        tombstone, never a queued row (see :meth:`_publish_failed`).
         """
         settings = self.synth_app.settings
         level = options.pop("priority", None)
@@ -230,24 +253,63 @@ class Task(celery.Task):  # type: ignore[type-arg]
             with ledger.connection() as own, own.transaction():
                 actual = ledger.insert_job(own, **row)
         if actual == job_id and ledger.lifecycle.listening:
-            ledger.lifecycle.announce(
-                "scheduled" if delay else "queued",
-                job_id,
-                task=self.name,
-                queue=row["queue"],
-                user_id=user_id,
-                data={"priority": level, "delay": delay} if delay else {"priority": level},
-            )
+            try:
+                ledger.lifecycle.announce(
+                    "scheduled" if delay else "queued",
+                    job_id,
+                    task=self.name,
+                    queue=row["queue"],
+                    user_id=user_id,
+                    data={"priority": level, "delay": delay} if delay else {"priority": level},
+                    # The event went to the broker's Redis and it did not answer within
+                    # SYNTH_REDIS_TIMEOUT: publishing would wait for it as long again.
+                    raise_timeouts=not delay,
+                )
+            except ListenerTimeout as exc:
+                return self._publish_failed(job_id, exc)
         if actual != job_id or delay:
             return self.AsyncResult(actual)
         options["priority"] = to_transport(level)
         if row["queue"] != queue:
             options["queue"] = row["queue"]
         try:
+            return self._publish(args, kwargs, options)
+        except BaseException as exc:
+            return self._publish_failed(job_id, exc)
+
+    def _publish(self, args: Any, kwargs: Any, options: dict[str, Any]) -> Any:
+        """Celery's publish (its own retries are off: see ``celery_config``), retried once at
+        once when it failed fast with a connection error: a socket Redis reset or closed
+        (restarted, failed over) fails before any wait, and a fresh connection usually
+        works. A timeout is not retried: Redis is frozen or unreachable and a retry would
+        wait SYNTH_REDIS_TIMEOUT again. Should the first attempt have landed after all, the
+        second message is refused at claim (the job is no longer queued)."""
+        started = time.monotonic()
+        try:
             return super().apply_async(args, kwargs, **options)
-        except BaseException:
-            ledger.delete_unpublished(job_id)
-            raise
+        except (redis.ConnectionError, OSError, KombuOperationalError) as exc:
+            if _timed_out(exc) or time.monotonic() - started > QUICK_FAILURE_SECONDS:
+                raise
+        return super().apply_async(args, kwargs, **options)
+
+    def _publish_failed(self, job_id: str, exc: BaseException) -> Any:
+        """The publish of a queued job failed: tombstone its row and raise (see
+        :meth:`Ledger.tombstone_unpublished`), unless a worker already claimed the job, in
+        which case it was published after all: then it is not reported as failed."""
+        reason = f"publish failed: {type(exc).__name__}: {exc}"
+        tombstoned: bool | None = None
+        try:
+            tombstoned = self.synth_app.ledger.tombstone_unpublished(job_id, reason[:1000])
+        except Exception:
+            # Postgres is out of reach too: the row stays queued and the reconciler
+            # publishes it later. The caller still hears of the failure.
+            log.exception("job %s: could not record that its publish failed", job_id)
+        if tombstoned is False and isinstance(exc, Exception):
+            return self.AsyncResult(job_id)
+        if isinstance(exc, (redis.ConnectionError, redis.TimeoutError, OSError, ListenerTimeout)):
+            # What Celery raises when it cannot publish.
+            raise KombuOperationalError(str(exc)) from exc
+        raise exc
 
     def signature_from_request(self, *args: Any, **kwargs: Any) -> Signature[Any]:
         sig: Signature[Any] = super().signature_from_request(*args, **kwargs)

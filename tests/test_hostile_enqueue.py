@@ -1,21 +1,30 @@
-"""Hostile input at enqueue, and a Postgres that fails under it.
+"""Hostile input at enqueue, and a Redis or Postgres that fails under it.
 
 Refusals (payloads that are not strict JSON, bad idempotency keys, bad delays) must be typed
 and leave nothing behind in Postgres or Redis, through ``enqueue`` and through Celery's own
 ``delay``/``apply_async``. A database error that is not a connection failure must not pass for
-one.
+one. Against a frozen Redis (SIGSTOP, on a redis-server of the test's own) enqueue must fail
+within ``SYNTH_REDIS_TIMEOUT`` + 1 s and leave a tombstone that never runs, and a worker must
+consume again by itself once Redis resumes.
 """
 
 from __future__ import annotations
 
+import os
 import secrets
+import signal
+import socket
+import subprocess
+import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
 import pytest
+import redis
 from psycopg_pool import PoolTimeout
 
 from synth_workers import (
@@ -24,11 +33,13 @@ from synth_workers import (
     app,
     enqueue,
 )
+from synth_workers.app import SynthCelery, celery_config, create_app
 from synth_workers.ledger.store import Ledger, is_connection_failure
+from synth_workers.ledger.transport import ids_in_redis
 from synth_workers.settings import load_settings
 from tests.e2e_tasks import record
 
-from .conftest import DATABASE_URL
+from .conftest import DATABASE_URL, wait_until
 
 QUEUE = "hostile-test"
 RECORD = "tests.e2e_tasks.record"
@@ -235,3 +246,146 @@ def test_broken_connection_is_service_unavailable(rclient: Any) -> None:
     closed_port = load_settings(database_url="postgresql://postgres@127.0.0.1:1/nowhere")
     with pytest.raises(ServiceUnavailableError, match="DATABASE_URL"):
         Ledger(closed_port).connect()
+
+
+# --- 5. timeouts on Redis connections -------------------------------------------------------------
+def test_every_redis_client_has_the_timeout() -> None:
+    settings = load_settings(redis_timeout=2.5)
+    conf = celery_config(settings)
+    options = conf["broker_transport_options"]
+    assert options["socket_timeout"] == options["socket_connect_timeout"] == 2.5
+    assert conf["broker_connection_timeout"] == 2.5
+    assert conf["task_publish_retry"] is False
+    built = SynthCelery(settings)
+    kwargs = built.redis.connection_pool.connection_kwargs
+    assert kwargs["socket_timeout"] == kwargs["socket_connect_timeout"] == 2.5
+
+
+@dataclass
+class OwnRedis:
+    """A redis-server of the test's own, which it may freeze (never the shared one)."""
+
+    process: subprocess.Popen[bytes]
+    url: str
+
+    def freeze(self) -> None:
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        os.kill(self.process.pid, signal.SIGCONT)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def own_redis() -> Iterator[OwnRedis]:
+    port = _free_port()
+    argv = f"redis-server --port {port} --bind 127.0.0.1 --appendonly no --daemonize no"
+    process = subprocess.Popen(
+        [*argv.split(), "--save", ""],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url, socket_timeout=1)
+
+    def answers() -> bool:
+        try:
+            return bool(client.ping())
+        except redis.RedisError:
+            return False
+
+    try:
+        assert wait_until(answers, timeout=10), "redis-server did not start"
+        yield OwnRedis(process, url)
+    finally:
+        client.close()
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGCONT)
+            process.terminate()
+            process.wait(timeout=10)
+
+
+@pytest.fixture
+def frozen_app(own_redis: OwnRedis) -> Iterator[SynthCelery]:
+    """An app (producer) whose broker and events are ``own_redis``, with a 2 s timeout."""
+    built = create_app(load_settings(redis_url=own_redis.url, redis_timeout=2))
+    yield built
+    built.close()
+
+
+def _ping(built: SynthCelery, **options: Any) -> Any:
+    return enqueue("tasks.system.ping", {}, queue=QUEUE, app=built, **options)
+
+
+def test_enqueue_against_frozen_redis_fails_in_time_and_leaves_a_tombstone(
+    rclient: Any, own_redis: OwnRedis, frozen_app: SynthCelery, start_worker: Any
+) -> None:
+    budget = frozen_app.settings.redis_timeout + 1
+    warm = _ping(frozen_app)  # connections open: a frozen server accepts and never answers
+    own_redis.freeze()
+    tombstones: list[str] = []
+    try:
+        # 1st: the synchronous `queued` event times out (enqueue stops there);
+        # 2nd: events wait for the background writer; the publish (LPUSH) times out.
+        for n in range(2):
+            job_id = str(uuid.uuid4())
+            started = time.monotonic()
+            with pytest.raises(ServiceUnavailableError, match="REDIS_URL"):
+                _ping(frozen_app, job_id=job_id, idempotency_key=f"frozen-{n}")
+            took = time.monotonic() - started
+            assert took < budget, f"enqueue #{n + 1} took {took:.2f}s"
+            row = app.ledger.get(job_id)
+            assert row is not None, "the row must stay, as a tombstone"
+            assert row["state"] == "cancelled"
+            assert row["last_error"].startswith("publish failed")
+            assert row["finished_at"] is not None
+            tombstones.append(job_id)
+        with app.ledger.connection() as conn:
+            keys = conn.execute("SELECT count(*) FROM synth_idempotency").fetchone()
+        assert keys == (0,), "a failed enqueue frees its idempotency key"
+    finally:
+        own_redis.thaw()
+
+    # The LPUSH that timed out still lands once Redis resumes ...
+    assert wait_until(
+        lambda: tombstones[1] in ids_in_redis(frozen_app, [QUEUE], {tombstones[1]}), timeout=5
+    ), "the timed-out publish did not land: this test no longer exercises a late message"
+    # ... and a worker refuses it, while it runs the jobs that were published.
+    start_worker(QUEUE, env={"REDIS_URL": own_redis.url, "SYNTH_REDIS_TIMEOUT": "2"})
+    fresh = _ping(frozen_app, idempotency_key="frozen-0")  # the same key: a new job
+    assert fresh.id not in tombstones and not fresh.deduplicated
+    assert fresh.wait(timeout=30)["reply"] == "pong"
+    assert warm.wait(timeout=30)["reply"] == "pong"
+    assert wait_until(lambda: not ids_in_redis(frozen_app, [QUEUE], set(tombstones)), timeout=10)
+    for job_id in tombstones:
+        row = app.ledger.get(job_id)
+        assert row is not None
+        assert (row["state"], row["attempt"], row["started_at"]) == ("cancelled", 0, None)
+
+
+def test_worker_consumes_again_after_its_redis_froze(
+    rclient: Any, own_redis: OwnRedis, start_worker: Any
+) -> None:
+    built = create_app(load_settings(redis_url=own_redis.url, redis_timeout=1))
+    try:
+        # SYNTH_REDIS_TIMEOUT=1: as long as kombu's BRPOP waits on the server
+        worker = start_worker(QUEUE, env={"REDIS_URL": own_redis.url, "SYNTH_REDIS_TIMEOUT": "1"})
+        assert _ping(built).wait(timeout=30)["reply"] == "pong"
+        time.sleep(2.5)  # idle: BRPOP round trips with a 1 s socket timeout
+        assert _ping(built).wait(timeout=30)["reply"] == "pong"
+        own_redis.freeze()
+        time.sleep(4)  # longer than every timeout of the worker's clients
+        own_redis.thaw()
+        started = time.monotonic()
+        after = _ping(built)
+        assert after.wait(timeout=30)["reply"] == "pong", worker.output()[-3000:]
+        assert worker.process.poll() is None
+        assert time.monotonic() - started < 15
+    finally:
+        built.close()

@@ -302,11 +302,28 @@ class Ledger:
             conn.execute(f"NOTIFY {NOTIFY_CHANNEL}")
         return job_id
 
-    def delete_unpublished(self, job_id: str) -> None:
-        """Undo an enqueue whose publish failed (the caller was told it failed)."""
-        with self.connection() as conn:
-            conn.execute("DELETE FROM synth_idempotency WHERE job_id = %s", (job_id,))
-            conn.execute("DELETE FROM synth_jobs WHERE id = %s AND state = 'queued'", (job_id,))
+    def tombstone_unpublished(self, job_id: str, reason: str) -> bool:
+        """An enqueue's publish failed: turn its queued row into a tombstone (cancelled,
+        ``last_error`` = ``reason``) and free its idempotency key, so a retry with the same
+        key makes a new job. The row is kept, not deleted: a publish that timed out may still
+        land once Redis answers, and a message with no row would be adopted and run; against
+        the tombstone its claim is refused. False (nothing changed) when the job is no
+        longer queued: a worker already claimed it, so the message was published after all.
+        """
+        with self.connection() as conn, conn.transaction():
+            self.durable(conn)
+            row = conn.execute(
+                "WITH t AS (UPDATE synth_jobs SET state = 'cancelled', last_error = %s, "
+                "finished_at = now(), updated_at = now() WHERE id = %s AND state = 'queued' "
+                "RETURNING id, state, task, queue, attempt), "
+                "k AS (DELETE FROM synth_idempotency i USING t WHERE i.job_id = t.id) "
+                "SELECT state, task, queue, attempt FROM t",
+                (reason, job_id),
+            ).fetchone()
+        if row is None:
+            return False
+        self._announce_row("cancelled", job_id, row, reason="publish_failed")
+        return True
 
     # --- worker: claim, lease, finish ----------------------------------------------------
     _CLAIM = (
