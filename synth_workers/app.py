@@ -46,8 +46,12 @@ class SynthCelery(Celery):
     @cached_property
     def redis(self) -> redis.Redis:
         """Client for the platform's own reads of the broker (reconciling, depth)."""
+        timeout = self.settings.redis_timeout
         return redis.Redis.from_url(
-            self.settings.broker_url, socket_connect_timeout=5, socket_keepalive=True
+            self.settings.broker_url,
+            socket_connect_timeout=timeout,
+            socket_timeout=timeout,
+            socket_keepalive=True,
         )
 
     @cached_property
@@ -107,10 +111,22 @@ def _on_worker_init(sender: Any = None, **kwargs: Any) -> None:
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings derived from ours."""
     broker = settings.broker_url
+    timeout = settings.redis_timeout
     return {
         "broker_url": broker,
         "result_backend": settings.result_backend_url or broker,
         "broker_connection_retry_on_startup": True,
+        # Connecting to the broker (kombu's retries included) gives up after this.
+        "broker_connection_timeout": timeout,
+        # No publish retries in Celery: kombu's retry loop retries every connection error
+        # alike, so against a frozen Redis each of its 3 retries would wait the socket
+        # timeout again (4 x SYNTH_REDIS_TIMEOUT, plus reconnecting). Task.apply_async
+        # decides instead: a timeout is final (the ledger row becomes a tombstone), a
+        # connection error that came back at once (a reset socket) is retried once.
+        "task_publish_retry": False,
+        # Celery's Redis result backend (used by Celery's own APIs only) likewise.
+        "redis_socket_timeout": timeout,
+        "redis_socket_connect_timeout": timeout,
         # redis:// without kombu's unacked hash: the ledger's leases replace it (broker.py).
         **(
             {"broker_transport": "synth_workers.broker:Transport"}
@@ -123,6 +139,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "visibility_timeout": settings.visibility_timeout,
             # what the transport checks of each raw message it reads (screening.py)
             **Limits.from_settings(settings).as_options(),
+            # Every synchronous command (a publish, a declare) fails after this instead of
+            # waiting for ever on a frozen or cut-off Redis. kombu's BRPOP (1 s on the
+            # server) is read from the event loop only once its socket is readable, so no
+            # socket timeout applies to it; a half-open BRPOP connection is dropped by
+            # kombu's own check (health_check_interval).
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
         },
         "task_serializer": "json",
         "result_serializer": "json",

@@ -30,7 +30,10 @@ id; ``data``: ``documents``, ``provider``, ``model``, ``input_tokens``, ``output
 what ``synth_llm_tokens_total`` and ``synth_credits_charged_total`` count.
 
 Listeners run in the emitting thread: they must be cheap, and an exception in one is logged
-and never reaches the job.
+and never reaches the job. One exception: a listener whose service did not answer in time
+raises :class:`ListenerTimeout`, which reaches an announcer that asked for it
+(``announce(..., raise_timeouts=True)``: an enqueue about to publish to the same Redis stops
+there instead of waiting for it a second time).
 """
 
 from __future__ import annotations
@@ -80,6 +83,11 @@ class JobEvent:
 Listener = Callable[[JobEvent], None]
 
 
+class ListenerTimeout(Exception):  # noqa: N818 - a signal between listener and announcer
+    """A listener's service did not answer within its timeout (the listener kept the work to
+    finish later). Reaches the announcer only with ``raise_timeouts=True``."""
+
+
 class Lifecycle:
     """Fans each :class:`JobEvent` out to the connected listeners, in connection order."""
 
@@ -101,15 +109,26 @@ class Lifecycle:
     def listening(self) -> bool:
         return bool(self._listeners)
 
-    def emit(self, event: JobEvent) -> None:
+    def emit(self, event: JobEvent, raise_timeouts: bool = False) -> None:
+        """Tell every listener; with ``raise_timeouts``, raise the first
+        :class:`ListenerTimeout` once all of them were told."""
+        timed_out: ListenerTimeout | None = None
         for listener in self._listeners:
             try:
                 listener(event)
+            except ListenerTimeout as exc:
+                if not raise_timeouts:
+                    log.exception("lifecycle listener %r failed on %s", listener, event.kind)
+                timed_out = timed_out or exc
             except Exception:
                 log.exception("lifecycle listener %r failed on %s", listener, event.kind)
+        if raise_timeouts and timed_out is not None:
+            raise timed_out
 
-    def announce(self, kind: str, job_id: str, **fields: Any) -> None:
+    def announce(
+        self, kind: str, job_id: str, *, raise_timeouts: bool = False, **fields: Any
+    ) -> None:
         """Build and emit an event; skipped entirely when nobody listens."""
         if self._listeners:
             data = fields.pop("data", None) or {}
-            self.emit(JobEvent(kind, job_id, data=data, **fields))
+            self.emit(JobEvent(kind, job_id, data=data, **fields), raise_timeouts)

@@ -4,11 +4,28 @@
 the payload against the task's model, refuses oversize payloads and unknown tasks with typed
 errors (nothing is queued then), writes the job record, publishes the message and returns a
 :class:`JobHandle`. Messages are JSON only.
+
+Refused before anything is written (``PayloadValidationError``; the checks live in
+``synth_workers.validation`` and run in ``Task.apply_async``, so Celery's ``delay`` and
+``apply_async`` get them too): a payload that is not strict JSON (NaN, Infinity, a string or
+key holding NUL or a lone surrogate; the message names the value's path), an idempotency key
+that is not 1 to 255 printable characters, a delay that is not finite, is negative or is over
+``SYNTH_MAX_DELAY_SECONDS``.
+
+**When the publish fails** (Redis refuses, resets, or does not answer within
+``SYNTH_REDIS_TIMEOUT``) enqueue raises :class:`ServiceUnavailableError` within about that
+timeout (Celery's publish retries are off; one immediate retry after a reset connection). The
+job's ledger row is not deleted but made a tombstone: state ``cancelled``, ``last_error``
+saying the publish failed, and its idempotency key freed, so a retry with the same key makes
+a new job. A publish that timed out may still land once Redis answers; its message is then
+refused at claim (the job is not queued) and never adopted as a job sent around the
+platform. Should a worker have claimed the job before the tombstone was written, the publish
+did succeed: enqueue returns its handle instead of raising. A job is never both run and
+reported failed, as long as Postgres can record the tombstone.
 """
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -25,7 +42,6 @@ from synth_workers.errors import (
     JobFailedError,
     JobNotFoundError,
     JobTimeoutError,
-    PayloadTooLargeError,
     PayloadValidationError,
     ServiceUnavailableError,
     UnknownTaskError,
@@ -193,21 +209,18 @@ def enqueue(
     level = routing.resolve_priority(priority)
     target = routing.resolve_queue(task_name, queue, gpu=gpu)
     data = _validated(task, payload if payload is not None else {})
-    size = len(json.dumps(data, separators=(",", ":")).encode())
-    cap = app.settings.max_payload_bytes
-    if size > cap:
-        raise PayloadTooLargeError(
-            f"{task_name}: payload is {size} bytes, over the {cap}-byte cap "
-            "(SYNTH_MAX_PAYLOAD_BYTES); store large inputs elsewhere and pass a reference"
-        )
-    if delay is not None and delay < 0:
-        raise PayloadValidationError(f"delay must be >= 0 seconds, got {delay}")
 
     job_id = job_id or str(uuid.uuid4())
-    options: dict[str, Any] = {"task_id": job_id, "priority": level}
+    # Task.apply_async checks payload (strict JSON, and this size cap: one serialization),
+    # idempotency key and delay before it writes anything.
+    options: dict[str, Any] = {
+        "task_id": job_id,
+        "priority": level,
+        "synth_max_payload_bytes": app.settings.max_payload_bytes,
+    }
     if target is not None:
         options["queue"] = target
-    if delay:
+    if delay is not None and delay != 0:  # NaN is != 0: refused there
         options["countdown"] = delay
     if idempotency_key is not None:
         options["synth_idempotency_key"] = idempotency_key

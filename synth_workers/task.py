@@ -27,6 +27,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import socket
 import time
@@ -34,23 +35,26 @@ import traceback
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, cast
 
 import celery
 import psycopg
+import redis
 from billiard.exceptions import WorkerLostError
 from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 from celery.worker.request import Request as CeleryRequest
+from kombu.exceptions import OperationalError as KombuOperationalError
 from pydantic import BaseModel, ValidationError
 
 from synth_workers.binding import Binding
 from synth_workers.errors import (
     InvalidPayloadError,
+    PayloadTooLargeError,
     PermanentError,
     RateLimitedError,
     SynthWorkersError,
 )
+from synth_workers.lifecycle import ListenerTimeout
 from synth_workers.routing import (
     DEFAULT_PRIORITY,
     from_transport,
@@ -58,6 +62,7 @@ from synth_workers.routing import (
     resolve_priority,
     to_transport,
 )
+from synth_workers.validation import check_delay, check_idempotency_key, eta_delay, payload_size
 
 if TYPE_CHECKING:
     from celery.canvas import Signature
@@ -66,6 +71,8 @@ if TYPE_CHECKING:
     from synth_workers.ledger.store import Claim
 
 _CONTROL_FLOW = (Retry, Reject)
+
+log = logging.getLogger(__name__)
 
 
 class LeaseLostError(SynthWorkersError):
@@ -109,16 +116,30 @@ def _queue_name(queue: Any) -> str | None:
     return str(getattr(queue, "name", queue))
 
 
-def _delay(options: dict[str, Any]) -> float | None:
+def _delay(options: dict[str, Any], limit: float) -> float | None:
+    """Seconds the job waits (``countdown=`` or ``eta=``), checked against ``limit``."""
     countdown = options.pop("countdown", None)
     eta = options.pop("eta", None)
-    if countdown:
-        return max(0.0, float(countdown))
-    if isinstance(eta, str):
-        eta = datetime.fromisoformat(eta)
-    if isinstance(eta, datetime):
-        return max(0.0, eta.timestamp() - time.time())
+    if countdown is not None and countdown != 0:  # NaN is != 0: refused by the check
+        return check_delay(countdown, limit)
+    if eta is not None:
+        return eta_delay(eta, limit)
     return None
+
+
+#: A publish that failed faster than this (a reset or refused socket, not a timeout) is
+#: retried once at once.
+QUICK_FAILURE_SECONDS = 0.5
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it wraps) is a timeout."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, (redis.TimeoutError, TimeoutError, ListenerTimeout)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 class Request(CeleryRequest):
@@ -183,13 +204,29 @@ class Task(celery.Task):  # type: ignore[type-arg]
         enqueue: the row is written in that transaction and published once it commits.
         ``synth_idempotency_key=`` dedupes: the existing job's result handle is returned.
         ``synth_user_id=``: the user (tenant) the job belongs to (its events are theirs).
+        ``synth_max_payload_bytes=``: refuse a larger payload (``enqueue`` passes the cap).
+
+        Before anything is written, the payload (strict JSON), the idempotency key and the
+        delay are checked (``synth_workers.validation``). A failed publish leaves a
+        tombstone, never a queued row (see :meth:`_publish_failed`).
         """
+        settings = self.synth_app.settings
         level = options.pop("priority", None)
         level = resolve_priority(self.priority if level is None else level)
         conn: psycopg.Connection[Any] | None = options.pop("synth_conn", None)
         key: str | None = options.pop("synth_idempotency_key", None)
         user_id: str | None = options.pop("synth_user_id", None)
-        delay = _delay(options)
+        cap: int | None = options.pop("synth_max_payload_bytes", None)
+        # Refusals first: nothing is written to Postgres or Redis before these pass.
+        if key is not None:
+            check_idempotency_key(key)
+        delay = _delay(options, settings.max_delay_seconds)
+        size = payload_size(args, kwargs)
+        if cap is not None and size > cap:
+            raise PayloadTooLargeError(
+                f"{self.name}: payload is {size} bytes, over the {cap}-byte cap "
+                "(SYNTH_MAX_PAYLOAD_BYTES); store large inputs elsewhere and pass a reference"
+            )
         job_id: str = options.get("task_id") or str(uuid.uuid4())
         options["task_id"] = job_id
         queue = _queue_name(options.get("queue") or getattr(self, "queue", None))
@@ -218,24 +255,63 @@ class Task(celery.Task):  # type: ignore[type-arg]
             with ledger.connection() as own, own.transaction():
                 actual = ledger.insert_job(own, **row)
         if actual == job_id and ledger.lifecycle.listening:
-            ledger.lifecycle.announce(
-                "scheduled" if delay else "queued",
-                job_id,
-                task=self.name,
-                queue=row["queue"],
-                user_id=user_id,
-                data={"priority": level, "delay": delay} if delay else {"priority": level},
-            )
+            try:
+                ledger.lifecycle.announce(
+                    "scheduled" if delay else "queued",
+                    job_id,
+                    task=self.name,
+                    queue=row["queue"],
+                    user_id=user_id,
+                    data={"priority": level, "delay": delay} if delay else {"priority": level},
+                    # The event went to the broker's Redis and it did not answer within
+                    # SYNTH_REDIS_TIMEOUT: publishing would wait for it as long again.
+                    raise_timeouts=not delay,
+                )
+            except ListenerTimeout as exc:
+                return self._publish_failed(job_id, exc)
         if actual != job_id or delay:
             return self.AsyncResult(actual)
         options["priority"] = to_transport(level)
         if row["queue"] != queue:
             options["queue"] = row["queue"]
         try:
+            return self._publish(args, kwargs, options)
+        except BaseException as exc:
+            return self._publish_failed(job_id, exc)
+
+    def _publish(self, args: Any, kwargs: Any, options: dict[str, Any]) -> Any:
+        """Celery's publish (its own retries are off: see ``celery_config``), retried once at
+        once when it failed fast with a connection error: a socket Redis reset or closed
+        (restarted, failed over) fails before any wait, and a fresh connection usually
+        works. A timeout is not retried: Redis is frozen or unreachable and a retry would
+        wait SYNTH_REDIS_TIMEOUT again. Should the first attempt have landed after all, the
+        second message is refused at claim (the job is no longer queued)."""
+        started = time.monotonic()
+        try:
             return super().apply_async(args, kwargs, **options)
-        except BaseException:
-            ledger.delete_unpublished(job_id)
-            raise
+        except (redis.ConnectionError, OSError, KombuOperationalError) as exc:
+            if _timed_out(exc) or time.monotonic() - started > QUICK_FAILURE_SECONDS:
+                raise
+        return super().apply_async(args, kwargs, **options)
+
+    def _publish_failed(self, job_id: str, exc: BaseException) -> Any:
+        """The publish of a queued job failed: tombstone its row and raise (see
+        :meth:`Ledger.tombstone_unpublished`), unless a worker already claimed the job, in
+        which case it was published after all: then it is not reported as failed."""
+        reason = f"publish failed: {type(exc).__name__}: {exc}"
+        tombstoned: bool | None = None
+        try:
+            tombstoned = self.synth_app.ledger.tombstone_unpublished(job_id, reason[:1000])
+        except Exception:
+            # Postgres is out of reach too: the row stays queued and the reconciler
+            # publishes it later. The caller still hears of the failure.
+            log.exception("job %s: could not record that its publish failed", job_id)
+        if tombstoned is False and isinstance(exc, Exception):
+            return self.AsyncResult(job_id)
+        if isinstance(exc, (redis.ConnectionError, redis.TimeoutError, OSError, ListenerTimeout)):
+            # What Celery raises when it cannot publish.
+            raise KombuOperationalError(str(exc)) from exc
+        raise exc
 
     def signature_from_request(self, *args: Any, **kwargs: Any) -> Signature[Any]:
         sig: Signature[Any] = super().signature_from_request(*args, **kwargs)

@@ -50,7 +50,7 @@ def connect_events(app: SynthCelery) -> EventBuffer:
     Returns the listener; call its ``flush()`` when a process stops."""
     settings = app.settings
     writer = EventWriter(
-        events_client(settings.broker_url),
+        events_client(settings.broker_url, settings.redis_timeout),
         retention=settings.events_retention,
         maxlen=settings.events_maxlen,
         job_ttl=settings.job_ttl,
@@ -81,8 +81,10 @@ def subscribe(
         from synth_workers.app import app as default_app
 
         app = default_app
+    settings = app.settings
     return Subscription(
-        events_client(app.settings.broker_url),
+        # its XREAD blocks up to Subscription.block_ms (1 s) on the server
+        events_client(settings.broker_url, settings.redis_timeout, blocking=1.0),
         job_id=job_id,
         user_id=user_id,
         since=since,

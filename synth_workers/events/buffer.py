@@ -14,6 +14,14 @@ to Celery's shutdown signals) and at interpreter exit; a process killed outright
 most the last ``linger`` seconds of its buffered events. A forked child starts with an empty
 buffer (its parent writes its own). If Redis cannot be reached the events are kept (up to
 ``max_pending``, oldest dropped first, with a warning) and retried.
+
+When a write in the announcing thread times out (Redis frozen or cut off: the client's
+``SYNTH_REDIS_TIMEOUT`` ran out), the listener raises
+:class:`~synth_workers.lifecycle.ListenerTimeout` (an enqueue stops there rather than wait for
+the same Redis again to publish) and, until a write succeeds, hands every event to the
+background thread instead of waiting on Redis in the announcing thread again: events stay
+in order, and no further job or enqueue pays the timeout for them (until then an enqueue may
+return before its ``queued`` event is stored).
 """
 
 from __future__ import annotations
@@ -24,8 +32,10 @@ import os
 import threading
 import time
 
+import redis
+
 from synth_workers.events.stream import EventWriter
-from synth_workers.lifecycle import JobEvent
+from synth_workers.lifecycle import JobEvent, ListenerTimeout
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +65,19 @@ class EventBuffer:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._pid = os.getpid()
+        #: The last write in an announcing thread timed out and none has succeeded since.
+        self._timed_out = False
 
     def __call__(self, event: JobEvent) -> None:
         if event.kind in SKIPPED_KINDS:
             return
-        if event.kind in BUFFERED_KINDS or event.data.get("failure_class") == "rejected_message":
-            # (a refused message's ``dead`` comes in batches from the refusal writer's
-            # thread, about a message no one enqueued through this process)
+        if (
+            event.kind in BUFFERED_KINDS
+            or self._timed_out
+            # a refused message's ``dead`` comes in batches from the refusal writer's
+            # thread, about a message no one enqueued through this process
+            or event.data.get("failure_class") == "rejected_message"
+        ):
             self._pending.append(event)
             if self._thread is None or self._pid != os.getpid():
                 self._start()
@@ -69,7 +85,13 @@ class EventBuffer:
                 self._wake.set()
             return
         self._pending.append(event)
-        self.flush(raise_errors=True)
+        try:
+            self.flush(raise_errors=True)
+        except (redis.TimeoutError, TimeoutError) as exc:
+            self._timed_out = True  # the background thread writes from now on
+            self._start()
+            self._wake.set()
+            raise ListenerTimeout(f"events: Redis did not answer in time: {exc}") from exc
 
     def _start(self) -> None:
         with self._lock:
@@ -108,4 +130,5 @@ class EventBuffer:
                         raise
                     log.exception("events: writing %d event(s) failed; kept", len(batch))
                     return False
+            self._timed_out = False
         return True

@@ -336,8 +336,13 @@ class Subscription:
                         return
 
 
-def events_client(url: str) -> redis.Redis:
-    """A client for the event streams (short timeouts: a listener must not hang a job)."""
+def events_client(url: str, timeout: float = 5.0, blocking: float = 0.0) -> redis.Redis:
+    """A client for the event streams: ``timeout`` seconds to connect and for an answer
+    (``SYNTH_REDIS_TIMEOUT``: a listener must not hang a job), plus ``blocking`` seconds for a
+    reader whose XREAD blocks that long on the server."""
     return redis.Redis.from_url(
-        url, socket_connect_timeout=5, socket_timeout=5, socket_keepalive=True
+        url,
+        socket_connect_timeout=timeout,
+        socket_timeout=timeout + blocking,
+        socket_keepalive=True,
     )

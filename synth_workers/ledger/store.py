@@ -26,6 +26,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
+from psycopg_pool.errors import PoolClosed, PoolTimeout, TooManyRequests
 
 from synth_workers.errors import ConfigurationError, ServiceUnavailableError
 from synth_workers.lifecycle import Lifecycle
@@ -72,6 +73,27 @@ def _text(value: Any, limit: int) -> str:
     text = value if isinstance(value, str) else repr(value)
     text = text[:limit].replace("\x00", "\\x00")
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def is_connection_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` means Postgres could not be reached or the connection broke (report it
+    as :class:`ServiceUnavailableError`), as opposed to an error of the statement itself.
+
+    Connection failures: SQLSTATE class 08 (connection exception), 57P0x (server shut down,
+    crashed, not accepting connections yet, database dropped, idle session timed out), an
+    ``OperationalError`` with no SQLSTATE (libpq could not connect, the socket broke, the
+    connection is closed), and the pool giving no connection (timeout, closed, overloaded).
+    Everything else, e.g. ``ProgramLimitExceeded`` ("index row requires 12024 bytes") or
+    ``QueryCanceled``, which psycopg also files under ``OperationalError``, is not.
+    """
+    if isinstance(exc, (PoolTimeout, PoolClosed, TooManyRequests)):
+        return True
+    if not isinstance(exc, psycopg.Error):
+        return False
+    sqlstate = exc.sqlstate
+    if sqlstate is None:
+        return isinstance(exc, psycopg.OperationalError)
+    return sqlstate.startswith(("08", "57P0"))
 
 
 def encode_result(result: Any) -> Jsonb:
@@ -170,10 +192,14 @@ class Ledger:
 
     @contextmanager
     def connection(self) -> Iterator[psycopg.Connection[Any]]:
+        """A pooled connection; a connection failure (only that: see
+        :func:`is_connection_failure`) is raised as :class:`ServiceUnavailableError`."""
         try:
             with self.pool.connection() as conn:
                 yield conn
         except psycopg.OperationalError as exc:
+            if not is_connection_failure(exc):
+                raise
             raise self._unavailable(exc) from exc
 
     def connect(self) -> psycopg.Connection[Any]:
@@ -181,6 +207,8 @@ class Ledger:
         try:
             return psycopg.connect(self.conninfo, autocommit=True, **self.connect_kwargs())
         except psycopg.OperationalError as exc:
+            if not is_connection_failure(exc):
+                raise
             raise self._unavailable(exc) from exc
 
     def close(self) -> None:
@@ -284,11 +312,28 @@ class Ledger:
             conn.execute(f"NOTIFY {NOTIFY_CHANNEL}")
         return job_id
 
-    def delete_unpublished(self, job_id: str) -> None:
-        """Undo an enqueue whose publish failed (the caller was told it failed)."""
-        with self.connection() as conn:
-            conn.execute("DELETE FROM synth_idempotency WHERE job_id = %s", (job_id,))
-            conn.execute("DELETE FROM synth_jobs WHERE id = %s AND state = 'queued'", (job_id,))
+    def tombstone_unpublished(self, job_id: str, reason: str) -> bool:
+        """An enqueue's publish failed: turn its queued row into a tombstone (cancelled,
+        ``last_error`` = ``reason``) and free its idempotency key, so a retry with the same
+        key makes a new job. The row is kept, not deleted: a publish that timed out may still
+        land once Redis answers, and a message with no row would be adopted and run; against
+        the tombstone its claim is refused. False (nothing changed) when the job is no
+        longer queued: a worker already claimed it, so the message was published after all.
+        """
+        with self.connection() as conn, conn.transaction():
+            self.durable(conn)
+            row = conn.execute(
+                "WITH t AS (UPDATE synth_jobs SET state = 'cancelled', last_error = %s, "
+                "finished_at = now(), updated_at = now() WHERE id = %s AND state = 'queued' "
+                "RETURNING id, state, task, queue, attempt), "
+                "k AS (DELETE FROM synth_idempotency i USING t WHERE i.job_id = t.id) "
+                "SELECT state, task, queue, attempt FROM t",
+                (reason, job_id),
+            ).fetchone()
+        if row is None:
+            return False
+        self._announce_row("cancelled", job_id, row, reason="publish_failed")
+        return True
 
     # --- worker: claim, lease, finish ----------------------------------------------------
     _CLAIM = (
