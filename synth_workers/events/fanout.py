@@ -78,6 +78,7 @@ class Fanout:
         self._reading = False
         self._task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
+        self._closing = False
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="synth-events-fanout")
@@ -86,8 +87,13 @@ class Fanout:
         for subs in self.subscribers.values():
             for sub in subs:
                 sub.close()
+        self._closing = True
         if self._task is not None:
             self._task.cancel()
+            # redis-py can swallow a cancellation that lands inside a command (it then
+            # raises a connection error, which the loop retries): the flag and the wake-up
+            # end the loop all the same.
+            self._changed.set()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
         await self.reader.aclose()
@@ -140,7 +146,7 @@ class Fanout:
                 log.debug("events: CLIENT UNBLOCK failed: %s", exc)
 
     async def _run(self) -> None:
-        while True:
+        while not self._closing:
             if not self.positions:
                 self._changed.clear()
                 await self._changed.wait()
