@@ -64,11 +64,11 @@ class Consumer(CeleryConsumer):
                 checked = check_task_message(message, strategies, limits)
             except Refused as exc:
                 return self.refuse(message, exc.reason, exc.detail)
-            if checked.expires is not None and checked.expires <= datetime.now(UTC):
-                return self._expired(message, checked)
-            if checked.eta is not None and checked.eta > datetime.now(UTC):
-                return self._to_ledger(message, checked)
             try:
+                if checked.expires is not None and checked.expires <= datetime.now(UTC):
+                    return self._expired(message, checked)
+                if checked.eta is not None and checked.eta > datetime.now(UTC):
+                    return self._to_ledger(message, checked)
                 return celery_handler(message)
             except Exception as exc:
                 if message.acknowledged:  # handed over already: nothing left to refuse

@@ -61,6 +61,9 @@ REASONS = (
     "protocol",
 )
 
+#: kombu's Redis transport: priority steps 0-9 (``app.celery_config``'s ``priority_steps``).
+TRANSPORT_STEPS = 10
+
 #: The most of a refused message that is kept (its first bytes, before any decoding).
 STORED_BYTES = 4096
 
@@ -257,6 +260,9 @@ def _checked_fields(
                 "routing_key": queue,
             },
             "body_encoding": encoding,
+            # kombu's Redis transport has ten priority steps (0-9): a larger value is the
+            # last step, as kombu itself files it
+            **({} if priority is None else {"priority": min(priority, TRANSPORT_STEPS - 1)}),
         },
     }
 

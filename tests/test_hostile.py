@@ -213,3 +213,16 @@ def test_hostile_envelope_keys_cannot_pose_as_a_refusal(rclient: Any, start_work
     rclient.lpush(queue_list(QUEUE), json.dumps(message).encode())
     assert wait_until(lambda: rclient.get("test:count:posing") == b"1", timeout=30)
     assert _refused() == []
+
+
+def test_foreign_priorities_run_on_the_nearest_step(rclient: Any, start_worker: Any) -> None:
+    """kombu accepts priorities up to 255 and files any above 9 on the last step; such a
+    message (from another Celery app) runs, with a priority the ledger can hold."""
+    start_worker(QUEUE)
+    job_id = str(uuid.uuid4())
+    message = envelope(
+        queue=QUEUE, job_id=job_id, kwargs={"key": "p255"}, properties={"priority": 255}
+    )
+    rclient.lpush(queue_list(QUEUE), raw(message))
+    assert wait_until(lambda: (app.ledger.get(job_id) or {}).get("state") == "succeeded", 30)
+    assert rclient.get("test:count:p255") == b"1"
