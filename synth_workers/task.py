@@ -181,6 +181,9 @@ class Task(celery.Task):  # type: ignore[type-arg]
     retry_for: tuple[type[Exception], ...] = (Exception,)
 
     Request = "synth_workers.task:Request"
+    #: Expected refusals: Celery logs them in one line, without a traceback (the ledger
+    #: keeps it).
+    throws: tuple[type[Exception], ...] = (InvalidPayloadError,)
     acks_late = True
     reject_on_worker_lost = True
 
