@@ -231,6 +231,9 @@ def log_job_event(event: JobEvent) -> None:
         level = logging.INFO
         message = "job started"
     elif kind in _END_KINDS:
+        if event.data.get("failure_class") == "rejected_message":
+            return  # one line per batch instead (synth_workers.ledger.refusals): a flood of
+            # bad messages must not become a flood of log lines
         level = _END_KINDS[kind]
         message = "job finished"
     else:

@@ -45,9 +45,7 @@ class Refusal:
 class RefusalWriter:
     """Writes refusals to the ledger from a background thread, many per statement."""
 
-    def __init__(
-        self, ledger: Ledger, *, linger: float = 0.01, max_pending: int = 100_000
-    ) -> None:
+    def __init__(self, ledger: Ledger, *, linger: float = 0.01, max_pending: int = 100_000) -> None:
         self.ledger = ledger
         self.linger = linger
         self.max_pending = max_pending
@@ -93,6 +91,7 @@ class RefusalWriter:
                 batch = [pending.popleft() for _ in range(min(BATCH, len(pending)))]
                 try:
                     self.ledger.record_rejected_many(batch)
+                    _log_batch(batch)
                 except ServiceUnavailableError:
                     pending.extendleft(reversed(batch))
                     overflow = len(pending) - self.max_pending
@@ -114,6 +113,28 @@ class RefusalWriter:
         for refusal in batch:
             try:
                 self.ledger.record_rejected_many([refusal])
+                _log_batch([refusal])
             except Exception:
                 self.dropped += 1
                 log.exception("refused message %s could not be recorded; dropped", refusal)
+
+
+def _log_batch(batch: list[Refusal]) -> None:
+    """One line per batch (a flood of bad messages must not flood the logs), the messages'
+    ids and details at DEBUG."""
+    reasons = collections.Counter(r.reason for r in batch)
+    log.warning(
+        "dead-lettered %d refused message(s) (failure class rejected_message): %s",
+        len(batch),
+        ", ".join(f"{reason} {n}" for reason, n in reasons.most_common()),
+    )
+    if log.isEnabledFor(logging.DEBUG):
+        for r in batch:
+            log.debug(
+                "refused %s (task %s, queue %s): %s: %s",
+                r.job_id,
+                r.task,
+                r.queue,
+                r.reason,
+                r.detail,
+            )
