@@ -26,14 +26,11 @@ return before its ``queued`` event is stored).
 
 from __future__ import annotations
 
-import collections
 import logging
-import os
-import threading
-import time
 
 import redis
 
+from synth_workers.batchwriter import BatchWriter
 from synth_workers.events.stream import EventWriter
 from synth_workers.lifecycle import JobEvent, ListenerTimeout
 
@@ -46,25 +43,20 @@ SKIPPED_KINDS = frozenset({"usage"})
 BATCH = 500
 
 
-class EventBuffer:
+class EventBuffer(BatchWriter[JobEvent]):
     """A lifecycle listener: buffers hot-path events, writes the rest at once, in order."""
+
+    name = "synth-events-writer"
+    batch = BATCH
 
     def __init__(
         self, writer: EventWriter, *, linger: float = 0.01, max_pending: int = 100_000
     ) -> None:
         self.writer = writer
-        self.linger = linger
-        self.max_pending = max_pending
-        self.dropped = 0
-        self._reset()
-        os.register_at_fork(after_in_child=self._reset)
+        super().__init__(linger=linger, max_pending=max_pending)
 
     def _reset(self) -> None:
-        self._pending: collections.deque[JobEvent] = collections.deque()
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._pid = os.getpid()
+        super()._reset()
         #: The last write in an announcing thread timed out and none has succeeded since.
         self._timed_out = False
 
@@ -78,57 +70,18 @@ class EventBuffer:
             # thread, about a message no one enqueued through this process
             or event.data.get("failure_class") == "rejected_message"
         ):
-            self._pending.append(event)
-            if self._thread is None or self._pid != os.getpid():
-                self._start()
-            if not self._wake.is_set():
-                self._wake.set()
+            self.add(event)
             return
         self._pending.append(event)
         try:
             self.flush(raise_errors=True)
         except (redis.TimeoutError, TimeoutError) as exc:
             self._timed_out = True  # the background thread writes from now on
-            self._start()
-            self._wake.set()
+            self.wake()
             raise ListenerTimeout(f"events: Redis did not answer in time: {exc}") from exc
 
-    def _start(self) -> None:
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name="synth-events-writer", daemon=True
-                )
-                self._thread.start()
+    def write_batch(self, batch: list[JobEvent]) -> None:
+        self.writer.write(batch)
 
-    def _run(self) -> None:
-        while True:
-            self._wake.wait()
-            time.sleep(self.linger)  # let a batch gather
-            self._wake.clear()
-            if not self.flush():
-                time.sleep(0.5)  # Redis unreachable: retry soon
-                self._wake.set()
-
-    def flush(self, raise_errors: bool = False) -> bool:
-        """Write every pending event now, in order; False if Redis refused them (kept)."""
-        with self._lock:
-            pending = self._pending
-            while pending:
-                batch = [pending.popleft() for _ in range(min(BATCH, len(pending)))]
-                try:
-                    self.writer.write(batch)
-                except Exception:
-                    pending.extendleft(reversed(batch))
-                    overflow = len(pending) - self.max_pending
-                    if overflow > 0:
-                        for _ in range(overflow):
-                            pending.popleft()
-                        self.dropped += overflow
-                        log.warning("events: Redis unreachable; dropped %d event(s)", overflow)
-                    if raise_errors:
-                        raise
-                    log.exception("events: writing %d event(s) failed; kept", len(batch))
-                    return False
-            self._timed_out = False
-        return True
+    def drained(self) -> None:
+        self._timed_out = False

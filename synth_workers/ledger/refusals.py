@@ -15,19 +15,16 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
-import threading
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from synth_workers.batchwriter import BatchWriter
 from synth_workers.errors import ServiceUnavailableError
 
 if TYPE_CHECKING:
     from synth_workers.ledger.store import Ledger
 
 log = logging.getLogger(__name__)
-BATCH = 500
 
 
 @dataclass(frozen=True)
@@ -42,78 +39,30 @@ class Refusal:
     detail: str
 
 
-class RefusalWriter:
+class RefusalWriter(BatchWriter[Refusal]):
     """Writes refusals to the ledger from a background thread, many per statement."""
 
-    def __init__(self, ledger: Ledger, *, linger: float = 0.01, max_pending: int = 100_000) -> None:
+    name = "synth-refusal-writer"
+
+    def __init__(
+        self, ledger: Ledger, *, linger: float = 0.01, max_pending: int = 100_000
+    ) -> None:
         self.ledger = ledger
-        self.linger = linger
-        self.max_pending = max_pending
-        self.dropped = 0
-        self._pending: collections.deque[Refusal] = collections.deque()
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._idle = threading.Event()
-        self._idle.set()
-        self._thread: threading.Thread | None = None
-        self._pid = os.getpid()
+        super().__init__(linger=linger, max_pending=max_pending)
 
-    def add(self, refusal: Refusal) -> None:
-        self._idle.clear()
-        self._pending.append(refusal)
-        if self._thread is None or self._pid != os.getpid():
-            self._pid = os.getpid()
-            self._thread = threading.Thread(
-                target=self._run, name="synth-refusal-writer", daemon=True
-            )
-            self._thread.start()
-        self._wake.set()
+    def write_batch(self, batch: list[Refusal]) -> None:
+        self.ledger.record_rejected_many(batch)
+        _log_batch(batch)
 
-    def flush(self, timeout: float = 10.0) -> bool:
-        """Write everything pending now; False when Postgres could not take it."""
-        done = self._write()
-        self._idle.wait(timeout)
-        return done
+    def kept(self, exc: Exception) -> bool:
+        return isinstance(exc, ServiceUnavailableError)  # Postgres is back soon: retry
 
-    def _run(self) -> None:
-        while True:
-            self._wake.wait()
-            time.sleep(self.linger)  # let a batch gather
-            self._wake.clear()
-            if not self._write():
-                time.sleep(0.5)  # Postgres unreachable: retry soon
-                self._wake.set()
-
-    def _write(self) -> bool:
-        with self._lock:
-            pending = self._pending
-            while pending:
-                batch = [pending.popleft() for _ in range(min(BATCH, len(pending)))]
-                try:
-                    self.ledger.record_rejected_many(batch)
-                    _log_batch(batch)
-                except ServiceUnavailableError:
-                    pending.extendleft(reversed(batch))
-                    overflow = len(pending) - self.max_pending
-                    if overflow > 0:
-                        for _ in range(overflow):
-                            pending.popleft()
-                        self.dropped += overflow
-                        log.error("refused messages: ledger unreachable; dropped %d", overflow)
-                    log.warning("refused messages: ledger unreachable; %d kept", len(pending))
-                    return False
-                except Exception:
-                    log.exception("dead-lettering %d refused messages failed", len(batch))
-                    self._one_by_one(batch)
-            self._idle.set()
-        return True
-
-    def _one_by_one(self, batch: list[Refusal]) -> None:
-        """After a batch failed for a reason of its own: write each alone, drop a bad one."""
+    def failed(self, batch: list[Refusal], exc: Exception) -> None:
+        """A batch that failed for a reason of its own: write each alone, drop a bad one."""
+        log.error("dead-lettering %d refused messages failed (%r); one by one", len(batch), exc)
         for refusal in batch:
             try:
-                self.ledger.record_rejected_many([refusal])
-                _log_batch([refusal])
+                self.write_batch([refusal])
             except Exception:
                 self.dropped += 1
                 log.exception("refused message %s could not be recorded; dropped", refusal)
