@@ -64,6 +64,9 @@ class Consumer(CeleryConsumer):
                 checked = check_task_message(message, strategies, limits)
             except Refused as exc:
                 return self.refuse(message, exc.reason, exc.detail)
+            except Exception as exc:  # a screening bug must not stop the worker either
+                log.exception("screening failed")
+                return self.refuse(message, "protocol", f"{type(exc).__name__}: {exc}")
             try:
                 if checked.expires is not None and checked.expires <= datetime.now(UTC):
                     return self._expired(message, checked)
