@@ -211,13 +211,9 @@ def enqueue(
     data = _validated(task, payload if payload is not None else {})
 
     job_id = job_id or str(uuid.uuid4())
-    # Task.apply_async checks payload (strict JSON, and this size cap: one serialization),
-    # idempotency key and delay before it writes anything.
-    options: dict[str, Any] = {
-        "task_id": job_id,
-        "priority": level,
-        "synth_max_payload_bytes": app.settings.max_payload_bytes,
-    }
+    # Task.apply_async checks payload (strict JSON and SYNTH_MAX_PAYLOAD_BYTES, one
+    # serialization), idempotency key and delay before it writes anything.
+    options: dict[str, Any] = {"task_id": job_id, "priority": level}
     if target is not None:
         options["queue"] = target
     if delay is not None and delay != 0:  # NaN is != 0: refused there

@@ -207,7 +207,6 @@ class Task(celery.Task):  # type: ignore[type-arg]
         enqueue: the row is written in that transaction and published once it commits.
         ``synth_idempotency_key=`` dedupes: the existing job's result handle is returned.
         ``synth_user_id=``: the user (tenant) the job belongs to (its events are theirs).
-        ``synth_max_payload_bytes=``: refuse a larger payload (``enqueue`` passes the cap).
 
         Before anything is written, the payload (strict JSON), the idempotency key and the
         delay are checked (``synth_workers.validation``). A failed publish leaves a
@@ -219,13 +218,13 @@ class Task(celery.Task):  # type: ignore[type-arg]
         conn: psycopg.Connection[Any] | None = options.pop("synth_conn", None)
         key: str | None = options.pop("synth_idempotency_key", None)
         user_id: str | None = options.pop("synth_user_id", None)
-        cap: int | None = options.pop("synth_max_payload_bytes", None)
         # Refusals first: nothing is written to Postgres or Redis before these pass.
         if key is not None:
             check_idempotency_key(key)
         delay = _delay(options, settings.max_delay_seconds)
         size = payload_size(args, kwargs)
-        if cap is not None and size > cap:
+        cap = settings.max_payload_bytes
+        if size > cap:
             raise PayloadTooLargeError(
                 f"{self.name}: payload is {size} bytes, over the {cap}-byte cap "
                 "(SYNTH_MAX_PAYLOAD_BYTES); store large inputs elsewhere and pass a reference"

@@ -54,6 +54,10 @@ def test_oversize_payload_is_refused(rclient: Any) -> None:
     with pytest.raises(PayloadTooLargeError, match="SYNTH_MAX_PAYLOAD_BYTES"):
         enqueue("tests.e2e_tasks.record", {"label": "x" * cap}, queue=QUEUE)
     assert _nothing_queued(rclient)
+    # Celery's own delay()/apply_async() go through the same cap
+    with pytest.raises(PayloadTooLargeError, match="SYNTH_MAX_PAYLOAD_BYTES"):
+        app.tasks["tests.e2e_tasks.record"].delay(label="x" * cap)
+    assert _nothing_queued(rclient)
     # just under the cap goes through
     enqueue("tests.e2e_tasks.record", {"label": "x" * (cap - 100)}, queue=QUEUE)
 
