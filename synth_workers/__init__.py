@@ -1,6 +1,7 @@
 """SynthStack Workers: a job-queue worker platform on Celery + Redis.
 
-``celery -A synth_workers worker|beat|flower`` finds :data:`app` here.
+``celery -A synth_workers worker|beat|flower`` finds :data:`app` here (built on first use:
+importing the package builds nothing). ``install(app)`` makes any Celery app a platform app.
 """
 
 from synth_workers.app import SynthCelery, create_app
@@ -23,7 +24,9 @@ from synth_workers.errors import (
     TransientError,
     UnknownTaskError,
 )
+from synth_workers.install import install
 from synth_workers.jobstate import JobState
+from synth_workers.platform import Platform, platform_of
 from synth_workers.producer import JobHandle, enqueue
 from synth_workers.settings import Settings, load_settings
 from synth_workers.task import Task
@@ -32,10 +35,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     # the app
+    "Platform",
     "SynthCelery",
     "Task",
     "app",
     "create_app",
+    "install",
+    "platform_of",
     # enqueueing
     "JobHandle",
     "JobState",

@@ -1,29 +1,32 @@
 """The Celery app: ``create_app(settings)`` and the ``app`` that ``celery -A synth_workers`` finds.
 
-Celery's configuration is derived from :class:`~synth_workers.settings.Settings` here and
-nowhere else. The app's Task class is the platform's base Task, so every task registered on
-it — ours in ``tasks/`` and a user's own ``@app.task`` — gets the platform's behaviour.
+Celery's configuration is derived from :class:`~synth_workers.settings.Settings` here
+(:func:`celery_config`) and nowhere else; :func:`synth_workers.install` applies it to any
+Celery app. :func:`create_app` is ``install()`` on a :class:`SynthCelery` with our job kinds
+and beat schedule. :data:`app` is built on first use, not at import: importing any module of
+the package reads no environment and opens no connection.
 """
 
 from __future__ import annotations
 
-import os
-from functools import cached_property
-from typing import Any
+import sys
+from typing import TYPE_CHECKING, Any, cast
 
-import psycopg
-import redis
-from celery import Celery, signals
+from celery import Celery
+from celery.local import PromiseProxy
 
-from synth_workers import health, metrics, routing, sentry
-from synth_workers import logging as logs
-from synth_workers.errors import ConfigurationError, ServiceUnavailableError
-from synth_workers.ledger import LeaseKeeper, Ledger
-from synth_workers.ledger.completer import Completer
-from synth_workers.ledger.sweeper import SweeperStep
-from synth_workers.lifecycle import Lifecycle
+from synth_workers import routing
+from synth_workers.errors import ConfigurationError
+from synth_workers.platform import platform_of
 from synth_workers.screening import Limits
 from synth_workers.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    import redis
+
+    from synth_workers.ledger import LeaseKeeper, Ledger
+    from synth_workers.ledger.completer import Completer
+    from synth_workers.lifecycle import Lifecycle
 
 #: Our job kinds; ``SYNTH_INCLUDE`` adds the user's own modules.
 TASK_MODULES: tuple[str, ...] = (
@@ -35,77 +38,49 @@ TASK_MODULES: tuple[str, ...] = (
 
 
 class SynthCelery(Celery):
-    """Celery app carrying the platform's settings and job store."""
+    """A Celery app installed at construction, with the platform's state as attributes
+    (``app.ledger``, ``app.settings``...): shorthands for ``platform_of(app).ledger``..."""
 
     def __init__(self, settings: Settings, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.settings = settings
-        self._keeper: LeaseKeeper | None = None
-        self._completer: Completer | None = None
+        from synth_workers.install import install
 
-    @cached_property
+        install(self, settings)
+
+    @property
+    def settings(self) -> Settings:
+        return platform_of(self).settings
+
+    @property
     def redis(self) -> redis.Redis:
         """Client for the platform's own reads of the broker (reconciling, depth)."""
-        timeout = self.settings.redis_timeout
-        return redis.Redis.from_url(
-            self.settings.broker_url,
-            socket_connect_timeout=timeout,
-            socket_timeout=timeout,
-            socket_keepalive=True,
-        )
+        return platform_of(self).redis
 
-    @cached_property
+    @property
     def ledger(self) -> Ledger:
-        return Ledger(self.settings)
+        return platform_of(self).ledger
 
     @property
     def lifecycle(self) -> Lifecycle:
         """Where every job state change is announced (events, metrics and logs listen)."""
-        return self.ledger.lifecycle
-
-    def close(self) -> None:
-        if "ledger" in self.__dict__:
-            self.ledger.close()
-        super().close()
+        return platform_of(self).lifecycle
 
     @property
     def lease_keeper(self) -> LeaseKeeper:
         """This process's lease keeper (a new one after fork)."""
-        keeper = self._keeper
-        if keeper is None or keeper.pid != os.getpid():
-            keeper = self._keeper = LeaseKeeper(self.ledger, self.settings.lease_seconds)
-        return keeper
+        return platform_of(self).lease_keeper
 
     @property
     def completer(self) -> Completer:
         """This process's batched-completion writer (a new one after fork)."""
-        completer = self._completer
-        keeper = self.lease_keeper
-        if completer is None or completer.keeper is not keeper:
-            completer = self._completer = Completer(self.ledger, keeper)
-        return completer
+        return platform_of(self).completer
 
     def flush_completions(self) -> None:
-        if self._completer is not None and self._completer.keeper is self._keeper:
-            self._completer.flush()
+        platform_of(self).flush_completions()
 
-
-def _on_worker_init(sender: Any = None, **kwargs: Any) -> None:
-    """A worker needs its ledger: stop at start-up, naming the cause, when it is missing."""
-    app = getattr(sender, "app", None)
-    if not isinstance(app, SynthCelery):
-        return
-    try:
-        with app.ledger.connect() as conn:
-            conn.execute("SELECT 1 FROM synth_jobs LIMIT 0")
-    except (ConfigurationError, ServiceUnavailableError) as exc:
-        raise SystemExit(f"synth-workers: {exc}") from None
-    except psycopg.errors.UndefinedTable:
-        raise SystemExit(
-            "synth-workers: the job ledger's tables are missing in schema "
-            f"{app.settings.db_schema!r}: run `synth-workers db migrate`"
-        ) from None
-    app.ledger.use_fast_commits()
+    def close(self) -> None:
+        platform_of(self).close()
+        super().close()
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -175,7 +150,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
 
 def create_app(settings: Settings | None = None) -> SynthCelery:
-    """Build the platform's Celery app from ``settings`` (the environment when omitted)."""
+    """Build the platform's Celery app from ``settings`` (the environment when omitted):
+    our job kinds, ``SYNTH_INCLUDE``'s modules and the beat schedule, installed."""
     settings = settings or load_settings()
     app = SynthCelery(
         settings,
@@ -183,56 +159,35 @@ def create_app(settings: Settings | None = None) -> SynthCelery:
         task_cls="synth_workers.task:Task",
         include=[*TASK_MODULES, *settings.include],
     )
-    app.config_from_object(celery_config(settings))
-    app.steps["worker"].add(SweeperStep)
-    signals.worker_init.connect(_on_worker_init, weak=False)
-    # operations: metrics, health probes, logs (synth_workers.metrics, .health, .logging)
-    app.steps["worker"].add(health.OpsStep)
-    app.steps["consumer"].add(health.HeartbeatStep)
-    signals.worker_init.connect(health.on_worker_init, weak=False)
-    signals.worker_shutdown.connect(health.on_worker_shutdown, weak=False)
-    app.lifecycle.connect(metrics.observe)
-    app.lifecycle.connect(logs.log_job_event)
-    signals.setup_logging.connect(
-        logs.on_setup_logging(app), weak=False, dispatch_uid="synth-workers-logging"
-    )
-    signals.task_prerun.connect(logs.bind_job, weak=False)
-    signals.task_postrun.connect(logs.unbind_job, weak=False)
-    signals.celeryd_init.connect(sentry.on_process_init, weak=False)
-    signals.beat_init.connect(sentry.on_process_init, weak=False)
-
-    def flush_completions(**kwargs: Any) -> None:  # a worker process stops: write what's done
-        app.flush_completions()
-
-    signals.worker_process_shutdown.connect(flush_completions, weak=False)
-    signals.worker_shutdown.connect(flush_completions, weak=False)
-    if settings.events_enabled:  # job events on Redis Streams (synth_workers.events)
-        from synth_workers.events import connect_events
-
-        events = connect_events(app)
-
-        def flush_events(**kwargs: Any) -> None:  # after flush_completions: its events too
-            events.flush()
-
-        signals.worker_process_shutdown.connect(flush_events, weak=False)
-        signals.worker_shutdown.connect(flush_events, weak=False)
     from beat_schedule import beat_schedule
 
     app.conf.beat_schedule = beat_schedule
     return app
 
 
-def _app_from_environment() -> SynthCelery:
+def _default_app() -> SynthCelery:
+    """The app of ``celery -A synth_workers``, from the environment, made on first use.
+
+    A bad setting raises :class:`~synth_workers.errors.ConfigurationError`; inside the
+    ``celery`` program (whose app loader would print a traceback) it prints one line naming
+    the variable and exits with ``ExitCode.USAGE`` instead.
+    """
+    from synth_workers.flower import apply_flower_defaults, celery_subcommand
+
     try:
         created = create_app()
     except ConfigurationError as exc:
-        # A wrong environment stops start-up, naming the variable, without a traceback.
-        raise SystemExit(f"synth-workers: {exc}") from None
-    # `celery -A synth_workers flower`: auth, address and port from our settings
-    from synth_workers.flower import apply_flower_defaults
+        if celery_subcommand(sys.argv) is None:
+            raise
+        from synth_workers.cli import ExitCode
 
+        print(f"synth-workers: {exc}", file=sys.stderr)
+        raise SystemExit(ExitCode.USAGE) from None
+    # `celery -A synth_workers flower`: auth, address and port from our settings
     apply_flower_defaults(created.settings)
     return created
 
 
-app = _app_from_environment()
+#: The default app, built on first use (a Celery ``PromiseProxy``: ``isinstance(app, Celery)``
+#: holds, and Celery's ``find_app`` takes it).
+app = cast(SynthCelery, PromiseProxy(_default_app))

@@ -18,18 +18,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from celery.worker.consumer import Consumer as CeleryConsumer
 from kombu.exceptions import ContentDisallowed
 
 from synth_workers.errors import ServiceUnavailableError
 from synth_workers.ledger.refusals import Refusal, RefusalWriter
+from synth_workers.platform import platform_of
 from synth_workers.routing import DEFAULT_PRIORITY, from_transport
 from synth_workers.screening import Limits, Refused, TaskMessage, check_task_message, stored_text
 
 if TYPE_CHECKING:
-    from synth_workers.app import SynthCelery
+    from synth_workers.platform import Platform
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +42,12 @@ def _queue_of(message: Any) -> str:
 
 class Consumer(CeleryConsumer):
     @property
-    def synth_app(self) -> SynthCelery:
-        return cast("SynthCelery", self.app)
+    def platform(self) -> Platform:
+        return platform_of(self.app)
 
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Callable[[Any], Any]:
         celery_handler = super().create_task_handler(*args, **kwargs)
-        limits = Limits.from_settings(self.synth_app.settings)
+        limits = Limits.from_settings(self.platform.settings)
         strategies = self.strategies  # type: ignore[attr-defined]
 
         def on_task_received(message: Any) -> Any:
@@ -114,7 +115,7 @@ class Consumer(CeleryConsumer):
     def refusals(self) -> RefusalWriter:
         writer: RefusalWriter | None = self.__dict__.get("_synth_refusals")
         if writer is None:
-            writer = self.__dict__["_synth_refusals"] = RefusalWriter(self.synth_app.ledger)
+            writer = self.__dict__["_synth_refusals"] = RefusalWriter(self.platform.ledger)
         return writer
 
     def shutdown(self) -> None:
@@ -125,7 +126,7 @@ class Consumer(CeleryConsumer):
     def _expired(self, message: Any, checked: TaskMessage) -> None:
         expires = checked.expires.isoformat() if checked.expires else "?"
         try:
-            outcome = self.synth_app.ledger.expire(
+            outcome = self.platform.ledger.expire(
                 checked.id,
                 checked.task,
                 _queue_of(message),
@@ -142,7 +143,7 @@ class Consumer(CeleryConsumer):
         """A message with an ``eta``: the ledger holds the job until it is due."""
         priority = message.properties.get("priority")
         try:
-            self.synth_app.ledger.adopt(
+            self.platform.ledger.adopt(
                 checked.id,
                 checked.task,
                 _queue_of(message),

@@ -1,7 +1,7 @@
 """Flower with our app: ``celery -A synth_workers flower``, locked by default.
 
 When the ``celery`` command runs Flower with our app, :func:`apply_flower_defaults` (called
-by the app module) sets Flower's options from our settings unless they were given:
+when the default app is built) sets Flower's options from our settings unless they were given:
 basic auth with ``SYNTH_FLOWER_USER`` / ``SYNTH_FLOWER_PASSWORD``, address
 ``SYNTH_FLOWER_ADDRESS`` (127.0.0.1) and port ``SYNTH_FLOWER_PORT``. With no password
 anywhere (neither ``SYNTH_FLOWER_PASSWORD``, ``FLOWER_BASIC_AUTH``/``--basic-auth`` nor
@@ -30,17 +30,23 @@ _VALUED = frozenset(
 )
 
 
-def is_flower_command(argv: Sequence[str]) -> bool:
-    """Whether this process is ``celery [options] flower ...`` (flower the subcommand)."""
+def celery_subcommand(argv: Sequence[str]) -> str | None:
+    """The subcommand when this process is ``celery [options] SUBCOMMAND ...`` (``worker``,
+    ``beat``, ``flower``...); ``None`` when it is not the ``celery`` program."""
     if not argv or Path(argv[0]).name not in ("celery", "__main__.py"):
-        return False
+        return None
     args = iter(argv[1:])
     for arg in args:
         if arg in _VALUED:
             next(args, None)
         elif not arg.startswith("-"):
-            return arg == "flower"
-    return False
+            return arg
+    return ""
+
+
+def is_flower_command(argv: Sequence[str]) -> bool:
+    """Whether this process is ``celery [options] flower ...`` (flower the subcommand)."""
+    return celery_subcommand(argv) == "flower"
 
 
 def _given(argv: Sequence[str], *names: str) -> bool:

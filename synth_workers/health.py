@@ -36,10 +36,13 @@ from celery import bootsteps
 from synth_workers import metrics
 from synth_workers.cluster import worker_key
 from synth_workers.opshttp import OpsServer, Response, json_response, metrics_response
+from synth_workers.platform import platform_of
 from synth_workers.settings import mask_url
 
 if TYPE_CHECKING:
     from synth_workers.app import SynthCelery
+    from synth_workers.platform import Platform
+    from synth_workers.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +72,7 @@ def _timed(check: Callable[[], dict[str, Any] | None]) -> dict[str, Any]:
 class DependencyChecks:
     """Redis, Postgres and Qdrant checks; :meth:`results` returns the last ones (cached)."""
 
-    def __init__(self, app: SynthCelery, timeout: float = 3.0) -> None:
+    def __init__(self, app: Platform | SynthCelery, timeout: float = 3.0) -> None:
         self.app = app
         self.timeout = timeout
         self._results: dict[str, dict[str, Any]] = {}
@@ -251,28 +254,25 @@ def current() -> WorkerHealth | None:
     return _current
 
 
-def on_worker_init(sender: Any = None, **kwargs: Any) -> None:
-    """``worker_init`` (main process, before the pool forks): health state and metrics."""
+def on_worker_init(sender: Any, settings: Settings) -> None:
+    """At ``worker_init`` (main process, before the pool forks; called by the platform's
+    receiver, :mod:`synth_workers.install`): health state and metrics."""
     global _current
-    app = getattr(sender, "app", None)
-    settings = getattr(app, "settings", None)
-    if settings is None:
-        return
     name = str(getattr(sender, "hostname", None) or socket.gethostname())
     _current = WorkerHealth(name, settings.health_interval, settings.heartbeat_file)
     if settings.metrics_port:
         metrics.enable_worker_metrics(settings.prometheus_multiproc_dir, name)
 
 
-def on_worker_shutdown(**kwargs: Any) -> None:
-    """``worker_shutdown`` (after the pool stopped): the worker's metric files go."""
+def on_worker_shutdown() -> None:
+    """At ``worker_shutdown`` (after the pool stopped): the worker's metric files go."""
     metrics.disable_worker_metrics()
 
 
 class Reporter:
     """Main-process thread: dependency checks and the Redis heartbeat, once per interval."""
 
-    def __init__(self, app: SynthCelery, health: WorkerHealth) -> None:
+    def __init__(self, app: Platform, health: WorkerHealth) -> None:
         self.app = app
         self.health = health
         self.checks = DependencyChecks(app)
@@ -337,9 +337,10 @@ class OpsStep(bootsteps.StartStopStep):
         app = parent.app
         if health is None:
             return
-        self.reporter = Reporter(app, health)
+        platform = platform_of(app)
+        self.reporter = Reporter(platform, health)
         self.reporter.start()
-        settings = app.settings
+        settings = platform.settings
         if not settings.metrics_port:
             return
         routes = {

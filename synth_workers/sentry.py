@@ -1,7 +1,8 @@
 """Sentry error reporting, only when ``SENTRY_DSN`` is set (extra: ``synth-workers[sentry]``).
 
 sentry-sdk is imported only then. Workers and beat call :func:`init_sentry` at start-up
-(``celeryd_init`` / ``beat_init``, connected by the app factory) with the Celery integration,
+(``celeryd_init`` / ``beat_init``, receivers of :mod:`synth_workers.install`) with the Celery
+integration,
 so a failed job is reported with its task name and a trace is sampled at
 ``SENTRY_TRACES_SAMPLE_RATE``. Events go through the log redactor before they leave.
 """
@@ -45,14 +46,3 @@ def init_sentry(settings: Settings) -> bool:
         before_send=scrub,
     )
     return True
-
-
-def on_process_init(sender: Any = None, **kwargs: Any) -> None:
-    """``celeryd_init`` / ``beat_init``: start Sentry for this process when configured."""
-    app = getattr(sender, "app", None)
-    settings = getattr(app, "settings", None)
-    if settings is None:
-        from synth_workers.app import app as default_app
-
-        settings = default_app.settings
-    init_sentry(settings)

@@ -35,7 +35,7 @@ import traceback
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, cast
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 
 import celery
 import psycopg
@@ -55,6 +55,7 @@ from synth_workers.errors import (
     SynthWorkersError,
 )
 from synth_workers.lifecycle import ListenerTimeout
+from synth_workers.platform import platform_of
 from synth_workers.routing import (
     DEFAULT_PRIORITY,
     from_transport,
@@ -69,6 +70,7 @@ if TYPE_CHECKING:
 
     from synth_workers.app import SynthCelery
     from synth_workers.ledger.store import Claim
+    from synth_workers.platform import Platform
 
 _CONTROL_FLOW = (Retry, Reject)
 
@@ -151,8 +153,7 @@ class Request(CeleryRequest):
 
     def on_timeout(self, soft: bool, timeout: float) -> None:
         if not soft:
-            app = cast("SynthCelery", self.task.app)
-            app.ledger.hard_timeout(
+            platform_of(self.task.app).ledger.hard_timeout(
                 self.id, f"hard time limit ({timeout}s) exceeded", self._owner_prefix()
             )
         super().on_timeout(soft, timeout)
@@ -161,9 +162,8 @@ class Request(CeleryRequest):
         self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
     ) -> None:
         if isinstance(exc_info.exception, WorkerLostError):
-            app = cast("SynthCelery", self.task.app)
             # before the message is requeued; only if that process still holds the job
-            app.ledger.worker_lost(self.id, self._owner_prefix())
+            platform_of(self.task.app).ledger.worker_lost(self.id, self._owner_prefix())
         super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
 
 
@@ -197,6 +197,11 @@ class Task(celery.Task):  # type: ignore[type-arg]
     def synth_app(self) -> SynthCelery:
         return self.app  # type: ignore[return-value]
 
+    @property
+    def platform(self) -> Platform:
+        """The platform state of this task's app (``install(app)`` stored it)."""
+        return platform_of(self.app)
+
     # --- sending ----------------------------------------------------------------------------
     def apply_async(  # type: ignore[override]
         self, args: Any = None, kwargs: Any = None, **options: Any
@@ -212,7 +217,7 @@ class Task(celery.Task):  # type: ignore[type-arg]
         delay are checked (``synth_workers.validation``). A failed publish leaves a
         tombstone, never a queued row (see :meth:`_publish_failed`).
         """
-        settings = self.synth_app.settings
+        settings = self.platform.settings
         level = options.pop("priority", None)
         level = resolve_priority(self.priority if level is None else level)
         conn: psycopg.Connection[Any] | None = options.pop("synth_conn", None)
@@ -232,7 +237,7 @@ class Task(celery.Task):  # type: ignore[type-arg]
         job_id: str = options.get("task_id") or str(uuid.uuid4())
         options["task_id"] = job_id
         queue = _queue_name(options.get("queue") or getattr(self, "queue", None))
-        ledger = self.synth_app.ledger
+        ledger = self.platform.ledger
         row: dict[str, Any] = {
             "job_id": job_id,
             "task": self.name,
@@ -303,7 +308,7 @@ class Task(celery.Task):  # type: ignore[type-arg]
         reason = f"publish failed: {type(exc).__name__}: {exc}"
         tombstoned: bool | None = None
         try:
-            tombstoned = self.synth_app.ledger.tombstone_unpublished(job_id, reason[:1000])
+            tombstoned = self.platform.ledger.tombstone_unpublished(job_id, reason[:1000])
         except Exception:
             # Postgres is out of reach too: the row stays queued and the reconciler
             # publishes it later. The caller still hears of the failure.
@@ -360,7 +365,7 @@ class Task(celery.Task):  # type: ignore[type-arg]
         request = self.request
         if request.called_directly or request.id is None:
             return self._invoke(args, kwargs)
-        app = self.synth_app
+        app = self.platform
         keeper = app.lease_keeper
         completer = app.completer
         finished = completer.take()
@@ -402,7 +407,7 @@ class Task(celery.Task):  # type: ignore[type-arg]
                 keeper.remove(claim.job_id)
 
     def _run_claimed(self, claim: Claim, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        ledger = self.synth_app.ledger
+        ledger = self.platform.ledger
         try:
             if self.payload_model is None:
                 self._binding().check(args, kwargs)
@@ -411,7 +416,7 @@ class Task(celery.Task):  # type: ignore[type-arg]
             error = wanted.exc if isinstance(wanted.exc, BaseException) else Exception("retry")
             return self._retry_or_die(claim, error, "exception", wanted.countdown)
         except _DeferRequested as wanted:
-            cap = self.synth_app.settings.defer_max_seconds
+            cap = self.platform.settings.defer_max_seconds
             limit = cap if wanted.capped else None
             if ledger.defer(claim, wanted.countdown, wanted.reason, limit) == "exhausted":
                 error = RateLimitedError(
@@ -457,10 +462,10 @@ class Task(celery.Task):  # type: ignore[type-arg]
     def _retry_or_die(
         self, claim: Claim, exc: BaseException, failure_class: str, countdown: float | None
     ) -> Any:
-        settings = self.synth_app.settings
+        settings = self.platform.settings
         limit = self.max_attempts or settings.max_attempts
         if claim.attempt >= limit:
-            self.synth_app.ledger.dead(
+            self.platform.ledger.dead(
                 claim, failure_class, type(exc).__name__, str(exc), traceback.format_exc()
             )
             raise exc
@@ -473,7 +478,7 @@ class Task(celery.Task):  # type: ignore[type-arg]
                 self.backoff_cap or settings.retry_backoff_cap,
             )
         )
-        self.synth_app.ledger.retry_later(claim, wait, exc, failure_class)
+        self.platform.ledger.retry_later(claim, wait, exc, failure_class)
         raise Retry(exc=exc if isinstance(exc, Exception) else None, when=wait)  # type: ignore[arg-type]
 
     def _binding(self) -> Binding:
@@ -512,7 +517,7 @@ class Task(celery.Task):  # type: ignore[type-arg]
         claim = self.claim
         if claim is None:
             raise RuntimeError("effect_transaction() needs a job run by a worker")
-        ledger = self.synth_app.ledger
+        ledger = self.platform.ledger
         with ledger.connection() as conn:
             with conn.transaction():
                 ledger.durable(conn)
@@ -530,19 +535,19 @@ class Task(celery.Task):  # type: ignore[type-arg]
     def effect_done(self, key: str) -> bool:
         """Whether this job already recorded the effect ``key`` (in any earlier run)."""
         claim = self.claim
-        return claim is not None and self.synth_app.ledger.effect_recorded(claim.job_id, key)
+        return claim is not None and self.platform.ledger.effect_recorded(claim.job_id, key)
 
     def record_effect(self, key: str, detail: Any = None) -> bool:
         """Record that effect ``key`` happened; False when it was already recorded."""
         claim = self.claim
         if claim is None:
             return True
-        return self.synth_app.ledger.record_effect(claim.job_id, key, detail)
+        return self.platform.ledger.record_effect(claim.job_id, key, detail)
 
     @property
     def cancel_requested(self) -> bool:
         claim = self.claim
-        return claim is not None and self.synth_app.lease_keeper.cancel_requested(claim.job_id)
+        return claim is not None and self.platform.lease_keeper.cancel_requested(claim.job_id)
 
     def raise_if_cancelled(self) -> None:
         if self.cancel_requested:
@@ -565,6 +570,6 @@ class Task(celery.Task):  # type: ignore[type-arg]
 
     def _announce(self, kind: str, data: dict[str, Any]) -> None:
         claim = self.claim
-        ledger = self.synth_app.ledger
+        ledger = self.platform.ledger
         if claim is not None and ledger.lifecycle.listening:
             ledger.lifecycle.announce(kind, claim.job_id, **ledger.about(claim), data=data)

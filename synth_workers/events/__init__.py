@@ -29,6 +29,7 @@ from synth_workers.events.stream import (
 
 if TYPE_CHECKING:
     from synth_workers.app import SynthCelery
+    from synth_workers.platform import Platform
 
 __all__ = [
     "GLOBAL_STREAM",
@@ -44,7 +45,7 @@ __all__ = [
 ]
 
 
-def connect_events(app: SynthCelery) -> EventBuffer:
+def connect_events(app: Platform) -> EventBuffer:
     """Write every job state change ``app``'s ledger announces to Redis Streams (hot-path
     kinds batched from a background thread: see :mod:`synth_workers.events.buffer`).
     Returns the listener; call its ``flush()`` when a process stops."""

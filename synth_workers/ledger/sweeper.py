@@ -20,6 +20,7 @@ from celery import bootsteps
 
 from synth_workers.ledger.store import NOTIFY_CHANNEL
 from synth_workers.ledger.transport import ids_in_redis, publish
+from synth_workers.platform import platform_of
 
 if TYPE_CHECKING:
     import psycopg
@@ -35,7 +36,8 @@ RECONCILE_BACKOFF = 20.0
 class Sweeper:
     def __init__(self, app: SynthCelery) -> None:
         self.app = app
-        self.settings = app.settings
+        self.platform = platform_of(app)
+        self.settings = self.platform.settings
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_reconcile = 0.0
@@ -58,7 +60,7 @@ class Sweeper:
         while not self._stop.is_set():
             try:
                 if listener is None or listener.closed:
-                    listener = self.app.ledger.connect()
+                    listener = self.platform.ledger.connect()
                     listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
                 self.sweep()
                 # Sleep until the next sweep, or until an outbox commit wakes us.
@@ -75,7 +77,7 @@ class Sweeper:
 
     def sweep(self) -> dict[str, int]:
         """One pass; returns what it did (for logs and tests)."""
-        ledger = self.app.ledger
+        ledger = self.platform.ledger
         counts: dict[str, int] = {}
         outbox = ledger.take_outbox()
         publish(self.app, outbox)
@@ -104,7 +106,7 @@ class Sweeper:
 
     def reconcile(self) -> int:
         """Re-publish queued jobs that Redis lost; one worker at a time."""
-        ledger = self.app.ledger
+        ledger = self.platform.ledger
         with ledger.connection() as conn:
             row = conn.execute(
                 "SELECT pg_try_advisory_lock(hashtext(%s))", (RECONCILE_LOCK,)

@@ -6,6 +6,7 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from synth_workers.platform import platform_of
 from synth_workers.routing import MAX_PRIORITY, MIN_PRIORITY, to_transport
 
 if TYPE_CHECKING:
@@ -67,7 +68,7 @@ def ids_in_redis(
     the visibility timeout), so it is published again; should that worker be alive after
     all, the second delivery's claim is refused.
     """
-    client = app.redis
+    client = platform_of(app).redis
     found: set[str] = set()
     for queue in set(queues):
         for key in priority_lists(queue):
