@@ -32,7 +32,7 @@ import psycopg
 from celery import Celery, signals
 from celery._state import get_current_app
 
-from synth_workers import health, metrics, sentry
+from synth_workers import health, metrics, routing, sentry
 from synth_workers import logging as logs
 from synth_workers.errors import ConfigurationError, ServiceUnavailableError
 from synth_workers.ledger.sweeper import SweeperStep
@@ -153,6 +153,7 @@ def _connect_receivers() -> None:
         (signals.task_prerun, _on_task_prerun),
         (signals.task_postrun, _on_task_postrun),
         (signals.celeryd_init, _on_celeryd_init),
+        (signals.celeryd_after_setup, _on_celeryd_after_setup),
         (signals.beat_init, _on_beat_init),
     ]
     for signal, receiver in receivers:
@@ -232,6 +233,21 @@ def _on_celeryd_init(sender: Any = None, instance: Any = None, **kwargs: Any) ->
     platform = find_platform(getattr(instance, "app", None))
     if platform is not None:
         sentry.init_sentry(platform.settings)
+
+
+def _on_celeryd_after_setup(sender: Any = None, instance: Any = None, **kwargs: Any) -> None:
+    """``celeryd_after_setup`` (``-Q`` applied): a worker of ``default`` also consumes
+    Celery's default queue ``celery`` (see :mod:`synth_workers.routing`)."""
+    platform = find_platform(getattr(instance, "app", None))
+    if platform is None:
+        return
+    queues = platform.app.amqp.queues
+    consumed = queues.consume_from
+    if consumed is None:  # no -Q: every declared queue, ``celery`` included
+        return
+    for name in routing.with_celery_default(list(consumed)):
+        if name not in consumed:
+            queues.select_add(queues[name])
 
 
 def _on_beat_init(sender: Any = None, **kwargs: Any) -> None:

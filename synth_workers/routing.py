@@ -15,6 +15,16 @@ Routes: ``tasks.email.*`` → ``email``, ``tasks.orchestration.*`` → ``orchest
 ``tasks.embeddings.*`` → ``embeddings`` (or ``embeddings.gpu`` when the job asks for a GPU),
 anything else → ``default``. A task's own ``queue=`` option and an explicit ``queue=`` at
 enqueue win over these routes.
+
+**Celery's default queue** ``celery`` (:data:`CELERY_DEFAULT`): a plain Celery producer with
+default settings (``Celery(broker=...).send_task(...)``, ``task_default_queue`` unset) sends
+there. Our routes never do, but the messages are not lost: ``celery`` is declared like our
+queues (ten priority lists), every worker that consumes ``default`` also consumes ``celery``
+(added at worker setup by :mod:`synth_workers.install`, as Celery documents for
+``celeryd_after_setup``), a worker given no ``-Q`` consumes it with all the others, and such
+a job gets its ledger row when it arrives (adopted, with queue ``celery``), after which it is
+reaped, retried and reconciled like any job. It is not one of :data:`QUEUES` (the queues our
+routes send to).
 """
 
 from __future__ import annotations
@@ -39,6 +49,8 @@ EMBEDDINGS: Final = "embeddings"
 EMBEDDINGS_GPU: Final = "embeddings.gpu"
 DEFAULT: Final = "default"
 QUEUES: Final[tuple[str, ...]] = (EMAIL, ORCHESTRATION, EMBEDDINGS, EMBEDDINGS_GPU, DEFAULT)
+#: Celery's own default queue name (``task_default_queue`` of a plain Celery app).
+CELERY_DEFAULT: Final = "celery"
 
 _PREFIX_ROUTES: Final[dict[str, str]] = {
     "tasks.email.": EMAIL,
@@ -104,5 +116,17 @@ def route_task(
 
 
 def celery_queues() -> tuple[Queue, ...]:
-    """The queues a worker declares; ``max_priority`` marks them as prioritised."""
-    return tuple(Queue(name, routing_key=name, max_priority=MAX_PRIORITY) for name in QUEUES)
+    """The queues a worker declares (ours and Celery's default ``celery``); ``max_priority``
+    marks them as prioritised."""
+    return tuple(
+        Queue(name, routing_key=name, max_priority=MAX_PRIORITY)
+        for name in (*QUEUES, CELERY_DEFAULT)
+    )
+
+
+def with_celery_default(consumed: list[str]) -> list[str]:
+    """The queues a worker consumes given ``consumed`` (its ``-Q``): Celery's default queue
+    is added wherever ``default`` is consumed (see the module docstring)."""
+    if DEFAULT in consumed and CELERY_DEFAULT not in consumed:
+        return [*consumed, CELERY_DEFAULT]
+    return consumed

@@ -12,4 +12,10 @@ app.conf.beat_schedule = {
         "kwargs": {"key": "beat"},
         "options": {"priority": "high"},
     },
+    # positional args, as Celery's beat entries take them
+    "test-fast-args": {
+        "task": "tests.e2e_tasks.flaky",
+        "schedule": 1.0,
+        "args": ("beat-args", 0),
+    },
 }

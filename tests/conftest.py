@@ -1,7 +1,8 @@
 """Shared fixtures: a real Redis (SYNTH_TEST_REDIS_URL, or an embedded Valkey) and real
 worker processes.
 
-The environment is set before ``synth_workers`` is imported, since the app reads it once.
+The environment is set before the default app is first used (it reads the environment once,
+then).
 The Redis database named by SYNTH_TEST_REDIS_URL is flushed: give tests a database of
 their own (``.ci/run`` uses db 15).
 """
@@ -204,6 +205,7 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
         concurrency: int = 1,
         extra: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
+        app: str = "synth_workers",
     ) -> Worker:
         name = f"test-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
         log = tmp_path / f"{name.split('@', maxsplit=1)[0]}.log"
@@ -212,7 +214,7 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
             "-m",
             "celery",
             "-A",
-            "synth_workers",
+            app,
             "worker",
             "-Q",
             ",".join(queues),

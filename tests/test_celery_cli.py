@@ -53,6 +53,27 @@ def test_beat_sends_periodic_jobs(rclient: Any, tmp_path: Path, start_worker: An
     assert all(job["priority"] == 8 for job in beat_jobs)
 
 
+def test_beat_entry_with_args_runs(rclient: Any, tmp_path: Path, start_worker: Any) -> None:
+    # tests.beat_fast's "test-fast-args": flaky("beat-args", 0), positional as Celery takes it
+    start_worker("default")
+    proc = start_beat(tmp_path / "beat-schedule")
+    try:
+        assert wait_until(lambda: int(rclient.get("test:count:beat-args") or 0) >= 1, timeout=30)
+    finally:
+        out = stop_beat(proc)
+    assert "missing 2 required positional arguments" not in out, out
+    jobs = app.ledger.list_jobs(task="tests.e2e_tasks.flaky")
+    assert jobs
+    assert all(job["args"] == ["beat-args", 0] for job in jobs)
+    assert wait_until(
+        lambda: any(
+            j["state"] == JobState.SUCCEEDED
+            for j in app.ledger.list_jobs(task="tests.e2e_tasks.flaky")
+        ),
+        timeout=30,
+    )
+
+
 @pytest.mark.parametrize(
     ("env", "message"),
     [

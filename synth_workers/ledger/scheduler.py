@@ -4,6 +4,11 @@ A slot is the schedule's due time rounded down to its period (an interval's mult
 crontab's minute). Before sending, the scheduler inserts ``(entry name, slot)`` into
 ``synth_periodic_slots`` and the job row in one transaction (the outbox path); a second beat
 that reaches the same slot finds the row and sends nothing.
+
+The job is sent as Celery's own scheduler sends it: ``task.apply_async(args, kwargs,
+**options)`` with the entry's ``args``, ``kwargs`` (lazy values evaluated, as Celery does)
+and ``options`` (``priority``, ``queue``, ``expires``...), so an entry with positional
+``args`` runs like any Celery beat entry.
 """
 
 from __future__ import annotations
@@ -12,15 +17,19 @@ import logging
 import math
 import uuid
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
-from celery.beat import PersistentScheduler, ScheduleEntry
+from celery.beat import (  # type: ignore[attr-defined]
+    PersistentScheduler,
+    ScheduleEntry,
+    _evaluate_entry_args,
+    _evaluate_entry_kwargs,
+)
 from celery.schedules import crontab, schedule
 
-from synth_workers.producer import enqueue
-
-if TYPE_CHECKING:
-    from synth_workers.app import SynthCelery
+from synth_workers.errors import UnknownTaskError
+from synth_workers.platform import platform_of
+from synth_workers.task import Task
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +47,33 @@ def slot_of(entry: ScheduleEntry, now: datetime) -> datetime:
 
 
 class ExactlyOnceScheduler(PersistentScheduler):
+    """Celery's persistent scheduler, sending each slot of each entry once (see above)."""
+
+    def _task(self, name: str) -> Task:
+        task = self.app.tasks.get(name)
+        if task is None:
+            self.app.loader.import_default_modules()
+            task = self.app.tasks.get(name)
+        if not isinstance(task, Task):
+            raise UnknownTaskError(
+                f"beat entry's task {name!r} is not registered on the app (add its module to "
+                "SYNTH_INCLUDE)"
+            )
+        return task
+
     def apply_async(
         self, entry: ScheduleEntry, producer: Any = None, advance: bool = True, **kwargs: Any
     ) -> Any:
         if advance:
             entry = cast(ScheduleEntry, self.reserve(entry))
-        app = cast("SynthCelery", self.app)
-        slot = slot_of(entry, datetime.now(UTC))
+        task = self._task(str(entry.task))
+        args = _evaluate_entry_args(entry.args)
+        entry_kwargs = _evaluate_entry_kwargs(entry.kwargs)
         options = dict(entry.options or {})
+        options.setdefault("headers", {})["celery_beat_task"] = True
+        slot = slot_of(entry, datetime.now(UTC))
         job_id = str(uuid.uuid4())
-        ledger = app.ledger
+        ledger = platform_of(self.app).ledger
         with ledger.connection() as conn, conn.transaction():
             taken = (
                 conn.execute(
@@ -58,19 +84,11 @@ class ExactlyOnceScheduler(PersistentScheduler):
                 == 1
             )
             if taken:
-                enqueue(
-                    str(entry.task),
-                    dict(entry.kwargs or {}),
-                    priority=options.get("priority"),
-                    queue=options.get("queue"),
-                    app=app,
-                    conn=conn,
-                    job_id=job_id,
-                )
+                task.apply_async(args, entry_kwargs, task_id=job_id, synth_conn=conn, **options)
         if taken:
             log.info("beat: slot %s of %s enqueued as %s", slot.isoformat(), entry.name, job_id)
         else:
             log.info(
                 "beat: slot %s of %s already enqueued by another beat", slot.isoformat(), entry.name
             )
-        return app.AsyncResult(job_id)
+        return self.app.AsyncResult(job_id)
