@@ -51,6 +51,10 @@ class SynthCelery(Celery):
     def settings(self) -> Settings:
         return platform_of(self).settings
 
+    @settings.setter
+    def settings(self, value: Settings) -> None:
+        platform_of(self).settings = value
+
     @property
     def redis(self) -> redis.Redis:
         """Client for the platform's own reads of the broker (reconciling, depth)."""
