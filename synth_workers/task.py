@@ -55,8 +55,12 @@ from synth_workers.errors import (
     SynthWorkersError,
 )
 from synth_workers.lifecycle import ListenerTimeout
+from synth_workers.message import CaptureProducer, from_request
 from synth_workers.routing import (
     DEFAULT_PRIORITY,
+    MAX_PRIORITY,
+    MIN_PRIORITY,
+    foreign_priority,
     from_transport,
     queue_for_task,
     resolve_priority,
@@ -65,8 +69,6 @@ from synth_workers.routing import (
 from synth_workers.validation import check_delay, check_idempotency_key, eta_delay, payload_size
 
 if TYPE_CHECKING:
-    from celery.canvas import Signature
-
     from synth_workers.app import SynthCelery
     from synth_workers.ledger.store import Claim
 
@@ -83,11 +85,38 @@ class CancelledWhileRunning(SynthWorkersError):  # noqa: N818 - a request, not a
     """Raised by ``raise_if_cancelled()`` when the running job was cancelled."""
 
 
-class _RetryRequested(Exception):  # noqa: N818 - control flow
-    def __init__(self, exc: BaseException | None, countdown: float | None) -> None:
-        super().__init__("retry requested")
-        self.exc = exc
+class _RetryRequested(Retry):
+    """``self.retry()`` in a claimed job: the retry decision is the runner's, the wait the
+    ledger's. A :class:`celery.exceptions.Retry`, so that Celery's ``autoretry_for`` wrapper
+    lets it through like its own."""
+
+    def __init__(
+        self,
+        exc: BaseException | None,
+        countdown: float | None,
+        eta: Any = None,
+        max_retries: int | None = None,
+    ) -> None:
+        super().__init__("retry requested", None, countdown)  # type: ignore[arg-type]
+        self.cause = exc
         self.countdown = countdown
+        self.eta = eta
+        self.max_retries = max_retries
+
+
+#: Celery's retry options: a task that sets any of them retries as Celery documents
+#: (``max_retries``, ``default_retry_delay``, ...); one that sets none gets the platform's
+#: policy (``max_attempts``, full-jitter backoff, ``retry_for``).
+CELERY_RETRY_OPTIONS = (
+    "max_retries",
+    "default_retry_delay",
+    "autoretry_for",
+    "dont_autoretry_for",
+    "retry_kwargs",
+    "retry_backoff",
+    "retry_backoff_max",
+    "retry_jitter",
+)
 
 
 class _DeferRequested(Exception):  # noqa: N818 - control flow
@@ -143,7 +172,22 @@ def _timed_out(exc: BaseException) -> bool:
 
 
 class Request(CeleryRequest):
-    """Celery's Request, telling the ledger when a job's process died or was killed."""
+    """Celery's Request, telling the ledger when a job's process died or was killed.
+
+    ``delivery_info['priority']`` is on the platform's scale (0-9, bigger first: see
+    ``synth_workers.routing``), not kombu's, so a task sees the level it was sent with and
+    a child it sends with that priority keeps it. A message without one is ``normal``.
+    The raw value stays in ``properties['priority']``.
+    """
+
+    def __init__(self, message: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(message, *args, **kwargs)
+        info = self.delivery_info
+        transport = info.get("priority")
+        if isinstance(transport, int) and not isinstance(transport, bool):
+            info["priority"] = from_transport(max(MIN_PRIORITY, min(transport, MAX_PRIORITY)))
+        else:
+            info["priority"] = DEFAULT_PRIORITY
 
     def _owner_prefix(self) -> str:
         """Lease owners of the pool process that ran this request (see LeaseKeeper)."""
@@ -246,6 +290,13 @@ class Task(celery.Task):  # type: ignore[type-arg]
             "published": conn is None,
             "user_id": user_id,
         }
+        options["priority"] = to_transport(level)
+        if row["queue"] != queue:
+            options["queue"] = row["queue"]
+        eager = bool(self.app.conf.task_always_eager)
+        if not eager:  # the message, built by Celery, is stored with the row (one INSERT)
+            capture = self._message(args, kwargs, options)
+            row["message"] = capture.message()
         if conn is not None:
             actual = ledger.insert_job(conn, **row)
             return self.AsyncResult(actual)
@@ -273,28 +324,48 @@ class Task(celery.Task):  # type: ignore[type-arg]
                 return self._publish_failed(job_id, exc)
         if actual != job_id or delay:
             return self.AsyncResult(actual)
-        options["priority"] = to_transport(level)
-        if row["queue"] != queue:
-            options["queue"] = row["queue"]
+        if eager:
+            return super().apply_async(args, kwargs, **options)
         try:
-            return self._publish(args, kwargs, options)
+            return self._publish(capture, options.get("producer"))
         except BaseException as exc:
             return self._publish_failed(job_id, exc)
 
-    def _publish(self, args: Any, kwargs: Any, options: dict[str, Any]) -> Any:
-        """Celery's publish (its own retries are off: see ``celery_config``), retried once at
-        once when it failed fast with a connection error: a socket Redis reset or closed
-        (restarted, failed over) fails before any wait, and a fresh connection usually
-        works. A timeout is not retried: Redis is frozen or unreachable and a retry would
-        wait SYNTH_REDIS_TIMEOUT again. Should the first attempt have landed after all, the
-        second message is refused at claim (the job is no longer queued)."""
+    def _message(self, args: Any, kwargs: Any, options: dict[str, Any]) -> CaptureProducer:
+        """Celery's own ``apply_async`` builds and routes the message (canvas, ids, expires,
+        time limits, stamps: everything Celery puts in it) on a :class:`CaptureProducer`,
+        which keeps it instead of sending it (``synth_workers.message``). Celery's
+        ``before_task_publish``/``after_task_publish`` signals fire here, once per send."""
+        capture = CaptureProducer()
+        super().apply_async(args, kwargs, **{**options, "producer": capture})
+        if not capture.captured:
+            raise RuntimeError(f"{self.name}: Celery built no message to send")
+        return capture
+
+    def _publish(self, capture: CaptureProducer, producer: Any = None) -> Any:
+        """Send the captured message (Celery's own publish retries are off: see
+        ``celery_config``), retried once at once when it failed fast with a connection
+        error: a socket Redis reset or closed (restarted, failed over) fails before any
+        wait, and a fresh connection usually works. A timeout is not retried: Redis is
+        frozen or unreachable and a retry would wait SYNTH_REDIS_TIMEOUT again. Should the
+        first attempt have landed after all, the second message is refused at claim (the job
+        is no longer queued)."""
         started = time.monotonic()
         try:
-            return super().apply_async(args, kwargs, **options)
+            return self._send(capture, producer)
         except (redis.ConnectionError, OSError, KombuOperationalError) as exc:
             if _timed_out(exc) or time.monotonic() - started > QUICK_FAILURE_SECONDS:
                 raise
-        return super().apply_async(args, kwargs, **options)
+        return self._send(capture, producer)
+
+    def _send(self, capture: CaptureProducer, producer: Any = None) -> Any:
+        """One publish of the captured message: the call Celery would have made."""
+        with (
+            self.app.producer_or_acquire(producer) as real,
+            real.connection._reraise_as_library_errors(),
+        ):
+            real.publish(capture.body, **(capture.publish_kwargs or {}))
+        return self.AsyncResult(capture.message()["headers"]["id"])
 
     def _publish_failed(self, job_id: str, exc: BaseException) -> Any:
         """The publish of a queued job failed: tombstone its row and raise (see
@@ -315,13 +386,6 @@ class Task(celery.Task):  # type: ignore[type-arg]
             raise KombuOperationalError(str(exc)) from exc
         raise exc
 
-    def signature_from_request(self, *args: Any, **kwargs: Any) -> Signature[Any]:
-        sig: Signature[Any] = super().signature_from_request(*args, **kwargs)
-        transport = sig.options.get("priority")
-        if transport is not None:  # back to our scale; apply_async converts again
-            sig.options["priority"] = from_transport(int(transport))
-        return sig
-
     def retry(
         self,
         args: Any = None,
@@ -333,10 +397,27 @@ class Task(celery.Task):  # type: ignore[type-arg]
         max_retries: Any = None,
         **options: Any,
     ) -> Any:
-        """Celery's ``self.retry()``, kept durable: the wait goes to the ledger."""
-        if self.request.called_directly:
+        """Celery's ``self.retry()``, kept durable: the wait goes to the ledger (the job's
+        row turns ``failed-retrying`` with a ``run_at``; the sweeper re-sends its message
+        when due), never to worker memory. ``max_retries``, ``countdown``, ``eta`` and
+        ``default_retry_delay`` mean what Celery says (see :meth:`_celery_retry`); a task
+        that sets none of Celery's retry options and passes no ``max_retries`` keeps the
+        platform's attempt budget. ``args``/``kwargs`` changes are not supported: the job
+        runs again with its own."""
+        if self.request.called_directly or self.claim is None:
             return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
-        raise _RetryRequested(exc, countdown)
+        raise _RetryRequested(exc, countdown, eta, max_retries)
+
+    @classmethod
+    def uses_celery_retries(cls) -> bool:
+        """Whether the task sets any of Celery's retry options (``CELERY_RETRY_OPTIONS``)
+        itself, rather than inheriting Celery's defaults."""
+        for klass in cls.__mro__:
+            if klass is Task:
+                return False
+            if any(name in klass.__dict__ for name in CELERY_RETRY_OPTIONS):
+                return True
+        return False
 
     def defer(
         self, countdown: float, reason: str = "rate_limited", *, capped: bool = True
@@ -371,16 +452,20 @@ class Task(celery.Task):  # type: ignore[type-arg]
             raise
         completer.written(finished)
         if claim is None and app.ledger.get(request.id) is None:
-            # Sent around the platform (Celery's send_task, another producer): adopt it.
-            info = request.delivery_info or {}
-            transport = info.get("priority")
+            # Sent around the platform (Celery's send_task, another producer): adopt it,
+            # its message kept whole (canvas, ids, retries) for any re-publish.
+            info = request.delivery_info if request.delivery_info is not None else {}
+            level = foreign_priority((request.properties or {}).get("priority"))
+            info["priority"] = level  # the level the ledger records, not kombu's 0
             app.ledger.adopt(
                 request.id,
                 self.name,
                 str(info.get("routing_key") or queue_for_task(self.name)),
-                DEFAULT_PRIORITY if transport is None else from_transport(int(transport)),
+                level,
                 dict(kwargs),
                 list(args) or None,
+                message=from_request(request),
+                retries=int(request.retries or 0),
             )
             claim = app.ledger.claim(request.id, keeper.owner)
         if claim is None:
@@ -408,8 +493,7 @@ class Task(celery.Task):  # type: ignore[type-arg]
                 self._binding().check(args, kwargs)
             result = self._invoke(args, kwargs)
         except _RetryRequested as wanted:
-            error = wanted.exc if isinstance(wanted.exc, BaseException) else Exception("retry")
-            return self._retry_or_die(claim, error, "exception", wanted.countdown)
+            return self._celery_retry(claim, wanted)
         except _DeferRequested as wanted:
             cap = self.synth_app.settings.defer_max_seconds
             limit = cap if wanted.capped else None
@@ -448,6 +532,11 @@ class Task(celery.Task):  # type: ignore[type-arg]
             # (requeue, counted toward the poison-pill limit), else the lease expires.
             raise
         except self.retry_for as exc:
+            if self.uses_celery_retries():  # Celery: only self.retry()/autoretry_for retry
+                ledger.dead(
+                    claim, "exception", type(exc).__name__, str(exc), traceback.format_exc()
+                )
+                raise
             return self._retry_or_die(claim, exc, "exception", None)
         except BaseException as exc:
             ledger.dead(claim, "exception", type(exc).__name__, str(exc), traceback.format_exc())
@@ -475,6 +564,39 @@ class Task(celery.Task):  # type: ignore[type-arg]
         )
         self.synth_app.ledger.retry_later(claim, wait, exc, failure_class)
         raise Retry(exc=exc if isinstance(exc, Exception) else None, when=wait)  # type: ignore[arg-type]
+
+    def _celery_retry(self, claim: Claim, wanted: _RetryRequested) -> Any:
+        """``self.retry()`` (or ``autoretry_for``) asked for another run, decided as Celery's
+        ``Task.retry`` decides: ``request.retries + 1`` over ``max_retries`` (the call's, else
+        the task's; ``None`` is unlimited) raises ``exc`` or ``MaxRetriesExceededError`` and
+        the job is dead; else it waits ``countdown``, until ``eta``, or
+        ``default_retry_delay``. A task that sets none of Celery's retry options and passes
+        no ``max_retries`` keeps the platform's policy (:meth:`_retry_or_die`)."""
+        settings = self.synth_app.settings
+        error = wanted.cause if isinstance(wanted.cause, BaseException) else None
+        delay: float | None = wanted.countdown
+        if wanted.eta is not None:
+            delay = eta_delay(wanted.eta, settings.max_delay_seconds)
+        if wanted.max_retries is None and not self.uses_celery_retries():
+            return self._retry_or_die(claim, error or Exception("retry"), "exception", delay)
+        limit = self.max_retries if wanted.max_retries is None else wanted.max_retries
+        retries = int(self.request.retries or 0) + 1
+        if limit is not None and retries > limit:
+            if error is None:
+                error = self.MaxRetriesExceededError(
+                    f"Can't retry {self.name}[{claim.job_id}] args:{self.request.args} "
+                    f"kwargs:{self.request.kwargs}"
+                )
+            self.synth_app.ledger.dead(
+                claim, "exception", type(error).__name__, str(error), traceback.format_exc()
+            )
+            raise error
+        if delay is None:
+            delay = float(self.default_retry_delay or 0)
+        reason = error if error is not None else Retry("retry requested")
+        self.synth_app.ledger.retry_later(claim, delay, reason, "exception")
+        exc = error if isinstance(error, Exception) else None
+        raise Retry(exc=exc, when=delay)  # type: ignore[arg-type]
 
     def _binding(self) -> Binding:
         binding: Binding | None = self.__dict__.get("_synth_binding")

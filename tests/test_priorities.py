@@ -40,12 +40,11 @@ def test_integer_levels_bigger_runs_first(rclient: Any, start_worker: Any) -> No
 
 
 def test_retry_republishes_on_our_scale() -> None:
-    # A retry re-sends the request's transport priority; the base Task maps it back to our
-    # scale so that apply_async's conversion does not flip it.
+    # A request's delivery_info carries our scale (the worker's Request converts kombu's), so
+    # the signature Celery builds from it for a retry keeps the level, unflipped.
     from celery.app.task import Context
 
     from synth_workers import app
-    from synth_workers.routing import to_transport
 
     task = app.tasks["tests.e2e_tasks.flaky"]
     request = Context(
@@ -53,7 +52,7 @@ def test_retry_republishes_on_our_scale() -> None:
         args=(),
         kwargs={"key": "k", "fail_times": 1},
         retries=0,
-        delivery_info={"priority": to_transport(8), "routing_key": QUEUE},
+        delivery_info={"priority": 8, "routing_key": QUEUE},
     )
     sig = task.signature_from_request(request)
     assert sig.options["priority"] == 8

@@ -6,6 +6,9 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from celery.app.amqp import task_message
+
+from synth_workers.message import for_publish
 from synth_workers.routing import MAX_PRIORITY, MIN_PRIORITY, to_transport
 
 if TYPE_CHECKING:
@@ -17,11 +20,26 @@ PRIORITY_SEP = "\x06\x16"
 
 
 def publish(app: SynthCelery, jobs: Sequence[Publishable]) -> None:
-    """Send each job's message (same id, payload, queue and priority)."""
+    """Send each job's message again: the Celery message the ledger kept (canvas, ids,
+    expires, time limits, stamps as sent; see ``synth_workers.message``) with only the id,
+    ``retries``, ``eta`` and routing (the row's queue and priority) updated. A row from before
+    messages were kept is sent as a new message with the same id, payload, queue and
+    priority."""
     if not jobs:
         return
+    send = app.amqp.send_task_message
     with app.producer_or_acquire() as producer:
         for job in jobs:
+            if job.message is not None:
+                headers, properties, body = for_publish(job.message, job.id, job.retries)
+                send(
+                    producer,
+                    job.task,
+                    task_message(headers, properties, body, None),
+                    queue=job.queue,
+                    priority=to_transport(job.priority),
+                )
+                continue
             app.send_task(
                 job.task,
                 args=job.args or (),
