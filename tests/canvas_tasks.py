@@ -52,9 +52,7 @@ def on_error(task_id: str) -> None:
     _r().rpush("test:errback", task_id)
 
 
-@app.task(
-    name="tests.canvas_tasks.retry_once", bind=True, max_retries=3
-)
+@app.task(name="tests.canvas_tasks.retry_once", bind=True, max_retries=3)
 def retry_once(self: Task, key: str) -> int:
     """``self.retry()`` on the first run, then succeed with the run count."""
     count = _seen(self, key)

@@ -50,10 +50,12 @@ def test_chain_steps_with_countdown(rclient: Any, start_worker: Any) -> None:
     ).apply_async()
     with app.ledger.connection() as conn:
         assert wait_until(
-            lambda: conn.execute(
-                "SELECT count(*) FROM synth_jobs WHERE state = 'scheduled'"
-            ).fetchone()[0]  # type: ignore[index]
-            == 1,
+            lambda: (
+                conn.execute(
+                    "SELECT count(*) FROM synth_jobs WHERE state = 'scheduled'"
+                ).fetchone()[0]  # type: ignore[index]
+                == 1
+            ),
             timeout=5,
         )
     assert wait_until(lambda: rclient.llen("test:collect:cd") == 1, timeout=30)
@@ -107,7 +109,9 @@ def test_chain_survives_a_sigkilled_worker(rclient: Any, start_worker: Any) -> N
 
 def test_chain_survives_the_reconciler(rclient: Any, start_worker: Any) -> None:
     # No worker yet: the first step's message waits in Redis; then Redis loses it.
-    result = chain(ct.sig(ct.add, 2, 3), ct.sig(ct.add, 4), ct.sig(ct.collect, key="rec")).apply_async()
+    result = chain(
+        ct.sig(ct.add, 2, 3), ct.sig(ct.add, 4), ct.sig(ct.collect, key="rec")
+    ).apply_async()
     assert wait_until(lambda: bool(rclient.keys(f"{ct.QUEUE}*")), timeout=5)
     for key in rclient.keys(f"{ct.QUEUE}*"):
         rclient.delete(key)
