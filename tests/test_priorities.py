@@ -56,3 +56,40 @@ def test_retry_republishes_on_our_scale() -> None:
     )
     sig = task.signature_from_request(request)
     assert sig.options["priority"] == 8
+
+
+def test_task_sees_our_scale_and_a_foreign_message_is_normal(
+    rclient: Any, start_worker: Any, redis_url: str
+) -> None:
+    import json
+
+    from celery import Celery
+
+    from synth_workers import JobHandle, app
+
+    from . import canvas_tasks
+
+    probe = app.tasks["tests.canvas_tasks.prio_probe"]
+    high = probe.apply_async(("high",), queue=canvas_tasks.QUEUE, priority="high")
+    two = probe.apply_async(("two",), queue=canvas_tasks.QUEUE, priority=2)
+    # A plain Celery producer, default settings: no priority (kombu files it as its 0).
+    plain = Celery(broker=redis_url)
+    try:
+        foreign = plain.send_task(
+            "tests.canvas_tasks.prio_probe", args=("foreign",), queue=canvas_tasks.QUEUE
+        )
+    finally:
+        plain.close()
+    start_worker(canvas_tasks.QUEUE, env={"SYNTH_INCLUDE": "tests.e2e_tasks,tests.canvas_tasks"})
+
+    def seen(key: str) -> Any:
+        raw = rclient.lrange(f"test:prio:{key}", 0, -1)
+        return json.loads(raw[0]) if raw else None
+
+    assert wait_until(lambda: all(seen(k) is not None for k in ("high", "two", "foreign")))
+    assert seen("high") == PRIORITY_LEVELS["high"]
+    assert seen("two") == 2
+    assert seen("foreign") == PRIORITY_LEVELS["normal"]
+    assert JobHandle(foreign.id).info()["priority"] == PRIORITY_LEVELS["normal"]
+    assert JobHandle(high.id).info()["priority"] == PRIORITY_LEVELS["high"]
+    assert JobHandle(two.id).state() is JobState.SUCCEEDED
