@@ -119,3 +119,22 @@ def test_chain_survives_the_reconciler(rclient: Any, start_worker: Any) -> None:
     start_worker(ct.QUEUE, env=ENV)  # its reconciler re-publishes the stored message
     assert wait_until(lambda: rclient.llen("test:collect:rec") == 1, timeout=60)
     assert _collected(rclient, "rec") == [9]
+
+
+def test_dlq_replay_keeps_the_canvas(rclient: Any, start_worker: Any) -> None:
+    from synth_workers.deadletter import DeadLetterQueue
+
+    start_worker(ct.QUEUE, env=ENV)
+    rclient.set("test:flag:dlq", "1")
+    dead = app.tasks["tests.e2e_tasks.fails_while_flagged"].apply_async(
+        kwargs={"key": "dlq"}, queue=ct.QUEUE, link=ct.sig(ct.collect, key="dlq")
+    )
+    assert wait_until(lambda: JobHandle(dead.id).state() is JobState.DEAD, timeout=30)
+    rclient.delete("test:flag:dlq")
+    [(original, replayed)] = DeadLetterQueue(app).replay([dead.id])
+    assert original == dead.id
+    assert wait_until(lambda: rclient.llen("test:collect:dlq") == 1, timeout=30)
+    assert _collected(rclient, "dlq") == ["ok"]  # the link ran after the replayed job
+    info = JobHandle(replayed).info()
+    assert info["state"] == JobState.SUCCEEDED
+    assert info["message"]["headers"]["id"] == dead.id  # as first sent; sent with its own id
