@@ -138,3 +138,43 @@ def test_dlq_replay_keeps_the_canvas(rclient: Any, start_worker: Any) -> None:
     info = JobHandle(replayed).info()
     assert info["state"] == JobState.SUCCEEDED
     assert info["message"]["headers"]["id"] == dead.id  # as first sent; sent with its own id
+
+
+def test_foreign_messages_keep_their_canvas(
+    rclient: Any, start_worker: Any, redis_url: str
+) -> None:
+    # A plain Celery producer (no ledger row): one message with a countdown (the consumer
+    # hands it to the ledger until due), one whose task retries (adopted by the worker).
+    from celery import Celery
+
+    plain = Celery(broker=redis_url)
+    try:
+        later = plain.send_task(
+            "tests.canvas_tasks.add",
+            args=(2, 5),
+            countdown=1,
+            queue=ct.QUEUE,
+            link=plain.signature("tests.canvas_tasks.collect", kwargs={"key": "eta"}).set(
+                queue=ct.QUEUE
+            ),
+        )
+        retried = plain.send_task(
+            "tests.canvas_tasks.retry_once",
+            args=("fr",),
+            queue=ct.QUEUE,
+            link=plain.signature("tests.canvas_tasks.collect", kwargs={"key": "fr"}).set(
+                queue=ct.QUEUE
+            ),
+        )
+    finally:
+        plain.close()
+    start_worker(ct.QUEUE, env=ENV)
+    assert wait_until(lambda: rclient.llen("test:collect:eta") == 1, timeout=30)
+    assert wait_until(lambda: rclient.llen("test:collect:fr") == 1, timeout=30)
+    assert _collected(rclient, "eta") == [7]
+    assert _collected(rclient, "fr") == [2]
+    assert [int(x) for x in rclient.lrange("test:retries:fr", 0, -1)] == [0, 1]
+    for job_id in (later.id, retried.id):
+        info = JobHandle(job_id).info()
+        assert info["state"] == JobState.SUCCEEDED
+        assert info["message"]["body"][2]["callbacks"]  # the link, kept in the ledger
