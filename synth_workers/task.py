@@ -8,12 +8,25 @@
   pydantic model; any other task's arguments are bound to its ``run`` signature and checked
   against its annotations (``synth_workers.binding``). A payload that does not parse or bind
   is an :class:`InvalidPayloadError`: dead at once (failure class ``invalid_payload``).
-- **Retry policy** (per task, defaults from settings): ``max_attempts`` in total (3),
-  exponential backoff with full jitter — attempt *n* waits a uniform random time in
-  ``[0, min(cap, base * 2**(n-1))]``. ``PermanentError`` and payload validation errors are
-  never retried; ``TransientError``, connection errors, timeouts and any other exception are.
-  Narrow it per task with ``retry_for=(...)``. The wait is kept in the ledger, not in worker
-  memory, so no visibility timeout can run a retry twice.
+- **Retries.** A task that sets any of Celery's retry options (``max_retries``,
+  ``default_retry_delay``, ``autoretry_for``, ``dont_autoretry_for``, ``retry_kwargs``,
+  ``retry_backoff``, ``retry_backoff_max``, ``retry_jitter``) retries as Celery documents:
+  only through ``self.retry()`` or ``autoretry_for``, ``max_retries`` counts retries
+  (``None``: no limit), ``request.retries`` is 0, 1, 2... and the last refusal raises the
+  ``exc`` given or ``MaxRetriesExceededError`` (the job is dead, ``link_error`` fires). A
+  task that sets none gets the platform's policy (per task, defaults from settings):
+  ``max_attempts`` in total (3), exponential backoff with full jitter — attempt *n* waits a
+  uniform random time in ``[0, min(cap, base * 2**(n-1))]``; ``PermanentError`` and payload
+  validation errors are never retried; ``TransientError``, connection errors, timeouts and
+  any other exception are (narrow it with ``retry_for=(...)``); ``self.retry(countdown=)``
+  sets the wait, ``self.retry(max_retries=)`` switches to Celery's rule. Either way the wait
+  is kept in the ledger (``failed-retrying`` + ``run_at``), not in worker memory, so no
+  visibility timeout can run a retry twice, and the ledger counts ``retries`` (worker losses
+  are not retries).
+- **The message is the job.** Sending builds the Celery message once (Celery's own
+  ``apply_async``, on a capturing producer: ``synth_workers.message``), writes it with the
+  row, then publishes it; every re-publish sends that message with only the id, retries,
+  eta and routing changed, so chain, ``link``, ``link_error`` and chord survive.
 - **Priorities** use the platform's scale (``synth_workers.routing``): ``apply_async(priority=
   "high")`` and ``priority=8`` mean the same thing everywhere.
 - **Effects**: ``with self.effect_transaction() as conn:`` commits the job's own writes
