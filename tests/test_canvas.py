@@ -178,3 +178,57 @@ def test_foreign_messages_keep_their_canvas(
         info = JobHandle(job_id).info()
         assert info["state"] == JobState.SUCCEEDED
         assert info["message"]["body"][2]["callbacks"]  # the link, kept in the ledger
+
+
+def test_republish_keeps_the_message_whole(rclient: Any) -> None:
+    # No worker: a delayed job is promoted by one sweep of this process, and the message it
+    # puts on Redis is compared with what was sent.
+    import base64
+    import uuid
+
+    from synth_workers.ledger.sweeper import Sweeper
+    from synth_workers.ledger.transport import priority_lists
+
+    root, parent = str(uuid.uuid4()), str(uuid.uuid4())
+    sent = ct.add.apply_async(
+        (1, 2),
+        queue=ct.QUEUE,
+        priority="high",
+        countdown=0.05,
+        link=ct.sig(ct.collect, key="a"),
+        link_error=ct.sig(ct.on_error),
+        chord=ct.sig(ct.collect, key="chord"),
+        group_id="the-group",
+        group_index=3,
+        root_id=root,
+        parent_id=parent,
+        expires=600,
+        time_limit=30,
+        soft_time_limit=20,
+        shadow="shadowed",
+        stamped_headers=["mystamp"],
+        mystamp="stamped",
+    )
+    with app.ledger.connection() as conn:
+        conn.execute("UPDATE synth_jobs SET retries = 2 WHERE id = %s", (sent.id,))
+    sweeper = Sweeper(app)
+    assert wait_until(lambda: sweeper.sweep()["promoted"] == 1, timeout=5)  # once due
+    raw = [m for key in priority_lists(ct.QUEUE) for m in rclient.lrange(key, 0, -1)]
+    assert len(raw) == 1
+    envelope = json.loads(raw[0])
+    headers = envelope["headers"]
+    args, kwargs, embed = json.loads(base64.b64decode(envelope["body"]))
+    assert (headers["id"], headers["task"], headers["retries"]) == (sent.id, ct.add.name, 2)
+    assert headers["eta"] is None  # due now: the wait was the ledger's
+    assert (headers["group"], headers["group_index"]) == ("the-group", 3)
+    assert (headers["root_id"], headers["parent_id"]) == (root, parent)
+    assert headers["expires"] is not None
+    assert headers["timelimit"] == [30, 20]
+    assert headers["shadow"] == "shadowed"
+    assert headers["stamps"] == {"mystamp": "stamped"}
+    assert (args, kwargs) == ([1, 2], {})
+    assert [s["task"] for s in embed["callbacks"]] == [ct.collect.name]
+    assert [s["task"] for s in embed["errbacks"]] == [ct.on_error.name]
+    assert embed["chord"]["task"] == ct.collect.name
+    assert envelope["properties"]["correlation_id"] == sent.id
+    assert envelope["properties"]["priority"] == 1  # kombu's scale for our 8 (high)
