@@ -67,6 +67,8 @@ from synth_workers.errors import (
     RateLimitedError,
     SynthWorkersError,
 )
+from synth_workers.ledger.store import Publishable
+from synth_workers.ledger.transport import publish
 from synth_workers.lifecycle import ListenerTimeout
 from synth_workers.message import CaptureProducer, from_request
 from synth_workers.routing import (
@@ -467,19 +469,7 @@ class Task(celery.Task):  # type: ignore[type-arg]
         if claim is None and app.ledger.get(request.id) is None:
             # Sent around the platform (Celery's send_task, another producer): adopt it,
             # its message kept whole (canvas, ids, retries) for any re-publish.
-            info = request.delivery_info if request.delivery_info is not None else {}
-            level = foreign_priority((request.properties or {}).get("priority"))
-            info["priority"] = level  # the level the ledger records, not kombu's 0
-            app.ledger.adopt(
-                request.id,
-                self.name,
-                str(info.get("routing_key") or queue_for_task(self.name)),
-                level,
-                dict(kwargs),
-                list(args) or None,
-                message=from_request(request),
-                retries=int(request.retries or 0),
-            )
+            self._adopt(request, args, kwargs)
             claim = app.ledger.claim(request.id, keeper.owner)
         if claim is None:
             raise Ignore(f"job {request.id} is not queued; not run")
@@ -498,6 +488,40 @@ class Task(celery.Task):  # type: ignore[type-arg]
         finally:
             if not handed_over:
                 keeper.remove(claim.job_id)
+
+    def _adopt(self, request: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Give a ledger row to a message sent around the platform. One sent without a
+        priority (kombu files it as 0, its most urgent list, ahead of ``high``) is recorded
+        ``normal`` and re-filed on the normal list instead of run now (:class:`Ignore`), so
+        that it does not jump the queue; it runs when its turn comes."""
+        app = self.synth_app
+        raw = (request.properties or {}).get("priority")
+        level = foreign_priority(raw)
+        info = request.delivery_info if request.delivery_info is not None else {}
+        info["priority"] = level  # what the ledger records, not kombu's 0
+        job = Publishable(
+            request.id,
+            self.name,
+            str(info.get("routing_key") or queue_for_task(self.name)),
+            level,
+            dict(kwargs),
+            list(args) or None,
+            message=from_request(request),
+            retries=int(request.retries or 0),
+        )
+        adopted = app.ledger.adopt(
+            job.id,
+            job.task,
+            job.queue,
+            job.priority,
+            job.payload,
+            job.args,
+            message=job.message,
+            retries=job.retries,
+        )
+        if adopted and not (isinstance(raw, int) and raw > 0):
+            publish(app, [job])
+            raise Ignore(f"job {request.id} was sent without a priority: re-filed as normal")
 
     def _run_claimed(self, claim: Claim, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         ledger = self.synth_app.ledger

@@ -93,3 +93,33 @@ def test_task_sees_our_scale_and_a_foreign_message_is_normal(
     assert JobHandle(foreign.id).info()["priority"] == PRIORITY_LEVELS["normal"]
     assert JobHandle(high.id).info()["priority"] == PRIORITY_LEVELS["high"]
     assert JobHandle(two.id).state() is JobState.SUCCEEDED
+
+
+def test_a_message_without_priority_waits_behind_high(
+    rclient: Any, start_worker: Any, redis_url: str
+) -> None:
+    from celery import Celery
+
+    for i in range(3):
+        enqueue("tests.e2e_tasks.record", {"label": f"high-{i}"}, priority="high", queue=QUEUE)
+    enqueue("tests.e2e_tasks.record", {"label": "low"}, priority="low", queue=QUEUE)
+    # kombu files a message sent without a priority on its most urgent list (as 0)
+    plain = Celery(broker=redis_url)
+    try:
+        foreign = plain.send_task(
+            "tests.e2e_tasks.record", kwargs={"label": "foreign"}, queue=QUEUE
+        )
+    finally:
+        plain.close()
+    start_worker(QUEUE, concurrency=1)
+    assert wait_until(lambda: rclient.llen("test:order") == 5, timeout=60)
+    order = [x.decode() for x in rclient.lrange("test:order", 0, -1)]
+    assert order == ["high-0", "high-1", "high-2", "foreign", "low"]
+    from synth_workers import JobHandle
+
+    info = JobHandle(foreign.id).info()
+    assert (info["priority"], info["state"], info["attempt"]) == (
+        PRIORITY_LEVELS["normal"],
+        JobState.SUCCEEDED,
+        1,
+    )
