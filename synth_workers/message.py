@@ -3,8 +3,12 @@ captured and sent again.
 
 **The message is the job.** A job's row keeps its Celery message (protocol 2) as sent::
 
-    {"headers": {...}, "body": [args, kwargs, {"callbacks", "errbacks", "chain", "chord"}],
+    {"headers": {...}, "embed": {"callbacks", "errbacks", "chain", "chord"},
      "properties": {"correlation_id", "reply_to"}}
+
+The body's args and kwargs are not repeated there: they are the row's ``args`` and
+``payload`` columns (one copy of a payload per row, on the hot path too), and the body is
+``[args, payload, embed]`` again when the message is sent.
 
 so that chain, ``link``, ``link_error``, chord, group, root and parent ids, ``expires``,
 time limits, shadow and stamps survive every re-publish (retry, delayed promotion, outbox,
@@ -85,12 +89,12 @@ class CaptureProducer:
 
 
 def stored(headers: dict[str, Any], body: Any, properties: dict[str, Any]) -> dict[str, Any]:
-    """The ledger's form of a protocol-2 message: headers, ``[args, kwargs, embed]`` and
-    the job's own properties."""
-    args, kwargs, embed = body
+    """The ledger's form of a protocol-2 message: headers, the body's ``embed`` (its args
+    and kwargs are the row's own columns) and the job's own properties."""
+    embed = body[2]
     return {
         "headers": dict(headers),
-        "body": [list(args or ()), dict(kwargs or {}), dict(embed or {})],
+        "embed": dict(embed or {}),
         "properties": {k: properties[k] for k in KEPT_PROPERTIES if k in properties},
     }
 
@@ -104,12 +108,11 @@ def from_request(request: Any) -> dict[str, Any]:
         if isinstance(stamp, str):
             headers[stamp] = getattr(request, stamp, None)
     embed = {key: getattr(request, key, None) for key in EMBED_KEYS}
-    body = [list(request.args or ()), dict(request.kwargs or {}), embed]
     properties = {
         "correlation_id": getattr(request, "correlation_id", None) or request.id,
         "reply_to": getattr(request, "reply_to", None) or "",
     }
-    return {"headers": headers, "body": body, "properties": properties}
+    return {"headers": headers, "embed": embed, "properties": properties}
 
 
 def from_kombu(message: Any) -> dict[str, Any] | None:
@@ -123,10 +126,15 @@ def from_kombu(message: Any) -> dict[str, Any] | None:
 
 
 def for_publish(
-    message: dict[str, Any], job_id: str, retries: int
+    message: dict[str, Any],
+    job_id: str,
+    retries: int,
+    args: list[Any] | None,
+    kwargs: dict[str, Any],
 ) -> tuple[dict[str, Any], dict[str, Any], tuple[Any, ...]]:
     """``message`` ready to send again for ``job_id``: (headers, properties, body) with the
-    id, ``retries`` and ``eta`` (``None``: it is due) replaced; all else as sent."""
+    id, ``retries`` and ``eta`` (``None``: it is due) replaced and the row's ``args`` and
+    ``kwargs`` (its payload) as the body's; all else as sent."""
     headers = dict(message.get("headers") or {})
     headers["id"] = job_id
     headers["retries"] = retries
@@ -134,5 +142,4 @@ def for_publish(
     properties = dict(message.get("properties") or {})
     properties["correlation_id"] = job_id
     properties.setdefault("reply_to", "")
-    args, kwargs, embed = message.get("body") or ([], {}, {})
-    return headers, properties, (args, kwargs, embed)
+    return headers, properties, (list(args or ()), kwargs, dict(message.get("embed") or {}))

@@ -177,7 +177,7 @@ def test_foreign_messages_keep_their_canvas(
     for job_id in (later.id, retried.id):
         info = JobHandle(job_id).info()
         assert info["state"] == JobState.SUCCEEDED
-        assert info["message"]["body"][2]["callbacks"]  # the link, kept in the ledger
+        assert info["message"]["embed"]["callbacks"]  # the link, kept in the ledger
 
 
 def test_republish_keeps_the_message_whole(rclient: Any) -> None:

@@ -31,7 +31,9 @@ def publish(app: SynthCelery, jobs: Sequence[Publishable]) -> None:
     with app.producer_or_acquire() as producer:
         for job in jobs:
             if job.message is not None:
-                headers, properties, body = for_publish(job.message, job.id, job.retries)
+                headers, properties, body = for_publish(
+                    job.message, job.id, job.retries, job.args, job.payload
+                )
                 send(
                     producer,
                     job.task,
