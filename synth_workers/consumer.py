@@ -25,8 +25,9 @@ from kombu.exceptions import ContentDisallowed
 
 from synth_workers.errors import ServiceUnavailableError
 from synth_workers.ledger.refusals import Refusal, RefusalWriter
+from synth_workers.message import from_kombu
 from synth_workers.platform import platform_of
-from synth_workers.routing import DEFAULT_PRIORITY, from_transport
+from synth_workers.routing import foreign_priority
 from synth_workers.screening import Limits, Refused, TaskMessage, check_task_message, stored_text
 
 if TYPE_CHECKING:
@@ -140,17 +141,21 @@ class Consumer(CeleryConsumer):
         message.ack()
 
     def _to_ledger(self, message: Any, checked: TaskMessage) -> None:
-        """A message with an ``eta``: the ledger holds the job until it is due."""
-        priority = message.properties.get("priority")
+        """A message with an ``eta``: the ledger holds the job until it is due, its message
+        kept whole (canvas, ids, retries) for the publish then."""
+        headers = message.headers if isinstance(message.headers, dict) else {}
+        retries = headers.get("retries")
         try:
             self.platform.ledger.adopt(
                 checked.id,
                 checked.task,
                 _queue_of(message),
-                DEFAULT_PRIORITY if priority is None else from_transport(int(priority)),
+                foreign_priority(message.properties.get("priority")),
                 checked.kwargs,
                 checked.args or None,
                 run_at=checked.eta,
+                message=from_kombu(message),
+                retries=retries if isinstance(retries, int) and retries >= 0 else 0,
             )
         except ServiceUnavailableError:
             message.reject(requeue=True)

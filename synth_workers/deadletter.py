@@ -3,9 +3,10 @@
 A job is dead after its last attempt, at once for ``PermanentError`` and invalid payloads,
 as a poison pill (it killed ``SYNTH_POISON_PILL_LOSSES`` workers), or as a message a worker
 refused. Its row keeps the payload, attempts, failure class and traceback. Replay enqueues a
-new job with the same task, payload, queue and priority, a fresh attempt budget, and
-``replay_of`` pointing at the original. Retention keeps at most ``SYNTH_DLQ_MAX_COUNT`` dead
-jobs, none older than ``SYNTH_DLQ_MAX_AGE``.
+new job with the same task, payload, queue and priority, the same Celery message (canvas,
+``link``/``link_error``, root and parent ids; a new id and ``retries`` 0), a fresh attempt
+budget, and ``replay_of`` pointing at the original. Retention keeps at most
+``SYNTH_DLQ_MAX_COUNT`` dead jobs, none older than ``SYNTH_DLQ_MAX_AGE``.
 """
 
 from __future__ import annotations
@@ -89,8 +90,9 @@ class DeadLetterQueue:
         pairs: list[tuple[str, str]] = []
         with self.ledger.connection() as conn, conn.transaction():
             rows = conn.execute(
-                f"SELECT id, task, queue, priority, payload, args, user_id FROM synth_jobs "  # noqa: S608
-                f"WHERE {clause} AND failure_class IS DISTINCT FROM 'rejected_message' "
+                "SELECT id, task, queue, priority, payload, args, user_id, message "  # noqa: S608
+                f"FROM synth_jobs WHERE {clause} "
+                "AND failure_class IS DISTINCT FROM 'rejected_message' "
                 "ORDER BY finished_at LIMIT %s FOR UPDATE",
                 [*params, limit],
             ).fetchall()
@@ -110,6 +112,7 @@ class DeadLetterQueue:
                     published=False,
                     replay_of=str(row[0]),
                     user_id=row[6],
+                    message=row[7],
                 )
                 pairs.append((str(row[0]), new_id))
         # Published by the sweeper's outbox relay too; publishing here saves the wait.

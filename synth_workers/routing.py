@@ -84,6 +84,15 @@ def from_transport(value: int) -> int:
     return MAX_PRIORITY - value
 
 
+def foreign_priority(value: Any) -> int:
+    """The level of a message sent around the platform (no ledger row), from its kombu
+    priority. kombu files a message sent without a priority as 0, its most urgent step, the
+    same as an explicit 0: such a message is ``normal``, not 9. Above 9 is kombu's last step."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        return DEFAULT_PRIORITY
+    return from_transport(min(value, MAX_PRIORITY))
+
+
 def queue_for_task(name: str) -> str:
     """The queue a task name routes to by default."""
     for prefix, queue in _PREFIX_ROUTES.items():

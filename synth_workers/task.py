@@ -8,12 +8,25 @@
   pydantic model; any other task's arguments are bound to its ``run`` signature and checked
   against its annotations (``synth_workers.binding``). A payload that does not parse or bind
   is an :class:`InvalidPayloadError`: dead at once (failure class ``invalid_payload``).
-- **Retry policy** (per task, defaults from settings): ``max_attempts`` in total (3),
-  exponential backoff with full jitter — attempt *n* waits a uniform random time in
-  ``[0, min(cap, base * 2**(n-1))]``. ``PermanentError`` and payload validation errors are
-  never retried; ``TransientError``, connection errors, timeouts and any other exception are.
-  Narrow it per task with ``retry_for=(...)``. The wait is kept in the ledger, not in worker
-  memory, so no visibility timeout can run a retry twice.
+- **Retries.** A task that sets any of Celery's retry options (``max_retries``,
+  ``default_retry_delay``, ``autoretry_for``, ``dont_autoretry_for``, ``retry_kwargs``,
+  ``retry_backoff``, ``retry_backoff_max``, ``retry_jitter``) retries as Celery documents:
+  only through ``self.retry()`` or ``autoretry_for``, ``max_retries`` counts retries
+  (``None``: no limit), ``request.retries`` is 0, 1, 2... and the last refusal raises the
+  ``exc`` given or ``MaxRetriesExceededError`` (the job is dead, ``link_error`` fires). A
+  task that sets none gets the platform's policy (per task, defaults from settings):
+  ``max_attempts`` in total (3), exponential backoff with full jitter — attempt *n* waits a
+  uniform random time in ``[0, min(cap, base * 2**(n-1))]``; ``PermanentError`` and payload
+  validation errors are never retried; ``TransientError``, connection errors, timeouts and
+  any other exception are (narrow it with ``retry_for=(...)``); ``self.retry(countdown=)``
+  sets the wait, ``self.retry(max_retries=)`` switches to Celery's rule. Either way the wait
+  is kept in the ledger (``failed-retrying`` + ``run_at``), not in worker memory, so no
+  visibility timeout can run a retry twice, and the ledger counts ``retries`` (worker losses
+  are not retries).
+- **The message is the job.** Sending builds the Celery message once (Celery's own
+  ``apply_async``, on a capturing producer: ``synth_workers.message``), writes it with the
+  row, then publishes it; every re-publish sends that message with only the id, retries,
+  eta and routing changed, so chain, ``link``, ``link_error`` and chord survive.
 - **Priorities** use the platform's scale (``synth_workers.routing``): ``apply_async(priority=
   "high")`` and ``priority=8`` mean the same thing everywhere.
 - **Effects**: ``with self.effect_transaction() as conn:`` commits the job's own writes
@@ -54,10 +67,16 @@ from synth_workers.errors import (
     RateLimitedError,
     SynthWorkersError,
 )
+from synth_workers.ledger.store import Publishable
+from synth_workers.ledger.transport import publish
 from synth_workers.lifecycle import ListenerTimeout
+from synth_workers.message import CaptureProducer, from_request
 from synth_workers.platform import platform_of
 from synth_workers.routing import (
     DEFAULT_PRIORITY,
+    MAX_PRIORITY,
+    MIN_PRIORITY,
+    foreign_priority,
     from_transport,
     queue_for_task,
     resolve_priority,
@@ -66,8 +85,6 @@ from synth_workers.routing import (
 from synth_workers.validation import check_delay, check_idempotency_key, eta_delay, payload_size
 
 if TYPE_CHECKING:
-    from celery.canvas import Signature
-
     from synth_workers.app import SynthCelery
     from synth_workers.ledger.store import Claim
     from synth_workers.platform import Platform
@@ -85,11 +102,38 @@ class CancelledWhileRunning(SynthWorkersError):  # noqa: N818 - a request, not a
     """Raised by ``raise_if_cancelled()`` when the running job was cancelled."""
 
 
-class _RetryRequested(Exception):  # noqa: N818 - control flow
-    def __init__(self, exc: BaseException | None, countdown: float | None) -> None:
-        super().__init__("retry requested")
-        self.exc = exc
+class _RetryRequested(Retry):
+    """``self.retry()`` in a claimed job: the retry decision is the runner's, the wait the
+    ledger's. A :class:`celery.exceptions.Retry`, so that Celery's ``autoretry_for`` wrapper
+    lets it through like its own."""
+
+    def __init__(
+        self,
+        exc: BaseException | None,
+        countdown: float | None,
+        eta: Any = None,
+        max_retries: int | None = None,
+    ) -> None:
+        super().__init__("retry requested", None, countdown)  # type: ignore[arg-type]
+        self.cause = exc
         self.countdown = countdown
+        self.eta = eta
+        self.max_retries = max_retries
+
+
+#: Celery's retry options: a task that sets any of them retries as Celery documents
+#: (``max_retries``, ``default_retry_delay``, ...); one that sets none gets the platform's
+#: policy (``max_attempts``, full-jitter backoff, ``retry_for``).
+CELERY_RETRY_OPTIONS = (
+    "max_retries",
+    "default_retry_delay",
+    "autoretry_for",
+    "dont_autoretry_for",
+    "retry_kwargs",
+    "retry_backoff",
+    "retry_backoff_max",
+    "retry_jitter",
+)
 
 
 class _DeferRequested(Exception):  # noqa: N818 - control flow
@@ -145,7 +189,22 @@ def _timed_out(exc: BaseException) -> bool:
 
 
 class Request(CeleryRequest):
-    """Celery's Request, telling the ledger when a job's process died or was killed."""
+    """Celery's Request, telling the ledger when a job's process died or was killed.
+
+    ``delivery_info['priority']`` is on the platform's scale (0-9, bigger first: see
+    ``synth_workers.routing``), not kombu's, so a task sees the level it was sent with and
+    a child it sends with that priority keeps it. A message without one is ``normal``.
+    The raw value stays in ``properties['priority']``.
+    """
+
+    def __init__(self, message: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(message, *args, **kwargs)
+        info = self.delivery_info
+        transport = info.get("priority")
+        if isinstance(transport, int) and not isinstance(transport, bool):
+            info["priority"] = from_transport(max(MIN_PRIORITY, min(transport, MAX_PRIORITY)))
+        else:
+            info["priority"] = DEFAULT_PRIORITY
 
     def _owner_prefix(self) -> str:
         """Lease owners of the pool process that ran this request (see LeaseKeeper)."""
@@ -251,6 +310,13 @@ class Task(celery.Task):  # type: ignore[type-arg]
             "published": conn is None,
             "user_id": user_id,
         }
+        options["priority"] = to_transport(level)
+        if row["queue"] != queue:
+            options["queue"] = row["queue"]
+        eager = bool(self.app.conf.task_always_eager)
+        if not eager:  # the message, built by Celery, is stored with the row (one INSERT)
+            capture = self._message(args, kwargs, options)
+            row["message"] = capture.message()
         if conn is not None:
             actual = ledger.insert_job(conn, **row)
             return self.AsyncResult(actual)
@@ -278,28 +344,48 @@ class Task(celery.Task):  # type: ignore[type-arg]
                 return self._publish_failed(job_id, exc)
         if actual != job_id or delay:
             return self.AsyncResult(actual)
-        options["priority"] = to_transport(level)
-        if row["queue"] != queue:
-            options["queue"] = row["queue"]
+        if eager:
+            return super().apply_async(args, kwargs, **options)
         try:
-            return self._publish(args, kwargs, options)
+            return self._publish(capture, options.get("producer"))
         except BaseException as exc:
             return self._publish_failed(job_id, exc)
 
-    def _publish(self, args: Any, kwargs: Any, options: dict[str, Any]) -> Any:
-        """Celery's publish (its own retries are off: see ``celery_config``), retried once at
-        once when it failed fast with a connection error: a socket Redis reset or closed
-        (restarted, failed over) fails before any wait, and a fresh connection usually
-        works. A timeout is not retried: Redis is frozen or unreachable and a retry would
-        wait SYNTH_REDIS_TIMEOUT again. Should the first attempt have landed after all, the
-        second message is refused at claim (the job is no longer queued)."""
+    def _message(self, args: Any, kwargs: Any, options: dict[str, Any]) -> CaptureProducer:
+        """Celery's own ``apply_async`` builds and routes the message (canvas, ids, expires,
+        time limits, stamps: everything Celery puts in it) on a :class:`CaptureProducer`,
+        which keeps it instead of sending it (``synth_workers.message``). Celery's
+        ``before_task_publish``/``after_task_publish`` signals fire here, once per send."""
+        capture = CaptureProducer()
+        super().apply_async(args, kwargs, **{**options, "producer": capture})
+        if not capture.captured:
+            raise RuntimeError(f"{self.name}: Celery built no message to send")
+        return capture
+
+    def _publish(self, capture: CaptureProducer, producer: Any = None) -> Any:
+        """Send the captured message (Celery's own publish retries are off: see
+        ``celery_config``), retried once at once when it failed fast with a connection
+        error: a socket Redis reset or closed (restarted, failed over) fails before any
+        wait, and a fresh connection usually works. A timeout is not retried: Redis is
+        frozen or unreachable and a retry would wait SYNTH_REDIS_TIMEOUT again. Should the
+        first attempt have landed after all, the second message is refused at claim (the job
+        is no longer queued)."""
         started = time.monotonic()
         try:
-            return super().apply_async(args, kwargs, **options)
+            return self._send(capture, producer)
         except (redis.ConnectionError, OSError, KombuOperationalError) as exc:
             if _timed_out(exc) or time.monotonic() - started > QUICK_FAILURE_SECONDS:
                 raise
-        return super().apply_async(args, kwargs, **options)
+        return self._send(capture, producer)
+
+    def _send(self, capture: CaptureProducer, producer: Any = None) -> Any:
+        """One publish of the captured message: the call Celery would have made."""
+        with (
+            self.app.producer_or_acquire(producer) as real,
+            real.connection._reraise_as_library_errors(),
+        ):
+            real.publish(capture.body, **(capture.publish_kwargs or {}))
+        return self.AsyncResult(capture.message()["headers"]["id"])
 
     def _publish_failed(self, job_id: str, exc: BaseException) -> Any:
         """The publish of a queued job failed: tombstone its row and raise (see
@@ -320,13 +406,6 @@ class Task(celery.Task):  # type: ignore[type-arg]
             raise KombuOperationalError(str(exc)) from exc
         raise exc
 
-    def signature_from_request(self, *args: Any, **kwargs: Any) -> Signature[Any]:
-        sig: Signature[Any] = super().signature_from_request(*args, **kwargs)
-        transport = sig.options.get("priority")
-        if transport is not None:  # back to our scale; apply_async converts again
-            sig.options["priority"] = from_transport(int(transport))
-        return sig
-
     def retry(
         self,
         args: Any = None,
@@ -338,10 +417,27 @@ class Task(celery.Task):  # type: ignore[type-arg]
         max_retries: Any = None,
         **options: Any,
     ) -> Any:
-        """Celery's ``self.retry()``, kept durable: the wait goes to the ledger."""
-        if self.request.called_directly:
+        """Celery's ``self.retry()``, kept durable: the wait goes to the ledger (the job's
+        row turns ``failed-retrying`` with a ``run_at``; the sweeper re-sends its message
+        when due), never to worker memory. ``max_retries``, ``countdown``, ``eta`` and
+        ``default_retry_delay`` mean what Celery says (see :meth:`_celery_retry`); a task
+        that sets none of Celery's retry options and passes no ``max_retries`` keeps the
+        platform's attempt budget. ``args``/``kwargs`` changes are not supported: the job
+        runs again with its own."""
+        if self.request.called_directly or self.claim is None:
             return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
-        raise _RetryRequested(exc, countdown)
+        raise _RetryRequested(exc, countdown, eta, max_retries)
+
+    @classmethod
+    def uses_celery_retries(cls) -> bool:
+        """Whether the task sets any of Celery's retry options (``CELERY_RETRY_OPTIONS``)
+        itself, rather than inheriting Celery's defaults."""
+        for klass in cls.__mro__:
+            if klass is Task:
+                return False
+            if any(name in klass.__dict__ for name in CELERY_RETRY_OPTIONS):
+                return True
+        return False
 
     def defer(
         self, countdown: float, reason: str = "rate_limited", *, capped: bool = True
@@ -376,17 +472,9 @@ class Task(celery.Task):  # type: ignore[type-arg]
             raise
         completer.written(finished)
         if claim is None and app.ledger.get(request.id) is None:
-            # Sent around the platform (Celery's send_task, another producer): adopt it.
-            info = request.delivery_info or {}
-            transport = info.get("priority")
-            app.ledger.adopt(
-                request.id,
-                self.name,
-                str(info.get("routing_key") or queue_for_task(self.name)),
-                DEFAULT_PRIORITY if transport is None else from_transport(int(transport)),
-                dict(kwargs),
-                list(args) or None,
-            )
+            # Sent around the platform (Celery's send_task, another producer): adopt it,
+            # its message kept whole (canvas, ids, retries) for any re-publish.
+            self._adopt(request, args, kwargs)
             claim = app.ledger.claim(request.id, keeper.owner)
         if claim is None:
             raise Ignore(f"job {request.id} is not queued; not run")
@@ -406,6 +494,40 @@ class Task(celery.Task):  # type: ignore[type-arg]
             if not handed_over:
                 keeper.remove(claim.job_id)
 
+    def _adopt(self, request: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Give a ledger row to a message sent around the platform. One sent without a
+        priority (kombu files it as 0, its most urgent list, ahead of ``high``) is recorded
+        ``normal`` and re-filed on the normal list instead of run now (:class:`Ignore`), so
+        that it does not jump the queue; it runs when its turn comes."""
+        app = self.app
+        raw = (request.properties or {}).get("priority")
+        level = foreign_priority(raw)
+        info = request.delivery_info if request.delivery_info is not None else {}
+        info["priority"] = level  # what the ledger records, not kombu's 0
+        job = Publishable(
+            request.id,
+            self.name,
+            str(info.get("routing_key") or queue_for_task(self.name)),
+            level,
+            dict(kwargs),
+            list(args) or None,
+            message=from_request(request),
+            retries=int(request.retries or 0),
+        )
+        adopted = self.platform.ledger.adopt(
+            job.id,
+            job.task,
+            job.queue,
+            job.priority,
+            job.payload,
+            job.args,
+            message=job.message,
+            retries=job.retries,
+        )
+        if adopted and not (isinstance(raw, int) and raw > 0):
+            publish(app, [job])
+            raise Ignore(f"job {request.id} was sent without a priority: re-filed as normal")
+
     def _run_claimed(self, claim: Claim, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         ledger = self.platform.ledger
         try:
@@ -413,8 +535,7 @@ class Task(celery.Task):  # type: ignore[type-arg]
                 self._binding().check(args, kwargs)
             result = self._invoke(args, kwargs)
         except _RetryRequested as wanted:
-            error = wanted.exc if isinstance(wanted.exc, BaseException) else Exception("retry")
-            return self._retry_or_die(claim, error, "exception", wanted.countdown)
+            return self._celery_retry(claim, wanted)
         except _DeferRequested as wanted:
             cap = self.platform.settings.defer_max_seconds
             limit = cap if wanted.capped else None
@@ -453,6 +574,11 @@ class Task(celery.Task):  # type: ignore[type-arg]
             # (requeue, counted toward the poison-pill limit), else the lease expires.
             raise
         except self.retry_for as exc:
+            if self.uses_celery_retries():  # Celery: only self.retry()/autoretry_for retry
+                ledger.dead(
+                    claim, "exception", type(exc).__name__, str(exc), traceback.format_exc()
+                )
+                raise
             return self._retry_or_die(claim, exc, "exception", None)
         except BaseException as exc:
             ledger.dead(claim, "exception", type(exc).__name__, str(exc), traceback.format_exc())
@@ -480,6 +606,39 @@ class Task(celery.Task):  # type: ignore[type-arg]
         )
         self.platform.ledger.retry_later(claim, wait, exc, failure_class)
         raise Retry(exc=exc if isinstance(exc, Exception) else None, when=wait)  # type: ignore[arg-type]
+
+    def _celery_retry(self, claim: Claim, wanted: _RetryRequested) -> Any:
+        """``self.retry()`` (or ``autoretry_for``) asked for another run, decided as Celery's
+        ``Task.retry`` decides: ``request.retries + 1`` over ``max_retries`` (the call's, else
+        the task's; ``None`` is unlimited) raises ``exc`` or ``MaxRetriesExceededError`` and
+        the job is dead; else it waits ``countdown``, until ``eta``, or
+        ``default_retry_delay``. A task that sets none of Celery's retry options and passes
+        no ``max_retries`` keeps the platform's policy (:meth:`_retry_or_die`)."""
+        settings = self.platform.settings
+        error = wanted.cause if isinstance(wanted.cause, BaseException) else None
+        delay: float | None = wanted.countdown
+        if wanted.eta is not None:
+            delay = eta_delay(wanted.eta, settings.max_delay_seconds)
+        if wanted.max_retries is None and not self.uses_celery_retries():
+            return self._retry_or_die(claim, error or Exception("retry"), "exception", delay)
+        limit = self.max_retries if wanted.max_retries is None else wanted.max_retries
+        retries = int(self.request.retries or 0) + 1
+        if limit is not None and retries > limit:
+            if error is None:
+                error = self.MaxRetriesExceededError(
+                    f"Can't retry {self.name}[{claim.job_id}] args:{self.request.args} "
+                    f"kwargs:{self.request.kwargs}"
+                )
+            self.platform.ledger.dead(
+                claim, "exception", type(error).__name__, str(error), traceback.format_exc()
+            )
+            raise error
+        if delay is None:
+            delay = float(self.default_retry_delay or 0)
+        reason = error if error is not None else Retry("retry requested")
+        self.platform.ledger.retry_later(claim, delay, reason, "exception")
+        exc = error if isinstance(error, Exception) else None
+        raise Retry(exc=exc, when=delay)  # type: ignore[arg-type]
 
     def _binding(self) -> Binding:
         binding: Binding | None = self.__dict__.get("_synth_binding")

@@ -40,12 +40,11 @@ def test_integer_levels_bigger_runs_first(rclient: Any, start_worker: Any) -> No
 
 
 def test_retry_republishes_on_our_scale() -> None:
-    # A retry re-sends the request's transport priority; the base Task maps it back to our
-    # scale so that apply_async's conversion does not flip it.
+    # A request's delivery_info carries our scale (the worker's Request converts kombu's), so
+    # the signature Celery builds from it for a retry keeps the level, unflipped.
     from celery.app.task import Context
 
     from synth_workers import app
-    from synth_workers.routing import to_transport
 
     task = app.tasks["tests.e2e_tasks.flaky"]
     request = Context(
@@ -53,7 +52,74 @@ def test_retry_republishes_on_our_scale() -> None:
         args=(),
         kwargs={"key": "k", "fail_times": 1},
         retries=0,
-        delivery_info={"priority": to_transport(8), "routing_key": QUEUE},
+        delivery_info={"priority": 8, "routing_key": QUEUE},
     )
     sig = task.signature_from_request(request)
     assert sig.options["priority"] == 8
+
+
+def test_task_sees_our_scale_and_a_foreign_message_is_normal(
+    rclient: Any, start_worker: Any, redis_url: str
+) -> None:
+    import json
+
+    from celery import Celery
+
+    from synth_workers import JobHandle, app
+
+    from . import canvas_tasks
+
+    probe = app.tasks["tests.canvas_tasks.prio_probe"]
+    high = probe.apply_async(("high",), queue=canvas_tasks.QUEUE, priority="high")
+    two = probe.apply_async(("two",), queue=canvas_tasks.QUEUE, priority=2)
+    # A plain Celery producer, default settings: no priority (kombu files it as its 0).
+    plain = Celery(broker=redis_url)
+    try:
+        foreign = plain.send_task(
+            "tests.canvas_tasks.prio_probe", args=("foreign",), queue=canvas_tasks.QUEUE
+        )
+    finally:
+        plain.close()
+    start_worker(canvas_tasks.QUEUE, env={"SYNTH_INCLUDE": "tests.e2e_tasks,tests.canvas_tasks"})
+
+    def seen(key: str) -> Any:
+        raw = rclient.lrange(f"test:prio:{key}", 0, -1)
+        return json.loads(raw[0]) if raw else None
+
+    assert wait_until(lambda: all(seen(k) is not None for k in ("high", "two", "foreign")))
+    assert seen("high") == PRIORITY_LEVELS["high"]
+    assert seen("two") == 2
+    assert seen("foreign") == PRIORITY_LEVELS["normal"]
+    assert JobHandle(foreign.id).info()["priority"] == PRIORITY_LEVELS["normal"]
+    assert JobHandle(high.id).info()["priority"] == PRIORITY_LEVELS["high"]
+    assert JobHandle(two.id).state() is JobState.SUCCEEDED
+
+
+def test_a_message_without_priority_waits_behind_high(
+    rclient: Any, start_worker: Any, redis_url: str
+) -> None:
+    from celery import Celery
+
+    for i in range(3):
+        enqueue("tests.e2e_tasks.record", {"label": f"high-{i}"}, priority="high", queue=QUEUE)
+    enqueue("tests.e2e_tasks.record", {"label": "low"}, priority="low", queue=QUEUE)
+    # kombu files a message sent without a priority on its most urgent list (as 0)
+    plain = Celery(broker=redis_url)
+    try:
+        foreign = plain.send_task(
+            "tests.e2e_tasks.record", kwargs={"label": "foreign"}, queue=QUEUE
+        )
+    finally:
+        plain.close()
+    start_worker(QUEUE, concurrency=1)
+    assert wait_until(lambda: rclient.llen("test:order") == 5, timeout=60)
+    order = [x.decode() for x in rclient.lrange("test:order", 0, -1)]
+    assert order == ["high-0", "high-1", "high-2", "foreign", "low"]
+    from synth_workers import JobHandle
+
+    info = JobHandle(foreign.id).info()
+    assert (info["priority"], info["state"], info["attempt"]) == (
+        PRIORITY_LEVELS["normal"],
+        JobState.SUCCEEDED,
+        1,
+    )

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from synth_workers import JobFailedError, JobState, app, enqueue
+from synth_workers import JobFailedError, JobHandle, JobState, app, enqueue
 from synth_workers.task import backoff_bound, full_jitter_backoff
 
 from .conftest import wait_until
@@ -124,3 +124,92 @@ def test_deferring_is_capped_for_a_429_not_for_own_limits(rclient: Any, start_wo
     assert own.wait(timeout=60) == 11
     assert own.info()["attempt"] == 1
     assert own.info()["first_deferred_at"] is None
+
+
+# --- Celery's retry API (tasks in tests/canvas_tasks.py set Celery's own options) -----------
+
+CANVAS_ENV = {"SYNTH_INCLUDE": "tests.e2e_tasks,tests.canvas_tasks"}
+
+
+def _celery_job(task_name: str, *args: Any) -> Any:
+    from . import canvas_tasks
+
+    return app.tasks[task_name].apply_async(args, queue=canvas_tasks.QUEUE)
+
+
+def _runs(rclient: Any, key: str) -> int:
+    return int(rclient.get(f"test:count:{key}") or 0)
+
+
+def _retries_seen(rclient: Any, key: str) -> list[int]:
+    return [int(x) for x in rclient.lrange(f"test:retries:{key}", 0, -1)]
+
+
+def test_max_retries_counts_retries_not_runs(rclient: Any, start_worker: Any) -> None:
+    from . import canvas_tasks
+
+    start_worker(canvas_tasks.QUEUE, env=CANVAS_ENV)
+    one = JobHandle(_celery_job("tests.canvas_tasks.auto_max1", "m1").id)
+    five = JobHandle(_celery_job("tests.canvas_tasks.auto_max5", "m5").id)
+    for handle in (one, five):
+        with pytest.raises(JobFailedError) as caught:
+            handle.wait(timeout=60)
+        assert caught.value.error_class == "ValueError"  # Celery re-raises the exc given
+    assert _runs(rclient, "m1") == 2  # max_retries=1: the run and one retry
+    assert _runs(rclient, "m5") == 6  # beyond the platform's 3 attempts
+    assert _retries_seen(rclient, "m5") == [0, 1, 2, 3, 4, 5]  # request.retries per run
+    assert five.info()["retries"] == 5
+
+
+def test_max_retries_none_is_unlimited_and_retries_count_up(
+    rclient: Any, start_worker: Any
+) -> None:
+    from . import canvas_tasks
+
+    start_worker(canvas_tasks.QUEUE, env=CANVAS_ENV)
+    handle = JobHandle(_celery_job("tests.canvas_tasks.retry_until", "inf", 5).id)
+    assert handle.wait(timeout=60) == 5
+    assert _retries_seen(rclient, "inf") == [0, 1, 2, 3, 4]
+
+
+def test_retry_without_exc_ends_in_max_retries_exceeded(rclient: Any, start_worker: Any) -> None:
+    from . import canvas_tasks
+
+    start_worker(canvas_tasks.QUEUE, env=CANVAS_ENV)
+    handle = JobHandle(_celery_job("tests.canvas_tasks.retry_no_exc", "mre").id)
+    with pytest.raises(JobFailedError) as caught:
+        handle.wait(timeout=60)
+    assert caught.value.error_class == "MaxRetriesExceededError"
+    assert handle.state() is JobState.DEAD
+    assert _runs(rclient, "mre") == 2
+
+
+def test_dont_autoretry_for_fails_at_once(rclient: Any, start_worker: Any) -> None:
+    from . import canvas_tasks
+
+    start_worker(canvas_tasks.QUEUE, env=CANVAS_ENV)
+    handle = JobHandle(_celery_job("tests.canvas_tasks.auto_skip", "skip").id)
+    with pytest.raises(JobFailedError) as caught:
+        handle.wait(timeout=60)
+    assert caught.value.error_class == "KeyError"
+    assert _runs(rclient, "skip") == 1
+    assert not wait_until(lambda: _runs(rclient, "skip") > 1, timeout=1.5)
+
+
+def test_retry_backoff_follows_celery_formula(rclient: Any, start_worker: Any) -> None:
+    from celery.utils.time import get_exponential_backoff_interval
+
+    from . import canvas_tasks
+
+    start_worker(canvas_tasks.QUEUE, env=CANVAS_ENV)
+    handle = JobHandle(_celery_job("tests.canvas_tasks.backoff2", "bo").id)
+    with pytest.raises(JobFailedError):
+        handle.wait(timeout=60)
+    times = [float(t) for t in rclient.lrange("test:times:bo", 0, -1)]
+    assert len(times) == 3  # max_retries=2
+    gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+    for retries, gap in enumerate(gaps):
+        want = get_exponential_backoff_interval(2, retries, 600, full_jitter=False)
+        assert want == (2, 4)[retries]
+        # the sweep interval (0.2 s) and delivery on top, never less
+        assert want <= gap <= want + 0.8, (retries, want, gaps)

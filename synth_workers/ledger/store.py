@@ -22,6 +22,7 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any, Literal
 
 import psycopg
+from kombu.utils import json as kombu_json
 from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
@@ -66,6 +67,21 @@ class Publishable:
     priority: int
     payload: dict[str, Any]
     args: list[Any] | None = None
+    #: The Celery message as sent (``synth_workers.message``); ``None`` for older rows.
+    message: dict[str, Any] | None = None
+    #: Celery's ``request.retries`` for the next run.
+    retries: int = 0
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> Publishable:
+        """From ``RETURNING id, task, queue, priority, payload, args, message, retries``."""
+        return cls(str(row[0]), row[1], row[2], row[3], row[4], row[5], row[6], int(row[7]))
+
+
+def message_json(message: dict[str, Any] | None) -> Jsonb | None:
+    """A Celery message for its jsonb column: kombu's JSON encoder, so dates and UUIDs in
+    signatures are written the way kombu reads them back when the message is re-sent."""
+    return None if message is None else Jsonb(message, dumps=kombu_json.dumps)
 
 
 def _text(value: Any, limit: int) -> str:
@@ -265,6 +281,7 @@ class Ledger:
         published: bool,
         replay_of: str | None = None,
         user_id: str | None = None,
+        message: dict[str, Any] | None = None,
     ) -> str:
         """Insert a job row (queued, or scheduled when delayed); with an idempotency key,
         return the id of the live job that already holds the key instead (nothing inserted).
@@ -288,9 +305,9 @@ class Ledger:
         scheduled = bool(delay and delay > 0)
         conn.execute(
             "INSERT INTO synth_jobs (id, task, queue, priority, payload, args, idempotency_key,"
-            " state, max_attempts, run_at, published_at, replay_of, user_id) VALUES (%s, %s, %s,"
-            " %s, %s, %s, %s, %s, %s, CASE WHEN %s THEN now() + make_interval(secs => %s) END,"
-            " CASE WHEN %s THEN now() END, %s, %s)",
+            " state, max_attempts, run_at, published_at, replay_of, user_id, message) VALUES (%s,"
+            " %s, %s, %s, %s, %s, %s, %s, %s, CASE WHEN %s THEN now() + make_interval(secs => %s)"
+            " END, CASE WHEN %s THEN now() END, %s, %s, %s)",
             (
                 job_id,
                 task,
@@ -306,6 +323,7 @@ class Ledger:
                 published and not scheduled,
                 replay_of,
                 user_id,
+                message_json(message),
             ),
         )
         if not published and not scheduled:
@@ -438,18 +456,23 @@ class Ledger:
         payload: dict[str, Any],
         args: list[Any] | None,
         run_at: datetime | None = None,
+        message: dict[str, Any] | None = None,
+        retries: int = 0,
     ) -> bool:
         """Give a ledger row to a message sent around the platform (``send_task``, another
         producer), so that it runs like any job; nothing happens when the row exists.
 
         ``run_at``: the message's ``eta``: the job waits in the ledger (``scheduled``) and
-        the sweeper publishes it when due. Returns whether a row was written."""
+        the sweeper publishes it when due. ``message``: the Celery message as received
+        (kept whole for every re-publish); ``retries``: its ``retries`` header. Returns
+        whether a row was written."""
         with self.connection() as conn:
             return (
                 conn.execute(
                     "INSERT INTO synth_jobs (id, task, queue, priority, payload, args, state, "
-                    "run_at, published_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, "
-                    "CASE WHEN %s THEN NULL ELSE now() END) ON CONFLICT (id) DO NOTHING",
+                    "run_at, published_at, message, retries) VALUES (%s, %s, %s, %s, %s, %s, %s,"
+                    " %s, CASE WHEN %s THEN NULL ELSE now() END, %s, %s) "
+                    "ON CONFLICT (id) DO NOTHING",
                     (
                         job_id,
                         task,
@@ -460,6 +483,8 @@ class Ledger:
                         "queued" if run_at is None else "scheduled",
                         run_at,
                         run_at is not None,
+                        message_json(message),
+                        retries,
                     ),
                 ).rowcount
                 == 1
@@ -522,7 +547,7 @@ class Ledger:
             claim,
             "failed-retrying",
             "state = 'failed-retrying', run_at = now() + make_interval(secs => %s), "
-            "failure_class = %s, error_class = %s, last_error = %s",
+            "retries = retries + 1, failure_class = %s, error_class = %s, last_error = %s",
             (delay, failure_class, type(error).__name__, str(error)[:4000]),
             event=(
                 "retrying",
@@ -817,7 +842,8 @@ class Ledger:
             "'failed-retrying') AND run_at <= now() ORDER BY run_at LIMIT %s "
             "FOR UPDATE SKIP LOCKED) UPDATE synth_jobs j SET state = 'queued', "
             "published_at = now(), updated_at = now() FROM due WHERE j.id = due.id "
-            "RETURNING j.id, j.task, j.queue, j.priority, j.payload, j.args",
+            "RETURNING j.id, j.task, j.queue, j.priority, j.payload, j.args, j.message, "
+            "j.retries",
             (limit,),
             "due",
         )
@@ -828,7 +854,8 @@ class Ledger:
             "WITH o AS (SELECT id FROM synth_jobs WHERE state = 'queued' AND published_at IS "
             "NULL LIMIT %s FOR UPDATE SKIP LOCKED) UPDATE synth_jobs j SET published_at = now()"
             " FROM o WHERE j.id = o.id "
-            "RETURNING j.id, j.task, j.queue, j.priority, j.payload, j.args",
+            "RETURNING j.id, j.task, j.queue, j.priority, j.payload, j.args, j.message, "
+            "j.retries",
             (limit,),
             "outbox",
         )
@@ -847,15 +874,14 @@ class Ledger:
                 "' stopped renewing', finished_at = CASE WHEN worker_losses + 1 >= %s "
                 "THEN now() END, published_at = now(), lease_owner = NULL, "
                 "lease_expires_at = NULL, updated_at = now() FROM x WHERE j.id = x.id "
-                "RETURNING j.id, j.task, j.queue, j.priority, j.payload, j.args, j.state",
+                "RETURNING j.id, j.task, j.queue, j.priority, j.payload, j.args, j.message, "
+                "j.retries, j.state",
                 (limit,) + (self.settings.poison_pill_losses,) * 3,
             ).fetchall()
-        requeued = [
-            Publishable(str(r[0]), r[1], r[2], r[3], r[4], r[5]) for r in rows if r[6] == "queued"
-        ]
+        requeued = [Publishable.from_row(r) for r in rows if r[8] == "queued"]
         if self.lifecycle.listening:
             for r in rows:
-                if r[6] == "queued":
+                if r[8] == "queued":
                     self.lifecycle.announce(
                         "queued",
                         str(r[0]),
@@ -877,12 +903,13 @@ class Ledger:
         """Queued jobs published more than ``grace`` seconds ago (to check against Redis)."""
         with self.connection() as conn:
             rows = conn.execute(
-                "SELECT id, task, queue, priority, payload, args FROM synth_jobs WHERE state = "
+                "SELECT id, task, queue, priority, payload, args, message, retries FROM synth_jobs "
+                "WHERE state = "
                 "'queued' AND published_at < now() - make_interval(secs => %s) "
                 "ORDER BY published_at LIMIT %s",
                 (grace, limit),
             ).fetchall()
-        return [Publishable(str(r[0]), r[1], r[2], r[3], r[4], r[5]) for r in rows]
+        return [Publishable.from_row(r) for r in rows]
 
     def mark_republished(self, ids: Sequence[str]) -> None:
         with self.connection() as conn:
@@ -897,7 +924,7 @@ class Ledger:
     ) -> list[Publishable]:
         with self.connection() as conn:
             rows = conn.execute(query.encode(), params).fetchall()
-        jobs = [Publishable(str(r[0]), r[1], r[2], r[3], r[4], r[5]) for r in rows]
+        jobs = [Publishable.from_row(r) for r in rows]
         if reason is not None and self.lifecycle.listening:
             for job in jobs:
                 self.lifecycle.announce(

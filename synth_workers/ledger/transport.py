@@ -6,10 +6,15 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from celery.app.amqp import task_message
+
+from synth_workers.message import for_publish
 from synth_workers.platform import platform_of
 from synth_workers.routing import MAX_PRIORITY, MIN_PRIORITY, to_transport
 
 if TYPE_CHECKING:
+    from celery import Celery
+
     from synth_workers.app import SynthCelery
     from synth_workers.ledger.store import Publishable
 
@@ -17,12 +22,29 @@ if TYPE_CHECKING:
 PRIORITY_SEP = "\x06\x16"
 
 
-def publish(app: SynthCelery, jobs: Sequence[Publishable]) -> None:
-    """Send each job's message (same id, payload, queue and priority)."""
+def publish(app: Celery, jobs: Sequence[Publishable]) -> None:
+    """Send each job's message again: the Celery message the ledger kept (canvas, ids,
+    expires, time limits, stamps as sent; see ``synth_workers.message``) with only the id,
+    ``retries``, ``eta`` and routing (the row's queue and priority) updated. A row from before
+    messages were kept is sent as a new message with the same id, payload, queue and
+    priority."""
     if not jobs:
         return
+    send = app.amqp.send_task_message
     with app.producer_or_acquire() as producer:
         for job in jobs:
+            if job.message is not None:
+                headers, properties, body = for_publish(
+                    job.message, job.id, job.retries, job.args, job.payload
+                )
+                send(
+                    producer,
+                    job.task,
+                    task_message(headers, properties, body, None),
+                    queue=job.queue,
+                    priority=to_transport(job.priority),
+                )
+                continue
             app.send_task(
                 job.task,
                 args=job.args or (),

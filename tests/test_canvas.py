@@ -1,0 +1,234 @@
+"""Celery's canvas across the ledger's re-publishes, with real worker processes.
+
+The ledger keeps each job's Celery message whole (``synth_workers.message``), so chain,
+``link`` and ``link_error`` behave as Celery documents when a job is retried, delayed,
+reaped after its worker was SIGKILLed, or re-published by the reconciler.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from typing import Any
+
+from celery import chain
+
+from synth_workers import JobHandle, JobState, app
+
+from . import canvas_tasks as ct
+from . import e2e_tasks  # noqa: F401 - registers always_failing in this process
+from .conftest import wait_until
+
+#: Workers load the canvas tasks besides the usual ones.
+ENV = {"SYNTH_INCLUDE": "tests.e2e_tasks,tests.canvas_tasks"}
+
+
+def _collected(rclient: Any, key: str) -> list[Any]:
+    return [json.loads(x) for x in rclient.lrange(f"test:collect:{key}", 0, -1)]
+
+
+def test_chain_step_that_retries_once_runs_the_next_step(rclient: Any, start_worker: Any) -> None:
+    start_worker(ct.QUEUE, env=ENV)
+    result = chain(ct.sig(ct.retry_once, "r1"), ct.sig(ct.collect, key="r1")).apply_async()
+    assert wait_until(lambda: rclient.llen("test:collect:r1") == 1, timeout=30)
+    assert _collected(rclient, "r1") == [2]  # the retried step's result, handed on
+    assert [int(x) for x in rclient.lrange("test:retries:r1", 0, -1)] == [0, 1]
+    first = JobHandle(result.parent.id)  # the chain's result is its last step's
+    assert first.state() is JobState.SUCCEEDED
+    assert first.info()["retries"] == 1
+
+
+def test_chain_steps_with_countdown(rclient: Any, start_worker: Any) -> None:
+    start_worker(ct.QUEUE, env=ENV)
+    # A delayed first step (promoted by the sweeper) and a delayed middle step (sent by the
+    # worker when the first finished): both wait in the ledger, the chain goes on.
+    chain(
+        ct.sig(ct.add, 1, 2).set(countdown=1),
+        ct.sig(ct.add, 10).set(countdown=1),
+        ct.sig(ct.collect, key="cd"),
+    ).apply_async()
+    with app.ledger.connection() as conn:
+        assert wait_until(
+            lambda: (
+                conn.execute(
+                    "SELECT count(*) FROM synth_jobs WHERE state = 'scheduled'"
+                ).fetchone()[0]  # type: ignore[index]
+                == 1
+            ),
+            timeout=5,
+        )
+    assert wait_until(lambda: rclient.llen("test:collect:cd") == 1, timeout=30)
+    assert _collected(rclient, "cd") == [13]
+
+
+def test_link_error_fires_after_the_last_attempt(rclient: Any, start_worker: Any) -> None:
+    start_worker(ct.QUEUE, env=ENV)
+    # Celery's retry options (autoretry_for, max_retries=1): two runs, then the errback.
+    celery_policy = ct.auto_max1.apply_async(
+        ("le1",), queue=ct.QUEUE, link_error=ct.sig(ct.on_error)
+    )
+    # The platform's policy (3 attempts), the errback kept through both retries.
+    platform = app.tasks["tests.e2e_tasks.always_failing"].apply_async(
+        kwargs={"key": "le2"}, queue=ct.QUEUE, link_error=ct.sig(ct.on_error)
+    )
+    ids = {celery_policy.id, platform.id}
+    assert wait_until(lambda: rclient.llen("test:errback") == 2, timeout=60)
+    assert {x.decode() for x in rclient.lrange("test:errback", 0, -1)} == ids
+    assert rclient.get("test:count:le1") == b"2"
+    assert rclient.get("test:count:le2") == b"3"
+    for job_id in ids:
+        assert JobHandle(job_id).state() is JobState.DEAD
+    # fired once each, on the last attempt only
+    assert not wait_until(lambda: rclient.llen("test:errback") > 2, timeout=1.5)
+
+
+def test_link_runs_after_a_retry(rclient: Any, start_worker: Any) -> None:
+    start_worker(ct.QUEUE, env=ENV)
+    ct.retry_once.apply_async(("lk",), queue=ct.QUEUE, link=ct.sig(ct.collect, key="lk"))
+    assert wait_until(lambda: rclient.llen("test:collect:lk") == 1, timeout=30)
+    assert _collected(rclient, "lk") == [2]
+
+
+def test_chain_survives_a_sigkilled_worker(rclient: Any, start_worker: Any) -> None:
+    first = start_worker(ct.QUEUE, env=ENV)
+    result = chain(ct.sig(ct.retry_then_hang, "kill"), ct.sig(ct.collect, key="kill")).apply_async()
+    # run 1 retried; run 2 hangs: kill its worker (main process and pool) outright
+    assert wait_until(lambda: rclient.get("test:count:kill") == b"2", timeout=30), first.output()
+    os.killpg(first.process.pid, signal.SIGKILL)
+    first.process.wait()
+    start_worker(ct.QUEUE, env=ENV)  # its sweeper reaps the expired lease and re-publishes
+    assert wait_until(lambda: rclient.llen("test:collect:kill") == 1, timeout=60)
+    assert _collected(rclient, "kill") == [3]
+    # request.retries counts retries, not worker losses
+    assert [int(x) for x in rclient.lrange("test:retries:kill", 0, -1)] == [0, 1, 1]
+    info = JobHandle(result.parent.id).info()
+    assert info["worker_losses"] == 1
+    assert info["retries"] == 1
+
+
+def test_chain_survives_the_reconciler(rclient: Any, start_worker: Any) -> None:
+    # No worker yet: the first step's message waits in Redis; then Redis loses it.
+    result = chain(
+        ct.sig(ct.add, 2, 3), ct.sig(ct.add, 4), ct.sig(ct.collect, key="rec")
+    ).apply_async()
+    assert wait_until(lambda: bool(rclient.keys(f"{ct.QUEUE}*")), timeout=5)
+    for key in rclient.keys(f"{ct.QUEUE}*"):
+        rclient.delete(key)
+    assert JobHandle(result.parent.parent.id).state() is JobState.QUEUED
+    start_worker(ct.QUEUE, env=ENV)  # its reconciler re-publishes the stored message
+    assert wait_until(lambda: rclient.llen("test:collect:rec") == 1, timeout=60)
+    assert _collected(rclient, "rec") == [9]
+
+
+def test_dlq_replay_keeps_the_canvas(rclient: Any, start_worker: Any) -> None:
+    from synth_workers.deadletter import DeadLetterQueue
+
+    start_worker(ct.QUEUE, env=ENV)
+    rclient.set("test:flag:dlq", "1")
+    dead = app.tasks["tests.e2e_tasks.fails_while_flagged"].apply_async(
+        kwargs={"key": "dlq"}, queue=ct.QUEUE, link=ct.sig(ct.collect, key="dlq")
+    )
+    assert wait_until(lambda: JobHandle(dead.id).state() is JobState.DEAD, timeout=30)
+    rclient.delete("test:flag:dlq")
+    [(original, replayed)] = DeadLetterQueue(app).replay([dead.id])
+    assert original == dead.id
+    assert wait_until(lambda: rclient.llen("test:collect:dlq") == 1, timeout=30)
+    assert _collected(rclient, "dlq") == ["ok"]  # the link ran after the replayed job
+    info = JobHandle(replayed).info()
+    assert info["state"] == JobState.SUCCEEDED
+    assert info["message"]["headers"]["id"] == dead.id  # as first sent; sent with its own id
+
+
+def test_foreign_messages_keep_their_canvas(
+    rclient: Any, start_worker: Any, redis_url: str
+) -> None:
+    # A plain Celery producer (no ledger row): one message with a countdown (the consumer
+    # hands it to the ledger until due), one whose task retries (adopted by the worker).
+    from celery import Celery
+
+    plain = Celery(broker=redis_url)
+    try:
+        later = plain.send_task(
+            "tests.canvas_tasks.add",
+            args=(2, 5),
+            countdown=1,
+            queue=ct.QUEUE,
+            link=plain.signature("tests.canvas_tasks.collect", kwargs={"key": "eta"}).set(
+                queue=ct.QUEUE
+            ),
+        )
+        retried = plain.send_task(
+            "tests.canvas_tasks.retry_once",
+            args=("fr",),
+            queue=ct.QUEUE,
+            link=plain.signature("tests.canvas_tasks.collect", kwargs={"key": "fr"}).set(
+                queue=ct.QUEUE
+            ),
+        )
+    finally:
+        plain.close()
+    start_worker(ct.QUEUE, env=ENV)
+    assert wait_until(lambda: rclient.llen("test:collect:eta") == 1, timeout=30)
+    assert wait_until(lambda: rclient.llen("test:collect:fr") == 1, timeout=30)
+    assert _collected(rclient, "eta") == [7]
+    assert _collected(rclient, "fr") == [2]
+    assert [int(x) for x in rclient.lrange("test:retries:fr", 0, -1)] == [0, 1]
+    for job_id in (later.id, retried.id):
+        info = JobHandle(job_id).info()
+        assert info["state"] == JobState.SUCCEEDED
+        assert info["message"]["embed"]["callbacks"]  # the link, kept in the ledger
+
+
+def test_republish_keeps_the_message_whole(rclient: Any) -> None:
+    # No worker: a delayed job is promoted by one sweep of this process, and the message it
+    # puts on Redis is compared with what was sent.
+    import base64
+    import uuid
+
+    from synth_workers.ledger.sweeper import Sweeper
+    from synth_workers.ledger.transport import priority_lists
+
+    root, parent = str(uuid.uuid4()), str(uuid.uuid4())
+    sent = ct.add.apply_async(
+        (1, 2),
+        queue=ct.QUEUE,
+        priority="high",
+        countdown=0.05,
+        link=ct.sig(ct.collect, key="a"),
+        link_error=ct.sig(ct.on_error),
+        chord=ct.sig(ct.collect, key="chord"),
+        group_id="the-group",
+        group_index=3,
+        root_id=root,
+        parent_id=parent,
+        expires=600,
+        time_limit=30,
+        soft_time_limit=20,
+        shadow="shadowed",
+        stamped_headers=["mystamp"],
+        mystamp="stamped",
+    )
+    with app.ledger.connection() as conn:
+        conn.execute("UPDATE synth_jobs SET retries = 2 WHERE id = %s", (sent.id,))
+    sweeper = Sweeper(app)
+    assert wait_until(lambda: sweeper.sweep()["promoted"] == 1, timeout=5)  # once due
+    raw = [m for key in priority_lists(ct.QUEUE) for m in rclient.lrange(key, 0, -1)]
+    assert len(raw) == 1
+    envelope = json.loads(raw[0])
+    headers = envelope["headers"]
+    args, kwargs, embed = json.loads(base64.b64decode(envelope["body"]))
+    assert (headers["id"], headers["task"], headers["retries"]) == (sent.id, ct.add.name, 2)
+    assert headers["eta"] is None  # due now: the wait was the ledger's
+    assert (headers["group"], headers["group_index"]) == ("the-group", 3)
+    assert (headers["root_id"], headers["parent_id"]) == (root, parent)
+    assert headers["expires"] is not None
+    assert headers["timelimit"] == [30, 20]
+    assert headers["shadow"] == "shadowed"
+    assert headers["stamps"] == {"mystamp": "stamped"}
+    assert (args, kwargs) == ([1, 2], {})
+    assert [s["task"] for s in embed["callbacks"]] == [ct.collect.name]
+    assert [s["task"] for s in embed["errbacks"]] == [ct.on_error.name]
+    assert embed["chord"]["task"] == ct.collect.name
+    assert envelope["properties"]["correlation_id"] == sent.id
+    assert envelope["properties"]["priority"] == 1  # kombu's scale for our 8 (high)
