@@ -17,6 +17,7 @@ from celery import Celery, signals
 
 from synth_workers import health, metrics, routing, sentry
 from synth_workers import logging as logs
+from synth_workers.backend import connect_results
 from synth_workers.errors import ConfigurationError, ServiceUnavailableError
 from synth_workers.ledger import LeaseKeeper, Ledger
 from synth_workers.ledger.completer import Completer
@@ -161,9 +162,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_queues": routing.celery_queues(),
         "task_default_queue": routing.DEFAULT,
         "task_routes": (routing.route_task,),
-        # The ledger keeps states and results; Celery's result backend stays available for
-        # Celery's own APIs but is not written per job.
-        "task_ignore_result": True,
+        # Results are Celery's API on the ledger (synth_workers.backend): not ignored, so
+        # AsyncResult.get() waits and the tracer reports chord parts; a job the platform ran
+        # writes nothing to Redis but one PUBLISH once its final state commits.
+        "task_ignore_result": False,
         "task_store_errors_even_if_ignored": False,
         "result_expires": settings.job_ttl,
         "worker_consumer": "synth_workers.consumer:Consumer",
@@ -206,6 +208,7 @@ def create_app(settings: Settings | None = None) -> SynthCelery:
 
     signals.worker_process_shutdown.connect(flush_completions, weak=False)
     signals.worker_shutdown.connect(flush_completions, weak=False)
+    connect_results(app, app.lifecycle)  # the ledger as Celery's result backend
     if settings.events_enabled:  # job events on Redis Streams (synth_workers.events)
         from synth_workers.events import connect_events
 
