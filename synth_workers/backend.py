@@ -34,6 +34,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from celery import states
+from celery.app.task import Context
 from celery.backends import redis as celery_redis
 from celery.canvas import maybe_signature
 from celery.exceptions import ChordError
@@ -42,7 +43,9 @@ from synth_workers.batchwriter import BatchWriter
 from synth_workers.ledger.results import (
     ChordPart,
     add_to_chord,
+    chord_of,
     read_results,
+    record_chord,
     record_chord_part,
     set_chord_size,
 )
@@ -214,7 +217,59 @@ class LedgerBackend(_RedisBackend):  # type: ignore[misc]
             return self.encode_result(result, state)
         return super().store_result(task_id, result, state, traceback, request, **kwargs)
 
+    def mark_as_done(
+        self,
+        task_id: str,
+        result: Any,
+        request: Any = None,
+        store_result: bool = True,
+        state: str = states.SUCCESS,
+    ) -> None:
+        super().mark_as_done(task_id, result, request, store_result, state)
+        self._rerun_chord_part(request, state, result)
+
+    def mark_as_failure(
+        self,
+        task_id: str,
+        exc: Any,
+        traceback: Any = None,
+        request: Any = None,
+        store_result: bool = True,
+        call_errbacks: bool = True,
+        state: str = states.FAILURE,
+    ) -> None:
+        super().mark_as_failure(
+            task_id, exc, traceback, request, store_result, call_errbacks, state
+        )
+        self._rerun_chord_part(request, state, exc)
+
     # --- chords ------------------------------------------------------------------------------
+    def apply_chord(self, header_result_args: Any, body: Any, **kwargs: Any) -> None:
+        """Celery's, plus the chord's callback and part jobs recorded in the ledger (see
+        :meth:`_rerun_chord_part`). A header given as a generator is not recorded."""
+        super().apply_chord(header_result_args, body, **kwargs)
+        ledger = self.ledger
+        group_id, results = header_result_args[0], header_result_args[1]
+        if ledger is None or not isinstance(results, (list, tuple)):
+            return
+        record_chord(ledger, str(group_id), dict(body), [str(r.id) for r in results])
+
+    def _rerun_chord_part(self, request: Any, state: str, result: Any) -> None:
+        """A job that ran again from a message without its chord (the reaper or reconciler
+        re-published only its task and arguments) is still counted as its chord's part.
+        Looked up only for a run after the first attempt (the first carries its chord)."""
+        ledger = self.ledger
+        claim = getattr(request, "synth_claim", None)
+        if ledger is None or claim is None or claim.attempt <= 1 or request.chord:
+            return
+        found = chord_of(ledger, str(request.id))
+        if found is None or found[2] is None:
+            return
+        group_id, index, callback = found
+        part = Context({"id": request.id, "group": group_id, "group_index": index})
+        part.chord = callback
+        self.on_chord_part_return(part, state, result)
+
     def set_chord_size(self, group_id: str, chord_size: int) -> None:
         ledger = self.ledger
         if ledger is None:

@@ -71,6 +71,40 @@ def set_chord_size(ledger: Ledger, group_id: str, size: int) -> None:
         )
 
 
+def record_chord(
+    ledger: Ledger, group_id: str, callback: dict[str, Any], members: Sequence[str]
+) -> None:
+    """Record a chord being applied: its callback (a signature as a dict) and its header's
+    part jobs in header order, so a part re-run from a message without its chord is counted
+    (:func:`chord_of`)."""
+    with ledger.connection() as conn, conn.transaction():
+        ledger.durable(conn)
+        conn.execute(
+            "INSERT INTO synth_chords (group_id, callback) VALUES (%s, %s) "
+            "ON CONFLICT (group_id) DO UPDATE SET callback = EXCLUDED.callback",
+            (group_id, encode_result(callback)),
+        )
+        if members:
+            conn.execute(
+                "INSERT INTO synth_chord_members (job_id, group_id, index) "
+                "SELECT m.job_id, %s, m.index - 1 FROM unnest(%s::text[]) "
+                "WITH ORDINALITY AS m(job_id, index) ON CONFLICT (job_id) DO UPDATE "
+                "SET group_id = EXCLUDED.group_id, index = EXCLUDED.index",
+                (group_id, list(members)),
+            )
+
+
+def chord_of(ledger: Ledger, job_id: str) -> tuple[str, int | None, Any] | None:
+    """The chord ``job_id`` is a header part of: (group id, index, callback), or ``None``."""
+    with ledger.connection() as conn:
+        row = conn.execute(
+            "SELECT m.group_id, m.index, c.callback FROM synth_chord_members m "
+            "JOIN synth_chords c USING (group_id) WHERE m.job_id = %s",
+            (job_id,),
+        ).fetchone()
+    return None if row is None else (str(row[0]), row[1], row[2])
+
+
 def add_to_chord(ledger: Ledger, group_id: str) -> None:
     """One more part joins the chord (Celery's ``Task.add_to_chord``)."""
     with ledger.connection() as conn:

@@ -28,3 +28,13 @@ CREATE TABLE IF NOT EXISTS synth_chord_parts (
     finished_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (group_id, job_id)
 );
+
+-- A chord's callback and its header part jobs, recorded when the chord is applied: a part
+-- that runs again from a message that lost its chord (re-published by the reaper or the
+-- reconciler) is still counted (looked up only for attempts after the first).
+ALTER TABLE synth_chords ADD COLUMN IF NOT EXISTS callback jsonb;
+CREATE TABLE IF NOT EXISTS synth_chord_members (
+    job_id   text    PRIMARY KEY,
+    group_id text    NOT NULL,
+    index    integer
+);
