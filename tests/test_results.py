@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from celery import chord, group
-from celery.exceptions import TaskRevokedError
+from celery.exceptions import ChordError, TaskRevokedError
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 
@@ -200,3 +200,18 @@ def test_flower_task_result_agrees(rclient: Any, start_worker: Any) -> None:
         assert "ResultError" in body["traceback"]
     finally:
         stop_group(proc)
+
+
+def test_chord_with_a_dead_part_fails_its_callback(rclient: Any, start_worker: Any) -> None:
+    start_worker(rt.QUEUE, concurrency=2, env=ENV)
+    key = uuid.uuid4().hex
+    result = chord([rt.square.s(2), rt.fails.s("part broke", 2)], rt.total.s(key)).delay()
+    # as in Celery, get() raises the failed parent's error first
+    with pytest.raises(rt.ResultError):
+        result.get(timeout=20)
+    # the callback itself fails with Celery's ChordError naming the dependency
+    assert wait_until(lambda: result.state == "FAILURE", timeout=10)
+    assert isinstance(result.result, ChordError) and "part broke" in str(result.result)
+    with pytest.raises(ChordError):
+        result.get(timeout=5, follow_parents=False)
+    assert rclient.llen(f"test:callback:{key}") == 0  # the callback never ran
