@@ -215,3 +215,24 @@ def test_chord_with_a_dead_part_fails_its_callback(rclient: Any, start_worker: A
     with pytest.raises(ChordError):
         result.get(timeout=5, follow_parents=False)
     assert rclient.llen(f"test:callback:{key}") == 0  # the callback never ran
+
+
+def test_chord_callback_runs_once_when_the_whole_worker_is_sigkilled(
+    rclient: Any, start_worker: Any
+) -> None:
+    """The reaper takes part 0 back from a worker killed with all its processes; the re-run
+    counts once and the callback runs once."""
+    first = start_worker(rt.QUEUE, concurrency=2, env=ENV)
+    key = uuid.uuid4().hex
+    result = chord([rt.part.s(key, i) for i in range(4)], rt.total.s(key)).delay()
+    assert rclient.blpop([f"test:started:{key}"], timeout=20) is not None
+    others = [r.id for r in result.parent.results[1:]]
+    assert wait_until(lambda: all(_ledger_state(i) == "succeeded" for i in others), 20)
+    os.killpg(first.process.pid, signal.SIGKILL)
+    first.process.wait()
+    start_worker(rt.QUEUE, concurrency=2, env=ENV)
+    assert result.get(timeout=40) == 60
+    assert int(rclient.get(f"test:runs:{key}:0")) == 2
+    part_ids = [r.id for r in result.parent.results]
+    assert wait_until(lambda: all(_ledger_state(i) == "succeeded" for i in part_ids), 20)
+    assert rclient.lrange(f"test:callback:{key}", 0, -1) == [b"[0, 10, 20, 30]"]
