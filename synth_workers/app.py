@@ -140,9 +140,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_queues": routing.celery_queues(),
         "task_default_queue": routing.DEFAULT,
         "task_routes": (routing.route_task,),
-        # The ledger keeps states and results; Celery's result backend stays available for
-        # Celery's own APIs but is not written per job.
-        "task_ignore_result": True,
+        # Results are Celery's API on the ledger (synth_workers.backend): not ignored, so
+        # AsyncResult.get() waits and the tracer reports chord parts; a job the platform ran
+        # writes nothing to Redis but one PUBLISH once its final state commits.
+        "task_ignore_result": False,
         "task_store_errors_even_if_ignored": False,
         "result_expires": settings.job_ttl,
         "worker_consumer": "synth_workers.consumer:Consumer",

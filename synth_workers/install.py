@@ -34,6 +34,7 @@ from celery._state import get_current_app
 
 from synth_workers import health, metrics, routing, sentry
 from synth_workers import logging as logs
+from synth_workers.backend import connect_results
 from synth_workers.errors import ConfigurationError, ServiceUnavailableError
 from synth_workers.ledger.sweeper import SweeperStep
 from synth_workers.platform import PLATFORM_ATTR, Platform, find_platform
@@ -77,6 +78,8 @@ def install(app: Celery, settings: Settings | None = None) -> Platform:
         lifecycle = platform.lifecycle
         lifecycle.connect(metrics.observe)
         lifecycle.connect(logs.log_job_event)
+        # the ledger as Celery's result backend (synth_workers.backend)
+        platform.results = connect_results(app, lifecycle)
         if settings.events_enabled:  # job events on Redis Streams (synth_workers.events)
             from synth_workers.events import connect_events
 
@@ -192,6 +195,8 @@ def _on_worker_init(sender: Any = None, **kwargs: Any) -> None:
 def _flush(platform: Platform) -> None:
     """A worker process stops: write what is done, then its events."""
     platform.flush_completions()
+    if platform.results is not None:  # waiters hear of what was just written
+        platform.results.flush()
     events = platform.events
     if events is not None:
         events.flush()

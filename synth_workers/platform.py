@@ -21,6 +21,7 @@ from synth_workers.lifecycle import Lifecycle
 from synth_workers.settings import Settings
 
 if TYPE_CHECKING:
+    from synth_workers.backend import ResultAnnouncer
     from synth_workers.events import EventBuffer
 
 #: The app attribute :func:`synth_workers.install` stores the platform under.
@@ -35,6 +36,7 @@ class Platform:
         self.settings = settings
         #: The Redis Streams event writer, when ``SYNTH_EVENTS_ENABLED`` (set by install).
         self.events: EventBuffer | None = None
+        self.results: ResultAnnouncer | None = None
         self._keeper: LeaseKeeper | None = None
         self._completer: Completer | None = None
 

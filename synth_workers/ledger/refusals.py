@@ -44,9 +44,7 @@ class RefusalWriter(BatchWriter[Refusal]):
 
     name = "synth-refusal-writer"
 
-    def __init__(
-        self, ledger: Ledger, *, linger: float = 0.01, max_pending: int = 100_000
-    ) -> None:
+    def __init__(self, ledger: Ledger, *, linger: float = 0.01, max_pending: int = 100_000) -> None:
         self.ledger = ledger
         super().__init__(linger=linger, max_pending=max_pending)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import time
 import uuid
@@ -120,6 +121,35 @@ def encode_result(result: Any) -> Jsonb:
     if len(text) > RESULT_LIMIT_BYTES:
         return Jsonb({"truncated": True, "bytes": len(text)})
     return Jsonb(json.loads(text))
+
+
+def _exception_origin(exc: BaseException | None, error_class: str) -> tuple[str | None, Any]:
+    """``exc``'s module and its arguments as JSON (``None`` when they do not encode). Without
+    ``exc``, the exception being handled (or the one it wraps: ``exc``, ``__cause__``,
+    ``__context__``) whose class is named ``error_class``; ``(None, None)`` when none is."""
+    if exc is None:
+        handled = sys.exc_info()[1]
+        candidates = (
+            handled,
+            getattr(handled, "exc", None),
+            getattr(handled, "__cause__", None),
+            getattr(handled, "__context__", None),
+        )
+        exc = next(
+            (
+                c
+                for c in candidates
+                if isinstance(c, BaseException) and type(c).__name__ == error_class
+            ),
+            None,
+        )
+    if exc is None:
+        return None, None
+    try:
+        args = Jsonb(json.loads(json.dumps(list(exc.args))))
+    except (TypeError, ValueError):
+        args = None
+    return type(exc).__module__, args
 
 
 class Ledger:
@@ -560,14 +590,24 @@ class Ledger:
         )
 
     def dead(
-        self, claim: Claim, failure_class: str, error_class: str, error: str, traceback: str
+        self,
+        claim: Claim,
+        failure_class: str,
+        error_class: str,
+        error: str,
+        traceback: str,
+        exc: BaseException | None = None,
     ) -> bool:
+        """Dead-letter the claimed job. ``exc`` (default: the exception being handled, when
+        its class is ``error_class``) also keeps the exception's module and arguments, so
+        Celery's result API raises the original exception (``synth_workers.backend``)."""
+        module, args = _exception_origin(exc, error_class)
         return self._finish(
             claim,
             "dead",
             "state = 'dead', finished_at = now(), failure_class = %s, error_class = %s, "
-            "last_error = %s, traceback = %s",
-            (failure_class, error_class, error[:4000], traceback[-16000:]),
+            "last_error = %s, traceback = %s, error_module = %s, error_args = %s",
+            (failure_class, error_class, error[:4000], traceback[-16000:], module, args),
             event=("dead", {"failure_class": failure_class, "error_class": error_class}),
         )
 

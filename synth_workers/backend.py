@@ -1,0 +1,361 @@
+"""The ledger as Celery's result backend: ``AsyncResult``, ``delay().get()``, groups and chords
+answered from the job ledger.
+
+:class:`LedgerBackend` is Celery's Redis result backend with its reads and chord counting
+moved to the ledger:
+
+- **Reads** (``AsyncResult.state``/``get``/``result``/``traceback``, ``GroupResult``'s
+  ``mget``) come from the job's ledger row, mapped to Celery's states: ``scheduled``/
+  ``queued`` → PENDING, ``running`` → STARTED, ``failed-retrying`` → RETRY, ``succeeded`` →
+  SUCCESS, ``dead`` → FAILURE (the original exception, rebuilt the way Celery rebuilds one:
+  ``exception_to_python`` from type, module and arguments), ``cancelled`` → REVOKED. An id
+  the ledger does not hold is read from Redis as Celery would (results Celery stored itself,
+  e.g. a chord callback failed by its header) and is PENDING when absent there too.
+- **No second copy**: a job run by the platform's Task (its request carries the claim) has
+  its state in the ledger, so ``store_result`` writes nothing to Redis for it.
+- **Waking waiters** stays Celery's pub/sub: :class:`ResultAnnouncer`, a lifecycle listener,
+  PUBLISHes a small notice on the job's ``celery-task-meta-<id>`` channel once a final state
+  has *committed* (one PUBLISH per job, batched from a thread); a waiter's consumer then reads
+  the row. A waiter subscribes before it reads, so a job that finished before it subscribed is
+  still seen.
+- **Chords** are counted in the ledger (``synth_workers.ledger.results``), once per header
+  part job however often it runs, and the callback's job row is written in the same
+  transaction that marks the chord fired. ``GroupResult.save``/``restore`` stay on Redis.
+
+``app.conf.result_backend`` keeps its ``redis://`` URL (the Redis notices are published to);
+the class is chosen through the app's ``backend_cls``.
+"""
+
+from __future__ import annotations
+
+import builtins
+import logging
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from celery import states
+from celery.app.task import Context
+from celery.backends import redis as celery_redis
+from celery.canvas import maybe_signature
+from celery.exceptions import ChordError
+
+from synth_workers.batchwriter import BatchWriter
+from synth_workers.ledger.results import (
+    ChordPart,
+    add_to_chord,
+    chord_of,
+    read_results,
+    record_chord,
+    record_chord_part,
+    set_chord_size,
+)
+from synth_workers.lifecycle import JobEvent
+from synth_workers.platform import find_platform
+
+if TYPE_CHECKING:
+    import psycopg
+    from celery import Celery
+
+    from synth_workers.ledger.store import Ledger
+
+log = logging.getLogger(__name__)
+
+# Celery's Redis backend and its consumer, untyped in celery's stubs (partly missing there).
+_RedisBackend: Any = celery_redis.RedisBackend
+_RedisResultConsumer: Any = celery_redis.__dict__["ResultConsumer"]
+
+#: The class Celery resolves for a platform app (``app.backend_cls``).
+BACKEND_CLASS = "synth_workers.backend:LedgerBackend"
+#: Marks a notice published by :class:`ResultAnnouncer`: the state is read from the ledger.
+NOTICE = "synth_ledger"
+
+#: Ledger state → Celery state.
+CELERY_STATES = {
+    "scheduled": states.PENDING,
+    "queued": states.PENDING,
+    "running": states.STARTED,
+    "failed-retrying": states.RETRY,
+    "succeeded": states.SUCCESS,
+    "dead": states.FAILURE,
+    "cancelled": states.REVOKED,
+}
+#: Final lifecycle announcements → the Celery state a waiter is told.
+FINAL_ANNOUNCEMENTS = {
+    "succeeded": states.SUCCESS,
+    "dead": states.FAILURE,
+    "cancelled": states.REVOKED,
+}
+#: Modules of the exceptions the platform itself records by class name only.
+_KNOWN_MODULES = {
+    "WorkerLostError": "billiard.exceptions",
+    "TimeLimitExceeded": "billiard.exceptions",
+    "SoftTimeLimitExceeded": "billiard.exceptions",
+}
+
+
+def _exception_module(row: dict[str, Any]) -> str | None:
+    module = row.get("error_module")
+    name = row.get("error_class") or "Exception"
+    if module:
+        return str(module)
+    if name in _KNOWN_MODULES:
+        return _KNOWN_MODULES[name]
+    if isinstance(getattr(builtins, name, None), type):
+        return "builtins"
+    return None  # Celery makes a class of that name (create_exception_cls)
+
+
+def stored_meta(row: dict[str, Any]) -> dict[str, Any]:
+    """A ledger row as the meta Celery's Redis backend would have stored (JSON-able; an
+    exception as Celery's ``prepare_exception`` dict)."""
+    status = CELERY_STATES.get(row["state"], states.PENDING)
+    result: Any = None
+    traceback = None
+    if status == states.SUCCESS:
+        result = row["result"]
+    elif status in (states.FAILURE, states.RETRY):
+        args = row.get("error_args")
+        result = {
+            "exc_type": row.get("error_class") or "Exception",
+            "exc_message": args if isinstance(args, list) else [row.get("last_error") or ""],
+            "exc_module": _exception_module(row),
+        }
+        traceback = row.get("traceback") if status == states.FAILURE else None
+    elif status == states.REVOKED:
+        result = {
+            "exc_type": "TaskRevokedError",
+            "exc_message": [row.get("last_error") or "revoked"],
+            "exc_module": "celery.exceptions",
+        }
+    elif status == states.STARTED:
+        host, _, rest = str(row.get("lease_owner") or "").partition(":")
+        pid = rest.partition(":")[0]
+        result = {"hostname": host, "pid": int(pid) if pid.isdigit() else None}
+    finished = row.get("finished_at")
+    return {
+        "task_id": str(row["id"]),
+        "status": status,
+        "result": result,
+        "traceback": traceback,
+        "children": [],
+        "date_done": finished.isoformat() if finished is not None else None,
+        "name": row.get("task"),
+        "args": row.get("args") or [],
+        "kwargs": row.get("payload") or {},
+        "queue": row.get("queue"),
+        "retries": max(0, int(row.get("attempt") or 0) - 1),
+    }
+
+
+class ResultConsumer(_RedisResultConsumer):  # type: ignore[misc]
+    """Celery's pub/sub result consumer; a ledger notice is replaced by the job's row."""
+
+    def on_state_change(self, meta: dict[str, Any], message: Any) -> None:
+        if meta.get(NOTICE):
+            meta = self.backend.get_task_meta(meta["task_id"], cache=False)
+        super().on_state_change(meta, message)
+
+
+class LedgerBackend(_RedisBackend):  # type: ignore[misc]
+    """Celery's Redis result backend reading states and results from the job ledger."""
+
+    ResultConsumer = ResultConsumer
+
+    def __init__(
+        self, *args: Any, url: str | None = None, app: Celery | None = None, **kwargs: Any
+    ) -> None:
+        if url is None and app is not None:
+            # Chosen through ``backend_cls``: the Redis URL is ``result_backend``'s.
+            configured = app.conf.result_backend
+            if isinstance(configured, str) and "://" in configured:
+                url = configured
+        super().__init__(*args, url=url, app=app, **kwargs)
+
+    @property
+    def ledger(self) -> Ledger | None:
+        """The app's ledger (``None`` for an app without one: plain Redis backend then)."""
+        platform = find_platform(self.app)
+        return None if platform is None else platform.ledger
+
+    # --- reads -------------------------------------------------------------------------------
+    def _get_task_meta_for(self, task_id: str) -> dict[str, Any]:
+        ledger = self.ledger
+        if ledger is not None:
+            row = read_results(ledger, [task_id]).get(str(task_id))
+            if row is not None:
+                return self.meta_from_decoded(stored_meta(row))  # type: ignore[no-any-return]
+        return super()._get_task_meta_for(task_id)  # type: ignore[no-any-return]
+
+    def mget(self, keys: Iterable[Any]) -> list[Any]:
+        """Encoded metas of ``keys`` (task keys), from the ledger where it holds the job,
+        else from Redis (what Celery stored there itself)."""
+        keys = list(keys)
+        ledger = self.ledger
+        if ledger is None:
+            return super().mget(keys)  # type: ignore[no-any-return]
+        ids = [self._strip_prefix(key) for key in keys]
+        rows = read_results(ledger, ids)
+        missing = [key for key, job_id in zip(keys, ids, strict=True) if job_id not in rows]
+        stored = dict(zip(missing, super().mget(missing), strict=True)) if missing else {}
+        return [
+            self.encode(stored_meta(rows[job_id])) if job_id in rows else stored[key]
+            for key, job_id in zip(keys, ids, strict=True)
+        ]
+
+    # --- writes ------------------------------------------------------------------------------
+    def store_result(
+        self,
+        task_id: str,
+        result: Any,
+        state: str,
+        traceback: Any = None,
+        request: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        """A job the platform ran keeps its state in the ledger: nothing is written to Redis
+        for it. Anything else (a result Celery stores for an id with no job, e.g. a chord
+        callback failed by its header) is stored by Celery's Redis backend."""
+        if request is not None and getattr(request, "synth_claim", None) is not None:
+            return self.encode_result(result, state)
+        return super().store_result(task_id, result, state, traceback, request, **kwargs)
+
+    def mark_as_done(
+        self,
+        task_id: str,
+        result: Any,
+        request: Any = None,
+        store_result: bool = True,
+        state: str = states.SUCCESS,
+    ) -> None:
+        super().mark_as_done(task_id, result, request, store_result, state)
+        self._rerun_chord_part(request, state, result)
+
+    def mark_as_failure(
+        self,
+        task_id: str,
+        exc: Any,
+        traceback: Any = None,
+        request: Any = None,
+        store_result: bool = True,
+        call_errbacks: bool = True,
+        state: str = states.FAILURE,
+    ) -> None:
+        super().mark_as_failure(
+            task_id, exc, traceback, request, store_result, call_errbacks, state
+        )
+        self._rerun_chord_part(request, state, exc)
+
+    # --- chords ------------------------------------------------------------------------------
+    def apply_chord(self, header_result_args: Any, body: Any, **kwargs: Any) -> None:
+        """Celery's, plus the chord's callback and part jobs recorded in the ledger (see
+        :meth:`_rerun_chord_part`). A header given as a generator is not recorded."""
+        super().apply_chord(header_result_args, body, **kwargs)
+        ledger = self.ledger
+        group_id, results = header_result_args[0], header_result_args[1]
+        if ledger is None or not isinstance(results, (list, tuple)):
+            return
+        record_chord(ledger, str(group_id), dict(body), [str(r.id) for r in results])
+
+    def _rerun_chord_part(self, request: Any, state: str, result: Any) -> None:
+        """A job that ran again from a message without its chord (the reaper or reconciler
+        re-published only its task and arguments) is still counted as its chord's part.
+        Looked up only for a run after the first attempt (the first carries its chord)."""
+        ledger = self.ledger
+        claim = getattr(request, "synth_claim", None)
+        if ledger is None or claim is None or claim.attempt <= 1 or request.chord:
+            return
+        found = chord_of(ledger, str(request.id))
+        if found is None or found[2] is None:
+            return
+        group_id, index, callback = found
+        part = Context({"id": request.id, "group": group_id, "group_index": index})
+        part.chord = callback
+        self.on_chord_part_return(part, state, result)
+
+    def set_chord_size(self, group_id: str, chord_size: int) -> None:
+        ledger = self.ledger
+        if ledger is None:
+            super().set_chord_size(group_id, chord_size)
+            return
+        set_chord_size(ledger, group_id, int(chord_size))
+
+    def add_to_chord(self, group_id: str, result: Any) -> None:
+        ledger = self.ledger
+        if ledger is None:
+            super().add_to_chord(group_id, result)
+            return
+        add_to_chord(ledger, group_id)
+
+    def on_chord_part_return(
+        self, request: Any, state: str, result: Any, propagate: Any = None, **kwargs: Any
+    ) -> Any:
+        """Count this header part in the ledger; the part that completes the chord enqueues
+        the callback (outbox, same transaction) with the parts' results in header order, or,
+        when a part failed, fails the callback as Celery does (``chord_error_from_stack``)."""
+        ledger = self.ledger
+        if ledger is None:
+            return super().on_chord_part_return(request, state, result, propagate, **kwargs)
+        job_id, group_id = request.id, request.group
+        if not group_id or not job_id:
+            return None
+        callback: Any = maybe_signature(request.chord, app=self.app)
+
+        def fire(conn: psycopg.Connection[Any], parts: Sequence[ChordPart]) -> str | None:
+            sent = callback.apply_async(([p.result for p in parts],), synth_conn=conn)
+            return str(sent.id)
+
+        parts = record_chord_part(
+            ledger,
+            str(group_id),
+            str(job_id),
+            request.group_index,
+            state,
+            self.encode_result(result, state),
+            fire,
+            frozenset(states.PROPAGATE_STATES),
+        )
+        if parts is None:
+            return None
+        failed = next((p for p in parts if p.state in states.PROPAGATE_STATES), None)
+        if failed is None:
+            return None
+        exc = self.exception_to_python(failed.result)
+        return self.chord_error_from_stack(
+            callback, ChordError(f"Dependency {failed.job_id} raised {exc!r}")
+        )
+
+
+class ResultAnnouncer(BatchWriter[tuple[str, str]]):
+    """Lifecycle listener: tells waiters on Celery's result channel that a job reached a
+    final state, after the ledger committed it (one PUBLISH per job, pipelined per batch)."""
+
+    name = "synth-result-announcer"
+    batch = 200
+
+    def __init__(self, app: Celery) -> None:
+        super().__init__(linger=0.001)
+        self.app = app
+
+    def __call__(self, event: JobEvent) -> None:
+        status = FINAL_ANNOUNCEMENTS.get(event.kind)
+        if status is not None:
+            self.add((event.job_id, status))
+
+    def write_batch(self, batch: list[tuple[str, str]]) -> None:
+        backend: Any = self.app.backend
+        with backend.client.pipeline(transaction=False) as pipe:
+            for job_id, status in batch:
+                notice = {"task_id": job_id, "status": status, "result": None, NOTICE: True}
+                pipe.publish(backend.get_key_for_task(job_id), backend.encode(notice))
+            pipe.execute()
+
+
+def connect_results(app: Celery, lifecycle: Any) -> ResultAnnouncer:
+    """Make the ledger ``app``'s result backend and announce final states to waiters.
+
+    The caller (``install``) flushes the returned announcer when a worker process stops,
+    after the completions it announces."""
+    app.backend_cls = BACKEND_CLASS
+    announcer = ResultAnnouncer(app)
+    lifecycle.connect(announcer)
+    return announcer

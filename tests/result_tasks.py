@@ -1,0 +1,59 @@
+"""Tasks for the result-backend tests (``tests/test_results.py``), run by real workers with
+``SYNTH_INCLUDE=tests.e2e_tasks,tests.result_tasks``; all on queue ``results``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from synth_workers import PermanentError, app
+
+QUEUE = "results"
+
+
+class ResultError(PermanentError):
+    """A user's own exception (module ``tests.result_tasks``): dead at once."""
+
+
+def _r() -> Any:
+    return app.redis
+
+
+@app.task(name="tests.result_tasks.held", queue=QUEUE)
+def held(key: str, value: Any) -> Any:
+    """Say it started, then wait (up to 30 s) until the test releases ``key``."""
+    _r().rpush(f"test:started:{key}", "1")
+    _r().blpop([f"test:release:{key}"], timeout=30)
+    return value
+
+
+@app.task(name="tests.result_tasks.fails", queue=QUEUE)
+def fails(message: str, code: int) -> None:
+    raise ResultError(message, code)
+
+
+@app.task(name="tests.result_tasks.value_error", queue=QUEUE, max_attempts=1)
+def value_error(message: str) -> None:
+    raise ValueError(message)
+
+
+@app.task(name="tests.result_tasks.square", queue=QUEUE)
+def square(x: int) -> int:
+    return x * x
+
+
+@app.task(name="tests.result_tasks.part", queue=QUEUE)
+def part(key: str, i: int) -> int:
+    """A chord header part; each run counted. Part 0's first run waits for the test (which
+    SIGKILLs the process running it); every other run returns at once."""
+    runs = int(_r().incr(f"test:runs:{key}:{i}"))
+    if i == 0 and runs == 1:
+        _r().rpush(f"test:started:{key}", str(__import__("os").getpid()))
+        _r().blpop([f"test:release:{key}"], timeout=60)
+    return i * 10
+
+
+@app.task(name="tests.result_tasks.total", queue=QUEUE)
+def total(values: list[int], key: str) -> int:
+    """A chord callback: counts its runs and what it was given."""
+    _r().rpush(f"test:callback:{key}", repr(values))
+    return sum(values)

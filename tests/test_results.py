@@ -1,0 +1,238 @@
+"""Celery's result API answered from the ledger (``synth_workers.backend``), against real
+prefork workers: ``delay().get()``, ``AsyncResult`` states, the original exception of a dead
+job, REVOKED for a cancelled one, groups, a chord whose callback runs once although a part's
+process is SIGKILLed, and Flower's result endpoint."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from typing import Any
+
+import pytest
+from celery import chord, group
+from celery.exceptions import ChordError, TaskRevokedError
+from celery.exceptions import TimeoutError as CeleryTimeoutError
+from celery.result import AsyncResult
+
+import tests.result_tasks as rt
+from synth_workers import app
+
+from .conftest import ROOT, http_json, stop_group, wait_until
+
+ENV = {"SYNTH_INCLUDE": "tests.e2e_tasks,tests.result_tasks"}
+
+
+def _ledger_state(job_id: str) -> str | None:
+    row = app.ledger.get(job_id)
+    return None if row is None else str(row["state"])
+
+
+def test_get_waits_for_the_job_and_states_follow_it(rclient: Any, start_worker: Any) -> None:
+    key = uuid.uuid4().hex
+    result = rt.held.delay(key, {"answer": 42})
+    # no worker yet: queued in the ledger, PENDING to Celery
+    assert result.state == "PENDING" and result.status == "PENDING"
+    assert not result.ready()
+    start_worker(rt.QUEUE, env=ENV)
+    assert wait_until(lambda: result.state == "STARTED", timeout=20)
+    assert result.info["pid"] > 0 and result.info["hostname"]
+    assert not result.ready()
+    # get() waits for the job: it does not return None (or anything) while it runs
+    with pytest.raises(CeleryTimeoutError):
+        result.get(timeout=0.5)
+    rclient.rpush(f"test:release:{key}", "go")
+    assert result.get(timeout=10) == {"answer": 42}
+    assert result.state == "SUCCESS" and result.successful() and result.ready()
+    assert not result.failed()
+    assert result.result == {"answer": 42} and result.info == {"answer": 42}
+    assert result.traceback is None
+    assert _ledger_state(result.id) == "succeeded"
+    # the ledger holds the result: no second copy in Redis
+    assert not rclient.exists(f"celery-task-meta-{result.id}")
+
+
+def test_get_returns_milliseconds_after_the_job_finishes(rclient: Any, start_worker: Any) -> None:
+    start_worker(rt.QUEUE, env=ENV)
+    latencies = []
+    for _ in range(5):
+        key = uuid.uuid4().hex
+        result = rt.held.delay(key, key)
+        assert wait_until(lambda k=key: bool(rclient.llen(f"test:started:{k}")), timeout=20)
+        rclient.rpush(f"test:release:{key}", "go")
+        assert result.get(timeout=10) == key
+        returned = time.time()
+        row = app.ledger.get(result.id)
+        assert row is not None and row["state"] == "succeeded"
+        latencies.append(returned - row["finished_at"].timestamp())
+    print(
+        "get() returned after the completion committed: "
+        + ", ".join(f"{x * 1000:.1f} ms" for x in latencies)
+    )
+    # woken by the completion's PUBLISH, not by polling (Celery polls every 0.5 s)
+    assert sorted(latencies)[len(latencies) // 2] < 0.1
+
+
+def test_a_dead_job_raises_its_original_exception(rclient: Any, start_worker: Any) -> None:
+    start_worker(rt.QUEUE, env=ENV)
+    mine = rt.fails.delay("it broke", 7)
+    with pytest.raises(rt.ResultError) as raised:
+        mine.get(timeout=10)
+    assert raised.value.args == ("it broke", 7)
+    assert mine.state == "FAILURE" and mine.failed() and mine.ready()
+    assert not mine.successful()
+    assert isinstance(mine.result, rt.ResultError) and isinstance(mine.info, rt.ResultError)
+    assert "tests.result_tasks.ResultError: ('it broke', 7)" in mine.traceback
+    assert _ledger_state(mine.id) == "dead"
+    builtin = rt.value_error.delay("bad value")  # dead on its last (only) attempt
+    with pytest.raises(ValueError, match="bad value"):
+        builtin.get(timeout=10)
+    assert builtin.state == "FAILURE"
+    # propagate=False hands the exception back
+    assert isinstance(builtin.get(timeout=1, propagate=False), ValueError)
+
+
+def test_a_cancelled_job_is_revoked(rclient: Any) -> None:
+    result = rt.square.apply_async((3,), countdown=60)
+    assert result.state == "PENDING"
+    assert app.ledger.cancel(result.id) == "cancelled"
+    assert result.state == "REVOKED" and result.ready()
+    with pytest.raises(TaskRevokedError):
+        result.get(timeout=5)
+
+
+def test_every_ledger_state_maps_to_celerys(rclient: Any) -> None:
+    result = rt.square.apply_async((3,), countdown=60)
+    assert result.state == "PENDING"  # scheduled
+    expected = {
+        "queued": "PENDING",
+        "running": "STARTED",
+        "failed-retrying": "RETRY",
+        "succeeded": "SUCCESS",
+        "dead": "FAILURE",
+        "cancelled": "REVOKED",
+    }
+    for state, celery_state in expected.items():
+        with app.ledger.connection() as conn:
+            conn.execute(
+                "UPDATE synth_jobs SET state = %s, error_class = 'ConnectionError', "
+                "last_error = 'refused' WHERE id = %s",
+                (state, result.id),
+            )
+        assert AsyncResult(result.id, app=app).state == celery_state, state
+    retrying = AsyncResult(result.id, app=app)
+    with app.ledger.connection() as conn:
+        conn.execute("UPDATE synth_jobs SET state = 'failed-retrying' WHERE id = %s", (result.id,))
+    assert isinstance(retrying.info, ConnectionError)
+    # an id nobody sent is PENDING, as in Celery
+    assert AsyncResult(str(uuid.uuid4()), app=app).state == "PENDING"
+    assert AsyncResult("not-a-uuid", app=app).state == "PENDING"
+
+
+def test_group_get(rclient: Any, start_worker: Any) -> None:
+    start_worker(rt.QUEUE, concurrency=2, env=ENV)
+    result = group(rt.square.s(i) for i in range(6)).delay()
+    assert result.get(timeout=20) == [0, 1, 4, 9, 16, 25]
+    assert result.successful() and result.ready() and result.completed_count() == 6
+
+
+def test_chord_callback_runs_once_when_a_part_is_sigkilled(rclient: Any, start_worker: Any) -> None:
+    worker = start_worker(rt.QUEUE, concurrency=2, env=ENV)
+    key = uuid.uuid4().hex
+    result = chord([rt.part.s(key, i) for i in range(4)], rt.total.s(key)).delay()
+    # part 0's first run waits; SIGKILL the pool process running it
+    started = rclient.blpop([f"test:started:{key}"], timeout=20)
+    assert started is not None
+    victim = int(started[1])
+    assert victim != worker.process.pid
+    os.kill(victim, signal.SIGKILL)
+    assert result.get(timeout=30) == 0 + 10 + 20 + 30
+    assert int(rclient.get(f"test:runs:{key}:0")) == 2  # it ran again after the kill
+    group_id = result.parent.id
+    with app.ledger.connection() as conn:
+        chord_row = conn.execute(
+            "SELECT size, fired, callback_id FROM synth_chords WHERE group_id = %s", (group_id,)
+        ).fetchone()
+        counted = conn.execute(
+            "SELECT count(*) FROM synth_chord_parts WHERE group_id = %s", (group_id,)
+        ).fetchone()
+    assert chord_row == (4, True, result.id)
+    assert counted == (4,)
+    # every part finished in the ledger (nothing left to run again), the callback ran once
+    part_ids = [r.id for r in result.parent.results]
+    assert wait_until(lambda: all(_ledger_state(i) == "succeeded" for i in part_ids), 20)
+    assert _ledger_state(result.id) == "succeeded"
+    assert rclient.lrange(f"test:callback:{key}", 0, -1) == [b"[0, 10, 20, 30]"]
+
+
+def test_flower_task_result_agrees(rclient: Any, start_worker: Any) -> None:
+    pytest.importorskip("flower")
+    from .test_ops_flower import PASSWORD, USER, _flower_env
+    from .test_ops_metrics import free_port
+
+    start_worker(rt.QUEUE, env=ENV)
+    done = rt.square.delay(12)
+    assert done.get(timeout=10) == 144
+    dead = rt.fails.delay("for flower", 1)
+    with pytest.raises(rt.ResultError):
+        dead.get(timeout=10)
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "synth_workers", "flower", f"--port={port}"],
+        cwd=ROOT,
+        env=_flower_env(SYNTH_FLOWER_USER=USER, SYNTH_FLOWER_PASSWORD=PASSWORD, **ENV),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    auth = (USER, PASSWORD)
+    try:
+        assert wait_until(lambda: http_json(f"{base}/api/workers", None)[0] != 0, timeout=60)
+        status, body = http_json(f"{base}/api/task/result/{done.id}", auth)
+        assert status == 200 and body["state"] == "SUCCESS" and body["result"] == 144
+        status, body = http_json(f"{base}/api/task/result/{dead.id}", auth)
+        assert status == 200 and body["state"] == "FAILURE"
+        assert "ResultError" in body["traceback"]
+    finally:
+        stop_group(proc)
+
+
+def test_chord_with_a_dead_part_fails_its_callback(rclient: Any, start_worker: Any) -> None:
+    start_worker(rt.QUEUE, concurrency=2, env=ENV)
+    key = uuid.uuid4().hex
+    result = chord([rt.square.s(2), rt.fails.s("part broke", 2)], rt.total.s(key)).delay()
+    # as in Celery, get() raises the failed parent's error first
+    with pytest.raises(rt.ResultError):
+        result.get(timeout=20)
+    # the callback itself fails with Celery's ChordError naming the dependency
+    assert wait_until(lambda: result.state == "FAILURE", timeout=10)
+    assert isinstance(result.result, ChordError) and "part broke" in str(result.result)
+    with pytest.raises(ChordError):
+        result.get(timeout=5, follow_parents=False)
+    assert rclient.llen(f"test:callback:{key}") == 0  # the callback never ran
+
+
+def test_chord_callback_runs_once_when_the_whole_worker_is_sigkilled(
+    rclient: Any, start_worker: Any
+) -> None:
+    """The reaper takes part 0 back from a worker killed with all its processes; the re-run
+    counts once and the callback runs once."""
+    first = start_worker(rt.QUEUE, concurrency=2, env=ENV)
+    key = uuid.uuid4().hex
+    result = chord([rt.part.s(key, i) for i in range(4)], rt.total.s(key)).delay()
+    assert rclient.blpop([f"test:started:{key}"], timeout=20) is not None
+    others = [r.id for r in result.parent.results[1:]]
+    assert wait_until(lambda: all(_ledger_state(i) == "succeeded" for i in others), 20)
+    os.killpg(first.process.pid, signal.SIGKILL)
+    first.process.wait()
+    start_worker(rt.QUEUE, concurrency=2, env=ENV)
+    assert result.get(timeout=40) == 60
+    assert int(rclient.get(f"test:runs:{key}:0")) == 2
+    part_ids = [r.id for r in result.parent.results]
+    assert wait_until(lambda: all(_ledger_state(i) == "succeeded" for i in part_ids), 20)
+    assert rclient.lrange(f"test:callback:{key}", 0, -1) == [b"[0, 10, 20, 30]"]
