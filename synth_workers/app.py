@@ -8,6 +8,7 @@ it — ours in ``tasks/`` and a user's own ``@app.task`` — gets the platform's
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from functools import cached_property
 from typing import Any
 
@@ -17,6 +18,7 @@ from celery import Celery, signals
 
 from synth_workers import health, metrics, routing, sentry
 from synth_workers import logging as logs
+from synth_workers.broker import ON_PURGE
 from synth_workers.errors import ConfigurationError, ServiceUnavailableError
 from synth_workers.ledger import LeaseKeeper, Ledger
 from synth_workers.ledger.completer import Completer
@@ -72,7 +74,7 @@ class SynthCelery(Celery):
     def lease_keeper(self) -> LeaseKeeper:
         """This process's lease keeper (a new one after fork)."""
         keeper = self._keeper
-        if keeper is None or keeper.pid != os.getpid():
+        if keeper is None or keeper.pid != os.getpid() or keeper.stopped:
             keeper = self._keeper = LeaseKeeper(self.ledger, self.settings.lease_seconds)
         return keeper
 
@@ -81,13 +83,17 @@ class SynthCelery(Celery):
         """This process's batched-completion writer (a new one after fork)."""
         completer = self._completer
         keeper = self.lease_keeper
-        if completer is None or completer.keeper is not keeper:
+        if completer is None or completer.keeper is not keeper or completer.stopped:
             completer = self._completer = Completer(self.ledger, keeper)
         return completer
 
     def flush_completions(self) -> None:
+        """A worker process stops: write its completions, then stop its writer and lease
+        threads (see ``ledger.completer``)."""
         if self._completer is not None and self._completer.keeper is self._keeper:
-            self._completer.flush()
+            self._completer.stop()
+        if self._keeper is not None and self._keeper.pid == os.getpid():
+            self._keeper.stop()
 
 
 def _on_worker_init(sender: Any = None, **kwargs: Any) -> None:
@@ -181,9 +187,16 @@ def create_app(settings: Settings | None = None) -> SynthCelery:
         settings,
         main="synth_workers",
         task_cls="synth_workers.task:Task",
+        control="synth_workers.control:Control",  # revoke cancels in the ledger
         include=[*TASK_MODULES, *settings.include],
     )
     app.config_from_object(celery_config(settings))
+
+    # purge cancels in the ledger what it deleted from Redis (broker.py)
+    def cancel_purged(ids: Sequence[str]) -> int:
+        return app.ledger.cancel_purged(ids)
+
+    app.conf.broker_transport_options[ON_PURGE] = cancel_purged
     app.steps["worker"].add(SweeperStep)
     signals.worker_init.connect(_on_worker_init, weak=False)
     # operations: metrics, health probes, logs (synth_workers.metrics, .health, .logging)

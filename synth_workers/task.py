@@ -28,6 +28,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import random
 import socket
 import time
@@ -35,6 +36,7 @@ import traceback
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, cast
 
 import celery
@@ -50,6 +52,7 @@ from synth_workers.binding import Binding
 from synth_workers.errors import (
     InvalidPayloadError,
     PayloadTooLargeError,
+    PayloadValidationError,
     PermanentError,
     RateLimitedError,
     SynthWorkersError,
@@ -125,6 +128,30 @@ def _delay(options: dict[str, Any], limit: float) -> float | None:
     if eta is not None:
         return eta_delay(eta, limit)
     return None
+
+
+def _expires_at(expires: Any) -> datetime | None:
+    """Celery's ``expires=`` (seconds from now, a datetime, or an ISO 8601 string) as the
+    moment the ledger stores; a naive datetime is UTC (the app's timezone)."""
+    if expires is None:
+        return None
+    if isinstance(expires, str):
+        try:
+            expires = datetime.fromisoformat(expires)
+        except ValueError:
+            raise PayloadValidationError(
+                f"expires is not an ISO 8601 date and time: {expires!r}"
+            ) from None
+    if isinstance(expires, datetime):
+        return expires if expires.tzinfo else expires.replace(tzinfo=UTC)
+    if isinstance(expires, bool) or not isinstance(expires, (int, float)):
+        raise PayloadValidationError(
+            f"expires must be seconds, a datetime or an ISO 8601 string, got "
+            f"{type(expires).__name__}"
+        )
+    if not math.isfinite(expires):
+        raise PayloadValidationError(f"expires must be a finite number of seconds: {expires!r}")
+    return datetime.now(UTC) + timedelta(seconds=max(-1e9, min(float(expires), 1e9)))
 
 
 #: A publish that failed faster than this (a reset or refused socket, not a timeout) is
@@ -245,6 +272,7 @@ class Task(celery.Task):  # type: ignore[type-arg]
             "max_attempts": self.max_attempts,
             "published": conn is None,
             "user_id": user_id,
+            "expires_at": _expires_at(options.get("expires")),
         }
         if conn is not None:
             actual = ledger.insert_job(conn, **row)

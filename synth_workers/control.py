@@ -1,0 +1,65 @@
+"""Celery's remote control, with ``revoke`` made durable by the job ledger.
+
+Celery's ``revoke`` only broadcasts: each worker keeps the id in an in-memory set and drops
+the message when it sees it. On this platform the reconciler re-publishes a job that is still
+``queued`` in the ledger, so a revoked job went round in a loop and ran as soon as a worker
+restarted with an empty set. Here ``app.control.revoke`` (and so ``AsyncResult.revoke()``,
+``celery control revoke`` and Flower's revoke, which all call it) first cancels each job in
+the ledger (:meth:`Ledger.cancel`: a job not started ends ``cancelled`` and is never claimed;
+a running one is marked ``cancel_requested``, which its claim, retry, reap and worker-loss
+paths honour), then broadcasts as Celery does, so that with ``terminate=True`` the running
+process is signalled too. Selected by the app's ``control_cls``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, cast
+
+from billiard.common import TERM_SIGNAME
+from celery.app.control import Control as CeleryControl
+
+if TYPE_CHECKING:
+    from synth_workers.app import SynthCelery
+
+log = logging.getLogger(__name__)
+
+
+def _ids(task_id: str | Iterable[str]) -> list[str]:
+    """Celery takes one id or a list of ids."""
+    if isinstance(task_id, str):
+        return [task_id]
+    return [str(one) for one in task_id]
+
+
+class Control(CeleryControl):
+    """``app.control`` of the platform's apps."""
+
+    def revoke(
+        self,
+        task_id: str | Iterable[str],
+        destination: Any = None,
+        terminate: bool = False,
+        signal: str = TERM_SIGNAME,
+        **kwargs: Any,
+    ) -> Any:
+        """Cancel the jobs in the ledger (durably: never run, whatever restarts), then tell
+        the workers as Celery does (``terminate=True`` also signals a running job's process).
+
+        Returns what Celery's ``revoke`` returns (the replies when ``reply=True``). A
+        ledger that cannot be reached raises :class:`ServiceUnavailableError` before anything
+        is broadcast: a revoke that only lived in worker memory would not hold.
+        """
+        ids = _ids(task_id)
+        ledger = cast("SynthCelery", self.app).ledger
+        for job_id in ids:
+            outcome = ledger.cancel(job_id)
+            log.info("revoke %s: %s in the ledger", job_id, outcome)
+        return super().revoke(
+            ids if len(ids) != 1 else ids[0],
+            destination=destination,
+            terminate=terminate,
+            signal=signal,
+            **kwargs,
+        )
