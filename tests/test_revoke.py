@@ -6,6 +6,7 @@ Against real worker processes, real Redis and real Postgres (a TCP proxy cuts Po
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -273,20 +274,16 @@ class PostgresProxy:
         except OSError:
             pass
         for s in (source, sink):
-            try:
+            with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
     def cut(self) -> None:
         self.open.clear()
         with self._lock:
             sockets, self._sockets = self._sockets, []
         for s in sockets:
-            try:
+            with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             s.close()
 
     def restore(self) -> None:
@@ -322,9 +319,9 @@ def test_completion_write_failure_is_retried_not_a_worker_loss(
     _started(rclient, "pg")
     pg_proxy.cut()
     rclient.set("test:go:pg", 1)  # the job succeeds while Postgres is out of reach
-    assert wait_until(lambda: "completions failed" in worker.output(), timeout=60), (
-        worker.output()[-3000:]
-    )
+    assert wait_until(lambda: "completions failed" in worker.output(), timeout=60), worker.output()[
+        -3000:
+    ]
     assert _state(job.id) == "running"
     pg_proxy.restore()
     assert wait_until(lambda: _state(job.id) == "succeeded", timeout=90), _row(job.id)
