@@ -97,7 +97,10 @@ def test_exact_job_counts_under_prefork_with_recycled_children(
         )
 
     assert wait_until(counted, timeout=10, interval=0.2), samples(port)
-    time.sleep(1.5)  # children recycled meanwhile must not add or lose anything
+    # children recycled meanwhile must not add or lose anything: one more job, counted once
+    assert enqueue(RECORD, {"label": "last"}, queue=QUEUE).wait(timeout=60) == "last"
+    expected[("synth_jobs_total", RECORD, "succeeded")] += 1
+    assert wait_until(counted, timeout=10, interval=0.2), samples(port)
     found = samples(port)
     for (name, task, outcome), n in expected.items():
         assert value(found, name, task=task, queue=QUEUE, outcome=outcome) == n, (task, found)
