@@ -19,6 +19,7 @@ from celery import Celery, signals
 from synth_workers import health, metrics, routing, sentry
 from synth_workers import logging as logs
 from synth_workers.broker import ON_PURGE
+from synth_workers.control import revoked_receiver
 from synth_workers.errors import ConfigurationError, ServiceUnavailableError
 from synth_workers.ledger import LeaseKeeper, Ledger
 from synth_workers.ledger.completer import Completer
@@ -198,6 +199,7 @@ def create_app(settings: Settings | None = None) -> SynthCelery:
 
     app.conf.broker_transport_options[ON_PURGE] = cancel_purged
     app.steps["worker"].add(SweeperStep)
+    signals.task_revoked.connect(revoked_receiver(app), weak=False)
     signals.worker_init.connect(_on_worker_init, weak=False)
     # operations: metrics, health probes, logs (synth_workers.metrics, .health, .logging)
     app.steps["worker"].add(health.OpsStep)

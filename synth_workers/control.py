@@ -14,7 +14,7 @@ process is signalled too. Selected by the app's ``control_cls``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, cast
 
 from billiard.common import TERM_SIGNAME
@@ -63,3 +63,22 @@ class Control(CeleryControl):
             signal=signal,
             **kwargs,
         )
+
+
+def revoked_receiver(app: SynthCelery) -> Callable[..., None]:
+    """A ``task_revoked`` receiver for ``app``'s workers: a revoke broadcast by a client that
+    did not cancel in the ledger first (a plain Celery app, an older client) still cancels
+    the job there, so that it holds after the worker restarts (its revoked set is memory)."""
+
+    def on_task_revoked(sender: Any = None, request: Any = None, **kwargs: Any) -> None:
+        job_id = getattr(request, "id", None)
+        if getattr(sender, "app", None) is not app or not isinstance(job_id, str):
+            return
+        try:
+            outcome = app.ledger.cancel(job_id)
+        except Exception:  # the worker's loop goes on; the revoke broadcast still applies
+            log.exception("job %s revoked, but the ledger could not be told", job_id)
+            return
+        log.debug("job %s revoked: %s in the ledger", job_id, outcome)
+
+    return on_task_revoked

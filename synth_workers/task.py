@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, cast
 import celery
 import psycopg
 import redis
-from billiard.exceptions import WorkerLostError
+from billiard.exceptions import Terminated, WorkerLostError
 from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 from celery.worker.request import Request as CeleryRequest
 from kombu.exceptions import OperationalError as KombuOperationalError
@@ -187,9 +187,10 @@ class Request(CeleryRequest):
     def on_failure(
         self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
     ) -> None:
-        if isinstance(exc_info.exception, WorkerLostError):
+        if isinstance(exc_info.exception, (WorkerLostError, Terminated)):
             app = cast("SynthCelery", self.task.app)
-            # before the message is requeued; only if that process still holds the job
+            # before the message is requeued; only if that process still holds the job (a
+            # job revoked with terminate=True ends cancelled there)
             app.ledger.worker_lost(self.id, self._owner_prefix())
         super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
 

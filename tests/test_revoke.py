@@ -87,6 +87,30 @@ def test_revoked_queued_job_never_runs_also_after_workers_restart(
     assert reconciled["attempt"] == 0
 
 
+def test_revoke_broadcast_by_a_plain_celery_client_is_recorded_by_the_worker(
+    rclient: Any, start_worker: Callable[..., Worker], redis_url: str
+) -> None:
+    from celery import Celery
+
+    worker = _start(start_worker)
+    busy = revoke_tasks.gate.apply_async(kwargs={"key": "busy"}, queue=QUEUE)
+    _started(rclient, "busy")
+    job = e2e_tasks.side_effect.apply_async(kwargs={"key": "plain"}, queue=QUEUE)
+    plain = Celery(broker=redis_url)
+    try:  # only the workers hear of it: the ledger is not told by this client
+        plain.control.revoke(job.id)
+    finally:
+        plain.close()
+    assert _state(job.id) == "queued"
+    rclient.set("test:go:busy", 1)  # the worker takes the revoked message next
+    assert wait_until(lambda: _state(job.id) == "cancelled", timeout=30), _row(job.id)
+    assert _state(busy.id) == "succeeded"
+    worker.stop()
+    _start(start_worker)
+    _drain()
+    assert _count(rclient, "plain") == 0
+
+
 def test_revoke_terminate_stops_the_running_job_for_good(
     rclient: Any, start_worker: Callable[..., Worker]
 ) -> None:
