@@ -23,6 +23,9 @@ from synth_workers import app
 from tests import e2e_tasks, revoke_tasks
 
 from .conftest import DATABASE_URL, ROOT, Worker, wait_until
+from .test_ops_flower import PASSWORD as FLOWER_PASSWORD
+from .test_ops_flower import USER as FLOWER_USER
+from .test_ops_flower import flower  # noqa: F401 - the fixture
 
 QUEUE = "revoke-test"
 ENV = {"SYNTH_INCLUDE": "tests.e2e_tasks,tests.revoke_tasks"}
@@ -109,6 +112,27 @@ def test_revoke_broadcast_by_a_plain_celery_client_is_recorded_by_the_worker(
     _start(start_worker)
     _drain()
     assert _count(rclient, "plain") == 0
+
+
+def test_flower_revoke_cancels_in_the_ledger(
+    rclient: Any,
+    start_worker: Callable[..., Worker],
+    flower: tuple[str, Any],  # noqa: F811 - the fixture imported above
+) -> None:
+    import base64
+    import urllib.request
+
+    base, _ = flower
+    job = e2e_tasks.side_effect.apply_async(kwargs={"key": "flower"}, queue=QUEUE)
+    request = urllib.request.Request(f"{base}/api/task/revoke/{job.id}", data=b"", method="POST")
+    token = base64.b64encode(f"{FLOWER_USER}:{FLOWER_PASSWORD}".encode()).decode()
+    request.add_header("Authorization", f"Basic {token}")
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert response.status == 200
+    assert _state(job.id) == "cancelled"
+    _start(start_worker)
+    _drain()
+    assert _count(rclient, "flower") == 0
 
 
 def test_revoke_terminate_stops_the_running_job_for_good(
