@@ -850,9 +850,8 @@ class Ledger:
         "FOR UPDATE SKIP LOCKED) RETURNING id, task, queue, attempt), "
         "c AS (UPDATE synth_jobs SET state = 'cancelled', finished_at = now(), lease_owner = "
         "NULL, lease_expires_at = NULL, updated_at = now() WHERE id IN (SELECT id FROM "
-        "synth_jobs WHERE cancel_requested AND (state IN ('scheduled', 'queued', "
-        "'failed-retrying') OR (state = 'running' AND lease_expires_at < now())) LIMIT %s "
-        "FOR UPDATE SKIP LOCKED) RETURNING id, task, queue, attempt) "
+        "synth_jobs WHERE state = 'running' AND lease_expires_at < now() AND cancel_requested "
+        "LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING id, task, queue, attempt) "
         "SELECT 'expired', * FROM e UNION ALL SELECT 'cancelled', * FROM c"
     )
 
