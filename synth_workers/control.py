@@ -14,6 +14,7 @@ process is signalled too. Selected by the app's ``control_cls``.
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, cast
 
@@ -27,10 +28,22 @@ log = logging.getLogger(__name__)
 
 
 def _ids(task_id: str | Iterable[str]) -> list[str]:
-    """Celery takes one id or a list of ids."""
-    if isinstance(task_id, str):
-        return [task_id]
-    return [str(one) for one in task_id]
+    """Celery takes one id or a list of ids; anything else is refused with a TypeError."""
+    ids = [task_id] if isinstance(task_id, str) else list(task_id)
+    wrong = [one for one in ids if not isinstance(one, str)]
+    if wrong:
+        raise TypeError(f"revoke takes task ids (str) or a list of them, got {wrong[0]!r}")
+    return ids
+
+
+def _is_job_id(task_id: str) -> bool:
+    """Whether ``task_id`` can be a ledger job (a UUID); another id belongs to a message sent
+    around the platform with an id of its own, which only the workers' revoked set knows."""
+    try:
+        uuid.UUID(task_id)
+    except ValueError:
+        return False
+    return True
 
 
 class Control(CeleryControl):
@@ -49,11 +62,13 @@ class Control(CeleryControl):
 
         Returns what Celery's ``revoke`` returns (the replies when ``reply=True``). A
         ledger that cannot be reached raises :class:`ServiceUnavailableError` before anything
-        is broadcast: a revoke that only lived in worker memory would not hold.
+        is broadcast: a revoke that only lived in worker memory would not hold. An id that
+        is not a UUID (no ledger job can have it) is only broadcast; one that is not a str is
+        refused with a :class:`TypeError`.
         """
         ids = _ids(task_id)
         ledger = cast("SynthCelery", self.app).ledger
-        for job_id in ids:
+        for job_id in filter(_is_job_id, ids):
             outcome = ledger.cancel(job_id)
             log.info("revoke %s: %s in the ledger", job_id, outcome)
         return super().revoke(
@@ -73,6 +88,8 @@ def revoked_receiver(app: SynthCelery) -> Callable[..., None]:
     def on_task_revoked(sender: Any = None, request: Any = None, **kwargs: Any) -> None:
         job_id = getattr(request, "id", None)
         if getattr(sender, "app", None) is not app or not isinstance(job_id, str):
+            return
+        if not _is_job_id(job_id):
             return
         try:
             outcome = app.ledger.cancel(job_id)

@@ -90,6 +90,13 @@ def test_revoked_queued_job_never_runs_also_after_workers_restart(
     assert reconciled["attempt"] == 0
 
 
+def test_revoke_of_ids_no_job_can_have(rclient: Any) -> None:
+    app.control.revoke("not-a-uuid")  # a foreign message's id: broadcast only
+    app.control.revoke(["00000000-0000-0000-0000-000000000000", "x"])  # unknown: nothing to do
+    with pytest.raises(TypeError, match="task ids"):
+        app.control.revoke([None])  # type: ignore[list-item]
+
+
 def test_revoke_broadcast_by_a_plain_celery_client_is_recorded_by_the_worker(
     rclient: Any, start_worker: Callable[..., Worker], redis_url: str
 ) -> None:
