@@ -421,3 +421,23 @@ def test_dlq_digest_mails_a_summary(rclient: Any, start_worker: Any, tmp_path: P
     text = next(outbox.glob("*.eml")).read_text()
     assert "To: ops@example.com" in text
     assert "tests.e2e_tasks.fails_while_flagged" in text
+
+
+def test_lease_keeper_and_completer_threads_stop(rclient: Any) -> None:
+    from synth_workers.ledger import LeaseKeeper
+    from synth_workers.ledger.completer import Completer
+
+    keeper = LeaseKeeper(app.ledger, lease_seconds=3)
+    completer = Completer(app.ledger, keeper)
+    job = enqueue("tests.e2e_tasks.side_effect", {"key": "stop"}, queue="nobody")
+    claim = app.ledger.claim(job.id, keeper.owner)
+    assert claim is not None
+    keeper.add(job.id)
+    completer.submit(claim, "done")
+    threads = [keeper._thread, completer._thread]
+    assert all(t is not None and t.is_alive() for t in threads)
+    completer.stop()  # writes what is pending first
+    keeper.stop()
+    assert not any(t is not None and t.is_alive() for t in threads)
+    assert job.state() is JobState.SUCCEEDED
+    assert keeper.stopped and completer.stopped
