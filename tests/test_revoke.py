@@ -385,3 +385,62 @@ def test_completion_write_failure_is_retried_not_a_worker_loss(
     assert row["attempt"] == 1
     assert row["result"] == 1
     assert _count(rclient, "pg") == 1
+
+
+def test_completion_refused_by_a_read_only_postgres_is_retried_not_a_worker_loss(
+    rclient: Any, start_worker: Callable[..., Worker]
+) -> None:
+    """Postgres turns read-only under a finished job (a failover to a standby): every write
+    fails at once, so a writer that gives up after a few quick tries drops the completion,
+    the lease lapses and the job runs again as a worker loss."""
+    import psycopg
+    from psycopg import sql
+
+    worker = _start(start_worker, SYNTH_LEASE_SECONDS="20")
+    job = revoke_tasks.gate.apply_async(kwargs={"key": "ro"}, queue=QUEUE)
+    _started(rclient, "ro")
+    admin = psycopg.connect(
+        DATABASE_URL,
+        autocommit=True,
+        options="-c default_transaction_read_only=off -c search_path=synth_test",
+    )
+
+    def read_only(on: bool) -> None:
+        setting = (
+            "SET default_transaction_read_only = on"
+            if on
+            else "RESET default_transaction_read_only"
+        )
+        admin.execute(
+            sql.SQL("ALTER DATABASE {} " + setting).format(sql.Identifier(admin.info.dbname))
+        )
+        # every other session of this database starts again with the new default
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = "
+            "current_database() AND pid <> pg_backend_pid()"
+        )
+
+    def row() -> tuple[Any, ...]:
+        found = admin.execute(
+            "SELECT state, worker_losses, attempt FROM synth_jobs WHERE id = %s", (job.id,)
+        ).fetchone()
+        assert found is not None
+        return tuple(found)
+
+    try:
+        read_only(True)
+        rclient.set("test:go:ro", 1)
+        # kept read-only past a few quick tries (the backoff then waits 0.1, 0.2, 0.4, 0.8 s)
+        assert wait_until(lambda: worker.output().count("completions failed") >= 4, 60), (
+            worker.output()[-3000:]
+        )
+        assert row()[0] == "running"
+    finally:
+        read_only(False)
+    try:
+        assert wait_until(lambda: row()[0] == "succeeded", timeout=60), row()
+        assert row() == ("succeeded", 0, 1)
+        assert _count(rclient, "ro") == 1
+    finally:
+        admin.close()
+        app.ledger.pool.check()  # this process's pooled sessions were ended too

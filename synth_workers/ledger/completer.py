@@ -6,7 +6,8 @@ A job's lease keeps being renewed until its completion is written; if the proces
 before that, the lease expires and the job runs again (at least once; effects written with
 ``effect_transaction`` still happen exactly once).
 
-A completion write that fails because Postgres cannot be reached is never dropped: the
+A completion write that fails because Postgres cannot be reached (or is read-only, as a
+standby is during a failover) is never dropped: the
 thread retries it with exponential backoff (``RETRY_FIRST`` doubling up to ``RETRY_MAX``)
 until it lands, while the lease keeper goes on renewing the jobs' leases, so an outage
 shorter than the lease neither runs a succeeded job again nor counts it as a worker loss
@@ -20,6 +21,8 @@ from __future__ import annotations
 import logging
 import threading
 from typing import TYPE_CHECKING, Any
+
+import psycopg
 
 from synth_workers.errors import ServiceUnavailableError
 from synth_workers.ledger.store import is_connection_failure
@@ -40,8 +43,15 @@ STATEMENT_TRIES = 3
 Done = list[tuple["Claim", Any]]
 
 
+#: SQLSTATE of a write refused by a read-only server: a standby during a failover.
+READ_ONLY = "25006"
+
+
 def _outage(exc: BaseException) -> bool:
-    """Whether ``exc`` means Postgres was out of reach (retry), not a statement error."""
+    """Whether ``exc`` means Postgres was out of reach, or read-only for now (a failover),
+    so the write is retried; not a statement error."""
+    if isinstance(exc, psycopg.Error) and exc.sqlstate == READ_ONLY:
+        return True
     return isinstance(exc, ServiceUnavailableError) or is_connection_failure(exc)
 
 
