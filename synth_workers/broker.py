@@ -22,12 +22,18 @@ message's envelope where it reads it, and a message that is not JSON, or not an 
 raised there and stopped the worker. Here the raw message is checked (size first, then the
 envelope, body encoding and compression) and a refused one is handed on as a quarantine
 envelope that the consumer dead-letters.
+
+A purge (``celery purge``, ``app.control.purge()``: kombu's ``queue_purge``) reads and
+deletes every priority list of the queue in one ``MULTI``, and hands the ids of the messages
+it deleted to the transport option ``synth_on_purge`` (a callable the app sets: the ledger
+cancels those jobs, so no reconciler publishes them again).
 """
 
 from __future__ import annotations
 
+import json
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
@@ -72,6 +78,21 @@ def _limits(connection: Any) -> Limits:
     return cached
 
 
+#: Transport option: called with the ids of the messages a purge deleted.
+ON_PURGE = "synth_on_purge"
+
+
+def message_id(raw: bytes | str) -> str | None:
+    """The task id in a raw message's headers (``None`` when it has none)."""
+    try:
+        message: Any = json.loads(raw)
+    except ValueError:
+        return None
+    headers = message.get("headers") if isinstance(message, dict) else None
+    job_id = headers.get("id") if isinstance(headers, dict) else None
+    return str(job_id) if job_id else None
+
+
 class QoS(kombu_redis.QoS):
     """Prefetch accounting in memory; no ``unacked`` hash, no visibility timeout."""
 
@@ -109,6 +130,26 @@ class Channel(kombu_redis.Channel):
     def _get(self, queue: str, timeout: float | None = None) -> Any:
         raw = _get_raw(self, queue)
         return open_envelope(raw, queue, _limits(self.connection.client))
+
+    def _purge(self, queue: str) -> int:
+        """Delete every message of ``queue`` (all its priority lists) atomically, and hand
+        their ids to the ``synth_on_purge`` hook; returns how many were deleted. Should the
+        hook fail (Postgres down), the error is raised: the messages are gone, but their
+        jobs stay queued in the ledger and the reconciler publishes them again."""
+        lists = [self._q_for_pri(queue, pri) for pri in self.priority_steps]  # type: ignore[attr-defined]
+        with self.conn_or_acquire() as client, client.pipeline(transaction=True) as pipe:
+            for name in lists:
+                pipe.lrange(name, 0, -1)
+            for name in lists:
+                pipe.delete(name)
+            replies = pipe.execute()
+        messages: list[Any] = [raw for items in replies[: len(lists)] for raw in items]
+        hook: Callable[[Sequence[str]], Any] | None = (
+            getattr(self.connection.client, "transport_options", None) or {}
+        ).get(ON_PURGE)
+        if hook is not None and messages:
+            hook([i for i in map(message_id, messages) if i is not None])
+        return len(messages)
 
     def _restore(self, message: Any, leftmost: bool = False) -> None:
         """Put a delivered, unstarted message back on its queue (from memory)."""

@@ -35,6 +35,8 @@ from celery._state import get_current_app
 from synth_workers import health, metrics, routing, sentry
 from synth_workers import logging as logs
 from synth_workers.backend import connect_results
+from synth_workers.broker import ON_PURGE
+from synth_workers.control import on_task_revoked
 from synth_workers.errors import ConfigurationError, ServiceUnavailableError
 from synth_workers.ledger.sweeper import SweeperStep
 from synth_workers.platform import PLATFORM_ATTR, Platform, find_platform
@@ -71,6 +73,11 @@ def install(app: Celery, settings: Settings | None = None) -> Platform:
         platform = Platform(app, settings)
         before = _config_of_tasks(app)
         _configure(app, settings)
+        # revoke cancels in the ledger (synth_workers.control)
+        app.control_cls = "synth_workers.control:Control"
+        app.__dict__.pop("control", None)
+        # purge cancels in the ledger what it deleted from Redis (synth_workers.broker)
+        app.conf.broker_transport_options[ON_PURGE] = platform.ledger.cancel_purged
         _use_platform_task(app, before)
         app.steps["worker"].add(SweeperStep)
         app.steps["worker"].add(health.OpsStep)
@@ -158,6 +165,7 @@ def _connect_receivers() -> None:
         (signals.celeryd_init, _on_celeryd_init),
         (signals.celeryd_after_setup, _on_celeryd_after_setup),
         (signals.beat_init, _on_beat_init),
+        (signals.task_revoked, on_task_revoked),
     ]
     for signal, receiver in receivers:
         signal.connect(receiver, weak=False, dispatch_uid=f"synth-workers:{receiver.__name__}")

@@ -68,7 +68,7 @@ class Platform:
     def lease_keeper(self) -> LeaseKeeper:
         """This process's lease keeper (a new one after fork)."""
         keeper = self._keeper
-        if keeper is None or keeper.pid != os.getpid():
+        if keeper is None or keeper.pid != os.getpid() or keeper.stopped:
             keeper = self._keeper = LeaseKeeper(self.ledger, self.settings.lease_seconds)
         return keeper
 
@@ -77,14 +77,17 @@ class Platform:
         """This process's batched-completion writer (a new one after fork)."""
         completer = self._completer
         keeper = self.lease_keeper
-        if completer is None or completer.keeper is not keeper:
+        if completer is None or completer.keeper is not keeper or completer.stopped:
             completer = self._completer = Completer(self.ledger, keeper)
         return completer
 
     def flush_completions(self) -> None:
-        """Write the completions this process still holds (a worker process stops)."""
+        """A worker process stops: write its completions, then stop its writer and lease
+        threads (see ``ledger.completer``)."""
         if self._completer is not None and self._completer.keeper is self._keeper:
-            self._completer.flush()
+            self._completer.stop()
+        if self._keeper is not None and self._keeper.pid == os.getpid():
+            self._keeper.stop()
 
     def close(self) -> None:
         """Close the ledger's pool if it was opened."""

@@ -41,6 +41,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import random
 import socket
 import time
@@ -48,12 +49,13 @@ import traceback
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 
 import celery
 import psycopg
 import redis
-from billiard.exceptions import WorkerLostError
+from billiard.exceptions import Terminated, WorkerLostError
 from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 from celery.worker.request import Request as CeleryRequest
 from kombu.exceptions import OperationalError as KombuOperationalError
@@ -63,6 +65,7 @@ from synth_workers.binding import Binding
 from synth_workers.errors import (
     InvalidPayloadError,
     PayloadTooLargeError,
+    PayloadValidationError,
     PermanentError,
     RateLimitedError,
     SynthWorkersError,
@@ -173,6 +176,30 @@ def _delay(options: dict[str, Any], limit: float) -> float | None:
     return None
 
 
+def _expires_at(expires: Any) -> datetime | None:
+    """Celery's ``expires=`` (seconds from now, a datetime, or an ISO 8601 string) as the
+    moment the ledger stores; a naive datetime is UTC (the app's timezone)."""
+    if expires is None:
+        return None
+    if isinstance(expires, str):
+        try:
+            expires = datetime.fromisoformat(expires)
+        except ValueError:
+            raise PayloadValidationError(
+                f"expires is not an ISO 8601 date and time: {expires!r}"
+            ) from None
+    if isinstance(expires, datetime):
+        return expires if expires.tzinfo else expires.replace(tzinfo=UTC)
+    if isinstance(expires, bool) or not isinstance(expires, (int, float)):
+        raise PayloadValidationError(
+            f"expires must be seconds, a datetime or an ISO 8601 string, got "
+            f"{type(expires).__name__}"
+        )
+    if not math.isfinite(expires):
+        raise PayloadValidationError(f"expires must be a finite number of seconds: {expires!r}")
+    return datetime.now(UTC) + timedelta(seconds=max(-1e9, min(float(expires), 1e9)))
+
+
 #: A publish that failed faster than this (a reset or refused socket, not a timeout) is
 #: retried once at once.
 QUICK_FAILURE_SECONDS = 0.5
@@ -220,8 +247,9 @@ class Request(CeleryRequest):
     def on_failure(
         self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
     ) -> None:
-        if isinstance(exc_info.exception, WorkerLostError):
-            # before the message is requeued; only if that process still holds the job
+        if isinstance(exc_info.exception, (WorkerLostError, Terminated)):
+            # before the message is requeued; only if that process still holds the job (a
+            # job revoked with terminate=True ends cancelled there)
             platform_of(self.task.app).ledger.worker_lost(self.id, self._owner_prefix())
         super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
 
@@ -309,6 +337,7 @@ class Task(celery.Task):  # type: ignore[type-arg]
             "max_attempts": self.max_attempts,
             "published": conn is None,
             "user_id": user_id,
+            "expires_at": _expires_at(options.get("expires")),
         }
         options["priority"] = to_transport(level)
         if row["queue"] != queue:

@@ -97,11 +97,13 @@ def test_delayed_jobs_run_exactly_once_across_a_worker_restart(
     assert all(h.state() is JobState.SCHEDULED for h in handles[:5])
     # the delay lives in the ledger, not in Redis: nothing is on the queue yet
     assert rclient.llen(QUEUE) + sum(rclient.llen(f"{QUEUE}\x06\x16{n}") for n in range(1, 10)) == 0
-    time.sleep(1.0)
     worker.stop()  # a restart while they wait
+    assert all(h.state() is JobState.SCHEDULED for h in handles)
     start_worker(QUEUE, env=env, concurrency=2)
     assert wait_until(lambda: all(h.state() is JobState.SUCCEEDED for h in handles), timeout=90)
-    time.sleep(3 * visibility)  # let any wrong redelivery happen
+    # let any wrong redelivery happen: a job delayed as long again has run by then
+    last = enqueue("tests.e2e_tasks.side_effect", {"key": "dz"}, delay=3 * visibility, queue=QUEUE)
+    assert last.wait(timeout=60) == "dz"
     assert [_count(rclient, f"d{i}") for i in range(200)] == [1] * 200
     started = [h.info()["started_at"] for h in handles]
     enqueued = [h.info()["enqueued_at"] for h in handles]
@@ -236,11 +238,14 @@ def test_outbox_commit_publishes_and_rollback_leaves_nothing(
 
         with conn.transaction():
             kept = enqueue("tests.e2e_tasks.side_effect", {"key": "ok"}, queue=QUEUE, conn=conn)
-            time.sleep(0.5)
+            # the worker's relay runs meanwhile (a job enqueued after has run) and sees nothing
+            probe = enqueue("tests.e2e_tasks.side_effect", {"key": "probe"}, queue=QUEUE)
+            assert probe.wait(timeout=15) == "probe"
             assert app.ledger.get(kept.id) is None
         # committed: published by the workers' outbox relay (woken by NOTIFY)
         assert kept.wait(timeout=15) == "ok"
-    time.sleep(0.5)
+    after = enqueue("tests.e2e_tasks.side_effect", {"key": "after-rb"}, queue=QUEUE)
+    assert after.wait(timeout=15) == "after-rb"  # anything wrongly published ran before
     assert _count(rclient, "rb") == 0
     assert _count(rclient, "ok") == 1
 
@@ -287,8 +292,16 @@ def test_jobs_cli_list_and_show(rclient: Any) -> None:
 def test_two_beats_enqueue_each_slot_once(rclient: Any, tmp_path: Path, start_worker: Any) -> None:
     start_worker("default")
     beats = [start_beat(tmp_path / f"beat-{i}") for i in range(2)]
+
+    def slots_taken() -> int:
+        with app.ledger.connection() as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM synth_periodic_slots WHERE name = 'test-fast'"
+            ).fetchone()
+        return int(row[0]) if row else 0
+
     try:
-        time.sleep(8)
+        assert wait_until(lambda: slots_taken() >= 7, timeout=60)
     finally:
         outs = [stop_beat(proc) for proc in beats]
     with app.ledger.connection() as conn:
@@ -332,14 +345,15 @@ def test_reconcile_passes_back_off_after_a_slow_one(
 ) -> None:
     from synth_workers.ledger.sweeper import RECONCILE_BACKOFF, Sweeper
 
-    sweeper = Sweeper(app)
+    now = [1000.0]  # the sweeper's clock, moved by the test (a pass "takes" pass_seconds)
+    sweeper = Sweeper(app, clock=lambda: now[0])
     assert sweeper.reconcile_every == 1.0  # SYNTH_SWEEP_INTERVAL 0.2 (conftest) x 5
     passes: list[float] = []
     pass_seconds = 0.02
 
     def reconcile() -> int:
-        passes.append(time.monotonic())
-        time.sleep(pass_seconds)
+        passes.append(now[0])
+        now[0] += pass_seconds
         return 0
 
     monkeypatch.setattr(sweeper, "reconcile", reconcile)
@@ -347,17 +361,19 @@ def test_reconcile_passes_back_off_after_a_slow_one(
     assert len(passes) == 1
     assert sweeper.reconcile_wait == 1.0  # a quick pass: the usual interval
     pass_seconds = 0.1  # a large old backlog to read: the next pass waits 20x as long
-    time.sleep(1.0)
+    now[0] += 0.99
+    sweeper.sweep()
+    assert len(passes) == 1  # not yet 1 s since the end of the last pass
+    now[0] += 0.01
     sweeper.sweep()
     assert len(passes) == 2
-    assert sweeper.reconcile_wait >= pass_seconds * RECONCILE_BACKOFF
-    deadline = time.monotonic() + 1.5
-    while time.monotonic() < deadline:  # 1.5 s of sweeps: past the usual 1 s, within 2 s
+    assert sweeper.reconcile_wait == pytest.approx(pass_seconds * RECONCILE_BACKOFF)
+    ended = now[0]  # the wait runs from the end of the slow pass
+    for _ in range(30):  # 1.5 s of sweeps: past the usual 1 s, within 2 s
+        now[0] += 0.05
         sweeper.sweep()
-        time.sleep(0.05)
     assert len(passes) == 2
-    ended = passes[-1] + pass_seconds  # the wait runs from the end of the slow pass
-    time.sleep(max(0.0, ended + sweeper.reconcile_wait + 0.05 - time.monotonic()))
+    now[0] = ended + sweeper.reconcile_wait
     sweeper.sweep()
     assert len(passes) == 3
 
@@ -405,3 +421,23 @@ def test_dlq_digest_mails_a_summary(rclient: Any, start_worker: Any, tmp_path: P
     text = next(outbox.glob("*.eml")).read_text()
     assert "To: ops@example.com" in text
     assert "tests.e2e_tasks.fails_while_flagged" in text
+
+
+def test_lease_keeper_and_completer_threads_stop(rclient: Any) -> None:
+    from synth_workers.ledger import LeaseKeeper
+    from synth_workers.ledger.completer import Completer
+
+    keeper = LeaseKeeper(app.ledger, lease_seconds=3)
+    completer = Completer(app.ledger, keeper)
+    job = enqueue("tests.e2e_tasks.side_effect", {"key": "stop"}, queue="nobody")
+    claim = app.ledger.claim(job.id, keeper.owner)
+    assert claim is not None
+    keeper.add(job.id)
+    completer.submit(claim, "done")
+    threads = [keeper._thread, completer._thread]
+    assert all(t is not None and t.is_alive() for t in threads)
+    completer.stop()  # writes what is pending first
+    keeper.stop()
+    assert not any(t is not None and t.is_alive() for t in threads)
+    assert job.state() is JobState.SUCCEEDED
+    assert keeper.stopped and completer.stopped

@@ -7,7 +7,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
+import threading
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -52,11 +52,12 @@ def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
 def test_status_json_matches_what_was_enqueued(rclient: Any, start_worker: Any) -> None:
     _enqueue_plan()
     start_worker(IDLE, env={"SYNTH_HEALTH_INTERVAL": "0.5"})
-    time.sleep(0.3)
 
     def idle_worker_seen() -> bool:
         snap = json.loads(_run("status", "--json").stdout)
-        return any(IDLE in w["queues"] for w in snap["workers"])
+        oldest = {q["queue"]: q["oldest_age_seconds"] for q in snap["queues"]}.get(QUEUE)
+        aged = oldest is not None and oldest >= 0.3
+        return aged and any(IDLE in w["queues"] for w in snap["workers"])
 
     assert wait_until(idle_worker_seen, timeout=10)
     proc = _run("status", "--json")
@@ -93,11 +94,22 @@ def test_status_watch_refreshes_until_interrupted(rclient: Any) -> None:
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(3)
+    lines: list[str] = []
+    assert proc.stdout is not None
+    stdout = proc.stdout
+
+    def read() -> None:
+        for line in stdout:
+            lines.append(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert wait_until(lambda: sum("cluster status at" in line for line in lines) >= 2, timeout=20)
     proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=20)
+    proc.wait(timeout=20)
+    reader.join(timeout=20)
     assert proc.returncode == 0
-    assert out.count("cluster status at") >= 2
+    assert "".join(lines).count("cluster status at") >= 2
 
 
 def test_metrics_serve_exports_cluster_gauges(rclient: Any) -> None:

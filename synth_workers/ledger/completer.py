@@ -5,14 +5,27 @@ linger when no next job comes.
 A job's lease keeps being renewed until its completion is written; if the process dies
 before that, the lease expires and the job runs again (at least once; effects written with
 ``effect_transaction`` still happen exactly once).
+
+A completion write that fails because Postgres cannot be reached (or is read-only, as a
+standby is during a failover) is never dropped: the
+thread retries it with exponential backoff (``RETRY_FIRST`` doubling up to ``RETRY_MAX``)
+until it lands, while the lease keeper goes on renewing the jobs' leases, so an outage
+shorter than the lease neither runs a succeeded job again nor counts it as a worker loss
+(three of which would dead-letter it as a poison pill). Only a statement error (a bug, not an
+outage) gives up after ``STATEMENT_TRIES``. :meth:`Completer.stop` ends the thread (at worker
+process shutdown).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
 from typing import TYPE_CHECKING, Any
+
+import psycopg
+
+from synth_workers.errors import ServiceUnavailableError
+from synth_workers.ledger.store import is_connection_failure
 
 if TYPE_CHECKING:
     from synth_workers.ledger.lease import LeaseKeeper
@@ -21,19 +34,47 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 LINGER_SECONDS = 0.02
 MAX_PENDING = 200
+#: Backoff of a completion write that failed for want of Postgres: first wait, and cap.
+RETRY_FIRST = 0.1
+RETRY_MAX = 5.0
+#: A write that failed with an error of the statement itself is given up after this many.
+STATEMENT_TRIES = 3
+
+Done = list[tuple["Claim", Any]]
+
+
+#: SQLSTATE of a write refused by a read-only server: a standby during a failover.
+READ_ONLY = "25006"
+
+
+def _outage(exc: BaseException) -> bool:
+    """Whether ``exc`` means Postgres was out of reach, or read-only for now (a failover),
+    so the write is retried; not a statement error."""
+    if isinstance(exc, psycopg.Error) and exc.sqlstate == READ_ONLY:
+        return True
+    return isinstance(exc, ServiceUnavailableError) or is_connection_failure(exc)
 
 
 class Completer:
+    """One worker process's completion writer (one thread, stoppable)."""
+
     def __init__(self, ledger: Ledger, keeper: LeaseKeeper) -> None:
         self.ledger = ledger
         self.keeper = keeper
-        self._pending: list[tuple[Claim, Any]] = []
+        self._pending: Done = []
+        #: Completions whose write failed for want of Postgres, retried by the thread.
+        self._failed: Done = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
+        self._stop = threading.Event()
         self._idle = threading.Event()
         self._idle.set()
         self._thread = threading.Thread(target=self._run, name="synth-completer", daemon=True)
         self._thread.start()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
 
     def submit(self, claim: Claim, result: Any) -> None:
         with self._lock:
@@ -44,40 +85,96 @@ class Completer:
         if full:
             self.write(self.take())
 
-    def take(self) -> list[tuple[Claim, Any]]:
+    def take(self) -> Done:
         """Hand over every pending completion (the caller writes them)."""
         with self._lock:
             taken, self._pending = self._pending, []
         return taken
 
-    def written(self, done: list[tuple[Claim, Any]]) -> None:
+    def written(self, done: Done) -> None:
         """Completions handed over by :meth:`take` are now written (or refused)."""
         for claim, _ in done:
             self.keeper.remove(claim.job_id)
         with self._lock:
-            if not self._pending:
+            if not self._pending and not self._failed:
                 self._idle.set()
 
-    def write(self, done: list[tuple[Claim, Any]]) -> None:
-        for attempt in range(3):
-            try:
-                self.ledger.succeed_many(done)
-                break
-            except Exception:
-                log.exception("writing %d completions failed (try %d)", len(done), attempt + 1)
+    def write(self, done: Done) -> bool:
+        """Write ``done`` now, once; if Postgres cannot be reached, hand them to the thread,
+        which retries with backoff (the caller, a job's claim, does not wait for it).
+        Returns whether they were written."""
+        if not done:
+            return True
+        try:
+            self.ledger.succeed_many(done)
+        except Exception as exc:
+            if not _outage(exc):
+                log.exception("writing %d completions failed", len(done))
+            else:
+                log.warning("writing %d completions failed (%s); retrying", len(done), exc)
+            with self._lock:
+                self._failed.extend(done)
+                self._idle.clear()
+            self._wake.set()
+            return False
         self.written(done)
+        return True
 
-    def flush(self, timeout: float = 10.0) -> None:
-        """Write everything pending now (shutdown, tests)."""
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Write everything pending now (shutdown, tests); wait up to ``timeout`` seconds
+        for earlier failed writes the thread retries. Returns whether all are written."""
         self.write(self.take())
-        self._idle.wait(timeout)
+        return self._idle.wait(timeout)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Flush, then end the thread (worker process shutdown). Completions still unwritten
+        after ``timeout`` are given up: their leases lapse and the reaper takes them back."""
+        self.flush(timeout)
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
 
     def _run(self) -> None:
-        while True:
+        while not self._stop.is_set():
             self._wake.wait()
             self._wake.clear()
             # Give the next claim the chance to carry these; write them if none comes.
-            time.sleep(LINGER_SECONDS)
-            done = self.take()
-            if done:
-                self.write(done)
+            if self._stop.wait(LINGER_SECONDS):
+                break
+            with self._lock:
+                batch, self._failed = self._failed, []
+            batch += self.take()
+            if batch:
+                self._write_retrying(batch)
+
+    def _write_retrying(self, batch: Done) -> None:
+        """Write ``batch`` (plus whatever is submitted meanwhile), retrying with backoff
+        while Postgres is out of reach, until it lands or the completer stops."""
+        wait = RETRY_FIRST
+        statement_errors = 0
+        while True:
+            try:
+                self.ledger.succeed_many(batch)
+            except Exception as exc:
+                if not _outage(exc):
+                    statement_errors += 1
+                    log.exception(
+                        "writing %d completions failed (try %d)", len(batch), statement_errors
+                    )
+                    if statement_errors >= STATEMENT_TRIES:
+                        break
+                else:
+                    log.warning(
+                        "writing %d completions failed: %s; retrying in %.1fs",
+                        len(batch),
+                        exc,
+                        wait,
+                    )
+                if self._stop.wait(wait):
+                    log.error("stopping with %d completions unwritten", len(batch))
+                    break
+                wait = min(wait * 2, RETRY_MAX)
+                batch += self.take()
+                continue
+            break
+        self.written(batch)

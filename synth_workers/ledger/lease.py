@@ -3,7 +3,10 @@
 Each process that runs jobs has one :class:`LeaseKeeper` (made after fork) whose owner id is
 ``host:pid:boot``. Its thread renews every lease the owner holds every third of
 ``SYNTH_LEASE_SECONDS`` and learns which of its jobs were asked to cancel. A frozen process
-(SIGSTOP) stops renewing, so its leases expire and the reaper hands the jobs to others.
+(SIGSTOP) stops renewing, so its leases expire and the reaper hands the jobs to others. A
+job stays in the keeper until its completion is written (see ``completer``), so its lease
+holds through a completion write that is being retried. :meth:`LeaseKeeper.stop` ends the
+thread (worker process shutdown).
 """
 
 from __future__ import annotations
@@ -30,13 +33,17 @@ class LeaseKeeper:
         self._active: dict[str, int] = {}
         self._cancel_requested: set[str] = set()
         self._lock = threading.Lock()
-        self._wake = threading.Event()
+        self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
 
     def add(self, job_id: str) -> None:
         with self._lock:
             self._active[job_id] = self._active.get(job_id, 0) + 1
-            if self._thread is None:
+            if self._thread is None and not self._stop.is_set():
                 self._thread = threading.Thread(
                     target=self._run, name="synth-lease-keeper", daemon=True
                 )
@@ -55,8 +62,16 @@ class LeaseKeeper:
         with self._lock:
             return job_id in self._cancel_requested
 
+    def stop(self, timeout: float = 5.0) -> None:
+        """End the renewal thread; the leases it held lapse (the reaper takes the jobs)."""
+        self._stop.set()
+        with self._lock:
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+
     def _run(self) -> None:
-        while not self._wake.wait(self.interval):
+        while not self._stop.wait(self.interval):
             with self._lock:
                 if not self._active:
                     continue

@@ -312,9 +312,11 @@ class Ledger:
         replay_of: str | None = None,
         user_id: str | None = None,
         message: dict[str, Any] | None = None,
+        expires_at: datetime | None = None,
     ) -> str:
         """Insert a job row (queued, or scheduled when delayed); with an idempotency key,
         return the id of the live job that already holds the key instead (nothing inserted).
+        ``expires_at``: Celery's ``expires``; a job not started by then ends ``cancelled``.
         """
         self.durable(conn)
         if idempotency_key is not None:
@@ -335,9 +337,9 @@ class Ledger:
         scheduled = bool(delay and delay > 0)
         conn.execute(
             "INSERT INTO synth_jobs (id, task, queue, priority, payload, args, idempotency_key,"
-            " state, max_attempts, run_at, published_at, replay_of, user_id, message) VALUES (%s,"
-            " %s, %s, %s, %s, %s, %s, %s, %s, CASE WHEN %s THEN now() + make_interval(secs => %s)"
-            " END, CASE WHEN %s THEN now() END, %s, %s, %s)",
+            " state, max_attempts, run_at, published_at, replay_of, user_id, message, expires_at)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, CASE WHEN %s THEN now() +"
+            " make_interval(secs => %s) END, CASE WHEN %s THEN now() END, %s, %s, %s, %s)",
             (
                 job_id,
                 task,
@@ -354,6 +356,7 @@ class Ledger:
                 replay_of,
                 user_id,
                 message_json(message),
+                expires_at,
             ),
         )
         if not published and not scheduled:
@@ -388,7 +391,8 @@ class Ledger:
         "UPDATE synth_jobs SET state = 'running', attempt = attempt + 1, "
         "lease_owner = %s, lease_expires_at = now() + make_interval(secs => %s), "
         "started_at = now(), updated_at = now() "
-        "WHERE id = %s AND state = 'queued' "
+        "WHERE id = %s AND state = 'queued' AND NOT cancel_requested "
+        "AND (expires_at IS NULL OR expires_at > now()) "
         "RETURNING attempt, max_attempts, task, queue, user_id, extract(epoch FROM enqueued_at)"
     )
     _COMPLETE = (
@@ -573,6 +577,10 @@ class Ledger:
     def retry_later(
         self, claim: Claim, delay: float, error: BaseException, failure_class: str
     ) -> bool:
+        """The attempt failed: run it again in ``delay`` seconds, unless the job was
+        cancelled meanwhile or expires before then (it ends ``cancelled``)."""
+        if self.cancel_if_requested(claim, delay):
+            return True
         return self._finish(
             claim,
             "failed-retrying",
@@ -623,15 +631,18 @@ class Ledger:
     # --- deferral (a shared rate limit or a provider's 429: wait, no attempt used) -------
     def defer(
         self, claim: Claim, delay: float, reason: str, max_seconds: float | None = None
-    ) -> Literal["deferred", "lost", "exhausted"]:
+    ) -> Literal["deferred", "lost", "exhausted", "cancelled"]:
         """Put the running job back to ``scheduled`` in ``delay`` seconds and give its
         attempt back (``attempt - 1``), fenced by the claim: ``"deferred"``, or ``"lost"``
-        when the claim no longer holds (recorded as late).
+        when the claim no longer holds (recorded as late), or ``"cancelled"`` when the job
+        was cancelled meanwhile or expires before then (it ends so).
 
         With ``max_seconds`` (a provider's 429, not a wait on the platform's own limits) the
         job's first such deferral is remembered, and once it is ``max_seconds`` old the job is
         left running and ``"exhausted"`` is returned: the caller fails the attempt instead.
         """
+        if self.cancel_if_requested(claim, delay):
+            return "cancelled"
         assignments = (
             "state = 'scheduled', run_at = now() + make_interval(secs => %s), attempt = attempt - 1"
         )
@@ -706,7 +717,10 @@ class Ledger:
 
     def worker_lost(self, job_id: str, owner_prefix: str) -> str | None:
         """The process running ``job_id`` died: requeue it, or dead-letter it as a poison
-        pill once it has killed ``SYNTH_POISON_PILL_LOSSES`` workers. Returns the new state."""
+        pill once it has killed ``SYNTH_POISON_PILL_LOSSES`` workers; a job cancelled while it
+        ran ends ``cancelled`` instead (never counted as a loss). Returns the new state."""
+        if self.cancel_lost(job_id, owner_prefix):
+            return "cancelled"
         with self.connection() as conn:
             row = conn.execute(
                 "UPDATE synth_jobs SET worker_losses = worker_losses + 1, "
@@ -716,7 +730,7 @@ class Ledger:
                 "error_class = 'WorkerLostError', last_error = 'the worker process died', "
                 "finished_at = CASE WHEN worker_losses + 1 >= %s THEN now() END, "
                 "published_at = now(), lease_owner = NULL, lease_expires_at = NULL, "
-                "updated_at = now() WHERE id = %s AND state = 'running' "
+                "updated_at = now() WHERE id = %s AND state = 'running' AND NOT cancel_requested "
                 "AND starts_with(lease_owner, %s) RETURNING state, task, queue, attempt",
                 (*(self.settings.poison_pill_losses,) * 3, job_id, owner_prefix),
             ).fetchone()
@@ -736,7 +750,10 @@ class Ledger:
             )
 
     def hard_timeout(self, job_id: str, error: str, owner_prefix: str) -> str | None:
-        """The job hit its hard time limit (its process was killed): retry or dead-letter."""
+        """The job hit its hard time limit (its process was killed): retry or dead-letter;
+        a job cancelled while it ran ends ``cancelled``."""
+        if self.cancel_lost(job_id, owner_prefix):
+            return "cancelled"
         with self.connection() as conn:
             row = conn.execute(
                 "UPDATE synth_jobs SET "
@@ -745,8 +762,8 @@ class Ledger:
                 "error_class = 'TimeLimitExceeded', last_error = %s, "
                 "finished_at = CASE WHEN attempt >= COALESCE(max_attempts, %s) THEN now() END, "
                 "lease_owner = NULL, lease_expires_at = NULL, updated_at = now() "
-                "WHERE id = %s AND state = 'running' AND starts_with(lease_owner, %s) "
-                "RETURNING state, task, queue, attempt",
+                "WHERE id = %s AND state = 'running' AND NOT cancel_requested "
+                "AND starts_with(lease_owner, %s) RETURNING state, task, queue, attempt",
                 (
                     self.settings.max_attempts,
                     error,
@@ -853,6 +870,96 @@ class Ledger:
         self.record_rejected(job_id, task, queue, raw, "expired", error)
         return "dead"
 
+    # --- cancellation honoured: revoke, purge, expires -----------------------------------
+    def cancel_if_requested(self, claim: Claim, delay: float = 0.0) -> bool:
+        """End the claimed job ``cancelled`` (fenced) if it was cancelled while it ran, or if
+        it expires within ``delay`` seconds (``last_error`` = ``expired``): a retry or a
+        deferral must not run it again. Returns whether it ended so."""
+        with self.connection() as conn:
+            row = conn.execute(
+                "UPDATE synth_jobs SET state = 'cancelled', finished_at = now(), last_error = "
+                "CASE WHEN cancel_requested THEN last_error ELSE 'expired' END, lease_owner = "
+                "NULL, lease_expires_at = NULL, updated_at = now() WHERE id = %s AND attempt = "
+                "%s AND lease_owner = %s AND state = 'running' AND (cancel_requested OR "
+                "expires_at <= now() + make_interval(secs => %s)) "
+                "RETURNING cancel_requested, task, queue, attempt",
+                (claim.job_id, claim.attempt, claim.owner, max(0.0, delay)),
+            ).fetchone()
+        if row is None:
+            return False
+        self.announce_finish(
+            claim, "cancelled", while_running=True, reason="cancelled" if row[0] else "expired"
+        )
+        return True
+
+    def cancel_lost(self, job_id: str, owner_prefix: str) -> bool:
+        """The process running ``job_id`` died or was killed (``revoke(terminate=True)``, a
+        hard time limit) after the job was cancelled: it ends ``cancelled``, not requeued."""
+        with self.connection() as conn:
+            row = conn.execute(
+                "UPDATE synth_jobs SET state = 'cancelled', finished_at = now(), lease_owner = "
+                "NULL, lease_expires_at = NULL, updated_at = now() WHERE id = %s AND state = "
+                "'running' AND cancel_requested AND starts_with(lease_owner, %s) "
+                "RETURNING state, task, queue, attempt",
+                (job_id, owner_prefix),
+            ).fetchone()
+        if row is None:
+            return False
+        self._announce_row("cancelled", job_id, row, reason="cancelled", while_running=True)
+        return True
+
+    _END_CANCELLED = (
+        "WITH e AS (UPDATE synth_jobs SET state = 'cancelled', last_error = 'expired', "
+        "finished_at = now(), updated_at = now() WHERE id IN (SELECT id FROM synth_jobs WHERE "
+        "expires_at <= now() AND state IN ('scheduled', 'queued', 'failed-retrying') LIMIT %s "
+        "FOR UPDATE SKIP LOCKED) RETURNING id, task, queue, attempt), "
+        "c AS (UPDATE synth_jobs SET state = 'cancelled', finished_at = now(), lease_owner = "
+        "NULL, lease_expires_at = NULL, updated_at = now() WHERE id IN (SELECT id FROM "
+        "synth_jobs WHERE state = 'running' AND lease_expires_at < now() AND cancel_requested "
+        "LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING id, task, queue, attempt) "
+        "SELECT 'expired', * FROM e UNION ALL SELECT 'cancelled', * FROM c"
+    )
+
+    def end_cancelled(self, limit: int = 1000) -> int:
+        """The sweeper's pass over cancellations: jobs not started whose ``expires_at``
+        passed end ``cancelled`` (``last_error`` = ``expired``), and cancelled jobs whose
+        worker stopped renewing their lease end ``cancelled`` instead of being reaped and run
+        again. One statement; returns how many jobs ended."""
+        with self.connection() as conn:
+            rows = conn.execute(self._END_CANCELLED, (limit, limit)).fetchall()
+        for reason, job_id, task, queue, attempt in rows:
+            self._announce_row(
+                "cancelled", str(job_id), (None, task, queue, attempt), reason=reason
+            )
+        return len(rows)
+
+    def cancel_purged(self, job_ids: Sequence[str], reason: str = "purged") -> int:
+        """Messages deleted from Redis by ``celery purge`` / ``app.control.purge()``: their
+        queued jobs end ``cancelled`` with ``last_error`` = ``reason``, so no reconciler
+        publishes them again. Ids that are not UUIDs (foreign messages) are skipped; returns
+        how many jobs were cancelled."""
+        ids: list[str] = []
+        for job_id in job_ids:
+            try:
+                ids.append(str(uuid.UUID(str(job_id))))
+            except ValueError:
+                continue
+        if not ids:
+            return 0
+        with self.connection() as conn, conn.transaction():
+            self.durable(conn)
+            rows = conn.execute(
+                "UPDATE synth_jobs SET state = 'cancelled', last_error = %s, finished_at = "
+                "now(), updated_at = now() WHERE id = ANY(%s::uuid[]) AND state = 'queued' "
+                "RETURNING id, task, queue, attempt",
+                (reason, ids),
+            ).fetchall()
+        for job_id, task, queue, attempt in rows:
+            self._announce_row(
+                "cancelled", str(job_id), (None, task, queue, attempt), reason=reason
+            )
+        return len(rows)
+
     # --- effect guard --------------------------------------------------------------------
     def effect_recorded(self, job_id: str, key: str) -> bool:
         with self.connection() as conn:
@@ -879,8 +986,9 @@ class Ledger:
         """Scheduled jobs and retries whose time has come → queued (to publish)."""
         return self._to_publish(
             "WITH due AS (SELECT id FROM synth_jobs WHERE state IN ('scheduled', "
-            "'failed-retrying') AND run_at <= now() ORDER BY run_at LIMIT %s "
-            "FOR UPDATE SKIP LOCKED) UPDATE synth_jobs j SET state = 'queued', "
+            "'failed-retrying') AND run_at <= now() AND (expires_at IS NULL OR expires_at > "
+            "now()) AND NOT cancel_requested ORDER BY run_at LIMIT %s FOR UPDATE SKIP LOCKED) "
+            "UPDATE synth_jobs j SET state = 'queued', "
             "published_at = now(), updated_at = now() FROM due WHERE j.id = due.id "
             "RETURNING j.id, j.task, j.queue, j.priority, j.payload, j.args, j.message, "
             "j.retries",
@@ -905,7 +1013,8 @@ class Ledger:
         with self.connection() as conn:
             rows = conn.execute(
                 "WITH x AS (SELECT id FROM synth_jobs WHERE state = 'running' AND "
-                "lease_expires_at < now() LIMIT %s FOR UPDATE SKIP LOCKED) "
+                "lease_expires_at < now() AND NOT cancel_requested LIMIT %s "
+                "FOR UPDATE SKIP LOCKED) "
                 "UPDATE synth_jobs j SET worker_losses = worker_losses + 1, "
                 "state = CASE WHEN worker_losses + 1 >= %s THEN 'dead' ELSE 'queued' END, "
                 "failure_class = CASE WHEN worker_losses + 1 >= %s THEN 'poison_pill' "
@@ -946,6 +1055,7 @@ class Ledger:
                 "SELECT id, task, queue, priority, payload, args, message, retries FROM synth_jobs "
                 "WHERE state = "
                 "'queued' AND published_at < now() - make_interval(secs => %s) "
+                "AND NOT cancel_requested AND (expires_at IS NULL OR expires_at > now()) "
                 "ORDER BY published_at LIMIT %s",
                 (grace, limit),
             ).fetchall()

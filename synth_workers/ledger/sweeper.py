@@ -6,7 +6,12 @@ retries, and takes back jobs whose lease expired (dead-lettering poison pills). 
 sweeps one worker (a Postgres advisory lock decides) re-publishes queued jobs that Redis no
 longer holds (Redis restarted, or a publish was lost); after a slow pass (a large backlog to
 read) the next one waits 20 times as long as that pass took. Sweeps from several workers are
-safe together: rows are taken with ``FOR UPDATE SKIP LOCKED``.
+safe together: rows are taken with ``FOR UPDATE SKIP LOCKED``. Each pass first ends
+cancellations (``Ledger.end_cancelled``): jobs past their ``expires`` and cancelled jobs
+whose worker stopped renewing, so neither is promoted, reaped or re-published.
+
+Its timing decisions (when to reconcile) read an injectable ``clock`` (``time.monotonic``
+by default), so that tests can drive them.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from celery import bootsteps
@@ -34,9 +40,11 @@ RECONCILE_BACKOFF = 20.0
 
 
 class Sweeper:
-    def __init__(self, app: SynthCelery) -> None:
+    def __init__(self, app: SynthCelery, clock: Callable[[], float] = time.monotonic) -> None:
         self.app = app
         self.platform = platform_of(app)
+        #: Seconds, monotonic: what the reconcile schedule is measured with.
+        self.clock = clock
         self.settings = self.platform.settings
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -78,7 +86,7 @@ class Sweeper:
     def sweep(self) -> dict[str, int]:
         """One pass; returns what it did (for logs and tests)."""
         ledger = self.platform.ledger
-        counts: dict[str, int] = {}
+        counts: dict[str, int] = {"cancelled": ledger.end_cancelled()}
         outbox = ledger.take_outbox()
         publish(self.app, outbox)
         counts["outbox"] = len(outbox)
@@ -93,10 +101,10 @@ class Sweeper:
             log.warning(
                 "reaped %d expired leases (%d dead as poison pills)", len(requeued), poisoned
             )
-        now = time.monotonic()
+        now = self.clock()
         if now - self._last_reconcile >= self.reconcile_wait:
             counts["republished"] = self.reconcile()
-            self._last_reconcile = time.monotonic()
+            self._last_reconcile = self.clock()
             # A large backlog queued longer than the grace makes a pass read and parse
             # thousands of Redis messages in this (the worker's main) process: keep such passes
             # to about 5 % of the time. A lost message is then found a little later, not never.
