@@ -19,6 +19,13 @@ the platform, and writes a JSON summary (``--out``). Needs the ``celery-suite`` 
 
     .venv/bin/python -m bench.celery_suite                    # both runs, about 20 min each
     .venv/bin/python -m bench.celery_suite --only stock -k chord
+    .venv/bin/python -m bench.celery_suite --only platform --quick 15 \
+        --compare bench/results/celery_suite_stock.json      # map differences fast
+
+``--quick S`` turns the suite's reruns off and caps every test at S seconds: a quick map of
+what differs, not a result. ``--compare`` takes the stock side from an earlier summary. A run
+cut by ``--run-timeout`` still reports the tests it ran (the plugin writes its report after
+every test); its comparison covers those only.
 
 Exit status: 0 when every run finished (whatever its failures: the comparison is the
 output), 1 when a run could not start or was cut by ``--run-timeout``, 2 on bad usage or a
@@ -78,7 +85,13 @@ class SideResult:
     broker: str
     counts: dict[str, int] = field(default_factory=dict)
     outcomes: dict[str, str] = field(default_factory=dict)
+    #: The same, not counting errors raised at teardown (the suite's autouse checks).
+    outcomes_without_teardown: dict[str, str] = field(default_factory=dict)
+    #: The first failure line of each test that failed or errored.
+    first_errors: dict[str, str] = field(default_factory=dict)
     error: str | None = None
+    #: The report stops short of the end (the run was cut): counts cover the tests run.
+    partial: bool = False
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -125,9 +138,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=RESULTS / "celery_suite.json",
         help="JSON summary of both runs.",
     )
+    parser.add_argument(
+        "--quick",
+        type=int,
+        metavar="SECONDS",
+        help="A quick run: no reruns of the suite's flaky tests (-p no:rerunfailures) and "
+        "every test capped at SECONDS, its own timeout mark included. Counts then differ "
+        "from a full run; use it to map differences, not to report the result.",
+    )
+    parser.add_argument(
+        "--compare",
+        type=Path,
+        help="A summary JSON from an earlier run whose stock side is compared with this run's "
+        "platform side (with --only platform).",
+    )
     args = parser.parse_args(argv)
-    if args.timeout <= 0 or args.run_timeout <= 0:
-        parser.error("--timeout and --run-timeout must be positive")
+    if args.compare is not None and args.only != "platform":
+        parser.error("--compare goes with --only platform")
+    if args.compare is not None and not args.compare.is_file():
+        parser.error(f"--compare: no such file {args.compare}")
+    if args.timeout <= 0 or args.run_timeout <= 0 or (args.quick is not None and args.quick <= 0):
+        parser.error("--timeout, --run-timeout and --quick must be positive")
     args.redis = args.redis.rstrip("/")
     if not args.redis.startswith(("redis://", "rediss://")):
         parser.error("--redis must be a redis:// URL")
@@ -254,9 +285,26 @@ def pytest_command(side: str, args: argparse.Namespace, report: Path) -> list[st
     ]
     if side == "platform":
         cmd.append("--synth-platform")
+    if args.quick:
+        cmd += ["-p", "no:rerunfailures", f"--synth-cap-timeout={args.quick}"]
     if args.keyword:
         cmd += ["-k", args.keyword]
     return cmd
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a pytest run: Ctrl-C first (pytest still prints its summary), then its group."""
+    for sig, grace in ((signal.SIGINT, 60), (signal.SIGTERM, 20), (signal.SIGKILL, None)):
+        with contextlib.suppress(ProcessLookupError):
+            if sig == signal.SIGINT:
+                os.kill(proc.pid, sig)
+            else:
+                os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def run_side(side: str, root: Path, args: argparse.Namespace) -> SideResult:
@@ -284,19 +332,15 @@ def run_side(side: str, root: Path, args: argparse.Namespace) -> SideResult:
             result.returncode = proc.wait(timeout=args.run_timeout)
         except subprocess.TimeoutExpired:
             result.error = f"cut after {args.run_timeout} s (--run-timeout)"
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            stop(proc)
     result.seconds = round(time.monotonic() - started, 1)
     if report.is_file():
         data = json.loads(report.read_text())
         result.counts = data["counts"]
         result.outcomes = data["outcomes"]
+        result.outcomes_without_teardown = data.get("outcomes_without_teardown", {})
+        result.partial = bool(data.get("partial"))
+        result.first_errors = data.get("first_errors", {})
     elif result.error is None:
         result.error = f"pytest exited {result.returncode} without a report: see {log}"
     return result
@@ -305,23 +349,42 @@ def run_side(side: str, root: Path, args: argparse.Namespace) -> SideResult:
 # --- report --------------------------------------------------------------------------------
 def summary_line(result: SideResult) -> str:
     c = result.counts
-    keys = ("passed", "failed", "error", "skipped", "xfailed", "xpassed")
+    keys = ("passed", "failed", "error", "skipped", "xfailed", "xpassed", "rerun")
     text = ", ".join(f"{c.get(k, 0)} {k}" for k in keys)
     subtests = {k.removeprefix("subtests "): v for k, v in c.items() if k.startswith("subtests ")}
     if subtests:
         text += " (subtests: " + ", ".join(f"{v} {k}" for k, v in sorted(subtests.items())) + ")"
+    if result.partial:
+        text += " [partial: counts cover the tests run]"
     if result.error:
         text += f" [{result.error}]"
     return f"{result.side:8} {text} in {result.seconds:.0f} s"
 
 
-def regressions(stock: SideResult, platform: SideResult) -> dict[str, str]:
-    """Tests passing on stock that do not pass on the platform, with the platform's outcome."""
+def regressions(
+    stock: dict[str, str], platform: dict[str, str], keyword_run: bool = False
+) -> dict[str, str]:
+    """Tests passing on stock that do not pass on the platform, with the platform's outcome.
+
+    ``keyword_run``: the platform ran a ``-k`` selection, so a test it did not run is not
+    counted against it.
+    """
     return {
-        test: platform.outcomes.get(test, "not run")
-        for test, outcome in stock.outcomes.items()
-        if outcome in PASSING and platform.outcomes.get(test) not in PASSING
+        test: platform.get(test, "not run")
+        for test, outcome in stock.items()
+        if outcome in PASSING
+        and platform.get(test) not in PASSING
+        and not (keyword_run and test not in platform)
     }
+
+
+def load_stock(path: Path) -> SideResult:
+    """The stock side of an earlier summary (``--compare``)."""
+    data = json.loads(path.read_text())
+    try:
+        return SideResult(**data["runs"]["stock"])
+    except (KeyError, TypeError) as exc:
+        raise SuiteError(f"{path} holds no stock run ({exc})") from exc
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -335,7 +398,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     sides = [args.only] if args.only else list(SIDES)
-    results = {side: run_side(side, root, args) for side in sides}
+    results: dict[str, SideResult] = {}
+    if args.compare is not None:
+        try:
+            results["stock"] = load_stock(args.compare)
+        except SuiteError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    results.update({side: run_side(side, root, args) for side in sides})
 
     print(f"\nCelery {celery_version} / kombu {version('kombu')}: {', '.join(SUITE_FILES)}")
     for result in results.values():
@@ -345,15 +415,35 @@ def main(argv: list[str] | None = None) -> int:
         "kombu": version("kombu"),
         "files": list(SUITE_FILES),
         "keyword": args.keyword,
+        "quick": args.quick,
         "timeout": args.timeout,
         "runs": {side: asdict(r) for side, r in results.items()},
     }
-    if len(results) == 2:
-        lost = regressions(results["stock"], results["platform"])
+    if len(results) == 2 and not all(r.outcomes for r in results.values()):
+        print("\nno comparison: a run reported no outcomes (see its error above)")
+    elif len(results) == 2:
+        stock, platform = results["stock"], results["platform"]
+        keyword_run = bool(args.keyword) or platform.partial
+        lost = regressions(stock.outcomes, platform.outcomes, keyword_run)
+        bodies = regressions(
+            stock.outcomes_without_teardown or stock.outcomes,  # summaries before the field
+            platform.outcomes_without_teardown or platform.outcomes,
+            keyword_run,
+        )
         summary["pass_on_stock_not_on_platform"] = lost
+        summary["pass_on_stock_not_on_platform_without_teardown_errors"] = bodies
         print(f"\npass on stock, not on the platform: {len(lost)}")
         for test, outcome in lost.items():
-            print(f"  {test}  ({outcome})")
+            print(f"  {test}  ({outcome}) {platform.first_errors.get(test, '')}")
+        if bodies != lost:
+            print(f"not counting errors at teardown: {len(bodies)}")
+            for test, outcome in bodies.items():
+                print(f"  {test}  ({outcome})")
+        teardown = sorted({m for m in platform.first_errors.values() if m.startswith("teardown")})
+        if teardown:
+            print("errors at teardown on the platform:")
+            for message in teardown:
+                print(f"  {message}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\nsummary: {args.out}")

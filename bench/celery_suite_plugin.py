@@ -48,18 +48,41 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="Apply synth_workers.install(app) to every app built by celery.contrib.testing.",
     )
     group.addoption(
+        "--synth-cap-timeout",
+        type=int,
+        default=None,
+        help="Cap every test's timeout at this many seconds, the suite's own timeout marks "
+        "included (a quick run: a test that hangs costs this, not 300 s).",
+    )
+    group.addoption(
         "--synth-report",
         default=None,
         help="Write the run's outcomes (per test and pytest's summary counts) to this JSON file.",
     )
 
 
+#: The session's config, for hooks that are not handed it.
+_CONFIG: dict[str, pytest.Config] = {}
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    _CONFIG["config"] = config
     if config.getoption("synth_platform"):
         try:
             _wrap_test_app()
         except PlatformUnavailableError as exc:
             raise pytest.UsageError(str(exc)) from exc
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    cap = config.getoption("synth_cap_timeout")
+    if not cap:
+        return
+    for item in items:
+        mark = item.get_closest_marker("timeout")
+        own = mark.kwargs.get("timeout", mark.args[0] if mark.args else None) if mark else None
+        if own is None or own > cap:
+            item.add_marker(pytest.mark.timeout(timeout=cap), append=False)
 
 
 def _wrap_test_app() -> None:
@@ -102,8 +125,27 @@ def _counts(stats: dict[str, list[Any]]) -> dict[str, int]:
     return counts
 
 
-def _outcomes(stats: dict[str, list[Any]]) -> dict[str, str]:
-    """Each test's worst outcome; a failed subtest makes its test ``failed``."""
+def _first_errors(stats: dict[str, list[Any]]) -> dict[str, str]:
+    """The first failure or error line of each test that has one (``when: message``)."""
+    lines: dict[str, str] = {}
+    for key in ("failed", "error", "subtests failed"):
+        for report in stats.get(key, []):
+            nodeid = getattr(report, "nodeid", None)
+            if not nodeid or nodeid in lines:
+                continue
+            crash = getattr(getattr(report, "longrepr", None), "reprcrash", None)
+            message = crash.message if crash is not None else str(report.longrepr)
+            first = message.strip().splitlines()[0] if message.strip() else ""
+            lines[nodeid] = f"{getattr(report, 'when', 'collect')}: {first[:300]}"
+    return dict(sorted(lines.items()))
+
+
+def _outcomes(stats: dict[str, list[Any]], teardown: bool = True) -> dict[str, str]:
+    """Each test's worst outcome; a failed subtest makes its test ``failed``.
+
+    ``teardown=False`` leaves out errors raised while tearing a test down (the suite's own
+    autouse checks run there), to tell them from a test whose body failed.
+    """
     rank = {name: i for i, name in enumerate(OUTCOME_ORDER)}
     result: dict[str, str] = {}
     for key, reports in stats.items():
@@ -116,7 +158,7 @@ def _outcomes(stats: dict[str, list[Any]]) -> dict[str, str]:
             continue  # a passing or skipped subtest says nothing about its test
         for report in reports:
             nodeid = getattr(report, "nodeid", None)
-            if not nodeid:
+            if not nodeid or (not teardown and getattr(report, "when", None) == "teardown"):
                 continue
             if outcome == "rerun" and nodeid in result:
                 continue  # a rerun is an intermediate report: the final one decides
@@ -126,24 +168,44 @@ def _outcomes(stats: dict[str, list[Any]]) -> dict[str, str]:
     return dict(sorted(result.items()))
 
 
+def pytest_runtest_logfinish(nodeid: str, location: object) -> None:
+    """After each test, the report so far: a run stopped from outside still leaves one."""
+    config = _CONFIG.get("config")
+    if config is None or not config.getoption("synth_report"):
+        return
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        _write_report(config, reporter.stats, exitstatus=None)
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    if config.getoption("synth_report"):
+        _write_report(config, terminalreporter.stats, exitstatus=int(exitstatus))
+
+
+def _write_report(
+    config: pytest.Config, stats: dict[str, list[Any]], exitstatus: int | None
+) -> None:
+    """``exitstatus`` None: the run is not over (``partial`` in the report)."""
     path = config.getoption("synth_report")
-    if not path:
-        return
-    stats: dict[str, list[Any]] = terminalreporter.stats
     counts = _counts(stats)
     outcomes = _outcomes(stats)
     per_outcome = Counter(outcomes.values())
-    Path(path).write_text(
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(
         json.dumps(
             {
-                "exitstatus": int(exitstatus),
+                "exitstatus": exitstatus,
+                "partial": exitstatus is None,
                 "platform": bool(config.getoption("synth_platform")),
                 "counts": counts,
                 "tests_by_outcome": dict(per_outcome),
                 "outcomes": outcomes,
+                "outcomes_without_teardown": _outcomes(stats, teardown=False),
+                "first_errors": _first_errors(stats),
             },
             indent=2,
         )
     )
+    tmp.replace(path)  # whole or not at all: the run may be stopped at any moment
