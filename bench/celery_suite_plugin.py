@@ -89,7 +89,8 @@ def _wrap_test_app() -> None:
     """Replace ``TestApp`` where the suite's fixtures look it up by a wrapper that installs
     the platform on the app once Celery's test configuration is applied."""
     try:
-        from synth_workers import install
+        # Issue 13's install() (branch issue13-a); the ignore goes once it is merged.
+        from synth_workers import install  # type: ignore[attr-defined,unused-ignore]
     except ImportError as exc:
         raise PlatformUnavailableError(
             f"synth_workers.install is not available on this branch ({exc}): "
