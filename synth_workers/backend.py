@@ -203,6 +203,13 @@ class LedgerBackend(_RedisBackend):  # type: ignore[misc]
         ]
 
     # --- writes ------------------------------------------------------------------------------
+    def on_task_call(self, producer: Any, task_id: str) -> None:
+        """Subscribe to nothing at send time. Celery's Redis backend subscribes the producer
+        to every job's channel as it sends it (a Redis command per enqueue, and a
+        subscription kept for each job nobody waits on); here ``get()`` / ``then()``
+        subscribe (``add_pending_result``) and then read the ledger row, so a job that
+        finished before the subscription is still seen."""
+
     def store_result(
         self,
         task_id: str,
