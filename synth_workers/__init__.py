@@ -25,10 +25,10 @@ from synth_workers.errors import (
     UnknownTaskError,
 )
 from synth_workers.install import install
-from synth_workers.jobstate import JobState
 from synth_workers.platform import Platform, platform_of
 from synth_workers.producer import JobHandle, enqueue
 from synth_workers.settings import Settings, load_settings
+from synth_workers.states import JobState
 from synth_workers.task import Task
 
 __version__ = "0.1.0"

@@ -29,9 +29,9 @@ from synth_workers.errors import (
     ServiceUnavailableError,
     SynthWorkersError,
 )
-from synth_workers.jobstate import JobState
 from synth_workers.routing import Priority
 from synth_workers.settings import Settings, load_settings
+from synth_workers.states import JobState
 
 if TYPE_CHECKING:
     from synth_workers.app import SynthCelery

@@ -45,24 +45,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from synth_workers.states import EventKind
+
 log = logging.getLogger(__name__)
 
-KINDS = (
-    "queued",
-    "scheduled",
-    "started",
-    "progress",
-    "retrying",
-    "succeeded",
-    "dead",
-    "cancelled",
-    "late_refused",
-    # announced by tasks.orchestration (not job states: never final)
-    "workflow_completed",
-    "usage",
-)
-#: Kinds after which a job never changes again.
-FINAL_KINDS = frozenset({"succeeded", "dead", "cancelled"})
+#: Every event kind (see :class:`synth_workers.states.EventKind`).
+KINDS = tuple(EventKind)
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,6 +34,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from synth_workers.lifecycle import JobEvent
+from synth_workers.states import FINAL_KINDS
 
 if TYPE_CHECKING:
     from synth_workers.app import SynthCelery
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
 RUNTIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300,
                    600, 1800, 3600)  # fmt: skip
 WAIT_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
-FINAL_OUTCOMES = ("succeeded", "dead", "cancelled")
+FINAL_OUTCOMES = tuple(sorted(FINAL_KINDS))
 #: The gauges of ``synth-workers metrics serve`` (see :class:`ClusterCollector`).
 CLUSTER_METRICS = (
     "synth_queue_depth",

@@ -46,8 +46,8 @@ from synth_workers.errors import (
     ServiceUnavailableError,
     UnknownTaskError,
 )
-from synth_workers.jobstate import JobState
 from synth_workers.settings import mask_url
+from synth_workers.states import JobState
 from synth_workers.task import Task
 
 if TYPE_CHECKING:

@@ -44,8 +44,8 @@ from synth_workers.events.auth import AuthenticationError, authenticate
 from synth_workers.events.fanout import Fanout, Subscriber
 from synth_workers.events.stream import Event, job_stream, user_stream
 from synth_workers.ledger import Ledger
-from synth_workers.lifecycle import FINAL_KINDS
 from synth_workers.settings import Settings
+from synth_workers.states import FINAL_KINDS, FINAL_STATES
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,6 @@ BAD_CURSOR = (
     "Last-Event-ID / since must be an event id: <ms> or <ms>-<seq>, each an integer "
     f"from 0 to {MAX_ID_PART} (or 0, or $)"
 )
-FINAL_STATES = frozenset({"succeeded", "dead", "cancelled"})
 #: Browsers wait this long (ms) before reconnecting a dropped stream.
 RETRY_MS = 2000
 

@@ -31,7 +31,8 @@ from typing import Any
 
 import redis
 
-from synth_workers.lifecycle import FINAL_KINDS, JobEvent
+from synth_workers.lifecycle import JobEvent
+from synth_workers.states import FINAL_KINDS
 
 log = logging.getLogger(__name__)
 
