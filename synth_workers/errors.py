@@ -23,7 +23,7 @@
           └── ProviderRejectedError  the provider refused the request (400/401/403/404)
 
 Job code raises ``TransientError`` or ``PermanentError`` (or a provider leaf under them); any
-other exception is treated by the retry policy of the task (see ``synth_workers.task``).
+other exception is treated by the retry policy of the task (see ``synth_workers.runner``).
 """
 
 from __future__ import annotations

@@ -6,11 +6,11 @@ errors (nothing is queued then), writes the job record, publishes the message an
 :class:`JobHandle`. Messages are JSON only.
 
 Refused before anything is written (``PayloadValidationError``; the checks live in
-``synth_workers.validation`` and run in ``Task.apply_async``, so Celery's ``delay`` and
-``apply_async`` get them too): a payload that is not strict JSON (NaN, Infinity, a string or
-key holding NUL or a lone surrogate; the message names the value's path), an idempotency key
-that is not 1 to 255 printable characters, a delay that is not finite, is negative or is over
-``SYNTH_MAX_DELAY_SECONDS``.
+``synth_workers.validation`` and run in ``Task.apply_async``, that is ``synth_workers.publish``,
+so Celery's ``delay`` and ``apply_async`` get them too): a payload that is not strict JSON
+(NaN, Infinity, a string or key holding NUL or a lone surrogate; the message names the
+value's path), an idempotency key that is not 1 to 255 printable characters, a delay that is
+not finite, is negative or is over ``SYNTH_MAX_DELAY_SECONDS``.
 
 **When the publish fails** (Redis refuses, resets, or does not answer within
 ``SYNTH_REDIS_TIMEOUT``) enqueue raises :class:`ServiceUnavailableError` within about that
@@ -46,6 +46,7 @@ from synth_workers.errors import (
     ServiceUnavailableError,
     UnknownTaskError,
 )
+from synth_workers.publish import PLACEMENT_OPTION, placement
 from synth_workers.settings import mask_url
 from synth_workers.states import JobState
 from synth_workers.task import Task
@@ -206,16 +207,15 @@ def enqueue(
     """
     app = app or _default_app()
     task = _lookup(app, task_name)
-    level = routing.resolve_priority(priority)
-    target = routing.resolve_queue(task_name, queue, gpu=gpu)
+    # Priority and queue are resolved here, once, and handed over as they are.
+    placed = placement(task, priority, queue, gpu=gpu)
     data = _validated(task, payload if payload is not None else {})
 
     job_id = job_id or str(uuid.uuid4())
-    # Task.apply_async checks payload (strict JSON and SYNTH_MAX_PAYLOAD_BYTES, one
-    # serialization), idempotency key and delay before it writes anything.
-    options: dict[str, Any] = {"task_id": job_id, "priority": level}
-    if target is not None:
-        options["queue"] = target
+    # Task.apply_async (synth_workers.publish) checks payload (strict JSON and
+    # SYNTH_MAX_PAYLOAD_BYTES, one serialization), idempotency key and delay before it
+    # writes anything.
+    options: dict[str, Any] = {"task_id": job_id, PLACEMENT_OPTION: placed}
     if delay is not None and delay != 0:  # NaN is != 0: refused there
         options["countdown"] = delay
     if idempotency_key is not None:

@@ -25,7 +25,7 @@ reason          refused when
 ==============  ===========================================================================
 
 A payload that does not bind to its task's signature or model is found when the job runs,
-and is dead at once with failure class ``invalid_payload`` (``synth_workers.task``).
+and is dead at once with failure class ``invalid_payload`` (``synth_workers.runner``).
 
 Two stages: :func:`open_envelope` in the transport (``synth_workers.broker``), on the raw
 bytes, and :func:`check_task_message` in the consumer (``synth_workers.consumer``), on the

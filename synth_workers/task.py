@@ -1,5 +1,8 @@
 """The platform's base Task: every task on the app gets this behaviour by default.
 
+The Task is an adapter: ``apply_async`` hands sending to ``synth_workers.publish``, a worker's
+call hands running (claim, lease, completion, the retry decision) to ``synth_workers.runner``.
+
 - **Ledger first.** Sending a job writes its ledger row (committed) before the message is
   published; a delayed job is only a row until the sweeper promotes it. Running a job first
   *claims* its row (refused when the job is not queued: taken, finished or cancelled), then
@@ -41,178 +44,32 @@
 from __future__ import annotations
 
 import logging
-import math
-import random
 import socket
-import time
-import traceback
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 
 import celery
 import psycopg
-import redis
 from billiard.exceptions import Terminated, WorkerLostError
-from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 from celery.worker.request import Request as CeleryRequest
-from kombu.exceptions import OperationalError as KombuOperationalError
 from pydantic import BaseModel, ValidationError
 
+from synth_workers import runner
 from synth_workers.binding import Binding
-from synth_workers.errors import (
-    InvalidPayloadError,
-    PayloadTooLargeError,
-    PayloadValidationError,
-    PermanentError,
-    RateLimitedError,
-    SynthWorkersError,
-)
-from synth_workers.ledger.store import Publishable
-from synth_workers.ledger.transport import publish
-from synth_workers.lifecycle import ListenerTimeout
-from synth_workers.message import CaptureProducer, from_request
+from synth_workers.errors import InvalidPayloadError, RateLimitedError
 from synth_workers.platform import platform_of
-from synth_workers.routing import (
-    DEFAULT_PRIORITY,
-    MAX_PRIORITY,
-    MIN_PRIORITY,
-    foreign_priority,
-    from_transport,
-    queue_for_task,
-    resolve_priority,
-    to_transport,
-)
-from synth_workers.validation import check_delay, check_idempotency_key, eta_delay, payload_size
+from synth_workers.publish import send
+from synth_workers.routing import DEFAULT_PRIORITY, MAX_PRIORITY, MIN_PRIORITY, from_transport
+from synth_workers.runner import CancelledWhileRunning, LeaseLostError
+from synth_workers.states import EventKind
 
 if TYPE_CHECKING:
     from synth_workers.app import SynthCelery
     from synth_workers.ledger.store import Claim
     from synth_workers.platform import Platform
 
-_CONTROL_FLOW = (Retry, Reject)
-
 log = logging.getLogger(__name__)
-
-
-class LeaseLostError(SynthWorkersError):
-    """This worker no longer holds the job (its lease expired and another took it)."""
-
-
-class CancelledWhileRunning(SynthWorkersError):  # noqa: N818 - a request, not a failure
-    """Raised by ``raise_if_cancelled()`` when the running job was cancelled."""
-
-
-class _RetryRequested(Retry):
-    """``self.retry()`` in a claimed job: the retry decision is the runner's, the wait the
-    ledger's. A :class:`celery.exceptions.Retry`, so that Celery's ``autoretry_for`` wrapper
-    lets it through like its own."""
-
-    def __init__(
-        self,
-        exc: BaseException | None,
-        countdown: float | None,
-        eta: Any = None,
-        max_retries: int | None = None,
-    ) -> None:
-        super().__init__("retry requested", None, countdown)  # type: ignore[arg-type]
-        self.cause = exc
-        self.countdown = countdown
-        self.eta = eta
-        self.max_retries = max_retries
-
-
-#: Celery's retry options: a task that sets any of them retries as Celery documents
-#: (``max_retries``, ``default_retry_delay``, ...); one that sets none gets the platform's
-#: policy (``max_attempts``, full-jitter backoff, ``retry_for``).
-CELERY_RETRY_OPTIONS = (
-    "max_retries",
-    "default_retry_delay",
-    "autoretry_for",
-    "dont_autoretry_for",
-    "retry_kwargs",
-    "retry_backoff",
-    "retry_backoff_max",
-    "retry_jitter",
-)
-
-
-class _DeferRequested(Exception):  # noqa: N818 - control flow
-    def __init__(self, countdown: float, reason: str, capped: bool) -> None:
-        super().__init__(f"deferred {countdown:.2f}s: {reason}")
-        self.countdown = countdown
-        self.reason = reason
-        self.capped = capped
-
-
-def backoff_bound(attempt: int, base: float, cap: float) -> float:
-    """Upper bound of the wait after failed attempt ``attempt`` (1-based)."""
-    return float(min(cap, base * (2 ** max(0, attempt - 1))))
-
-
-def full_jitter_backoff(
-    attempt: int, base: float, cap: float, rng: random.Random | None = None
-) -> float:
-    """Seconds to wait after failed attempt ``attempt``: uniform in ``[0, bound]``."""
-    return (rng or random).uniform(0.0, backoff_bound(attempt, base, cap))
-
-
-def _queue_name(queue: Any) -> str | None:
-    if queue is None or isinstance(queue, str):
-        return queue
-    return str(getattr(queue, "name", queue))
-
-
-def _delay(options: dict[str, Any], limit: float) -> float | None:
-    """Seconds the job waits (``countdown=`` or ``eta=``), checked against ``limit``."""
-    countdown = options.pop("countdown", None)
-    eta = options.pop("eta", None)
-    if countdown is not None and countdown != 0:  # NaN is != 0: refused by the check
-        return check_delay(countdown, limit)
-    if eta is not None:
-        return eta_delay(eta, limit)
-    return None
-
-
-def _expires_at(expires: Any) -> datetime | None:
-    """Celery's ``expires=`` (seconds from now, a datetime, or an ISO 8601 string) as the
-    moment the ledger stores; a naive datetime is UTC (the app's timezone)."""
-    if expires is None:
-        return None
-    if isinstance(expires, str):
-        try:
-            expires = datetime.fromisoformat(expires)
-        except ValueError:
-            raise PayloadValidationError(
-                f"expires is not an ISO 8601 date and time: {expires!r}"
-            ) from None
-    if isinstance(expires, datetime):
-        return expires if expires.tzinfo else expires.replace(tzinfo=UTC)
-    if isinstance(expires, bool) or not isinstance(expires, (int, float)):
-        raise PayloadValidationError(
-            f"expires must be seconds, a datetime or an ISO 8601 string, got "
-            f"{type(expires).__name__}"
-        )
-    if not math.isfinite(expires):
-        raise PayloadValidationError(f"expires must be a finite number of seconds: {expires!r}")
-    return datetime.now(UTC) + timedelta(seconds=max(-1e9, min(float(expires), 1e9)))
-
-
-#: A publish that failed faster than this (a reset or refused socket, not a timeout) is
-#: retried once at once.
-QUICK_FAILURE_SECONDS = 0.5
-
-
-def _timed_out(exc: BaseException) -> bool:
-    """Whether ``exc`` (or what it wraps) is a timeout."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, (redis.TimeoutError, TimeoutError, ListenerTimeout)):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
 
 
 class Request(CeleryRequest):
@@ -302,138 +159,9 @@ class Task(celery.Task):  # type: ignore[type-arg]
 
         Before anything is written, the payload (strict JSON), the idempotency key and the
         delay are checked (``synth_workers.validation``). A failed publish leaves a
-        tombstone, never a queued row (see :meth:`_publish_failed`).
+        tombstone, never a queued row (``synth_workers.publish``).
         """
-        settings = self.platform.settings
-        level = options.pop("priority", None)
-        level = resolve_priority(self.priority if level is None else level)
-        conn: psycopg.Connection[Any] | None = options.pop("synth_conn", None)
-        key: str | None = options.pop("synth_idempotency_key", None)
-        user_id: str | None = options.pop("synth_user_id", None)
-        # Refusals first: nothing is written to Postgres or Redis before these pass.
-        if key is not None:
-            check_idempotency_key(key)
-        delay = _delay(options, settings.max_delay_seconds)
-        size = payload_size(args, kwargs)
-        cap = settings.max_payload_bytes
-        if size > cap:
-            raise PayloadTooLargeError(
-                f"{self.name}: payload is {size} bytes, over the {cap}-byte cap "
-                "(SYNTH_MAX_PAYLOAD_BYTES); store large inputs elsewhere and pass a reference"
-            )
-        job_id: str = options.get("task_id") or str(uuid.uuid4())
-        options["task_id"] = job_id
-        queue = _queue_name(options.get("queue") or getattr(self, "queue", None))
-        ledger = self.platform.ledger
-        row: dict[str, Any] = {
-            "job_id": job_id,
-            "task": self.name,
-            "queue": queue or queue_for_task(self.name),
-            "priority": level,
-            "payload": dict(kwargs or {}),
-            "args": list(args) if args else None,
-            "delay": delay,
-            "idempotency_key": key,
-            "max_attempts": self.max_attempts,
-            "published": conn is None,
-            "user_id": user_id,
-            "expires_at": _expires_at(options.get("expires")),
-        }
-        options["priority"] = to_transport(level)
-        if row["queue"] != queue:
-            options["queue"] = row["queue"]
-        eager = bool(self.app.conf.task_always_eager)
-        if not eager:  # the message, built by Celery, is stored with the row (one INSERT)
-            capture = self._message(args, kwargs, options)
-            row["message"] = capture.message()
-        if conn is not None:
-            actual = ledger.insert_job(conn, **row)
-            return self.AsyncResult(actual)
-        if key is None and ledger.durable_commits:
-            # One statement in autocommit: a single round trip (no BEGIN/COMMIT).
-            with ledger.connection() as own:
-                actual = ledger.insert_job(own, **row)
-        else:  # the key's upsert and the row commit together; durable in worker processes
-            with ledger.connection() as own, own.transaction():
-                actual = ledger.insert_job(own, **row)
-        if actual == job_id and ledger.lifecycle.listening:
-            try:
-                ledger.lifecycle.announce(
-                    "scheduled" if delay else "queued",
-                    job_id,
-                    task=self.name,
-                    queue=row["queue"],
-                    user_id=user_id,
-                    data={"priority": level, "delay": delay} if delay else {"priority": level},
-                    # The event went to the broker's Redis and it did not answer within
-                    # SYNTH_REDIS_TIMEOUT: publishing would wait for it as long again.
-                    raise_timeouts=not delay,
-                )
-            except ListenerTimeout as exc:
-                return self._publish_failed(job_id, exc)
-        if actual != job_id or delay:
-            return self.AsyncResult(actual)
-        if eager:
-            return super().apply_async(args, kwargs, **options)
-        try:
-            return self._publish(capture, options.get("producer"))
-        except BaseException as exc:
-            return self._publish_failed(job_id, exc)
-
-    def _message(self, args: Any, kwargs: Any, options: dict[str, Any]) -> CaptureProducer:
-        """Celery's own ``apply_async`` builds and routes the message (canvas, ids, expires,
-        time limits, stamps: everything Celery puts in it) on a :class:`CaptureProducer`,
-        which keeps it instead of sending it (``synth_workers.message``). Celery's
-        ``before_task_publish``/``after_task_publish`` signals fire here, once per send."""
-        capture = CaptureProducer()
-        super().apply_async(args, kwargs, **{**options, "producer": capture})
-        if not capture.captured:
-            raise RuntimeError(f"{self.name}: Celery built no message to send")
-        return capture
-
-    def _publish(self, capture: CaptureProducer, producer: Any = None) -> Any:
-        """Send the captured message (Celery's own publish retries are off: see
-        ``celery_config``), retried once at once when it failed fast with a connection
-        error: a socket Redis reset or closed (restarted, failed over) fails before any
-        wait, and a fresh connection usually works. A timeout is not retried: Redis is
-        frozen or unreachable and a retry would wait SYNTH_REDIS_TIMEOUT again. Should the
-        first attempt have landed after all, the second message is refused at claim (the job
-        is no longer queued)."""
-        started = time.monotonic()
-        try:
-            return self._send(capture, producer)
-        except (redis.ConnectionError, OSError, KombuOperationalError) as exc:
-            if _timed_out(exc) or time.monotonic() - started > QUICK_FAILURE_SECONDS:
-                raise
-        return self._send(capture, producer)
-
-    def _send(self, capture: CaptureProducer, producer: Any = None) -> Any:
-        """One publish of the captured message: the call Celery would have made."""
-        with (
-            self.app.producer_or_acquire(producer) as real,
-            real.connection._reraise_as_library_errors(),
-        ):
-            real.publish(capture.body, **(capture.publish_kwargs or {}))
-        return self.AsyncResult(capture.message()["headers"]["id"])
-
-    def _publish_failed(self, job_id: str, exc: BaseException) -> Any:
-        """The publish of a queued job failed: tombstone its row and raise (see
-        :meth:`Ledger.tombstone_unpublished`), unless a worker already claimed the job, in
-        which case it was published after all: then it is not reported as failed."""
-        reason = f"publish failed: {type(exc).__name__}: {exc}"
-        tombstoned: bool | None = None
-        try:
-            tombstoned = self.platform.ledger.tombstone_unpublished(job_id, reason[:1000])
-        except Exception:
-            # Postgres is out of reach too: the row stays queued and the reconciler
-            # publishes it later. The caller still hears of the failure.
-            log.exception("job %s: could not record that its publish failed", job_id)
-        if tombstoned is False and isinstance(exc, Exception):
-            return self.AsyncResult(job_id)
-        if isinstance(exc, (redis.ConnectionError, redis.TimeoutError, OSError, ListenerTimeout)):
-            # What Celery raises when it cannot publish.
-            raise KombuOperationalError(str(exc)) from exc
-        raise exc
+        return send(self, args, kwargs, options, super().apply_async)
 
     def retry(
         self,
@@ -449,24 +177,19 @@ class Task(celery.Task):  # type: ignore[type-arg]
         """Celery's ``self.retry()``, kept durable: the wait goes to the ledger (the job's
         row turns ``failed-retrying`` with a ``run_at``; the sweeper re-sends its message
         when due), never to worker memory. ``max_retries``, ``countdown``, ``eta`` and
-        ``default_retry_delay`` mean what Celery says (see :meth:`_celery_retry`); a task
-        that sets none of Celery's retry options and passes no ``max_retries`` keeps the
-        platform's attempt budget. ``args``/``kwargs`` changes are not supported: the job
-        runs again with its own."""
+        ``default_retry_delay`` mean what Celery says (see
+        :func:`synth_workers.runner.celery_retry`); a task that sets none of Celery's retry
+        options and passes no ``max_retries`` keeps the platform's attempt budget.
+        ``args``/``kwargs`` changes are not supported: the job runs again with its own."""
         if self.request.called_directly or self.claim is None:
             return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
-        raise _RetryRequested(exc, countdown, eta, max_retries)
+        raise runner.RetryRequested(exc, countdown, eta, max_retries)
 
     @classmethod
     def uses_celery_retries(cls) -> bool:
         """Whether the task sets any of Celery's retry options (``CELERY_RETRY_OPTIONS``)
         itself, rather than inheriting Celery's defaults."""
-        for klass in cls.__mro__:
-            if klass is Task:
-                return False
-            if any(name in klass.__dict__ for name in CELERY_RETRY_OPTIONS):
-                return True
-        return False
+        return runner.uses_celery_retries(cls, Task)
 
     def defer(
         self, countdown: float, reason: str = "rate_limited", *, capped: bool = True
@@ -483,191 +206,14 @@ class Task(celery.Task):  # type: ignore[type-arg]
         """
         if self.claim is None:
             raise RateLimitedError(f"deferred: {reason}", retry_after=countdown)
-        raise _DeferRequested(max(0.0, float(countdown)), reason, capped)
+        raise runner.DeferRequested(max(0.0, float(countdown)), reason, capped)
 
     # --- running ----------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         request = self.request
         if request.called_directly or request.id is None:
             return self._invoke(args, kwargs)
-        app = self.platform
-        keeper = app.lease_keeper
-        completer = app.completer
-        finished = completer.take()
-        try:
-            claim = app.ledger.claim(request.id, keeper.owner, complete=finished)
-        except BaseException:
-            completer.write(finished)
-            raise
-        completer.written(finished)
-        if claim is None and app.ledger.get(request.id) is None:
-            # Sent around the platform (Celery's send_task, another producer): adopt it,
-            # its message kept whole (canvas, ids, retries) for any re-publish.
-            self._adopt(request, args, kwargs)
-            claim = app.ledger.claim(request.id, keeper.owner)
-        if claim is None:
-            raise Ignore(f"job {request.id} is not queued; not run")
-        request.synth_claim = claim  # type: ignore[attr-defined]
-        request.synth_finished = False  # type: ignore[attr-defined]
-        keeper.add(claim.job_id)
-        handed_over = False
-        try:
-            result = self._run_claimed(claim, args, kwargs)
-            if not getattr(request, "synth_finished", False):
-                # Written by the completer, batched, while the next job runs; the lease is
-                # renewed until then.
-                app.completer.submit(claim, result)
-                handed_over = True
-            return result
-        finally:
-            if not handed_over:
-                keeper.remove(claim.job_id)
-
-    def _adopt(self, request: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """Give a ledger row to a message sent around the platform. One sent without a
-        priority (kombu files it as 0, its most urgent list, ahead of ``high``) is recorded
-        ``normal`` and re-filed on the normal list instead of run now (:class:`Ignore`), so
-        that it does not jump the queue; it runs when its turn comes."""
-        app = self.app
-        raw = (request.properties or {}).get("priority")
-        level = foreign_priority(raw)
-        info = request.delivery_info if request.delivery_info is not None else {}
-        info["priority"] = level  # what the ledger records, not kombu's 0
-        job = Publishable(
-            request.id,
-            self.name,
-            str(info.get("routing_key") or queue_for_task(self.name)),
-            level,
-            dict(kwargs),
-            list(args) or None,
-            message=from_request(request),
-            retries=int(request.retries or 0),
-        )
-        adopted = self.platform.ledger.adopt(
-            job.id,
-            job.task,
-            job.queue,
-            job.priority,
-            job.payload,
-            job.args,
-            message=job.message,
-            retries=job.retries,
-        )
-        if adopted and not (isinstance(raw, int) and raw > 0):
-            publish(app, [job])
-            raise Ignore(f"job {request.id} was sent without a priority: re-filed as normal")
-
-    def _run_claimed(self, claim: Claim, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        ledger = self.platform.ledger
-        try:
-            if self.payload_model is None:
-                self._binding().check(args, kwargs)
-            result = self._invoke(args, kwargs)
-        except _RetryRequested as wanted:
-            return self._celery_retry(claim, wanted)
-        except _DeferRequested as wanted:
-            cap = self.platform.settings.defer_max_seconds
-            limit = cap if wanted.capped else None
-            if ledger.defer(claim, wanted.countdown, wanted.reason, limit) == "exhausted":
-                error = RateLimitedError(
-                    f"{wanted.reason}: still rate limited after deferring for more than "
-                    f"{cap:g}s (SYNTH_DEFER_MAX_SECONDS)",
-                    retry_after=wanted.countdown,
-                )
-                return self._retry_or_die(claim, error, "rate_limited", wanted.countdown)
-            raise Retry(when=wanted.countdown) from None  # type: ignore[arg-type]
-        except _CONTROL_FLOW:
-            raise
-        except LeaseLostError:
-            # Another worker owns the job now; its outcome is theirs to record.
-            raise Ignore(f"job {claim.job_id}: lease lost, outcome refused") from None
-        except Ignore:
-            ledger.succeed(claim, None)
-            raise
-        except CancelledWhileRunning:
-            ledger.cancelled_while_running(claim)
-            raise Ignore(f"job {claim.job_id} cancelled while running") from None
-        except InvalidPayloadError as exc:  # the payload can never bind: no retry
-            ledger.dead(
-                claim, "invalid_payload", type(exc).__name__, str(exc), traceback.format_exc()
-            )
-            raise
-        except (PermanentError, ValidationError) as exc:
-            ledger.dead(claim, "exception", type(exc).__name__, str(exc), traceback.format_exc())
-            raise
-        except SoftTimeLimitExceeded as exc:
-            return self._retry_or_die(claim, exc, "soft_timeout", None)
-        except (SystemExit, KeyboardInterrupt):
-            # The process is being stopped under the job (a signal to the pool process):
-            # not the job's failure. The worker's main process reports the lost process
-            # (requeue, counted toward the poison-pill limit), else the lease expires.
-            raise
-        except self.retry_for as exc:
-            if self.uses_celery_retries():  # Celery: only self.retry()/autoretry_for retry
-                ledger.dead(
-                    claim, "exception", type(exc).__name__, str(exc), traceback.format_exc()
-                )
-                raise
-            return self._retry_or_die(claim, exc, "exception", None)
-        except BaseException as exc:
-            ledger.dead(claim, "exception", type(exc).__name__, str(exc), traceback.format_exc())
-            raise
-        return result
-
-    def _retry_or_die(
-        self, claim: Claim, exc: BaseException, failure_class: str, countdown: float | None
-    ) -> Any:
-        settings = self.platform.settings
-        limit = self.max_attempts or settings.max_attempts
-        if claim.attempt >= limit:
-            self.platform.ledger.dead(
-                claim, failure_class, type(exc).__name__, str(exc), traceback.format_exc()
-            )
-            raise exc
-        wait = (
-            countdown
-            if countdown is not None
-            else full_jitter_backoff(
-                claim.attempt,
-                self.backoff_base or settings.retry_backoff_base,
-                self.backoff_cap or settings.retry_backoff_cap,
-            )
-        )
-        self.platform.ledger.retry_later(claim, wait, exc, failure_class)
-        raise Retry(exc=exc if isinstance(exc, Exception) else None, when=wait)  # type: ignore[arg-type]
-
-    def _celery_retry(self, claim: Claim, wanted: _RetryRequested) -> Any:
-        """``self.retry()`` (or ``autoretry_for``) asked for another run, decided as Celery's
-        ``Task.retry`` decides: ``request.retries + 1`` over ``max_retries`` (the call's, else
-        the task's; ``None`` is unlimited) raises ``exc`` or ``MaxRetriesExceededError`` and
-        the job is dead; else it waits ``countdown``, until ``eta``, or
-        ``default_retry_delay``. A task that sets none of Celery's retry options and passes
-        no ``max_retries`` keeps the platform's policy (:meth:`_retry_or_die`)."""
-        settings = self.platform.settings
-        error = wanted.cause if isinstance(wanted.cause, BaseException) else None
-        delay: float | None = wanted.countdown
-        if wanted.eta is not None:
-            delay = eta_delay(wanted.eta, settings.max_delay_seconds)
-        if wanted.max_retries is None and not self.uses_celery_retries():
-            return self._retry_or_die(claim, error or Exception("retry"), "exception", delay)
-        limit = self.max_retries if wanted.max_retries is None else wanted.max_retries
-        retries = int(self.request.retries or 0) + 1
-        if limit is not None and retries > limit:
-            if error is None:
-                error = self.MaxRetriesExceededError(
-                    f"Can't retry {self.name}[{claim.job_id}] args:{self.request.args} "
-                    f"kwargs:{self.request.kwargs}"
-                )
-            self.platform.ledger.dead(
-                claim, "exception", type(error).__name__, str(error), traceback.format_exc()
-            )
-            raise error
-        if delay is None:
-            delay = float(self.default_retry_delay or 0)
-        reason = error if error is not None else Retry("retry requested")
-        self.platform.ledger.retry_later(claim, delay, reason, "exception")
-        exc = error if isinstance(error, Exception) else None
-        raise Retry(exc=exc, when=delay)  # type: ignore[arg-type]
+        return runner.run(self, request.id, args, kwargs)
 
     def _binding(self) -> Binding:
         binding: Binding | None = self.__dict__.get("_synth_binding")
@@ -718,7 +264,7 @@ class Task(celery.Task):  # type: ignore[type-arg]
                 if not ledger.succeed(claim, None, conn=conn):
                     raise LeaseLostError(f"job {claim.job_id} attempt {claim.attempt} lost")
             self.request.synth_finished = True  # type: ignore[attr-defined]
-            ledger.announce_finish(claim, "succeeded")
+            ledger.announce_finish(claim, EventKind.SUCCEEDED)
 
     def effect_done(self, key: str) -> bool:
         """Whether this job already recorded the effect ``key`` (in any earlier run)."""
@@ -750,13 +296,13 @@ class Task(celery.Task):  # type: ignore[type-arg]
         data: dict[str, Any] = {"current": current, "total": total}
         if message is not None:
             data["message"] = message[:500]
-        self._announce("progress", data)
+        self._announce(EventKind.PROGRESS, data)
 
     def workflow_completed(self, **summary: Any) -> None:
         """Tell subscribers this workflow finished its work (``summary``: small JSON)."""
-        self._announce("workflow_completed", summary)
+        self._announce(EventKind.WORKFLOW_COMPLETED, summary)
 
-    def _announce(self, kind: str, data: dict[str, Any]) -> None:
+    def _announce(self, kind: EventKind, data: dict[str, Any]) -> None:
         claim = self.claim
         ledger = self.platform.ledger
         if claim is not None and ledger.lifecycle.listening:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from synth_workers import JobFailedError, JobHandle, JobState, app, enqueue
-from synth_workers.task import backoff_bound, full_jitter_backoff
+from synth_workers.runner import backoff_bound, full_jitter_backoff
 
 from .conftest import wait_until
 

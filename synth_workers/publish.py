@@ -1,0 +1,275 @@
+"""Sending a job: capture its Celery message, write its ledger row (one INSERT), publish.
+``Task.apply_async`` (and so ``delay``, ``enqueue`` and beat) hands every send to :func:`send`.
+
+- **Placement once.** A job's priority (the platform's scale, ``synth_workers.routing``) and
+  queue are resolved once, by :func:`placement`; ``enqueue`` resolves them itself (its
+  ``gpu=`` and error order) and hands the result over, so nothing resolves them again.
+- **Refusals first.** The payload (strict JSON, ``SYNTH_MAX_PAYLOAD_BYTES``), the
+  idempotency key and the delay are checked (``synth_workers.validation``) before anything
+  is written to Postgres or Redis.
+- **The message is the job.** Celery's own ``apply_async`` builds the message on a
+  :class:`~synth_workers.message.CaptureProducer`; the row is written with it, then it is
+  published. A delayed job, or one written in the caller's transaction (``synth_conn=``,
+  the outbox), is only a row until the sweeper publishes it.
+- **A failed publish** leaves a tombstone, never a queued row (:func:`publish_failed`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+import redis
+from kombu.exceptions import OperationalError as KombuOperationalError
+
+from synth_workers.errors import PayloadTooLargeError, PayloadValidationError
+from synth_workers.lifecycle import ListenerTimeout
+from synth_workers.message import CaptureProducer
+from synth_workers.routing import Priority, queue_for_task, resolve_priority, resolve_queue
+from synth_workers.routing import to_transport as transport_priority
+from synth_workers.states import EventKind
+from synth_workers.validation import check_delay, check_idempotency_key, eta_delay, payload_size
+
+if TYPE_CHECKING:
+    from synth_workers.task import Task
+
+log = logging.getLogger(__name__)
+
+#: ``apply_async`` option carrying a :class:`Placement` already resolved (by ``enqueue``).
+PLACEMENT_OPTION = "synth_placement"
+
+#: A publish that failed faster than this (a reset or refused socket, not a timeout) is
+#: retried once at once.
+QUICK_FAILURE_SECONDS = 0.5
+
+#: Celery's own ``apply_async`` (the task's ``super().apply_async``).
+CelerySend = Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one job goes, resolved once: its level (0-9, bigger first) and the queue the
+    ledger records."""
+
+    priority: int
+    queue: str
+
+
+def queue_name(queue: Any) -> str | None:
+    """A queue option's name (a kombu ``Queue`` or a string)."""
+    if queue is None or isinstance(queue, str):
+        return queue
+    return str(getattr(queue, "name", queue))
+
+
+def placement(
+    task: Task, priority: Priority | None, queue: Any = None, *, gpu: bool = False
+) -> Placement:
+    """Resolve a job's priority (``None``: ``normal``) and queue: ``gpu=`` and an explicit
+    ``queue`` first (``routing.resolve_queue``), else the task's own ``queue``, else the
+    route of its name. Raises ``RoutingError``."""
+    level = resolve_priority(priority)
+    target = resolve_queue(task.name, queue_name(queue), gpu=gpu)
+    if target is None:
+        target = queue_name(getattr(task, "queue", None))
+    return Placement(level, target or queue_for_task(task.name))
+
+
+def _delay(options: dict[str, Any], limit: float) -> float | None:
+    """Seconds the job waits (``countdown=`` or ``eta=``), checked against ``limit``."""
+    countdown = options.pop("countdown", None)
+    eta = options.pop("eta", None)
+    if countdown is not None and countdown != 0:  # NaN is != 0: refused by the check
+        return check_delay(countdown, limit)
+    if eta is not None:
+        return eta_delay(eta, limit)
+    return None
+
+
+def _expires_at(expires: Any) -> datetime | None:
+    """Celery's ``expires=`` (seconds from now, a datetime, or an ISO 8601 string) as the
+    moment the ledger stores; a naive datetime is UTC (the app's timezone)."""
+    if expires is None:
+        return None
+    if isinstance(expires, str):
+        try:
+            expires = datetime.fromisoformat(expires)
+        except ValueError:
+            raise PayloadValidationError(
+                f"expires is not an ISO 8601 date and time: {expires!r}"
+            ) from None
+    if isinstance(expires, datetime):
+        return expires if expires.tzinfo else expires.replace(tzinfo=UTC)
+    if isinstance(expires, bool) or not isinstance(expires, (int, float)):
+        raise PayloadValidationError(
+            f"expires must be seconds, a datetime or an ISO 8601 string, got "
+            f"{type(expires).__name__}"
+        )
+    if not math.isfinite(expires):
+        raise PayloadValidationError(f"expires must be a finite number of seconds: {expires!r}")
+    return datetime.now(UTC) + timedelta(seconds=max(-1e9, min(float(expires), 1e9)))
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it wraps) is a timeout."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, (redis.TimeoutError, TimeoutError, ListenerTimeout)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def send(
+    task: Task, args: Any, kwargs: Any, options: dict[str, Any], celery_send: CelerySend
+) -> Any:
+    """Write the job's ledger row, then publish it (unless delayed or transactional); see
+    ``Task.apply_async`` for the options. ``celery_send`` is Celery's own ``apply_async``,
+    which builds the message (and sends it, eagerly, under ``task_always_eager``)."""
+    settings = task.platform.settings
+    placed: Placement | None = options.pop(PLACEMENT_OPTION, None)
+    level = options.pop("priority", None)
+    if placed is None:
+        placed = placement(
+            task, task.priority if level is None else level, options.get("queue") or None
+        )
+    conn: psycopg.Connection[Any] | None = options.pop("synth_conn", None)
+    key: str | None = options.pop("synth_idempotency_key", None)
+    user_id: str | None = options.pop("synth_user_id", None)
+    # Refusals first: nothing is written to Postgres or Redis before these pass.
+    if key is not None:
+        check_idempotency_key(key)
+    delay = _delay(options, settings.max_delay_seconds)
+    size = payload_size(args, kwargs)
+    cap = settings.max_payload_bytes
+    if size > cap:
+        raise PayloadTooLargeError(
+            f"{task.name}: payload is {size} bytes, over the {cap}-byte cap "
+            "(SYNTH_MAX_PAYLOAD_BYTES); store large inputs elsewhere and pass a reference"
+        )
+    job_id: str = options.get("task_id") or str(uuid.uuid4())
+    options["task_id"] = job_id
+    ledger = task.platform.ledger
+    row: dict[str, Any] = {
+        "job_id": job_id,
+        "task": task.name,
+        "queue": placed.queue,
+        "priority": placed.priority,
+        "payload": dict(kwargs or {}),
+        "args": list(args) if args else None,
+        "delay": delay,
+        "idempotency_key": key,
+        "max_attempts": task.max_attempts,
+        "published": conn is None,
+        "user_id": user_id,
+        "expires_at": _expires_at(options.get("expires")),
+    }
+    options["priority"] = transport_priority(placed.priority)
+    if placed.queue != queue_name(options.get("queue") or getattr(task, "queue", None)):
+        options["queue"] = placed.queue
+    eager = bool(task.app.conf.task_always_eager)
+    if not eager:  # the message, built by Celery, is stored with the row (one INSERT)
+        capture = _message(task, args, kwargs, options, celery_send)
+        row["message"] = capture.message()
+    if conn is not None:
+        actual = ledger.insert_job(conn, **row)
+        return task.AsyncResult(actual)
+    if key is None and ledger.durable_commits:
+        # One statement in autocommit: a single round trip (no BEGIN/COMMIT).
+        with ledger.connection() as own:
+            actual = ledger.insert_job(own, **row)
+    else:  # the key's upsert and the row commit together; durable in worker processes
+        with ledger.connection() as own, own.transaction():
+            actual = ledger.insert_job(own, **row)
+    if actual == job_id and ledger.lifecycle.listening:
+        level = placed.priority
+        try:
+            ledger.lifecycle.announce(
+                EventKind.SCHEDULED if delay else EventKind.QUEUED,
+                job_id,
+                task=task.name,
+                queue=row["queue"],
+                user_id=user_id,
+                data={"priority": level, "delay": delay} if delay else {"priority": level},
+                # The event went to the broker's Redis and it did not answer within
+                # SYNTH_REDIS_TIMEOUT: publishing would wait for it as long again.
+                raise_timeouts=not delay,
+            )
+        except ListenerTimeout as exc:
+            return publish_failed(task, job_id, exc)
+    if actual != job_id or delay:
+        return task.AsyncResult(actual)
+    if eager:
+        return celery_send(args, kwargs, **options)
+    try:
+        return _publish(task, capture, options.get("producer"))
+    except BaseException as exc:
+        return publish_failed(task, job_id, exc)
+
+
+def _message(
+    task: Task, args: Any, kwargs: Any, options: dict[str, Any], celery_send: CelerySend
+) -> CaptureProducer:
+    """Celery's own ``apply_async`` builds and routes the message (canvas, ids, expires,
+    time limits, stamps: everything Celery puts in it) on a :class:`CaptureProducer`,
+    which keeps it instead of sending it (``synth_workers.message``). Celery's
+    ``before_task_publish``/``after_task_publish`` signals fire here, once per send."""
+    capture = CaptureProducer()
+    celery_send(args, kwargs, **{**options, "producer": capture})
+    if not capture.captured:
+        raise RuntimeError(f"{task.name}: Celery built no message to send")
+    return capture
+
+
+def _publish(task: Task, capture: CaptureProducer, producer: Any = None) -> Any:
+    """Send the captured message (Celery's own publish retries are off: see
+    ``celery_config``), retried once at once when it failed fast with a connection
+    error: a socket Redis reset or closed (restarted, failed over) fails before any
+    wait, and a fresh connection usually works. A timeout is not retried: Redis is
+    frozen or unreachable and a retry would wait SYNTH_REDIS_TIMEOUT again. Should the
+    first attempt have landed after all, the second message is refused at claim (the job
+    is no longer queued)."""
+    started = time.monotonic()
+    try:
+        return _send(task, capture, producer)
+    except (redis.ConnectionError, OSError, KombuOperationalError) as exc:
+        if _timed_out(exc) or time.monotonic() - started > QUICK_FAILURE_SECONDS:
+            raise
+    return _send(task, capture, producer)
+
+
+def _send(task: Task, capture: CaptureProducer, producer: Any = None) -> Any:
+    """One publish of the captured message: the call Celery would have made."""
+    with (
+        task.app.producer_or_acquire(producer) as real,
+        real.connection._reraise_as_library_errors(),
+    ):
+        real.publish(capture.body, **(capture.publish_kwargs or {}))
+    return task.AsyncResult(capture.message()["headers"]["id"])
+
+
+def publish_failed(task: Task, job_id: str, exc: BaseException) -> Any:
+    """The publish of a queued job failed: tombstone its row and raise (see
+    ``Ledger.tombstone_unpublished``), unless a worker already claimed the job, in
+    which case it was published after all: then it is not reported as failed."""
+    reason = f"publish failed: {type(exc).__name__}: {exc}"
+    tombstoned: bool | None = None
+    try:
+        tombstoned = task.platform.ledger.tombstone_unpublished(job_id, reason[:1000])
+    except Exception:
+        # Postgres is out of reach too: the row stays queued and the reconciler
+        # publishes it later. The caller still hears of the failure.
+        log.exception("job %s: could not record that its publish failed", job_id)
+    if tombstoned is False and isinstance(exc, Exception):
+        return task.AsyncResult(job_id)
+    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError, OSError, ListenerTimeout)):
+        # What Celery raises when it cannot publish.
+        raise KombuOperationalError(str(exc)) from exc
+    raise exc

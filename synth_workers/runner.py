@@ -1,0 +1,312 @@
+"""Running one claimed job: claim, lease keeping, the task body's exception mapping,
+completion and the retry decision. ``Task.__call__`` hands every worker run to :func:`run`.
+
+- **Claim first.** The job's ledger row is claimed (refused when it is not queued: taken,
+  finished or cancelled) in the same statement that completes this process's previous jobs
+  (``ledger.completer``). A message sent around the platform (Celery's ``send_task``, another
+  producer) has no row: it is adopted, its message kept whole, then claimed.
+- **Lease.** The job stays in the process's :class:`~synth_workers.ledger.lease.LeaseKeeper`
+  from claim until its completion is written, so its lease is renewed throughout.
+- **Completion** is fenced by the claim's attempt: a success is handed to the completer
+  (batched with the next claim); a failure is written here, as ``dead`` or
+  ``failed-retrying`` with a ``run_at`` (the wait is the ledger's, not the worker's).
+- **The retry decision.** A task that sets any of Celery's retry options
+  (:data:`CELERY_RETRY_OPTIONS`) retries as Celery documents, only through ``self.retry()``
+  or ``autoretry_for`` (:func:`celery_retry`); one that sets none gets the platform's policy
+  (:func:`retry_or_die`): ``max_attempts`` in total, full-jitter exponential backoff
+  (:func:`full_jitter_backoff`), ``PermanentError`` and payload errors never retried.
+"""
+
+from __future__ import annotations
+
+import random
+import traceback
+from typing import TYPE_CHECKING, Any
+
+from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
+from pydantic import ValidationError
+
+from synth_workers.errors import (
+    InvalidPayloadError,
+    PermanentError,
+    RateLimitedError,
+    SynthWorkersError,
+)
+from synth_workers.ledger.store import Publishable
+from synth_workers.ledger.transport import publish
+from synth_workers.message import from_request
+from synth_workers.routing import foreign_priority, queue_for_task
+from synth_workers.states import FailureClass
+from synth_workers.validation import eta_delay
+
+if TYPE_CHECKING:
+    from synth_workers.ledger.store import Claim
+    from synth_workers.task import Task
+
+_CONTROL_FLOW = (Retry, Reject)
+
+#: Celery's retry options: a task that sets any of them retries as Celery documents
+#: (``max_retries``, ``default_retry_delay``, ...); one that sets none gets the platform's
+#: policy (``max_attempts``, full-jitter backoff, ``retry_for``).
+CELERY_RETRY_OPTIONS = (
+    "max_retries",
+    "default_retry_delay",
+    "autoretry_for",
+    "dont_autoretry_for",
+    "retry_kwargs",
+    "retry_backoff",
+    "retry_backoff_max",
+    "retry_jitter",
+)
+
+
+class LeaseLostError(SynthWorkersError):
+    """This worker no longer holds the job (its lease expired and another took it)."""
+
+
+class CancelledWhileRunning(SynthWorkersError):  # noqa: N818 - a request, not a failure
+    """Raised by ``raise_if_cancelled()`` when the running job was cancelled."""
+
+
+class RetryRequested(Retry):
+    """``self.retry()`` in a claimed job: the retry decision is the runner's, the wait the
+    ledger's. A :class:`celery.exceptions.Retry`, so that Celery's ``autoretry_for`` wrapper
+    lets it through like its own."""
+
+    def __init__(
+        self,
+        exc: BaseException | None,
+        countdown: float | None,
+        eta: Any = None,
+        max_retries: int | None = None,
+    ) -> None:
+        super().__init__("retry requested", None, countdown)  # type: ignore[arg-type]
+        self.cause = exc
+        self.countdown = countdown
+        self.eta = eta
+        self.max_retries = max_retries
+
+
+class DeferRequested(Exception):  # noqa: N818 - control flow
+    """``self.defer()`` in a claimed job: run again later without using an attempt."""
+
+    def __init__(self, countdown: float, reason: str, capped: bool) -> None:
+        super().__init__(f"deferred {countdown:.2f}s: {reason}")
+        self.countdown = countdown
+        self.reason = reason
+        self.capped = capped
+
+
+def backoff_bound(attempt: int, base: float, cap: float) -> float:
+    """Upper bound of the wait after failed attempt ``attempt`` (1-based)."""
+    return float(min(cap, base * (2 ** max(0, attempt - 1))))
+
+
+def full_jitter_backoff(
+    attempt: int, base: float, cap: float, rng: random.Random | None = None
+) -> float:
+    """Seconds to wait after failed attempt ``attempt``: uniform in ``[0, bound]``."""
+    return (rng or random).uniform(0.0, backoff_bound(attempt, base, cap))
+
+
+def uses_celery_retries(cls: type, base: type) -> bool:
+    """Whether task class ``cls`` sets any of Celery's retry options itself, below the
+    platform's base class ``base``, rather than inheriting Celery's defaults."""
+    for klass in cls.__mro__:
+        if klass is base:
+            return False
+        if any(name in klass.__dict__ for name in CELERY_RETRY_OPTIONS):
+            return True
+    return False
+
+
+def run(task: Task, job_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Run delivered job ``job_id`` of ``task`` (its current request): claim, run, complete
+    or retry (see above)."""
+    request = task.request
+    platform = task.platform
+    keeper = platform.lease_keeper
+    completer = platform.completer
+    finished = completer.take()
+    try:
+        claim = platform.ledger.claim(job_id, keeper.owner, complete=finished)
+    except BaseException:
+        completer.write(finished)
+        raise
+    completer.written(finished)
+    if claim is None and platform.ledger.get(job_id) is None:
+        # Sent around the platform (Celery's send_task, another producer): adopt it,
+        # its message kept whole (canvas, ids, retries) for any re-publish.
+        _adopt(task, request, args, kwargs)
+        claim = platform.ledger.claim(job_id, keeper.owner)
+    if claim is None:
+        raise Ignore(f"job {job_id} is not queued; not run")
+    request.synth_claim = claim  # type: ignore[attr-defined]
+    request.synth_finished = False  # type: ignore[attr-defined]
+    keeper.add(claim.job_id)
+    handed_over = False
+    try:
+        result = _run_claimed(task, claim, args, kwargs)
+        if not getattr(request, "synth_finished", False):
+            # Written by the completer, batched, while the next job runs; the lease is
+            # renewed until then.
+            platform.completer.submit(claim, result)
+            handed_over = True
+        return result
+    finally:
+        if not handed_over:
+            keeper.remove(claim.job_id)
+
+
+def _adopt(task: Task, request: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Give a ledger row to a message sent around the platform. One sent without a
+    priority (kombu files it as 0, its most urgent list, ahead of ``high``) is recorded
+    ``normal`` and re-filed on the normal list instead of run now (:class:`Ignore`), so
+    that it does not jump the queue; it runs when its turn comes."""
+    raw = (request.properties or {}).get("priority")
+    level = foreign_priority(raw)
+    info = request.delivery_info if request.delivery_info is not None else {}
+    info["priority"] = level  # what the ledger records, not kombu's 0
+    job = Publishable(
+        request.id,
+        task.name,
+        str(info.get("routing_key") or queue_for_task(task.name)),
+        level,
+        dict(kwargs),
+        list(args) or None,
+        message=from_request(request),
+        retries=int(request.retries or 0),
+    )
+    adopted = task.platform.ledger.adopt(
+        job.id,
+        job.task,
+        job.queue,
+        job.priority,
+        job.payload,
+        job.args,
+        message=job.message,
+        retries=job.retries,
+    )
+    if adopted and not (isinstance(raw, int) and raw > 0):
+        publish(task.app, [job])
+        raise Ignore(f"job {request.id} was sent without a priority: re-filed as normal")
+
+
+def _dead(task: Task, claim: Claim, failure_class: FailureClass, exc: BaseException) -> None:
+    task.platform.ledger.dead(
+        claim, failure_class, type(exc).__name__, str(exc), traceback.format_exc()
+    )
+
+
+def _run_claimed(task: Task, claim: Claim, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Run the task body and map what it raised to the job's outcome."""
+    ledger = task.platform.ledger
+    try:
+        if task.payload_model is None:
+            task._binding().check(args, kwargs)
+        result = task._invoke(args, kwargs)
+    except RetryRequested as wanted:
+        return celery_retry(task, claim, wanted)
+    except DeferRequested as wanted:
+        cap = task.platform.settings.defer_max_seconds
+        limit = cap if wanted.capped else None
+        if ledger.defer(claim, wanted.countdown, wanted.reason, limit) == "exhausted":
+            error = RateLimitedError(
+                f"{wanted.reason}: still rate limited after deferring for more than "
+                f"{cap:g}s (SYNTH_DEFER_MAX_SECONDS)",
+                retry_after=wanted.countdown,
+            )
+            return retry_or_die(task, claim, error, FailureClass.RATE_LIMITED, wanted.countdown)
+        raise Retry(when=wanted.countdown) from None  # type: ignore[arg-type]
+    except _CONTROL_FLOW:
+        raise
+    except LeaseLostError:
+        # Another worker owns the job now; its outcome is theirs to record.
+        raise Ignore(f"job {claim.job_id}: lease lost, outcome refused") from None
+    except Ignore:
+        ledger.succeed(claim, None)
+        raise
+    except CancelledWhileRunning:
+        ledger.cancelled_while_running(claim)
+        raise Ignore(f"job {claim.job_id} cancelled while running") from None
+    except InvalidPayloadError as exc:  # the payload can never bind: no retry
+        _dead(task, claim, FailureClass.INVALID_PAYLOAD, exc)
+        raise
+    except (PermanentError, ValidationError) as exc:
+        _dead(task, claim, FailureClass.EXCEPTION, exc)
+        raise
+    except SoftTimeLimitExceeded as exc:
+        return retry_or_die(task, claim, exc, FailureClass.SOFT_TIMEOUT, None)
+    except (SystemExit, KeyboardInterrupt):
+        # The process is being stopped under the job (a signal to the pool process):
+        # not the job's failure. The worker's main process reports the lost process
+        # (requeue, counted toward the poison-pill limit), else the lease expires.
+        raise
+    except task.retry_for as exc:
+        if task.uses_celery_retries():  # Celery: only self.retry()/autoretry_for retry
+            _dead(task, claim, FailureClass.EXCEPTION, exc)
+            raise
+        return retry_or_die(task, claim, exc, FailureClass.EXCEPTION, None)
+    except BaseException as exc:
+        _dead(task, claim, FailureClass.EXCEPTION, exc)
+        raise
+    return result
+
+
+def retry_or_die(
+    task: Task,
+    claim: Claim,
+    exc: BaseException,
+    failure_class: FailureClass,
+    countdown: float | None,
+) -> Any:
+    """The platform's policy: dead once ``max_attempts`` are used, else retried after
+    ``countdown`` or a full-jitter backoff (always raises)."""
+    settings = task.platform.settings
+    limit = task.max_attempts or settings.max_attempts
+    if claim.attempt >= limit:
+        _dead(task, claim, failure_class, exc)
+        raise exc
+    wait = (
+        countdown
+        if countdown is not None
+        else full_jitter_backoff(
+            claim.attempt,
+            task.backoff_base or settings.retry_backoff_base,
+            task.backoff_cap or settings.retry_backoff_cap,
+        )
+    )
+    task.platform.ledger.retry_later(claim, wait, exc, failure_class)
+    raise Retry(exc=exc if isinstance(exc, Exception) else None, when=wait)  # type: ignore[arg-type]
+
+
+def celery_retry(task: Task, claim: Claim, wanted: RetryRequested) -> Any:
+    """``self.retry()`` (or ``autoretry_for``) asked for another run, decided as Celery's
+    ``Task.retry`` decides: ``request.retries + 1`` over ``max_retries`` (the call's, else
+    the task's; ``None`` is unlimited) raises ``exc`` or ``MaxRetriesExceededError`` and
+    the job is dead; else it waits ``countdown``, until ``eta``, or
+    ``default_retry_delay``. A task that sets none of Celery's retry options and passes
+    no ``max_retries`` keeps the platform's policy (:func:`retry_or_die`)."""
+    settings = task.platform.settings
+    error = wanted.cause if isinstance(wanted.cause, BaseException) else None
+    delay: float | None = wanted.countdown
+    if wanted.eta is not None:
+        delay = eta_delay(wanted.eta, settings.max_delay_seconds)
+    if wanted.max_retries is None and not task.uses_celery_retries():
+        return retry_or_die(task, claim, error or Exception("retry"), FailureClass.EXCEPTION, delay)
+    limit = task.max_retries if wanted.max_retries is None else wanted.max_retries
+    retries = int(task.request.retries or 0) + 1
+    if limit is not None and retries > limit:
+        if error is None:
+            error = task.MaxRetriesExceededError(
+                f"Can't retry {task.name}[{claim.job_id}] args:{task.request.args} "
+                f"kwargs:{task.request.kwargs}"
+            )
+        _dead(task, claim, FailureClass.EXCEPTION, error)
+        raise error
+    if delay is None:
+        delay = float(task.default_retry_delay or 0)
+    reason = error if error is not None else Retry("retry requested")
+    task.platform.ledger.retry_later(claim, delay, reason, FailureClass.EXCEPTION)
+    exc = error if isinstance(error, Exception) else None
+    raise Retry(exc=exc, when=delay)  # type: ignore[arg-type]
