@@ -161,3 +161,26 @@ def test_no_module_over_the_line_limit_without_a_reason() -> None:
     assert not unexplained, f"modules over {MAX_LINES} lines: {unexplained}"
     stale = sorted(set(ALLOWED_LONG) - set(modules))
     assert not stale, f"allowlisted modules that no longer exist: {stale}"
+
+
+def _callers(function: str) -> set[str]:
+    """The package's modules (other than ``routing``) that call ``function`` by name."""
+    found = set()
+    for module, path in _modules().items():
+        if module == "synth_workers.routing":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Call):
+                func = node.func
+                name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+                if name == function:
+                    found.add(module)
+    return found
+
+
+def test_priority_and_queue_are_resolved_in_one_place() -> None:
+    # A job's priority and queue are resolved once, by synth_workers.publish.placement
+    # (enqueue calls it and hands the result to apply_async, which does not resolve again).
+    assert _callers("resolve_priority") == {"synth_workers.publish"}
+    assert _callers("resolve_queue") == {"synth_workers.publish"}
+    assert _callers("placement") == {"synth_workers.publish", "synth_workers.producer"}
