@@ -43,7 +43,6 @@ call hands running (claim, lease, completion, the retry decision) to ``synth_wor
 
 from __future__ import annotations
 
-import logging
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -68,8 +67,6 @@ if TYPE_CHECKING:
     from synth_workers.app import SynthCelery
     from synth_workers.ledger.store import Claim
     from synth_workers.platform import Platform
-
-log = logging.getLogger(__name__)
 
 
 class Request(CeleryRequest):
