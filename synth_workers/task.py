@@ -305,6 +305,10 @@ class Task(celery.Task):  # type: ignore[type-arg]
         tombstone, never a queued row (see :meth:`_publish_failed`).
         """
         settings = self.platform.settings
+        dump_models = getattr(self, "_dump_pydantic_arguments", None)
+        if dump_models is not None and options.get("serializer") != "pickle":
+            # Celery's ``pydantic=True``: models the caller passes are sent as their dumps
+            args, kwargs = dump_models(args, kwargs)
         level = options.pop("priority", None)
         level = resolve_priority(self.priority if level is None else level)
         conn: psycopg.Connection[Any] | None = options.pop("synth_conn", None)

@@ -236,3 +236,20 @@ def test_chord_callback_runs_once_when_the_whole_worker_is_sigkilled(
     part_ids = [r.id for r in result.parent.results]
     assert wait_until(lambda: all(_ledger_state(i) == "succeeded" for i in part_ids), 20)
     assert rclient.lrange(f"test:callback:{key}", 0, -1) == [b"[0, 10, 20, 30]"]
+
+
+def test_wrong_arguments_fail_as_a_type_error(start_worker: Any) -> None:
+    # Celery's typing=False: sent unchecked; the call fails in the worker with a TypeError
+    start_worker(rt.QUEUE, env=ENV)
+    result = rt.add_not_typed.delay(5)
+    with pytest.raises(TypeError):
+        result.get(timeout=30)
+    assert result.status == "FAILURE"
+    assert app.ledger.get(result.id)["attempt"] == 1  # never retried
+
+
+def test_pydantic_models_as_arguments(start_worker: Any) -> None:
+    start_worker(rt.QUEUE, env=ENV)
+    result = rt.add_pair.delay(rt.Pair(x=2, y=3))
+    assert result.get(timeout=30) == {"sum": 5}
+    assert app.ledger.get(result.id)["args"] == [{"x": 2, "y": 3}]
