@@ -75,7 +75,7 @@ def install(app: Celery, settings: Settings | None = None) -> Platform:
             settings = load_settings(redis_url=own_broker) if own_broker else load_settings()
         platform = Platform(app, settings)
         before = _config_of_tasks(app)
-        _configure(app, settings)
+        platform.routes_by_kind = _configure(app, settings)
         # revoke cancels in the ledger (synth_workers.control)
         app.control_cls = "synth_workers.control:Control"
         app.__dict__.pop("control", None)
@@ -105,14 +105,18 @@ def install(app: Celery, settings: Settings | None = None) -> Platform:
 TOPOLOGY_KEYS = ("task_queues", "task_default_queue", "task_routes")
 
 
-def _configure(app: Celery, settings: Settings) -> None:
+def _configure(app: Celery, settings: Settings) -> bool:
+    """Apply the platform's Celery configuration; returns whether the queue topology is the
+    platform's (see :data:`TOPOLOGY_KEYS`)."""
     from synth_workers.app import SynthCelery, celery_config
 
     config = celery_config(settings)
-    if not isinstance(app, SynthCelery):
+    own = isinstance(app, SynthCelery)
+    if not own:
         for key in TOPOLOGY_KEYS:
             del config[key]
     app.conf.update(config)
+    return own
 
 
 # --- the task base ---------------------------------------------------------------------------

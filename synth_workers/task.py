@@ -328,11 +328,14 @@ class Task(celery.Task):  # type: ignore[type-arg]
         job_id: str = options.get("task_id") or str(uuid.uuid4())
         options["task_id"] = job_id
         queue = _queue_name(options.get("queue") or getattr(self, "queue", None))
+        if queue is None and self.platform.routes_by_kind:  # the platform's own app
+            queue = options["queue"] = queue_for_task(self.name)
         ledger = self.platform.ledger
         row: dict[str, Any] = {
             "job_id": job_id,
             "task": self.name,
-            "queue": queue or queue_for_task(self.name),
+            # None: Celery's router decides (an adopted app's routes), read from the message
+            "queue": queue,
             "priority": level,
             "payload": dict(kwargs or {}),
             "args": list(args) if args else None,
@@ -344,12 +347,14 @@ class Task(celery.Task):  # type: ignore[type-arg]
             "expires_at": _expires_at(options.get("expires")),
         }
         options["priority"] = to_transport(level)
-        if row["queue"] != queue:
-            options["queue"] = row["queue"]
         eager = bool(self.app.conf.task_always_eager)
         if not eager:  # the message, built by Celery, is stored with the row (one INSERT)
             capture = self._message(args, kwargs, options)
             row["message"] = capture.message()
+            if queue is None:
+                row["queue"] = capture.queue()
+        if row["queue"] is None:
+            row["queue"] = self.app.conf.task_default_queue
         if conn is not None:
             actual = ledger.insert_job(conn, **row)
             return self.AsyncResult(actual)

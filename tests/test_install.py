@@ -258,6 +258,7 @@ def test_adopted_plain_celery_app_runs_a_job_through_the_ledger(
     row = ledger.get(result.id)
     assert row is not None  # written before the message was published
     assert row["task"] == "tests.plain_app.double"
+    assert row["queue"] == "celery"  # the adopted app's own default queue, routed by Celery
     assert wait_until(lambda: ledger.get(result.id)["state"] == JobState.SUCCEEDED, timeout=30)
     assert ledger.get(result.id)["result"] == 42
 
