@@ -50,6 +50,7 @@ from synth_workers.ledger.results import (
     set_chord_size,
 )
 from synth_workers.lifecycle import JobEvent
+from synth_workers.outbox import outbox
 from synth_workers.platform import find_platform
 
 if TYPE_CHECKING:
@@ -308,7 +309,8 @@ class LedgerBackend(_RedisBackend):  # type: ignore[misc]
         callback: Any = maybe_signature(request.chord, app=self.app)
 
         def fire(conn: psycopg.Connection[Any], parts: Sequence[ChordPart]) -> str | None:
-            sent = callback.apply_async(([p.result for p in parts],), synth_conn=conn)
+            with outbox(conn):  # the callback (a group's members too) in this transaction
+                sent = callback.apply_async(([p.result for p in parts],))
             return str(sent.id)
 
         parts = record_chord_part(

@@ -61,6 +61,7 @@ from celery.worker.request import Request as CeleryRequest
 from kombu.exceptions import OperationalError as KombuOperationalError
 from pydantic import BaseModel, ValidationError
 
+from synth_workers import outbox
 from synth_workers.binding import Binding
 from synth_workers.errors import (
     InvalidPayloadError,
@@ -311,7 +312,7 @@ class Task(celery.Task):  # type: ignore[type-arg]
             args, kwargs = dump_models(args, kwargs)
         level = options.pop("priority", None)
         level = resolve_priority(self.priority if level is None else level)
-        conn: psycopg.Connection[Any] | None = options.pop("synth_conn", None)
+        conn: psycopg.Connection[Any] | None = options.pop("synth_conn", None) or outbox.current()
         key: str | None = options.pop("synth_idempotency_key", None)
         user_id: str | None = options.pop("synth_user_id", None)
         # Refusals first: nothing is written to Postgres or Redis before these pass.

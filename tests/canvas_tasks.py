@@ -162,3 +162,8 @@ def returns_a_result(self: Task) -> Any:
 @app.task(name="tests.canvas_tasks.fails")
 def fails(*args: Any) -> None:
     raise ValueError("expected to fail", *args)
+
+
+@app.task(name="tests.canvas_tasks.tsum")
+def tsum(values: list[int]) -> int:
+    return sum(values)

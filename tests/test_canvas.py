@@ -12,7 +12,7 @@ import os
 import signal
 from typing import Any
 
-from celery import chain
+from celery import chain, group
 
 from synth_workers import JobHandle, JobState, app
 
@@ -264,3 +264,16 @@ def test_eager_apply_runs_here_with_no_ledger_row() -> None:
     assert result.get(propagate=False).args == ("expected to fail", "x")
     assert app.ledger.get(result.id) is None
     assert ct.add.apply(args=(2, 3)).get() == 5
+
+
+def test_chord_whose_body_is_a_group(start_worker: Any) -> None:
+    # Celery upgrades group | group to a chord with a group body (Celery's own suite:
+    # test_chain_of_task_a_group_and_a_chord): 1 -> [2, 2] -> [4, 4] -> 8
+    start_worker(ct.QUEUE, concurrency=2, env=ENV)
+    c = (
+        ct.sig(ct.add, 1, 0).set(immutable=True)
+        | group(ct.sig(ct.add, 1), ct.sig(ct.add, 1))
+        | group(ct.sig(ct.tsum), ct.sig(ct.tsum))
+        | ct.sig(ct.tsum)
+    )
+    assert c().get(timeout=30) == 8
