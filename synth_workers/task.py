@@ -424,7 +424,10 @@ class Task(celery.Task):  # type: ignore[type-arg]
             real.connection._reraise_as_library_errors(),
         ):
             real.publish(capture.body, **(capture.publish_kwargs or {}))
-        return self.AsyncResult(capture.message()["headers"]["id"])
+        headers = capture.message()["headers"]
+        result = self.AsyncResult(headers["id"])
+        result.ignored = bool(headers.get("ignore_result"))  # Celery's: get() returns None
+        return result
 
     def _publish_failed(self, job_id: str, exc: BaseException) -> Any:
         """The publish of a queued job failed: tombstone its row and raise (see

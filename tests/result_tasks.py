@@ -76,3 +76,8 @@ class Pair(BaseModel):
 def add_pair(pair: Pair) -> dict[str, int]:
     """Celery's ``pydantic=True``: the caller passes a model, the task gets one back."""
     return {"sum": pair.x + pair.y}
+
+
+@app.task(name="tests.result_tasks.square_ignored", queue=QUEUE, ignore_result=True)
+def square_ignored(x: int) -> int:
+    return x * x
