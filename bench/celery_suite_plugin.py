@@ -19,6 +19,7 @@ repository root on ``PYTHONPATH``.
 
 from __future__ import annotations
 
+import ast
 import json
 from collections import Counter
 from pathlib import Path
@@ -65,8 +66,30 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 _CONFIG: dict[str, pytest.Config] = {}
 
 
+class _RetryingAst:
+    """pytest's source module's view of :mod:`ast`, whose ``parse`` retries once on
+    ``SystemError``. CPython 3.11 keeps the AST converter's recursion counter per
+    interpreter, not per thread: pytest parsing a failing test's source while a worker
+    thread of the same process (the suite's in-process worker) formats a traceback, which
+    3.11 also parses for its carets, can fail with "AST constructor recursion depth
+    mismatch" and crash the whole run (INTERNALERROR). A second parse is not disturbed."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(ast, name)
+
+    @staticmethod
+    def parse(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return ast.parse(*args, **kwargs)
+        except SystemError:
+            return ast.parse(*args, **kwargs)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     _CONFIG["config"] = config
+    import _pytest._code.source as pytest_source
+
+    pytest_source.ast = _RetryingAst()  # type: ignore[attr-defined,assignment]
     if config.getoption("synth_platform"):
         try:
             _wrap_test_app()

@@ -9,6 +9,7 @@ from synth_workers.app import app as app
 from synth_workers.errors import (
     ConfigurationError,
     EnqueueError,
+    InvalidArgumentsError,
     InvalidPayloadError,
     JobCancelledError,
     JobError,
@@ -52,6 +53,7 @@ __all__ = [
     # errors
     "ConfigurationError",
     "EnqueueError",
+    "InvalidArgumentsError",
     "InvalidPayloadError",
     "JobCancelledError",
     "JobError",

@@ -50,6 +50,7 @@ from synth_workers.ledger.results import (
     set_chord_size,
 )
 from synth_workers.lifecycle import JobEvent
+from synth_workers.outbox import outbox
 from synth_workers.platform import find_platform
 
 if TYPE_CHECKING:
@@ -178,12 +179,25 @@ class LedgerBackend(_RedisBackend):  # type: ignore[misc]
         return None if platform is None else platform.ledger
 
     # --- reads -------------------------------------------------------------------------------
+    def _meta(self, row: dict[str, Any]) -> dict[str, Any]:
+        """The row's meta, or PENDING with no result for a job whose result is ignored (its
+        message's ``ignore_result``, else its task's), as Celery's backend, which stored
+        nothing for it, answers. The ledger keeps the job's outcome all the same."""
+        ignored = row.get("ignore_result")
+        if ignored is None:
+            task = self.app.tasks.get(row.get("task") or "")
+            ignored = bool(getattr(task, "ignore_result", False))
+        if ignored:
+            return {"task_id": str(row["id"]), "status": states.PENDING, "result": None,
+                    "traceback": None, "children": []}  # fmt: skip
+        return stored_meta(row)
+
     def _get_task_meta_for(self, task_id: str) -> dict[str, Any]:
         ledger = self.ledger
         if ledger is not None:
             row = read_results(ledger, [task_id]).get(str(task_id))
             if row is not None:
-                return self.meta_from_decoded(stored_meta(row))  # type: ignore[no-any-return]
+                return self.meta_from_decoded(self._meta(row))  # type: ignore[no-any-return]
         return super()._get_task_meta_for(task_id)  # type: ignore[no-any-return]
 
     def mget(self, keys: Iterable[Any]) -> list[Any]:
@@ -198,7 +212,7 @@ class LedgerBackend(_RedisBackend):  # type: ignore[misc]
         missing = [key for key, job_id in zip(keys, ids, strict=True) if job_id not in rows]
         stored = dict(zip(missing, super().mget(missing), strict=True)) if missing else {}
         return [
-            self.encode(stored_meta(rows[job_id])) if job_id in rows else stored[key]
+            self.encode(self._meta(rows[job_id])) if job_id in rows else stored[key]
             for key, job_id in zip(keys, ids, strict=True)
         ]
 
@@ -308,7 +322,8 @@ class LedgerBackend(_RedisBackend):  # type: ignore[misc]
         callback: Any = maybe_signature(request.chord, app=self.app)
 
         def fire(conn: psycopg.Connection[Any], parts: Sequence[ChordPart]) -> str | None:
-            sent = callback.apply_async(([p.result for p in parts],), synth_conn=conn)
+            with outbox(conn):  # the callback (a group's members too) in this transaction
+                sent = callback.apply_async(([p.result for p in parts],))
             return str(sent.id)
 
         parts = record_chord_part(

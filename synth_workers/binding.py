@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from synth_workers.errors import InvalidPayloadError
+from synth_workers.errors import InvalidArgumentsError, InvalidPayloadError
 
 
 class Binding:
@@ -44,7 +44,7 @@ class Binding:
         try:
             bound = self.signature.bind(*args, **kwargs)
         except TypeError as exc:
-            raise InvalidPayloadError(f"{self.name}: {exc}") from None
+            raise InvalidArgumentsError(f"{self.name}: {exc}") from None
         params = self.signature.parameters
         for name, value in bound.arguments.items():
             adapter = self.adapters.get(name)

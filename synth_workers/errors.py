@@ -20,6 +20,7 @@
      │    └── ProviderUnavailableError  5xx, connection error, timeout (retry_after if told)
      └── PermanentError              raised by job code: dead-letter now, never retry
           ├── InvalidPayloadError    the worker could not parse the payload
+          │    └── InvalidArgumentsError  the arguments do not bind (also a TypeError)
           └── ProviderRejectedError  the provider refused the request (400/401/403/404)
 
 Job code raises ``TransientError`` or ``PermanentError`` (or a provider leaf under them); any
@@ -100,6 +101,11 @@ class PermanentError(SynthWorkersError):
 
 class InvalidPayloadError(PermanentError):
     """The worker could not parse the job's payload into the task's model."""
+
+
+class InvalidArgumentsError(InvalidPayloadError, TypeError):
+    """The job's arguments do not bind to the task's signature (missing or unexpected
+    ones): the ``TypeError`` Celery's task call raises, dead at once."""
 
 
 # --- provider errors (email and LLM providers) ------------------------------------------------

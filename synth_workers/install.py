@@ -3,8 +3,11 @@
 What it plugs in, all through Celery's own extension points:
 
 - configuration derived from the settings (:func:`synth_workers.app.celery_config`): the
-  ledger-backed Redis transport, queues and priorities, result backend options, the
-  exactly-once beat scheduler, the platform's consumer;
+  ledger-backed Redis transport, priorities, result backend options, the exactly-once beat
+  scheduler, the platform's consumer. The queue topology (``task_queues``,
+  ``task_default_queue``, ``task_routes``) is the platform's only on its own app
+  (:func:`~synth_workers.app.create_app`); an adopted app keeps its own, so a plain app's
+  tasks stay on Celery's ``celery`` queue (a worker of ``default`` consumes it too);
 - the task base class: ``app.Task`` becomes the platform's :class:`~synth_workers.task.Task`
   (bound to ``app``), so every ``@app.task`` defined afterwards gets it; tasks the app had
   already built are rebased onto it (see :func:`_rebase_tasks` for the one limit);
@@ -72,7 +75,7 @@ def install(app: Celery, settings: Settings | None = None) -> Platform:
             settings = load_settings(redis_url=own_broker) if own_broker else load_settings()
         platform = Platform(app, settings)
         before = _config_of_tasks(app)
-        _configure(app, settings)
+        platform.routes_by_kind = _configure(app, settings)
         # revoke cancels in the ledger (synth_workers.control)
         app.control_cls = "synth_workers.control:Control"
         app.__dict__.pop("control", None)
@@ -97,10 +100,23 @@ def install(app: Celery, settings: Settings | None = None) -> Platform:
         return platform
 
 
-def _configure(app: Celery, settings: Settings) -> None:
-    from synth_workers.app import celery_config
+#: The queue topology: the platform's own app declares its job kinds' queues and routes; an
+#: adopted app keeps its own (Celery's ``celery`` queue unless it declared others).
+TOPOLOGY_KEYS = ("task_queues", "task_default_queue", "task_routes")
 
-    app.conf.update(celery_config(settings))
+
+def _configure(app: Celery, settings: Settings) -> bool:
+    """Apply the platform's Celery configuration; returns whether the queue topology is the
+    platform's (see :data:`TOPOLOGY_KEYS`)."""
+    from synth_workers.app import SynthCelery, celery_config
+
+    config = celery_config(settings)
+    own = isinstance(app, SynthCelery)
+    if not own:
+        for key in TOPOLOGY_KEYS:
+            del config[key]
+    app.conf.update(config)
+    return own
 
 
 # --- the task base ---------------------------------------------------------------------------

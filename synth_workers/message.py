@@ -82,6 +82,11 @@ class CaptureProducer:
     def captured(self) -> bool:
         return self.publish_kwargs is not None
 
+    def queue(self) -> str | None:
+        """The queue Celery routed the message to (the Redis transport's routing key)."""
+        routing_key = (self.publish_kwargs or {}).get("routing_key")
+        return str(routing_key) if routing_key else None
+
     def message(self) -> dict[str, Any]:
         """The captured message as the ledger stores it."""
         kwargs = self.publish_kwargs or {}

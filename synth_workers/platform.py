@@ -37,6 +37,9 @@ class Platform:
         #: The Redis Streams event writer, when ``SYNTH_EVENTS_ENABLED`` (set by install).
         self.events: EventBuffer | None = None
         self.results: ResultAnnouncer | None = None
+        #: Whether the app routes tasks to the platform's job-kind queues (its own app,
+        #: ``create_app``); an adopted app keeps Celery's routing (set by install).
+        self.routes_by_kind = False
         self._keeper: LeaseKeeper | None = None
         self._completer: Completer | None = None
 

@@ -29,6 +29,7 @@ import psycopg
 import redis
 from kombu.exceptions import OperationalError as KombuOperationalError
 
+from synth_workers import outbox
 from synth_workers.errors import PayloadTooLargeError, PayloadValidationError
 from synth_workers.lifecycle import ListenerTimeout
 from synth_workers.message import CaptureProducer
@@ -55,11 +56,11 @@ CelerySend = Callable[..., Any]
 
 @dataclass(frozen=True)
 class Placement:
-    """Where one job goes, resolved once: its level (0-9, bigger first) and the queue the
-    ledger records."""
+    """Where one job goes, resolved once: its level (0-9, bigger first) and its queue;
+    ``None``: Celery's router decides (an adopted app's routes), read from the message."""
 
     priority: int
-    queue: str
+    queue: str | None
 
 
 def queue_name(queue: Any) -> str | None:
@@ -73,13 +74,16 @@ def placement(
     task: Task, priority: Priority | None, queue: Any = None, *, gpu: bool = False
 ) -> Placement:
     """Resolve a job's priority (``None``: ``normal``) and queue: ``gpu=`` and an explicit
-    ``queue`` first (``routing.resolve_queue``), else the task's own ``queue``, else the
-    route of its name. Raises ``RoutingError``."""
+    ``queue`` first (``routing.resolve_queue``), else the task's own ``queue``, else, on the
+    platform's own app, the route of its name; else ``None`` (Celery's router decides).
+    Raises ``RoutingError``."""
     level = resolve_priority(priority)
     target = resolve_queue(task.name, queue_name(queue), gpu=gpu)
     if target is None:
         target = queue_name(getattr(task, "queue", None))
-    return Placement(level, target or queue_for_task(task.name))
+    if target is None and task.platform.routes_by_kind:  # the platform's own app
+        target = queue_for_task(task.name)
+    return Placement(level, target)
 
 
 def _delay(options: dict[str, Any], limit: float) -> float | None:
@@ -134,13 +138,17 @@ def send(
     ``Task.apply_async`` for the options. ``celery_send`` is Celery's own ``apply_async``,
     which builds the message (and sends it, eagerly, under ``task_always_eager``)."""
     settings = task.platform.settings
+    dump_models = getattr(task, "_dump_pydantic_arguments", None)
+    if dump_models is not None and options.get("serializer") != "pickle":
+        # Celery's ``pydantic=True``: models the caller passes are sent as their dumps
+        args, kwargs = dump_models(args, kwargs)
     placed: Placement | None = options.pop(PLACEMENT_OPTION, None)
     level = options.pop("priority", None)
     if placed is None:
         placed = placement(
             task, task.priority if level is None else level, options.get("queue") or None
         )
-    conn: psycopg.Connection[Any] | None = options.pop("synth_conn", None)
+    conn: psycopg.Connection[Any] | None = options.pop("synth_conn", None) or outbox.current()
     key: str | None = options.pop("synth_idempotency_key", None)
     user_id: str | None = options.pop("synth_user_id", None)
     # Refusals first: nothing is written to Postgres or Redis before these pass.
@@ -160,6 +168,7 @@ def send(
     row: dict[str, Any] = {
         "job_id": job_id,
         "task": task.name,
+        # None: Celery's router decides (an adopted app's routes), read from the message
         "queue": placed.queue,
         "priority": placed.priority,
         "payload": dict(kwargs or {}),
@@ -172,12 +181,17 @@ def send(
         "expires_at": _expires_at(options.get("expires")),
     }
     options["priority"] = transport_priority(placed.priority)
-    if placed.queue != queue_name(options.get("queue") or getattr(task, "queue", None)):
+    given = queue_name(options.get("queue") or getattr(task, "queue", None))
+    if placed.queue is not None and placed.queue != given:
         options["queue"] = placed.queue
     eager = bool(task.app.conf.task_always_eager)
     if not eager:  # the message, built by Celery, is stored with the row (one INSERT)
         capture = _message(task, args, kwargs, options, celery_send)
         row["message"] = capture.message()
+        if placed.queue is None:
+            row["queue"] = capture.queue()
+    if row["queue"] is None:
+        row["queue"] = task.app.conf.task_default_queue
     if conn is not None:
         actual = ledger.insert_job(conn, **row)
         return task.AsyncResult(actual)
@@ -252,7 +266,10 @@ def _send(task: Task, capture: CaptureProducer, producer: Any = None) -> Any:
         real.connection._reraise_as_library_errors(),
     ):
         real.publish(capture.body, **(capture.publish_kwargs or {}))
-    return task.AsyncResult(capture.message()["headers"]["id"])
+    headers = capture.message()["headers"]
+    result = task.AsyncResult(headers["id"])
+    result.ignored = bool(headers.get("ignore_result"))  # Celery's: get() returns None
+    return result
 
 
 def publish_failed(task: Task, job_id: str, exc: BaseException) -> Any:

@@ -224,7 +224,8 @@ def _run_claimed(task: Task, claim: Claim, args: tuple[Any, ...], kwargs: dict[s
         # Another worker owns the job now; its outcome is theirs to record.
         raise Ignore(f"job {claim.job_id}: lease lost, outcome refused") from None
     except Ignore:
-        ledger.succeed(claim, None)
+        if not getattr(task.request, "synth_replaced", False):
+            ledger.succeed(claim, None)
         raise
     except CancelledWhileRunning:
         ledger.cancelled_while_running(claim)

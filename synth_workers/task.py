@@ -208,7 +208,8 @@ class Task(celery.Task):  # type: ignore[type-arg]
     # --- running ----------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         request = self.request
-        if request.called_directly or request.id is None:
+        if request.called_directly or request.id is None or request.is_eager:
+            # Celery runs it here and now (``apply()``, eager mode): no message, no ledger.
             return self._invoke(args, kwargs)
         return runner.run(self, request.id, args, kwargs)
 
@@ -231,6 +232,18 @@ class Task(celery.Task):  # type: ignore[type-arg]
         except ValidationError as exc:
             raise InvalidPayloadError(f"{self.name}: invalid payload: {exc}") from exc
         return self.run(payload)
+
+    def on_replace(self, sig: Any) -> Any:
+        """Celery's ``self.replace(sig)``: the replacement inherits this job's id (Celery
+        freezes its last task with it). The job's row is held first (waiting, never due, no
+        lease: ``Ledger.hold_for_replacement``), so that neither the reaper nor this
+        attempt's outcome touches it; the replacement's send re-opens it with its own message.
+        """
+        claim = self.claim
+        if claim is not None and not self.request.is_eager:
+            self.platform.ledger.hold_for_replacement(claim)
+            self.request.synth_replaced = True  # type: ignore[attr-defined]
+        return super().on_replace(sig)
 
     # --- helpers for task code --------------------------------------------------------------
     @property

@@ -143,3 +143,27 @@ def retry_then_hang(self: Task, key: str) -> int:
 def prio_probe(self: Task, key: str) -> None:
     """Record the priority the task sees in ``delivery_info``."""
     _r().rpush(f"test:prio:{key}", json.dumps((self.request.delivery_info or {}).get("priority")))
+
+
+@app.task(name="tests.canvas_tasks.replaced", bind=True)
+def replaced(self: Task, key: str, x: int) -> Any:
+    """Celery's ``self.replace``: run 1 replaces itself by ``add(x, 1) | add(10)``; the
+    replacement's last step inherits this job's id, so the caller's result is its value."""
+    _seen(self, key)
+    return self.replace(sig(add, x, 1) | sig(add, 10))
+
+
+@app.task(name="tests.canvas_tasks.returns_a_result", bind=True)
+def returns_a_result(self: Task) -> Any:
+    """Return an ``AsyncResult`` (of a chain it starts): Celery stores its tuple form."""
+    return (sig(add, 1, 1) | sig(add, 2)).apply_async()
+
+
+@app.task(name="tests.canvas_tasks.fails")
+def fails(*args: Any) -> None:
+    raise ValueError("expected to fail", *args)
+
+
+@app.task(name="tests.canvas_tasks.tsum")
+def tsum(values: list[int]) -> int:
+    return sum(values)

@@ -203,7 +203,7 @@ def hostile_messages(queue: str, canaries: Path, bomb_bytes: int = 256 << 20) ->
             "too-many-args",
             raw(envelope(args=[1, 2, 3], queue=queue)),
             "invalid_payload",
-            "InvalidPayloadError",
+            "InvalidArgumentsError",  # an InvalidPayloadError that is also a TypeError
         ),
         Hostile(
             "wrong-type",

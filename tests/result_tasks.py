@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import BaseModel
+
 from synth_workers import PermanentError, app
 
 QUEUE = "results"
@@ -57,3 +59,25 @@ def total(values: list[int], key: str) -> int:
     """A chord callback: counts its runs and what it was given."""
     _r().rpush(f"test:callback:{key}", repr(values))
     return sum(values)
+
+
+@app.task(name="tests.result_tasks.add_not_typed", queue=QUEUE, typing=False)
+def add_not_typed(x: int, y: int) -> int:
+    """Celery's ``typing=False``: arguments are not checked when sent, the call fails."""
+    return x + y
+
+
+class Pair(BaseModel):
+    x: int
+    y: int
+
+
+@app.task(name="tests.result_tasks.add_pair", queue=QUEUE, pydantic=True)
+def add_pair(pair: Pair) -> dict[str, int]:
+    """Celery's ``pydantic=True``: the caller passes a model, the task gets one back."""
+    return {"sum": pair.x + pair.y}
+
+
+@app.task(name="tests.result_tasks.square_ignored", queue=QUEUE, ignore_result=True)
+def square_ignored(x: int) -> int:
+    return x * x

@@ -12,7 +12,7 @@ import os
 import signal
 from typing import Any
 
-from celery import chain
+from celery import chain, group
 
 from synth_workers import JobHandle, JobState, app
 
@@ -232,3 +232,48 @@ def test_republish_keeps_the_message_whole(rclient: Any) -> None:
     assert embed["chord"]["task"] == ct.collect.name
     assert envelope["properties"]["correlation_id"] == sent.id
     assert envelope["properties"]["priority"] == 1  # kombu's scale for our 8 (high)
+
+
+def test_replace_hands_the_job_id_to_the_replacement(rclient: Any, start_worker: Any) -> None:
+    start_worker(ct.QUEUE, env=ENV)
+    result = ct.sig(ct.replaced, "rep", 5).apply_async()
+    assert result.get(timeout=30) == 16  # (5 + 1) + 10, under the replaced job's id
+    row = app.ledger.get(result.id)
+    assert row["state"] == JobState.SUCCEEDED
+    assert row["task"] == "tests.canvas_tasks.add"  # the replacement's last step
+    assert int(rclient.get("test:count:rep")) == 1  # the replaced task ran once
+    # the replaced attempt left no lease behind for the reaper to hand out again
+    republished, _ = app.ledger.reap_expired()
+    assert result.id not in {job.id for job in republished}
+
+
+def test_a_task_returning_a_result_stores_it_as_celery_does(start_worker: Any) -> None:
+    start_worker(ct.QUEUE, env=ENV)
+    value = ct.sig(ct.returns_a_result).apply_async().get(timeout=30)
+    # Celery's tuple form: ((id, parent), None), the parent (the chain's first step) alike
+    (child_id, parent), group = value
+    assert group is None
+    assert wait_until(lambda: (app.ledger.get(child_id) or {}).get("result") == 4, timeout=30)
+    (parent_id, _), _ = parent
+    assert app.ledger.get(parent_id)["result"] == 2
+
+
+def test_eager_apply_runs_here_with_no_ledger_row() -> None:
+    result = ct.fails.apply(args=("x",), link_error=ct.sig(ct.add, 0, 0))
+    assert result.state == "FAILURE"
+    assert result.get(propagate=False).args == ("expected to fail", "x")
+    assert app.ledger.get(result.id) is None
+    assert ct.add.apply(args=(2, 3)).get() == 5
+
+
+def test_chord_whose_body_is_a_group(start_worker: Any) -> None:
+    # Celery upgrades group | group to a chord with a group body (Celery's own suite:
+    # test_chain_of_task_a_group_and_a_chord): 1 -> [2, 2] -> [4, 4] -> 8
+    start_worker(ct.QUEUE, concurrency=2, env=ENV)
+    c = (
+        ct.sig(ct.add, 1, 0).set(immutable=True)
+        | group(ct.sig(ct.add, 1), ct.sig(ct.add, 1))
+        | group(ct.sig(ct.tsum), ct.sig(ct.tsum))
+        | ct.sig(ct.tsum)
+    )
+    assert c().get(timeout=30) == 8

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from celery import Celery, signals
 from celery.contrib.testing.app import TestApp
+from kombu import Queue
 
 import synth_workers
 from synth_workers import (
@@ -191,6 +192,20 @@ def test_tasks_defined_after_install_get_the_platform_task() -> None:
     assert plain.tasks["tests.adopted.after"].acks_late is True
 
 
+def test_an_adopted_app_keeps_its_own_queues() -> None:
+    plain = Celery("queues", broker=REDIS_URL, set_as_current=False)
+    install(plain)
+    assert set(plain.amqp.queues) == {"celery"}  # Celery's default queue, as before
+    assert plain.conf.task_default_queue == "celery"
+    routed = Celery("routed", broker=REDIS_URL, set_as_current=False)
+    routed.conf.task_queues = [Queue("mine")]
+    routed.conf.task_default_queue = "mine"
+    install(routed)
+    assert set(routed.amqp.queues) == {"mine"}
+    # the platform's own app declares its job kinds' queues
+    assert {"default", "email", "orchestration", "embeddings"} <= set(create_app().amqp.queues)
+
+
 def test_tasks_built_before_install_are_rebased() -> None:
     plain = Celery("before", broker=REDIS_URL, set_as_current=False)
 
@@ -243,6 +258,7 @@ def test_adopted_plain_celery_app_runs_a_job_through_the_ledger(
     row = ledger.get(result.id)
     assert row is not None  # written before the message was published
     assert row["task"] == "tests.plain_app.double"
+    assert row["queue"] == "celery"  # the adopted app's own default queue, routed by Celery
     assert wait_until(lambda: ledger.get(result.id)["state"] == JobState.SUCCEEDED, timeout=30)
     assert ledger.get(result.id)["result"] == 42
 

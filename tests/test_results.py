@@ -20,7 +20,7 @@ from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 
 import tests.result_tasks as rt
-from synth_workers import app
+from synth_workers import JobState, app
 
 from .conftest import ROOT, http_json, stop_group, wait_until
 
@@ -236,3 +236,37 @@ def test_chord_callback_runs_once_when_the_whole_worker_is_sigkilled(
     part_ids = [r.id for r in result.parent.results]
     assert wait_until(lambda: all(_ledger_state(i) == "succeeded" for i in part_ids), 20)
     assert rclient.lrange(f"test:callback:{key}", 0, -1) == [b"[0, 10, 20, 30]"]
+
+
+def test_wrong_arguments_fail_as_a_type_error(start_worker: Any) -> None:
+    # Celery's typing=False: sent unchecked; the call fails in the worker with a TypeError
+    start_worker(rt.QUEUE, env=ENV)
+    result = rt.add_not_typed.delay(5)
+    with pytest.raises(TypeError):
+        result.get(timeout=30)
+    assert result.status == "FAILURE"
+    assert app.ledger.get(result.id)["attempt"] == 1  # never retried
+
+
+def test_pydantic_models_as_arguments(start_worker: Any) -> None:
+    start_worker(rt.QUEUE, env=ENV)
+    result = rt.add_pair.delay(rt.Pair(x=2, y=3))
+    assert result.get(timeout=30) == {"sum": 5}
+    assert app.ledger.get(result.id)["args"] == [{"x": 2, "y": 3}]
+
+
+def test_ignored_results_read_as_celery_reports_them(start_worker: Any) -> None:
+    # Celery stores nothing for a job whose result is ignored: PENDING, no result. The
+    # ledger still records the job's outcome.
+    start_worker(rt.QUEUE, env=ENV)
+    sent = rt.square.apply_async((3,), ignore_result=True)
+    assert sent.get(timeout=5) is None  # Celery's AsyncResult.ignored: at once
+    by_task = app.send_task(rt.square_ignored.name, args=(4,), queue=rt.QUEUE)
+    for job_id in (sent.id, by_task.id):
+        assert wait_until(
+            lambda job_id=job_id: (app.ledger.get(job_id) or {}).get("state") == JobState.SUCCEEDED,
+            timeout=30,
+        )
+        assert app.AsyncResult(job_id).state == "PENDING"
+        assert app.AsyncResult(job_id).result is None
+    assert app.ledger.get(by_task.id)["result"] == 16

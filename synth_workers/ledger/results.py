@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 _RESULT_COLUMNS = (
     "SELECT id::text AS id, task, queue, state, attempt, payload, args, result, "
     "error_class, error_module, error_args, last_error, traceback, lease_owner, "
-    "finished_at FROM synth_jobs WHERE id = ANY(%s::uuid[])"
+    "finished_at, (message->'headers'->>'ignore_result')::boolean AS ignore_result "
+    "FROM synth_jobs WHERE id = ANY(%s::uuid[])"
 )
 
 

@@ -23,6 +23,7 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any, Literal
 
 import psycopg
+from celery.result import AsyncResult, GroupResult
 from kombu.utils import json as kombu_json
 from psycopg import sql
 from psycopg.rows import dict_row
@@ -114,6 +115,10 @@ def is_connection_failure(exc: BaseException) -> bool:
 
 
 def encode_result(result: Any) -> Jsonb:
+    if isinstance(
+        result, AsyncResult | GroupResult
+    ):  # a task returning a result: Celery stores its tuple
+        result = result.as_tuple()
     try:
         text = json.dumps(result, default=str)
     except (TypeError, ValueError):
@@ -336,10 +341,7 @@ class Ledger:
                     return str(existing[0])
         scheduled = bool(delay and delay > 0)
         conn.execute(
-            "INSERT INTO synth_jobs (id, task, queue, priority, payload, args, idempotency_key,"
-            " state, max_attempts, run_at, published_at, replay_of, user_id, message, expires_at)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, CASE WHEN %s THEN now() +"
-            " make_interval(secs => %s) END, CASE WHEN %s THEN now() END, %s, %s, %s, %s)",
+            self._INSERT_JOB,
             (
                 job_id,
                 task,
@@ -362,6 +364,39 @@ class Ledger:
         if not published and not scheduled:
             conn.execute(f"NOTIFY {NOTIFY_CHANNEL}")
         return job_id
+
+    #: One job row. A job id sent again: the row of a job held for its replacement (Celery's
+    #: ``Task.replace``, :meth:`hold_for_replacement`) is re-opened with the new message;
+    #: any other existing row is the same job sent twice and stays as it is (the second
+    #: message is refused at claim: the job is no longer queued).
+    _INSERT_JOB = (
+        "INSERT INTO synth_jobs (id, task, queue, priority, payload, args, idempotency_key,"
+        " state, max_attempts, run_at, published_at, replay_of, user_id, message, expires_at)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, CASE WHEN %s THEN now() +"
+        " make_interval(secs => %s) END, CASE WHEN %s THEN now() END, %s, %s, %s, %s)"
+        " ON CONFLICT (id) DO UPDATE SET task = EXCLUDED.task, queue = EXCLUDED.queue,"
+        " priority = EXCLUDED.priority, payload = EXCLUDED.payload, args = EXCLUDED.args,"
+        " state = EXCLUDED.state, max_attempts = EXCLUDED.max_attempts,"
+        " run_at = EXCLUDED.run_at, published_at = EXCLUDED.published_at,"
+        " message = EXCLUDED.message, expires_at = EXCLUDED.expires_at, attempt = 0,"
+        " retries = 0, worker_losses = 0, updated_at = now()"
+        " WHERE synth_jobs.state = 'scheduled' AND synth_jobs.run_at = 'infinity'"
+    )
+
+    def hold_for_replacement(self, claim: Claim) -> bool:
+        """The running job ``claim`` is being replaced (Celery's ``Task.replace``): its row
+        waits, never due (``scheduled`` at ``infinity``: PENDING, as Celery reports a
+        replaced task), without a lease, until the replacement that inherits its id is sent
+        (:meth:`insert_job` re-opens it). Returns whether this owner still held the job."""
+        with self.connection() as conn:
+            row = conn.execute(
+                "UPDATE synth_jobs SET state = 'scheduled', run_at = 'infinity', "
+                "lease_owner = NULL, lease_expires_at = NULL, published_at = NULL, "
+                "updated_at = now() WHERE id = %s AND state = 'running' AND lease_owner = %s "
+                "AND attempt = %s RETURNING id",
+                (claim.job_id, claim.owner, claim.attempt),
+            ).fetchone()
+        return row is not None
 
     def tombstone_unpublished(self, job_id: str, reason: str) -> bool:
         """An enqueue's publish failed: turn its queued row into a tombstone (cancelled,
