@@ -21,8 +21,6 @@ if TYPE_CHECKING:
     from synth_workers.app import SynthCelery
 
 WORKER_KEY_PREFIX = "synth:worker:"
-UNFINISHED = ("scheduled", "queued", "running", "failed-retrying")
-STATES = (*UNFINISHED, "succeeded", "dead", "cancelled")
 
 
 def worker_key(name: str) -> str:
@@ -66,49 +64,23 @@ def queue_depths(app: SynthCelery, queues: list[str]) -> dict[str, dict[int, int
 
 def snapshot(app: SynthCelery, *, last_hour: bool = False) -> dict[str, Any]:
     """Everything ``status`` shows; ``last_hour`` adds jobs per state enqueued in the hour."""
-    ledger = app.ledger
-    with ledger.connection() as conn:
-        per_queue = conn.execute(
-            "SELECT queue, count(*) FILTER (WHERE state IN ('scheduled', 'failed-retrying')), "
-            "extract(epoch FROM max(now() - coalesce(run_at, enqueued_at)) "
-            "FILTER (WHERE state = 'queued')) FROM synth_jobs "
-            "WHERE state IN ('scheduled', 'failed-retrying', 'queued') GROUP BY queue"
-        ).fetchall()
-        unfinished = dict.fromkeys(UNFINISHED, 0)
-        for state, count in conn.execute(
-            "SELECT state, count(*) FROM synth_jobs WHERE state = ANY(%s) GROUP BY state",
-            (list(UNFINISHED),),
-        ).fetchall():
-            unfinished[state] = int(count)
-        dlq_row = conn.execute("SELECT count(*) FROM synth_jobs WHERE state = 'dead'").fetchone()
-        beat_row = conn.execute(
-            "SELECT extract(epoch FROM max(created_at)) FROM synth_periodic_slots"
-        ).fetchone()
-        hour: dict[str, int] = {}
-        if last_hour:
-            hour = dict.fromkeys(STATES, 0)
-            for state, count in conn.execute(
-                "SELECT state, count(*) FROM synth_jobs WHERE enqueued_at >= now() - "
-                "interval '1 hour' GROUP BY state"
-            ).fetchall():
-                hour[state] = int(count)
+    counts = app.ledger.counts(last_hour=last_hour)
     live = workers(app)
-    ledger_queues = {row[0]: row for row in per_queue}
     names = list(routing.QUEUES)
-    extra = set(ledger_queues) | {q for w in live for q in w.get("queues", [])}
+    extra = set(counts.queues) | {q for w in live for q in w.get("queues", [])}
     names += sorted(extra - set(names))
     depths = queue_depths(app, names)
     queues = []
     for name in names:
-        row = ledger_queues.get(name)
+        ledger_queue = counts.queues.get(name)
         depth = depths[name]
         queues.append(
             {
                 "queue": name,
                 "depth": depth,
                 "waiting": sum(depth.values()),
-                "delayed": int(row[1]) if row else 0,
-                "oldest_age_seconds": round(float(row[2]), 3) if row and row[2] else None,
+                "delayed": ledger_queue.delayed if ledger_queue else 0,
+                "oldest_age_seconds": ledger_queue.oldest_age_seconds if ledger_queue else None,
                 "workers": sum(1 for w in live if name in w.get("queues", [])),
             }
         )
@@ -116,10 +88,10 @@ def snapshot(app: SynthCelery, *, last_hour: bool = False) -> dict[str, Any]:
         "at": datetime.now(UTC).isoformat(),
         "queues": queues,
         "workers": live,
-        "dlq_size": int(dlq_row[0]) if dlq_row else 0,
-        "unfinished": unfinished,
-        "beat_last_slot": float(beat_row[0]) if beat_row and beat_row[0] else None,
+        "dlq_size": counts.dlq_size,
+        "unfinished": counts.unfinished,
+        "beat_last_slot": counts.beat_last_slot,
     }
     if last_hour:
-        result["last_hour"] = hour
+        result["last_hour"] = counts.last_hour
     return result

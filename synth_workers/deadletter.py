@@ -16,20 +16,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from synth_workers.ledger.transport import publish
+from synth_workers.states import FailureClass, JobState
 
 if TYPE_CHECKING:
+    from psycopg import sql
+
     from synth_workers.app import SynthCelery
 
-FAILURE_CLASSES = (
-    "exception",
-    "soft_timeout",
-    "hard_timeout",
-    "worker_lost",
-    "poison_pill",
-    "rejected_message",
-    "rate_limited",
-    "invalid_payload",
-)
+#: The failure classes a filter may name (``states.FailureClass``'s values).
+FAILURE_CLASSES = tuple(c.value for c in FailureClass)
 
 
 @dataclass(frozen=True)
@@ -42,13 +37,14 @@ class DLQFilter:
     older_than: float | None = None  # seconds since it died
     newer_than: float | None = None
 
-    def where(self) -> tuple[str, list[Any]]:
+    def where(self) -> tuple[sql.Composable, list[Any]]:
+        """The ledger filter (see ``Ledger.filters``) for the dead jobs this one names."""
         from synth_workers.ledger.store import Ledger
 
         if self.failure_class is not None and self.failure_class not in FAILURE_CLASSES:
             raise ValueError(f"failure class must be one of {', '.join(FAILURE_CLASSES)}")
         return Ledger.filters(
-            states=("dead",),
+            states=(JobState.DEAD,),
             task=self.task,
             queue=self.queue,
             failure_class=self.failure_class,
@@ -68,34 +64,20 @@ class DeadLetterQueue:
 
     def count(self, where: DLQFilter | None = None) -> int:
         clause, params = (where or DLQFilter()).where()
-        with self.ledger.connection() as conn:
-            row = conn.execute(
-                f"SELECT count(*) FROM synth_jobs WHERE {clause}",  # noqa: S608 - fixed parts
-                params,
-            ).fetchone()
-        return int(row[0]) if row else 0
+        return self.ledger.count_where(clause, params)
 
     def show(self, job_id: str) -> dict[str, Any] | None:
         row = self.ledger.get(job_id)
-        return row if row is not None and row["state"] == "dead" else None
+        return row if row is not None and row["state"] == JobState.DEAD else None
 
     def replay(
         self, ids: list[str] | None = None, where: DLQFilter | None = None, limit: int = 10_000
     ) -> list[tuple[str, str]]:
         """Re-enqueue dead jobs (by id, or by filter); return (original id, new id) pairs."""
-        if ids is not None:
-            clause, params = "state = 'dead' AND id = ANY(%s::uuid[])", [ids]
-        else:
-            clause, params = (where or DLQFilter()).where()
+        clause, params = self._chosen(ids, where)
         pairs: list[tuple[str, str]] = []
         with self.ledger.connection() as conn, conn.transaction():
-            rows = conn.execute(
-                "SELECT id, task, queue, priority, payload, args, user_id, message "  # noqa: S608
-                f"FROM synth_jobs WHERE {clause} "
-                "AND failure_class IS DISTINCT FROM 'rejected_message' "
-                "ORDER BY finished_at LIMIT %s FOR UPDATE",
-                [*params, limit],
-            ).fetchall()
+            rows = self.ledger.lock_replayable(conn, clause, params, limit)
             for row in rows:
                 new_id = str(uuid.uuid4())
                 self.ledger.insert_job(
@@ -122,50 +104,25 @@ class DeadLetterQueue:
 
     def purge(self, ids: list[str] | None = None, where: DLQFilter | None = None) -> int:
         """Delete dead jobs (by id, or by filter); return how many."""
+        clause, params = self._chosen(ids, where)
+        return self.ledger.delete_where(clause, params)
+
+    @staticmethod
+    def _chosen(ids: list[str] | None, where: DLQFilter | None) -> tuple[sql.Composable, list[Any]]:
+        """The dead jobs ``ids`` names, or else those ``where`` matches."""
         if ids is not None:
-            clause, params = "state = 'dead' AND id = ANY(%s::uuid[])", [ids]
-        else:
-            clause, params = (where or DLQFilter()).where()
-        with self.ledger.connection() as conn:
-            return conn.execute(
-                f"DELETE FROM synth_jobs WHERE {clause}",  # noqa: S608 - fixed parts
-                params,
-            ).rowcount
+            from synth_workers.ledger.store import Ledger
+
+            return Ledger.filters(states=(JobState.DEAD,), ids=ids)
+        return (where or DLQFilter()).where()
 
     def apply_retention(self) -> dict[str, int]:
         """Drop dead jobs over the age and count limits, and finished jobs past SYNTH_JOB_TTL."""
         s = self.app.settings
-        with self.ledger.connection() as conn:
-            aged = conn.execute(
-                "DELETE FROM synth_jobs WHERE state = 'dead' AND "
-                "finished_at < now() - make_interval(secs => %s)",
-                (s.dlq_max_age,),
-            ).rowcount
-            over = conn.execute(
-                "DELETE FROM synth_jobs WHERE id IN (SELECT id FROM synth_jobs WHERE state = "
-                "'dead' ORDER BY finished_at DESC OFFSET %s)",
-                (s.dlq_max_count,),
-            ).rowcount
-            finished = conn.execute(
-                "DELETE FROM synth_jobs WHERE state IN ('succeeded', 'cancelled') AND "
-                "finished_at < now() - make_interval(secs => %s)",
-                (s.job_ttl,),
-            ).rowcount
-            conn.execute("DELETE FROM synth_idempotency WHERE expires_at < now()")
-            conn.execute(
-                "DELETE FROM synth_periodic_slots WHERE created_at < now() - interval '7 days'"
-            )
-            conn.execute(
-                "DELETE FROM synth_effects e WHERE NOT EXISTS "
-                "(SELECT 1 FROM synth_jobs j WHERE j.id = e.job_id)"
-            )
-        return {"dead_aged": aged, "dead_over_count": over, "finished": finished}
+        return self.ledger.apply_retention(
+            dlq_max_age=s.dlq_max_age, dlq_max_count=s.dlq_max_count, job_ttl=s.job_ttl
+        )
 
     def summary(self) -> list[dict[str, Any]]:
         """Dead jobs per task and failure class (the daily digest's table)."""
-        with self.ledger.connection() as conn:
-            rows = conn.execute(
-                "SELECT task, failure_class, count(*), max(finished_at) FROM synth_jobs "
-                "WHERE state = 'dead' GROUP BY task, failure_class ORDER BY count(*) DESC"
-            ).fetchall()
-        return [{"task": r[0], "failure_class": r[1], "count": r[2], "last": r[3]} for r in rows]
+        return self.ledger.dead_summary()

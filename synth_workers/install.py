@@ -204,7 +204,7 @@ def _on_worker_init(sender: Any = None, **kwargs: Any) -> None:
         return
     try:
         with platform.ledger.connect() as conn:
-            conn.execute("SELECT 1 FROM synth_jobs LIMIT 0")
+            platform.ledger.check_tables(conn)
     except (ConfigurationError, ServiceUnavailableError) as exc:
         raise SystemExit(f"synth-workers: {exc}") from None
     except psycopg.errors.UndefinedTable:

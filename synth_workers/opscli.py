@@ -189,7 +189,7 @@ def check(as_json: bool) -> None:
         if checks["postgres"]["status"] == "ok":
             try:
                 with app.ledger.connection() as conn:
-                    conn.execute("SELECT 1 FROM synth_jobs LIMIT 0")
+                    app.ledger.check_tables(conn)
                 checks["ledger"] = {"status": "ok"}
             except Exception as exc:
                 checks["ledger"] = {

@@ -293,3 +293,18 @@ def test_a_worker_of_default_consumes_celerys_default_queue_too(
     other = start_worker("email")
     replies = app.control.inspect(destination=[other.name], timeout=5).active_queues() or {}
     assert {q["name"] for q in replies.get(other.name, [])} == {"email"}
+
+
+def test_apps_of_one_database_share_one_pool() -> None:
+    # Any number of apps installed in one process (a test app per test, say) open one pool
+    # of Postgres connections between them, not one each.
+    settings = load_settings(db_pool_size=3)  # a size no other ledger of this process uses
+    first = install(Celery("pool-a", broker=REDIS_URL, set_as_current=False), settings)
+    second = install(Celery("pool-b", broker=REDIS_URL, set_as_current=False), settings)
+    assert first.ledger.pool is second.ledger.pool
+    first.ledger.close()  # the other app still holds it
+    with second.ledger.connection() as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    pool = second.ledger.pool
+    second.ledger.close()  # the last holder closes it
+    assert pool.closed

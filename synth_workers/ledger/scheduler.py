@@ -75,14 +75,7 @@ class ExactlyOnceScheduler(PersistentScheduler):
         job_id = str(uuid.uuid4())
         ledger = platform_of(self.app).ledger
         with ledger.connection() as conn, conn.transaction():
-            taken = (
-                conn.execute(
-                    "INSERT INTO synth_periodic_slots (name, slot, job_id) VALUES (%s, %s, %s) "
-                    "ON CONFLICT DO NOTHING",
-                    (entry.name, slot, job_id),
-                ).rowcount
-                == 1
-            )
+            taken = ledger.take_periodic_slot(conn, str(entry.name), slot, job_id)
             if taken:
                 task.apply_async(args, entry_kwargs, task_id=job_id, synth_conn=conn, **options)
         if taken:

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from celery import bootsteps
+from psycopg import sql
 
 from synth_workers.ledger.store import NOTIFY_CHANNEL
 from synth_workers.ledger.transport import ids_in_redis, publish
@@ -69,7 +70,7 @@ class Sweeper:
             try:
                 if listener is None or listener.closed:
                     listener = self.platform.ledger.connect()
-                    listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(NOTIFY_CHANNEL)))
                 self.sweep()
                 # Sleep until the next sweep, or until an outbox commit wakes us.
                 for _ in listener.notifies(timeout=self.settings.sweep_interval, stop_after=1):

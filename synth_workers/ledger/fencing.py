@@ -1,0 +1,351 @@
+"""A worker's side of a job: claim, lease renewal, and every fenced finish.
+
+A worker *claims* a queued job (``attempt + 1`` is the fencing token and ``lease_owner`` its
+process), renews the leases of all its running jobs in one statement per tick, and finishes
+a job only while its attempt and lease still hold (:data:`_FENCE`); a refused late finish is
+recorded in ``synth_late_completions``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import psycopg
+from psycopg import sql
+
+from synth_workers.ledger.rows import Claim, LedgerRows, encode_result, exception_origin
+from synth_workers.states import EventKind, JobState
+
+_CLAIM = sql.SQL(
+    "UPDATE synth_jobs SET state = %(running)s, attempt = attempt + 1, "
+    "lease_owner = %(owner)s, lease_expires_at = now() + make_interval(secs => %(lease)s), "
+    "started_at = now(), updated_at = now() "
+    "WHERE id = %(id)s AND state = %(queued)s AND NOT cancel_requested "
+    "AND (expires_at IS NULL OR expires_at > now()) "
+    "RETURNING attempt, max_attempts, task, queue, user_id, extract(epoch FROM enqueued_at)"
+)
+_COMPLETE = sql.SQL(
+    "UPDATE synth_jobs j SET state = %(succeeded)s, result = v.result, "
+    "finished_at = now(), lease_owner = NULL, lease_expires_at = NULL, "
+    "updated_at = now() FROM (SELECT unnest(%(done_ids)s::uuid[]) AS id, "
+    "unnest(%(done_attempts)s::int[]) AS attempt, unnest(%(done_owners)s::text[]) AS owner, "
+    "unnest(%(done_results)s::jsonb[]) AS result) v WHERE j.id = v.id "
+    "AND j.attempt = v.attempt AND j.lease_owner = v.owner AND j.state = %(running)s "
+    "RETURNING j.id"
+)
+_COMPLETE_AND_CLAIM = sql.SQL(
+    "WITH done AS ({complete}), claimed AS ({claim}) "
+    "SELECT c.*, (SELECT coalesce(array_agg(id), '{{}}') FROM done) "
+    "FROM (SELECT 1) one LEFT JOIN claimed c ON true"
+).format(complete=_COMPLETE, claim=_CLAIM)
+#: The claim still holds: the row's attempt and lease are the claim's (see :func:`_fenced`).
+_FENCE = sql.SQL(
+    "id = %(id)s AND attempt = %(attempt)s AND lease_owner = %(owner)s AND state = %(running)s"
+)
+
+
+def _fenced(claim: Claim) -> dict[str, Any]:
+    """The parameters of :data:`_FENCE` for ``claim``."""
+    return {
+        "id": claim.job_id,
+        "attempt": claim.attempt,
+        "owner": claim.owner,
+        "running": JobState.RUNNING,
+    }
+
+
+def _completion_params(done: Sequence[tuple[Claim, Any]]) -> dict[str, Any]:
+    return {
+        "succeeded": JobState.SUCCEEDED,
+        "running": JobState.RUNNING,
+        "done_ids": [c.job_id for c, _ in done],
+        "done_attempts": [c.attempt for c, _ in done],
+        "done_owners": [c.owner for c, _ in done],
+        "done_results": [encode_result(r) for _, r in done],
+    }
+
+
+class Fencing(LedgerRows):
+    """Claims, leases and fenced finishes."""
+
+    def claim(
+        self, job_id: str, owner: str, complete: Sequence[tuple[Claim, Any]] = ()
+    ) -> Claim | None:
+        """Take a queued job for ``owner``; ``None`` when it is not queued (already taken,
+        finished, cancelled, or not due). ``complete``: finished jobs of this process whose
+        fenced completion rides along in the same statement (one round trip per job)."""
+        params = {
+            "running": JobState.RUNNING,
+            "queued": JobState.QUEUED,
+            "owner": owner,
+            "lease": self.settings.lease_seconds,
+            "id": job_id,
+        }
+        if not complete:
+            with self.connection() as conn:
+                row = conn.execute(_CLAIM, params).fetchone()
+        else:
+            with self.connection() as conn:
+                row = conn.execute(
+                    _COMPLETE_AND_CLAIM, {**_completion_params(complete), **params}
+                ).fetchone()
+            assert row is not None
+            self._late_unless({str(i) for i in row[6]}, complete)
+            if row[0] is None:
+                return None
+        if row is None:
+            return None
+        claim = Claim(
+            job_id,
+            int(row[0]),
+            row[1],
+            owner,
+            task=row[2],
+            queue=row[3],
+            user_id=row[4],
+            enqueued_at=float(row[5]),
+        )
+        if self.lifecycle.listening:
+            self.lifecycle.announce(
+                EventKind.STARTED,
+                job_id,
+                **self.about(claim),
+                data={"queue_wait": max(0.0, claim.claimed_at - float(row[5]))},
+            )
+        return claim
+
+    def _late_unless(self, completed: set[str], done: Sequence[tuple[Claim, Any]]) -> None:
+        for claim, _ in done:
+            if claim.job_id not in completed:
+                self.record_late(claim, JobState.SUCCEEDED)
+            else:
+                self.announce_finish(claim, EventKind.SUCCEEDED)
+
+    def renew(self, owner: str) -> list[tuple[str, bool]]:
+        """Extend every lease ``owner`` holds, in one statement; return (job, cancel asked)."""
+        with self.connection() as conn:
+            rows = conn.execute(
+                "UPDATE synth_jobs SET lease_expires_at = now() + make_interval(secs => %s) "
+                "WHERE lease_owner = %s AND state = %s RETURNING id, cancel_requested",
+                (self.settings.lease_seconds, owner, JobState.RUNNING),
+            ).fetchall()
+        return [(str(r[0]), bool(r[1])) for r in rows]
+
+    def lock_claim(self, conn: psycopg.Connection[Any], claim: Claim) -> bool:
+        """Lock the job's row in ``conn``'s transaction if ``claim`` still holds."""
+        query = sql.SQL("SELECT 1 FROM synth_jobs WHERE {fence} FOR UPDATE").format(fence=_FENCE)
+        return conn.execute(query, _fenced(claim)).fetchone() is not None
+
+    def succeed(
+        self, claim: Claim, result: Any, conn: psycopg.Connection[Any] | None = None
+    ) -> bool:
+        return self._finish(
+            claim,
+            JobState.SUCCEEDED,
+            sql.SQL("state = %(state)s, result = %(result)s, finished_at = now()"),
+            {"state": JobState.SUCCEEDED, "result": encode_result(result)},
+            conn,
+            event=(EventKind.SUCCEEDED, {}),
+        )
+
+    def succeed_many(self, done: Sequence[tuple[Claim, Any]]) -> set[str]:
+        """Fenced completion of several jobs in one statement; returns the ids completed.
+        The others were refused (lease lost) and are recorded as late."""
+        if not done:
+            return set()
+        with self.connection() as conn:
+            rows = conn.execute(_COMPLETE, _completion_params(done)).fetchall()
+        completed = {str(r[0]) for r in rows}
+        self._late_unless(completed, done)
+        return completed
+
+    def retry_later(
+        self, claim: Claim, delay: float, error: BaseException, failure_class: str
+    ) -> bool:
+        """The attempt failed: run it again in ``delay`` seconds, unless the job was
+        cancelled meanwhile or expires before then (it ends ``cancelled``)."""
+        if self.cancel_if_requested(claim, delay):
+            return True
+        return self._finish(
+            claim,
+            JobState.RETRYING,
+            sql.SQL(
+                "state = %(state)s, run_at = now() + make_interval(secs => %(delay)s), "
+                "retries = retries + 1, failure_class = %(failure_class)s, "
+                "error_class = %(error_class)s, last_error = %(error)s"
+            ),
+            {
+                "state": JobState.RETRYING,
+                "delay": delay,
+                "failure_class": failure_class,
+                "error_class": type(error).__name__,
+                "error": str(error)[:4000],
+            },
+            event=(
+                EventKind.RETRYING,
+                {
+                    "failure_class": failure_class,
+                    "error_class": type(error).__name__,
+                    "delay": delay,
+                },
+            ),
+        )
+
+    def dead(
+        self,
+        claim: Claim,
+        failure_class: str,
+        error_class: str,
+        error: str,
+        traceback: str,
+        exc: BaseException | None = None,
+    ) -> bool:
+        """Dead-letter the claimed job. ``exc`` (default: the exception being handled, when
+        its class is ``error_class``) also keeps the exception's module and arguments, so
+        Celery's result API raises the original exception (``synth_workers.backend``)."""
+        module, args = exception_origin(exc, error_class)
+        return self._finish(
+            claim,
+            JobState.DEAD,
+            sql.SQL(
+                "state = %(state)s, finished_at = now(), failure_class = %(failure_class)s, "
+                "error_class = %(error_class)s, last_error = %(error)s, "
+                "traceback = %(traceback)s, error_module = %(module)s, error_args = %(args)s"
+            ),
+            {
+                "state": JobState.DEAD,
+                "failure_class": failure_class,
+                "error_class": error_class,
+                "error": error[:4000],
+                "traceback": traceback[-16000:],
+                "module": module,
+                "args": args,
+            },
+            event=(EventKind.DEAD, {"failure_class": failure_class, "error_class": error_class}),
+        )
+
+    def cancelled_while_running(self, claim: Claim) -> bool:
+        return self._finish(
+            claim,
+            JobState.CANCELLED,
+            sql.SQL("state = %(state)s, finished_at = now()"),
+            {"state": JobState.CANCELLED},
+            event=(EventKind.CANCELLED, {"while_running": True}),
+        )
+
+    # --- deferral (a shared rate limit or a provider's 429: wait, no attempt used) -------
+    def defer(
+        self, claim: Claim, delay: float, reason: str, max_seconds: float | None = None
+    ) -> Literal["deferred", "lost", "exhausted", "cancelled"]:
+        """Put the running job back to ``scheduled`` in ``delay`` seconds and give its
+        attempt back (``attempt - 1``), fenced by the claim: ``"deferred"``, or ``"lost"``
+        when the claim no longer holds (recorded as late), or ``"cancelled"`` when the job
+        was cancelled meanwhile or expires before then (it ends so).
+
+        With ``max_seconds`` (a provider's 429, not a wait on the platform's own limits) the
+        job's first such deferral is remembered, and once it is ``max_seconds`` old the job is
+        left running and ``"exhausted"`` is returned: the caller fails the attempt instead.
+        """
+        if self.cancel_if_requested(claim, delay):
+            return "cancelled"
+        assignments = sql.SQL(
+            "state = %(state)s, run_at = now() + make_interval(secs => %(delay)s), "
+            "attempt = attempt - 1"
+        )
+        params = {"state": JobState.SCHEDULED, "delay": delay}
+        event = (EventKind.SCHEDULED, {"reason": "deferred", "why": reason, "delay": delay})
+        if max_seconds is None:
+            done = self._finish(claim, "deferred", assignments, params, event=event)
+            return "deferred" if done else "lost"
+        query = sql.SQL(
+            "SELECT first_deferred_at IS NOT NULL AND first_deferred_at <= now() - "
+            "make_interval(secs => %(max_seconds)s) FROM synth_jobs WHERE {fence} FOR UPDATE"
+        ).format(fence=_FENCE)
+        with self.connection() as conn, conn.transaction():
+            row = conn.execute(query, {**_fenced(claim), "max_seconds": max_seconds}).fetchone()
+            if row is not None and row[0]:
+                return "exhausted"
+            done = row is not None and self._finish(
+                claim,
+                "deferred",
+                sql.SQL("{}, first_deferred_at = coalesce(first_deferred_at, now())").format(
+                    assignments
+                ),
+                params,
+                conn=conn,
+            )
+        if row is None:
+            self.record_late(claim, "deferred")
+        if not done:
+            return "lost"
+        self.announce_finish(claim, event[0], **event[1])
+        return "deferred"
+
+    def _finish(
+        self,
+        claim: Claim,
+        outcome: str,
+        assignments: sql.Composable,
+        params: dict[str, Any],
+        conn: psycopg.Connection[Any] | None = None,
+        event: tuple[str, dict[str, Any]] | None = None,
+    ) -> bool:
+        """One fenced state change (``assignments`` with named ``params``); ``event`` is
+        announced once it commits (by the caller when ``conn`` is the caller's transaction:
+        see :meth:`announce_finish`)."""
+        query = sql.SQL(
+            "UPDATE synth_jobs SET {assignments}, lease_owner = NULL, "
+            "lease_expires_at = NULL, updated_at = now() WHERE {fence}"
+        ).format(assignments=assignments, fence=_FENCE)
+        args = {**params, **_fenced(claim)}
+        if conn is not None:
+            done = conn.execute(query, args).rowcount == 1
+        else:
+            with self.connection() as own:
+                done = own.execute(query, args).rowcount == 1
+        if not done:
+            self.record_late(claim, outcome)
+        elif event is not None and conn is None:
+            self.announce_finish(claim, event[0], **event[1])
+        return done
+
+    def record_late(self, claim: Claim, outcome: str) -> None:
+        if self.lifecycle.listening:
+            self.lifecycle.announce(
+                EventKind.LATE_REFUSED,
+                claim.job_id,
+                **self.about(claim),
+                data={"outcome": outcome},
+            )
+        with self.connection() as conn:
+            conn.execute(
+                "INSERT INTO synth_late_completions (job_id, attempt, owner, outcome) "
+                "VALUES (%s, %s, %s, %s)",
+                (claim.job_id, claim.attempt, claim.owner, outcome),
+            )
+
+    # --- cancellation honoured by a running job -------------------------------------------
+    def cancel_if_requested(self, claim: Claim, delay: float = 0.0) -> bool:
+        """End the claimed job ``cancelled`` (fenced) if it was cancelled while it ran, or if
+        it expires within ``delay`` seconds (``last_error`` = ``expired``): a retry or a
+        deferral must not run it again. Returns whether it ended so."""
+        query = sql.SQL(
+            "UPDATE synth_jobs SET state = %(cancelled)s, finished_at = now(), last_error = "
+            "CASE WHEN cancel_requested THEN last_error ELSE 'expired' END, lease_owner = "
+            "NULL, lease_expires_at = NULL, updated_at = now() WHERE {fence} AND "
+            "(cancel_requested OR expires_at <= now() + make_interval(secs => %(delay)s)) "
+            "RETURNING cancel_requested, task, queue, attempt"
+        ).format(fence=_FENCE)
+        params = {**_fenced(claim), "cancelled": JobState.CANCELLED, "delay": max(0.0, delay)}
+        with self.connection() as conn:
+            row = conn.execute(query, params).fetchone()
+        if row is None:
+            return False
+        self.announce_finish(
+            claim,
+            EventKind.CANCELLED,
+            while_running=True,
+            reason="cancelled" if row[0] else "expired",
+        )
+        return True

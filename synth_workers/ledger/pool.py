@@ -1,0 +1,219 @@
+"""Connections to the ledger: a per-process pool, dedicated connections, commit durability.
+
+The pool opens lazily in the process that uses it, so prefork children never share a
+parent's sockets. Every connection sets ``search_path`` to ``SYNTH_DB_SCHEMA``, which is how
+the ledger's unqualified table names honour the schema. A connection failure (and only
+that: see :func:`is_connection_failure`) is raised as :class:`ServiceUnavailableError`.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg_pool import ConnectionPool
+from psycopg_pool.errors import PoolClosed, PoolTimeout, TooManyRequests
+
+from synth_workers.errors import ConfigurationError, ServiceUnavailableError
+from synth_workers.lifecycle import Lifecycle
+from synth_workers.settings import Settings, mask_url
+
+
+def is_connection_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` means Postgres could not be reached or the connection broke (report it
+    as :class:`ServiceUnavailableError`), as opposed to an error of the statement itself.
+
+    Connection failures: SQLSTATE class 08 (connection exception), 57P0x (server shut down,
+    crashed, not accepting connections yet, database dropped, idle session timed out), an
+    ``OperationalError`` with no SQLSTATE (libpq could not connect, the socket broke, the
+    connection is closed), and the pool giving no connection (timeout, closed, overloaded).
+    Everything else, e.g. ``ProgramLimitExceeded`` ("index row requires 12024 bytes") or
+    ``QueryCanceled``, which psycopg also files under ``OperationalError``, is not.
+    """
+    if isinstance(exc, (PoolTimeout, PoolClosed, TooManyRequests)):
+        return True
+    if not isinstance(exc, psycopg.Error):
+        return False
+    sqlstate = exc.sqlstate
+    if sqlstate is None:
+        return isinstance(exc, psycopg.OperationalError)
+    return sqlstate.startswith(("08", "57P0"))
+
+
+_PoolKey = tuple[int, str, str, int]
+#: The pools of this process, shared by every ledger of the same database, schema, commit
+#: mode and size (any number of apps installed in one process, e.g. a test app per test,
+#: open one pool between them, not one each), with how many ledgers hold each.
+_shared: dict[_PoolKey, tuple[ConnectionPool[psycopg.Connection[Any]], int]] = {}
+_shared_lock = threading.Lock()
+
+
+def _fresh_lock_in_child() -> None:
+    # Another thread may have held the lock when the process forked (a prefork child):
+    # the child starts with a free one. The parent's pools stay referenced, never closed
+    # from the child (their sockets belong to the parent); the child's keys differ (pid).
+    global _shared_lock
+    _shared_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_fresh_lock_in_child)
+
+
+def _acquire(key: _PoolKey, build: Callable[[], ConnectionPool[psycopg.Connection[Any]]]) -> (
+    ConnectionPool[psycopg.Connection[Any]]
+):  # fmt: skip
+    with _shared_lock:
+        found = _shared.get(key)
+        pool = build() if found is None else found[0]
+        _shared[key] = (pool, 1 if found is None else found[1] + 1)
+        return pool
+
+
+def _release(key: _PoolKey) -> None:
+    """One ledger lets go of the pool; the last one closes it."""
+    with _shared_lock:
+        found = _shared.get(key)
+        if found is None:
+            return
+        pool, holders = found
+        if holders > 1:
+            _shared[key] = (pool, holders - 1)
+            return
+        del _shared[key]
+    pool.close()
+
+
+class LedgerPool:
+    """The ledger's connections; every part of :class:`~synth_workers.ledger.store.Ledger`
+    builds on it."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        #: Told of every state change this process commits (see ``synth_workers.lifecycle``).
+        self.lifecycle = Lifecycle()
+        self._pool: ConnectionPool[psycopg.Connection[Any]] | None = None
+        self._key: _PoolKey | None = None
+        self._pid = 0
+        self._lock = threading.Lock()
+        # A forked child (prefork pool) must not touch the parent's pool or a lock another
+        # thread held at fork time: it starts afresh. The parent's pool object is kept
+        # referenced, never closed from the child (its sockets belong to the parent).
+        self._inherited: list[object] = []
+        os.register_at_fork(after_in_child=self._after_fork)
+
+    def _after_fork(self) -> None:
+        self._lock = threading.Lock()
+        if self._pool is not None:
+            self._inherited.append(self._pool)
+        self._pool = None
+        self._key = None
+        self._pid = 0
+
+    @property
+    def conninfo(self) -> str:
+        url = self.settings.database_url
+        if not url:
+            raise ConfigurationError(
+                "DATABASE_URL is not set: the job ledger needs Postgres. Set DATABASE_URL "
+                "(postgresql://user:password@host:5432/db), or run `synth-workers dev` for an "
+                "embedded one."
+            )
+        return url
+
+    #: False in worker processes: state transitions commit without waiting for the WAL
+    #: flush (a Postgres crash can only make a job run again: at least once), while
+    #: enqueues, effect transactions and cancellations still commit durably.
+    durable_commits = True
+
+    def use_fast_commits(self) -> None:
+        """Worker processes: asynchronous commits for claims, renewals and completions."""
+        self.durable_commits = False
+        self.close()  # the next connection comes from a pool of fast-commit connections
+
+    def connect_kwargs(self, durable: bool = True) -> dict[str, Any]:
+        options = f"-c search_path={self.settings.db_schema}"
+        if not durable:
+            options += " -c synchronous_commit=off"
+        return {"options": options, "connect_timeout": 5}
+
+    def durable(self, conn: psycopg.Connection[Any]) -> None:
+        """Make the open transaction on ``conn`` commit durably (worker processes)."""
+        if not self.durable_commits:
+            conn.execute("SET LOCAL synchronous_commit = on")
+
+    @property
+    def pool(self) -> ConnectionPool[psycopg.Connection[Any]]:
+        """This process's pool for the ledger's database (shared with every other ledger of
+        the same database, schema, commit mode and size: see :data:`_shared`)."""
+        pid = os.getpid()
+        if self._pool is None or self._pid != pid:
+            with self._lock:
+                if self._pool is None or self._pid != pid:
+                    kwargs = {**self.connect_kwargs(self.durable_commits), "autocommit": True}
+                    size = self.settings.db_pool_size
+                    key: _PoolKey = (pid, self.conninfo, str(kwargs["options"]), size)
+
+                    def build() -> ConnectionPool[psycopg.Connection[Any]]:
+                        pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
+                            self.conninfo,
+                            min_size=1,
+                            max_size=size,
+                            kwargs=kwargs,
+                            open=False,
+                            name=f"synth-ledger-{pid}",
+                        )
+                        try:
+                            pool.open(wait=True, timeout=10)
+                        except Exception as exc:
+                            raise self._unavailable(exc) from exc
+                        return pool
+
+                    self._pool = _acquire(key, build)
+                    self._key = key
+                    self._pid = pid
+        return self._pool
+
+    def _unavailable(self, exc: BaseException) -> ServiceUnavailableError:
+        return ServiceUnavailableError(
+            f"Postgres is not reachable at {mask_url(self.settings.database_url)} "
+            f"(DATABASE_URL): {exc}. Start it, or run `synth-workers dev` for the embedded stack."
+        )
+
+    @contextmanager
+    def connection(self) -> Iterator[psycopg.Connection[Any]]:
+        """A pooled connection; a connection failure (only that: see
+        :func:`is_connection_failure`) is raised as :class:`ServiceUnavailableError`."""
+        try:
+            with self.pool.connection() as conn:
+                yield conn
+        except psycopg.OperationalError as exc:
+            if not is_connection_failure(exc):
+                raise
+            raise self._unavailable(exc) from exc
+
+    def connect(self) -> psycopg.Connection[Any]:
+        """A dedicated connection (LISTEN, long transactions), not from the pool."""
+        try:
+            return psycopg.connect(self.conninfo, autocommit=True, **self.connect_kwargs())
+        except psycopg.OperationalError as exc:
+            if not is_connection_failure(exc):
+                raise
+            raise self._unavailable(exc) from exc
+
+    def close(self) -> None:
+        """Let go of the pool (closed when no other ledger of this process holds it)."""
+        if self._pool is not None and self._key is not None and self._pid == os.getpid():
+            _release(self._key)
+        self._pool = None
+        self._key = None
+
+    def now(self) -> datetime:
+        with self.connection() as conn:
+            row = conn.execute("SELECT now()").fetchone()
+        assert row is not None
+        return row[0]  # type: ignore[no-any-return]
