@@ -17,12 +17,10 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -30,13 +28,19 @@ import redis
 from kombu.exceptions import OperationalError as KombuOperationalError
 
 from synth_workers import outbox
-from synth_workers.errors import PayloadTooLargeError, PayloadValidationError
+from synth_workers.errors import PayloadTooLargeError
 from synth_workers.lifecycle import ListenerTimeout
 from synth_workers.message import CaptureProducer
 from synth_workers.routing import Priority, queue_for_task, resolve_priority, resolve_queue
 from synth_workers.routing import to_transport as transport_priority
 from synth_workers.states import EventKind
-from synth_workers.validation import check_delay, check_idempotency_key, eta_delay, payload_size
+from synth_workers.validation import (
+    check_delay,
+    check_idempotency_key,
+    eta_delay,
+    expires_at,
+    payload_size,
+)
 
 if TYPE_CHECKING:
     from synth_workers.task import Task
@@ -97,30 +101,6 @@ def _delay(options: dict[str, Any], limit: float) -> float | None:
     return None
 
 
-def _expires_at(expires: Any) -> datetime | None:
-    """Celery's ``expires=`` (seconds from now, a datetime, or an ISO 8601 string) as the
-    moment the ledger stores; a naive datetime is UTC (the app's timezone)."""
-    if expires is None:
-        return None
-    if isinstance(expires, str):
-        try:
-            expires = datetime.fromisoformat(expires)
-        except ValueError:
-            raise PayloadValidationError(
-                f"expires is not an ISO 8601 date and time: {expires!r}"
-            ) from None
-    if isinstance(expires, datetime):
-        return expires if expires.tzinfo else expires.replace(tzinfo=UTC)
-    if isinstance(expires, bool) or not isinstance(expires, (int, float)):
-        raise PayloadValidationError(
-            f"expires must be seconds, a datetime or an ISO 8601 string, got "
-            f"{type(expires).__name__}"
-        )
-    if not math.isfinite(expires):
-        raise PayloadValidationError(f"expires must be a finite number of seconds: {expires!r}")
-    return datetime.now(UTC) + timedelta(seconds=max(-1e9, min(float(expires), 1e9)))
-
-
 def _timed_out(exc: BaseException) -> bool:
     """Whether ``exc`` (or what it wraps) is a timeout."""
     seen: BaseException | None = exc
@@ -178,7 +158,7 @@ def send(
         "max_attempts": task.max_attempts,
         "published": conn is None,
         "user_id": user_id,
-        "expires_at": _expires_at(options.get("expires")),
+        "expires_at": expires_at(options.get("expires")),
     }
     options["priority"] = transport_priority(placed.priority)
     given = queue_name(options.get("queue") or getattr(task, "queue", None))

@@ -19,6 +19,7 @@ completion and the retry decision. ``Task.__call__`` hands every worker run to :
 
 from __future__ import annotations
 
+import inspect
 import random
 import traceback
 from typing import TYPE_CHECKING, Any
@@ -37,7 +38,7 @@ from synth_workers.ledger.transport import publish
 from synth_workers.message import from_request
 from synth_workers.routing import foreign_priority, queue_for_task
 from synth_workers.states import FailureClass
-from synth_workers.validation import eta_delay
+from synth_workers.validation import eta_delay, expires_at
 
 if TYPE_CHECKING:
     from synth_workers.ledger.store import Claim
@@ -79,12 +80,64 @@ class RetryRequested(Retry):
         countdown: float | None,
         eta: Any = None,
         max_retries: int | None = None,
+        arguments: tuple[list[Any], dict[str, Any]] | None = None,
+        expires: Any = None,
     ) -> None:
         super().__init__("retry requested", None, countdown)  # type: ignore[arg-type]
         self.cause = exc
         self.countdown = countdown
         self.eta = eta
         self.max_retries = max_retries
+        #: The next run's (args, kwargs) when ``self.retry(args=, kwargs=)`` changed them.
+        self.arguments = arguments
+        #: ``self.retry(expires=)``: the next run's ``expires`` (seconds or a datetime).
+        self.expires = expires
+
+
+def retry_arguments(
+    task: Task, request: Any, args: Any, kwargs: Any
+) -> tuple[list[Any], dict[str, Any]] | None:
+    """The arguments of the next run for ``self.retry(args=, kwargs=)``, as Celery's
+    ``Task.retry`` computes them: a value not given is the request's, and inherited values
+    that conflict with the new calling convention are dropped (an argument now given by
+    position leaves the inherited keywords; a keyword replaces an inherited positional
+    argument). ``None`` when neither is given."""
+    if args is None and kwargs is None:
+        return None
+    old_args = list(request.args or ())
+    old_kwargs = dict(request.kwargs or {})
+    if args is not None and kwargs is None and old_kwargs:
+        kwargs = dict(old_kwargs)
+        try:
+            params = inspect.signature(task.run).parameters.values()
+        except (TypeError, ValueError):
+            params = None
+        if params is not None:
+            positional = [p for p in params if p.kind in _POSITIONAL]
+            for p in positional[: len(args)]:
+                if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD:
+                    kwargs.pop(p.name, None)
+    elif kwargs is not None and args is None and old_args:
+        try:
+            signature = inspect.signature(task.run)
+            bound = signature.bind_partial(*old_args)
+        except (TypeError, ValueError):
+            pass
+        else:
+            kwargs = dict(kwargs)
+            for name in list(kwargs):
+                if (
+                    name in bound.arguments
+                    and signature.parameters[name].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+                ):
+                    bound.arguments[name] = kwargs.pop(name)
+            args, kwargs = bound.args, {**bound.kwargs, **kwargs}
+    new_args = old_args if args is None else list(args)
+    new_kwargs = old_kwargs if kwargs is None else dict(kwargs)
+    return new_args, new_kwargs
+
+
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
 class DeferRequested(Exception):  # noqa: N818 - control flow
@@ -308,6 +361,13 @@ def celery_retry(task: Task, claim: Claim, wanted: RetryRequested) -> Any:
     if delay is None:
         delay = float(task.default_retry_delay or 0)
     reason = error if error is not None else Retry("retry requested")
-    task.platform.ledger.retry_later(claim, delay, reason, FailureClass.EXCEPTION)
+    task.platform.ledger.retry_later(
+        claim,
+        delay,
+        reason,
+        FailureClass.EXCEPTION,
+        arguments=wanted.arguments,
+        expires_at=expires_at(wanted.expires),
+    )
     exc = error if isinstance(error, Exception) else None
     raise Retry(exc=exc, when=delay)  # type: ignore[arg-type]

@@ -177,10 +177,13 @@ class Task(celery.Task):  # type: ignore[type-arg]
         ``default_retry_delay`` mean what Celery says (see
         :func:`synth_workers.runner.celery_retry`); a task that sets none of Celery's retry
         options and passes no ``max_retries`` keeps the platform's attempt budget.
-        ``args``/``kwargs`` changes are not supported: the job runs again with its own."""
+        ``args``/``kwargs`` change the next run's arguments as in Celery (kept in the
+        ledger row), ``expires`` its expiry."""
         if self.request.called_directly or self.claim is None:
             return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
-        raise runner.RetryRequested(exc, countdown, eta, max_retries)
+        arguments = runner.retry_arguments(self, self.request, args, kwargs)
+        expires = options.get("expires")
+        raise runner.RetryRequested(exc, countdown, eta, max_retries, arguments, expires)
 
     @classmethod
     def uses_celery_retries(cls) -> bool:

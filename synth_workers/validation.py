@@ -23,7 +23,7 @@ import math
 import numbers
 import time
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from synth_workers.errors import PayloadValidationError
@@ -152,3 +152,27 @@ def eta_delay(eta: Any, limit: float) -> float:
             f"eta must be a datetime or an ISO 8601 string, got {type(eta).__name__}"
         )
     return check_delay(max(0.0, eta.timestamp() - time.time()), limit)
+
+
+def expires_at(expires: Any) -> datetime | None:
+    """Celery's ``expires=`` (seconds from now, a datetime, or an ISO 8601 string) as the
+    moment the ledger stores; a naive datetime is UTC (the app's timezone)."""
+    if expires is None:
+        return None
+    if isinstance(expires, str):
+        try:
+            expires = datetime.fromisoformat(expires)
+        except ValueError:
+            raise PayloadValidationError(
+                f"expires is not an ISO 8601 date and time: {expires!r}"
+            ) from None
+    if isinstance(expires, datetime):
+        return expires if expires.tzinfo else expires.replace(tzinfo=UTC)
+    if isinstance(expires, bool) or not isinstance(expires, (int, float)):
+        raise PayloadValidationError(
+            f"expires must be seconds, a datetime or an ISO 8601 string, got "
+            f"{type(expires).__name__}"
+        )
+    if not math.isfinite(expires):
+        raise PayloadValidationError(f"expires must be a finite number of seconds: {expires!r}")
+    return datetime.now(UTC) + timedelta(seconds=max(-1e9, min(float(expires), 1e9)))

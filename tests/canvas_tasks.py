@@ -167,3 +167,29 @@ def fails(*args: Any) -> None:
 @app.task(name="tests.canvas_tasks.tsum")
 def tsum(values: list[int]) -> int:
     return sum(values)
+
+
+@app.task(name="tests.canvas_tasks.retry_new_args", bind=True, max_retries=1)
+def retry_new_args(self: Task, foo: int, bar: int, label: str | None = None) -> dict[str, Any]:
+    """Celery's ``self.retry(args=...)`` on a job sent with keywords: the next run gets the
+    new positional arguments and keeps the keyword that does not conflict."""
+    if not self.request.retries:
+        raise self.retry(args=(foo + 1, bar + 1), countdown=0)
+    return {"foo": foo, "bar": bar, "label": label, "retries": self.request.retries}
+
+
+@app.task(name="tests.canvas_tasks.retry_new_kwargs", bind=True, max_retries=1)
+def retry_new_kwargs(self: Task, foo: int, bar: int) -> dict[str, Any]:
+    """``self.retry(kwargs=...)`` on a job sent with positional arguments."""
+    if not self.request.retries:
+        raise self.retry(kwargs={"foo": foo + 1}, countdown=0)
+    return {"foo": foo, "bar": bar, "retries": self.request.retries}
+
+
+@app.task(name="tests.canvas_tasks.retry_expiring", bind=True, max_retries=3)
+def retry_expiring(self: Task, key: str) -> int:
+    """``self.retry(expires=1)`` with a 3-s countdown: expired before its next run."""
+    count = _seen(self, key)
+    if count == 1:
+        raise self.retry(countdown=3, expires=1)
+    return count

@@ -277,3 +277,25 @@ def test_chord_whose_body_is_a_group(start_worker: Any) -> None:
         | ct.sig(ct.tsum)
     )
     assert c().get(timeout=30) == 8
+
+
+def test_retry_with_new_arguments(start_worker: Any) -> None:
+    start_worker(ct.QUEUE, env=ENV)
+    switched = ct.sig(ct.retry_new_args).apply_async(kwargs={"foo": 1, "bar": 2, "label": "kept"})
+    to_kwargs = ct.sig(ct.retry_new_kwargs).apply_async(args=(1, 2))
+    assert switched.get(timeout=30) == {"foo": 2, "bar": 3, "label": "kept", "retries": 1}
+    assert to_kwargs.get(timeout=30) == {"foo": 2, "bar": 2, "retries": 1}
+    row = app.ledger.get(switched.id)
+    assert (row["args"], row["payload"]) == ([2, 3], {"label": "kept"})
+
+
+def test_retry_with_expires_ends_revoked_when_it_expires_first(
+    rclient: Any, start_worker: Any
+) -> None:
+    start_worker(ct.QUEUE, env=ENV)
+    result = ct.sig(ct.retry_expiring, "exp").apply_async()
+    assert wait_until(
+        lambda: (app.ledger.get(result.id) or {}).get("state") == JobState.CANCELLED, timeout=30
+    )
+    assert result.state == "REVOKED"
+    assert int(rclient.get("test:count:exp")) == 1  # the retry never ran

@@ -9,10 +9,12 @@ recorded in ``synth_late_completions``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any, Literal
 
 import psycopg
 from psycopg import sql
+from psycopg.types.json import Jsonb
 
 from synth_workers.ledger.rows import Claim, LedgerRows, encode_result, exception_origin
 from synth_workers.states import EventKind, JobState
@@ -161,27 +163,55 @@ class Fencing(LedgerRows):
         return completed
 
     def retry_later(
-        self, claim: Claim, delay: float, error: BaseException, failure_class: str
+        self,
+        claim: Claim,
+        delay: float,
+        error: BaseException,
+        failure_class: str,
+        *,
+        arguments: tuple[list[Any], dict[str, Any]] | None = None,
+        expires_at: datetime | None = None,
     ) -> bool:
         """The attempt failed: run it again in ``delay`` seconds, unless the job was
-        cancelled meanwhile or expires before then (it ends ``cancelled``)."""
+        cancelled meanwhile or expires before then (it ends ``cancelled``). ``arguments``:
+        the next run's (args, kwargs), Celery's ``self.retry(args=, kwargs=)``;
+        ``expires_at``: its new expiry, ``self.retry(expires=)`` (the stored message's
+        ``expires`` header with it)."""
         if self.cancel_if_requested(claim, delay):
             return True
-        return self._finish(
-            claim,
-            JobState.RETRYING,
+        assignments = [
             sql.SQL(
                 "state = %(state)s, run_at = now() + make_interval(secs => %(delay)s), "
                 "retries = retries + 1, failure_class = %(failure_class)s, "
                 "error_class = %(error_class)s, last_error = %(error)s"
-            ),
-            {
-                "state": JobState.RETRYING,
-                "delay": delay,
-                "failure_class": failure_class,
-                "error_class": type(error).__name__,
-                "error": str(error)[:4000],
-            },
+            )
+        ]
+        params: dict[str, Any] = {
+            "state": JobState.RETRYING,
+            "delay": delay,
+            "failure_class": failure_class,
+            "error_class": type(error).__name__,
+            "error": str(error)[:4000],
+        }
+        if arguments is not None:
+            assignments.append(sql.SQL("args = %(args)s, payload = %(payload)s"))
+            params["args"] = Jsonb(arguments[0]) if arguments[0] else None
+            params["payload"] = Jsonb(arguments[1])
+        if expires_at is not None:
+            assignments.append(
+                sql.SQL(
+                    "expires_at = %(expires_at)s, message = CASE WHEN message IS NULL THEN NULL"
+                    " ELSE jsonb_set(message, '{headers,expires}', to_jsonb(%(expires)s::text))"
+                    " END"
+                )
+            )
+            params["expires_at"] = expires_at
+            params["expires"] = expires_at.isoformat()
+        return self._finish(
+            claim,
+            JobState.RETRYING,
+            sql.SQL(", ").join(assignments),
+            params,
             event=(
                 EventKind.RETRYING,
                 {
