@@ -81,3 +81,9 @@ def add_pair(pair: Pair) -> dict[str, int]:
 @app.task(name="tests.result_tasks.square_ignored", queue=QUEUE, ignore_result=True)
 def square_ignored(x: int) -> int:
     return x * x
+
+
+@app.task(name="tests.result_tasks.retry_later", queue=QUEUE, bind=True, max_retries=1)
+def retry_later(self: Any, message: str) -> None:
+    """Retry in a minute with the user's own exception: RETRY meanwhile."""
+    raise self.retry(exc=ResultError(message, 7), countdown=60)

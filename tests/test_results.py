@@ -270,3 +270,12 @@ def test_ignored_results_read_as_celery_reports_them(start_worker: Any) -> None:
         assert app.AsyncResult(job_id).state == "PENDING"
         assert app.AsyncResult(job_id).result is None
     assert app.ledger.get(by_task.id)["result"] == 16
+
+
+def test_a_retrying_job_reports_its_original_exception(start_worker: Any) -> None:
+    start_worker(rt.QUEUE, env=ENV)
+    result = rt.retry_later.delay("again")
+    assert wait_until(lambda: result.state == "RETRY", timeout=30)
+    assert isinstance(result.result, rt.ResultError)  # the class, not only its name
+    assert result.result.args == ("again", 7)
+    result.revoke()

@@ -183,15 +183,20 @@ class Fencing(LedgerRows):
             sql.SQL(
                 "state = %(state)s, run_at = now() + make_interval(secs => %(delay)s), "
                 "retries = retries + 1, failure_class = %(failure_class)s, "
-                "error_class = %(error_class)s, last_error = %(error)s"
+                "error_class = %(error_class)s, last_error = %(error)s, "
+                "error_module = %(module)s, error_args = %(args_of_error)s"
             )
         ]
+        # the exception's module and arguments: Celery's RETRY result is the exception
+        module, error_args = exception_origin(error, type(error).__name__)
         params: dict[str, Any] = {
             "state": JobState.RETRYING,
             "delay": delay,
             "failure_class": failure_class,
             "error_class": type(error).__name__,
             "error": str(error)[:4000],
+            "module": module,
+            "args_of_error": error_args,
         }
         if arguments is not None:
             assignments.append(sql.SQL("args = %(args)s, payload = %(payload)s"))
