@@ -234,9 +234,15 @@ class LedgerBackend(_RedisBackend):  # type: ignore[misc]
         **kwargs: Any,
     ) -> Any:
         """A job the platform ran keeps its state in the ledger: nothing is written to Redis
-        for it. Anything else (a result Celery stores for an id with no job, e.g. a chord
-        callback failed by its header) is stored by Celery's Redis backend."""
+        for it, also when the worker's main process reports it. Anything else (a result
+        Celery stores for an id with no job, e.g. a chord callback failed by its header) is
+        stored by Celery's Redis backend."""
         if request is not None and getattr(request, "synth_claim", None) is not None:
+            return self.encode_result(result, state)
+        ledger = self.ledger
+        if ledger is not None and read_results(ledger, [task_id]):
+            # A job of the ledger whose outcome the worker's main process reports (a hard
+            # time limit, a lost process): the ledger decides (retry or not) and says so.
             return self.encode_result(result, state)
         return super().store_result(task_id, result, state, traceback, request, **kwargs)
 

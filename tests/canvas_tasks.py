@@ -193,3 +193,12 @@ def retry_expiring(self: Task, key: str) -> int:
     if count == 1:
         raise self.retry(countdown=3, expires=1)
     return count
+
+
+@app.task(name="tests.canvas_tasks.hangs_once", bind=True, time_limit=2, max_attempts=2)
+def hangs_once(self: Task, key: str) -> int:
+    """Run 1 outlives its hard time limit (its process is killed); run 2 succeeds."""
+    count = _seen(self, key)
+    if count == 1:
+        time.sleep(30)
+    return count

@@ -299,3 +299,11 @@ def test_retry_with_expires_ends_revoked_when_it_expires_first(
     )
     assert result.state == "REVOKED"
     assert int(rclient.get("test:count:exp")) == 1  # the retry never ran
+
+
+def test_a_hard_time_limit_retry_counts_as_a_retry(rclient: Any, start_worker: Any) -> None:
+    start_worker(ct.QUEUE, env=ENV)
+    result = ct.sig(ct.hangs_once, "hard").apply_async()
+    assert result.get(timeout=60) == 2
+    assert [int(x) for x in rclient.lrange("test:retries:hard", 0, -1)] == [0, 1]
+    assert app.ledger.get(result.id)["retries"] == 1

@@ -119,8 +119,9 @@ class Recovery(Jobs):
         return str(row[0])
 
     def hard_timeout(self, job_id: str, error: str, owner_prefix: str) -> str | None:
-        """The job hit its hard time limit (its process was killed): retry or dead-letter;
-        a job cancelled while it ran ends ``cancelled``."""
+        """The job hit its hard time limit (its process was killed): retry (a retry like any
+        other: ``retries`` counts it) or dead-letter; a job cancelled while it ran ends
+        ``cancelled``."""
         if self.cancel_lost(job_id, owner_prefix):
             return JobState.CANCELLED
         with self.connection() as conn:
@@ -129,7 +130,9 @@ class Recovery(Jobs):
                 "%(max)s) THEN %(dead)s ELSE %(retrying)s END, run_at = now(), "
                 "failure_class = %(hard)s, error_class = 'TimeLimitExceeded', "
                 "last_error = %(error)s, finished_at = CASE WHEN attempt >= "
-                "COALESCE(max_attempts, %(max)s) THEN now() END, lease_owner = NULL, "
+                "COALESCE(max_attempts, %(max)s) THEN now() END, retries = retries + CASE "
+                "WHEN attempt >= COALESCE(max_attempts, %(max)s) THEN 0 ELSE 1 END, "
+                "lease_owner = NULL, "
                 "lease_expires_at = NULL, updated_at = now() WHERE id = %(id)s "
                 "AND state = %(running)s AND NOT cancel_requested "
                 "AND starts_with(lease_owner, %(prefix)s) RETURNING state, task, queue, attempt",
