@@ -307,3 +307,13 @@ def test_a_hard_time_limit_retry_counts_as_a_retry(rclient: Any, start_worker: A
     assert result.get(timeout=60) == 2
     assert [int(x) for x in rclient.lrange("test:retries:hard", 0, -1)] == [0, 1]
     assert app.ledger.get(result.id)["retries"] == 1
+
+
+def test_a_group_with_a_link_calls_it(rclient: Any, start_worker: Any) -> None:
+    # Celery links a group's callback to its first task (Celery's suite:
+    # test_callback_called_by_group)
+    start_worker(ct.QUEUE, concurrency=2, env=ENV)
+    g = group(ct.sig(ct.add, 1, 1), ct.sig(ct.add, 2, 2))
+    g.link(ct.sig(ct.collect, "called", key="grouplink").set(immutable=True))
+    assert g.delay().get(timeout=30) == [2, 4]
+    assert wait_until(lambda: _collected(rclient, "grouplink") == ["called"], timeout=30)
