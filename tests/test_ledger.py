@@ -441,3 +441,29 @@ def test_lease_keeper_and_completer_threads_stop(rclient: Any) -> None:
     assert not any(t is not None and t.is_alive() for t in threads)
     assert job.state() is JobState.SUCCEEDED
     assert keeper.stopped and completer.stopped
+
+
+def test_after_an_outage_no_lease_is_reaped_until_owners_could_renew(rclient: Any) -> None:
+    # A Postgres outage longer than a lease lapses every lease at once; live owners renew
+    # (or write the completions they hold) once it is back. The sweeper gives them a whole
+    # lease before it reaps anything: no worker loss, no second run.
+    from synth_workers.ledger.sweeper import Sweeper
+
+    now = [1000.0]
+    sweeper = Sweeper(app, clock=lambda: now[0])
+    h = enqueue("tests.e2e_tasks.side_effect", {"key": "outage"}, queue="nobody")
+    assert app.ledger.claim(h.id, "worker-through-outage") is not None
+    _set_state(h.id, "lease_expires_at = now() - interval '1 second'")
+    sweeper.note_outage()  # what its loop does when a pass finds Postgres out of reach
+    sweeper.sweep()
+    now[0] += app.settings.lease_seconds - 0.5
+    sweeper.sweep()
+    assert h.info()["state"] == JobState.RUNNING  # not reaped within the grace
+    assert app.ledger.renew("worker-through-outage") == [(h.id, False)]  # the owner renews
+    # An owner that is really gone: its lease lapses again and, past the grace, is reaped.
+    _set_state(h.id, "lease_expires_at = now() - interval '1 second'")
+    now[0] += 1.0
+    sweeper.sweep()
+    info = h.info()
+    assert info["state"] == JobState.QUEUED
+    assert info["worker_losses"] == 1

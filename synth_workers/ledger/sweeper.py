@@ -10,7 +10,11 @@ safe together: rows are taken with ``FOR UPDATE SKIP LOCKED``. Each pass first e
 cancellations (``Ledger.end_cancelled``): jobs past their ``expires`` and cancelled jobs
 whose worker stopped renewing, so neither is promoted, reaped or re-published.
 
-Its timing decisions (when to reconcile) read an injectable ``clock`` (``time.monotonic``
+After the ledger was out of reach, expired leases are not reaped until it has been reachable
+for a whole lease (:meth:`Sweeper.note_outage`): an outage longer than a lease lapses every
+lease at once, and their live owners must get the time to renew or to write the completions
+they hold. Its timing decisions (when to reconcile, when to reap again) read an injectable
+``clock`` (``time.monotonic``
 by default), so that tests can drive them.
 """
 
@@ -25,7 +29,8 @@ from typing import TYPE_CHECKING, Any
 from celery import bootsteps
 from psycopg import sql
 
-from synth_workers.ledger.store import NOTIFY_CHANNEL
+from synth_workers.errors import ServiceUnavailableError
+from synth_workers.ledger.store import NOTIFY_CHANNEL, is_connection_failure
 from synth_workers.ledger.transport import ids_in_redis, publish
 from synth_workers.platform import platform_of
 
@@ -54,6 +59,31 @@ class Sweeper:
         #: Seconds until the next reconcile pass: ``reconcile_every``, or longer after a
         #: slow pass (see :meth:`sweep`).
         self.reconcile_wait = self.reconcile_every
+        #: When the ledger last became reachable again after an outage (clock time), or
+        #: ``None`` when this sweeper never saw it out of reach: leases are reaped only once
+        #: it has been reachable for a whole lease since (see :meth:`note_outage`).
+        self._reachable_since: float | None = None
+        self._outage = False
+
+    def note_outage(self) -> None:
+        """The ledger was out of reach. Every lease may have lapsed meanwhile, its owner
+        alive but unable to renew (or to write the completion it holds): none is reaped
+        until the ledger has been reachable for a whole lease, time for live owners to renew
+        and for pending completions to be written, so that neither counts as a worker
+        loss nor runs the job again."""
+        self._outage = True
+        self._reachable_since = None
+
+    def may_reap(self) -> bool:
+        if not self._outage:
+            return True
+        now = self.clock()
+        if self._reachable_since is None:
+            self._reachable_since = now
+        if now - self._reachable_since < self.settings.lease_seconds:
+            return False
+        self._outage = False
+        return True
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="synth-sweeper", daemon=True)
@@ -75,7 +105,9 @@ class Sweeper:
                 # Sleep until the next sweep, or until an outbox commit wakes us.
                 for _ in listener.notifies(timeout=self.settings.sweep_interval, stop_after=1):
                     pass
-            except Exception:
+            except Exception as exc:
+                if isinstance(exc, ServiceUnavailableError) or is_connection_failure(exc):
+                    self.note_outage()
                 log.exception("ledger sweep failed; retrying")
                 if listener is not None:
                     listener.close()
@@ -94,7 +126,7 @@ class Sweeper:
         due = ledger.promote_due()
         publish(self.app, due)
         counts["promoted"] = len(due)
-        requeued, poisoned = ledger.reap_expired()
+        requeued, poisoned = ledger.reap_expired() if self.may_reap() else ([], 0)
         publish(self.app, requeued)
         counts["reaped"] = len(requeued)
         counts["poison_pills"] = poisoned
