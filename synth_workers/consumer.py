@@ -72,8 +72,12 @@ class Consumer(CeleryConsumer):
             try:
                 if checked.expires is not None and checked.expires <= datetime.now(UTC):
                     return self._expired(message, checked)
-                if checked.eta is not None and checked.eta > datetime.now(UTC):
-                    return self._to_ledger(message, checked)
+                if (
+                    checked.eta is not None
+                    and checked.eta > datetime.now(UTC)
+                    and self._to_ledger(message, checked)
+                ):
+                    return None
                 return celery_handler(message)
             except Exception as exc:
                 if message.acknowledged:  # handed over already: nothing left to refuse
@@ -140,13 +144,15 @@ class Consumer(CeleryConsumer):
         log.info("job %s expired at %s: %s", checked.id, expires, outcome)
         message.ack()
 
-    def _to_ledger(self, message: Any, checked: TaskMessage) -> None:
+    def _to_ledger(self, message: Any, checked: TaskMessage) -> bool:
         """A message with an ``eta``: the ledger holds the job until it is due, its message
-        kept whole (canvas, ids, retries) for the publish then."""
+        kept whole (canvas, ids, retries) for the publish then. Returns ``False`` when the
+        ledger already holds the job: the platform sent it, due, with the time it was due as
+        its ``eta``, which this host's clock may see a little ahead; Celery runs it."""
         headers = message.headers if isinstance(message.headers, dict) else {}
         retries = headers.get("retries")
         try:
-            self.platform.ledger.adopt(
+            adopted = self.platform.ledger.adopt(
                 checked.id,
                 checked.task,
                 _queue_of(message),
@@ -159,8 +165,11 @@ class Consumer(CeleryConsumer):
             )
         except ServiceUnavailableError:
             message.reject(requeue=True)
-            return
+            return True
+        if not adopted:
+            return False
         message.ack()
+        return True
 
     # --- Celery's own refusals (kept as a second line behind the screening) --------------------
     def on_decode_error(self, message: Any, exc: Exception) -> None:

@@ -24,6 +24,7 @@ platform then writes it to the ledger and publishes the captured call on a real 
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
+from datetime import datetime
 from typing import Any
 
 #: Celery's protocol-2 headers (``celery.app.amqp.AMQP.as_task_v2``).
@@ -136,14 +137,15 @@ def for_publish(
     retries: int,
     args: list[Any] | None,
     kwargs: dict[str, Any],
+    eta: datetime | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any], tuple[Any, ...]]:
     """``message`` ready to send again for ``job_id``: (headers, properties, body) with the
-    id, ``retries`` and ``eta`` (``None``: it is due) replaced and the row's ``args`` and
-    ``kwargs`` (its payload) as the body's; all else as sent."""
+    id, ``retries`` and ``eta`` (when the job was due; ``None``: now) replaced and the row's
+    ``args`` and ``kwargs`` (its payload) as the body's; all else as sent."""
     headers = dict(message.get("headers") or {})
     headers["id"] = job_id
     headers["retries"] = retries
-    headers["eta"] = None
+    headers["eta"] = None if eta is None else eta.isoformat()
     properties = dict(message.get("properties") or {})
     properties["correlation_id"] = job_id
     properties.setdefault("reply_to", "")

@@ -202,3 +202,9 @@ def hangs_once(self: Task, key: str) -> int:
     if count == 1:
         time.sleep(30)
     return count
+
+
+@app.task(name="tests.canvas_tasks.request_eta", bind=True)
+def request_eta(self: Task) -> Any:
+    """The ``request.eta`` a delayed job runs with (Celery's: when it was due)."""
+    return self.request.eta

@@ -10,8 +10,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
+from datetime import datetime
 from typing import Any
 
+import pytest
 from celery import chain, group
 
 from synth_workers import JobHandle, JobState, app
@@ -317,3 +320,11 @@ def test_a_group_with_a_link_calls_it(rclient: Any, start_worker: Any) -> None:
     g.link(ct.sig(ct.collect, "called", key="grouplink").set(immutable=True))
     assert g.delay().get(timeout=30) == [2, 4]
     assert wait_until(lambda: _collected(rclient, "grouplink") == ["called"], timeout=30)
+
+
+def test_a_delayed_job_runs_with_its_eta(start_worker: Any) -> None:
+    start_worker(ct.QUEUE, env=ENV)
+    sent = time.time()
+    eta = ct.sig(ct.request_eta).apply_async(countdown=1).get(timeout=30)
+    assert eta is not None  # Celery's request.eta: the time it was due
+    assert datetime.fromisoformat(eta).timestamp() == pytest.approx(sent + 1, abs=1.5)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from psycopg import sql
@@ -52,7 +53,7 @@ _PROMOTE = sql.SQL(
     "AND (expires_at IS NULL OR expires_at > now()) AND NOT cancel_requested "
     "ORDER BY run_at LIMIT %s FOR UPDATE SKIP LOCKED) "
     "UPDATE synth_jobs j SET state = %s, published_at = now(), updated_at = now() "
-    "FROM due WHERE j.id = due.id RETURNING {publishable}"
+    "FROM due WHERE j.id = due.id RETURNING {publishable}, j.run_at"
 ).format(waiting=_states(JobState.SCHEDULED, JobState.RETRYING), publishable=PUBLISHABLE)
 
 _OUTBOX = sql.SQL(
@@ -286,6 +287,8 @@ class Recovery(Jobs):
         with self.connection() as conn:
             rows = conn.execute(query, params).fetchall()
         jobs = [Publishable.from_row(r) for r in rows]
+        if query is _PROMOTE:  # sent with the time it was due as its eta (Celery's)
+            jobs = [replace(job, eta=row[-1]) for job, row in zip(jobs, rows, strict=True)]
         if reason is not None:
             self._announce_queued(jobs, reason)
         return jobs

@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from celery.result import AsyncResult, GroupResult
@@ -65,6 +66,9 @@ class Publishable:
     message: dict[str, Any] | None = None
     #: Celery's ``request.retries`` for the next run.
     retries: int = 0
+    #: The time a delayed job or a retry was due (its message's ``eta``, as Celery's
+    #: ``request.eta`` reports it); ``None``: sent as due now.
+    eta: datetime | None = None
 
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> Publishable:

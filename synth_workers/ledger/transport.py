@@ -35,7 +35,7 @@ def publish(app: Celery, jobs: Sequence[Publishable]) -> None:
         for job in jobs:
             if job.message is not None:
                 headers, properties, body = for_publish(
-                    job.message, job.id, job.retries, job.args, job.payload
+                    job.message, job.id, job.retries, job.args, job.payload, job.eta
                 )
                 send(
                     producer,
