@@ -25,7 +25,8 @@ envelope that the consumer dead-letters.
 
 A purge (``celery purge``, ``app.control.purge()``: kombu's ``queue_purge``) reads and
 deletes every priority list of the queue in one ``MULTI``, and hands the ids of the messages
-it deleted to the transport option ``synth_on_purge`` (a callable the app sets: the ledger
+it deleted to the hook named by the transport option ``synth_on_purge`` (a token from
+:func:`register_purge_hook`: a callable the app sets, the ledger
 cancels those jobs, so no reconciler publishes them again).
 """
 
@@ -80,6 +81,16 @@ def _limits(connection: Any) -> Limits:
 
 #: Transport option: called with the ids of the messages a purge deleted.
 ON_PURGE = "synth_on_purge"
+#: The purge hooks of this process, by the token an app's transport options carry (a string:
+#: the options must stay serializable, ``celery inspect stats`` sends them as JSON).
+_purge_hooks: dict[str, Callable[[Sequence[str]], Any]] = {}
+
+
+def register_purge_hook(hook: Callable[[Sequence[str]], Any]) -> str:
+    """Keep ``hook`` for purges; returns the token to set as the ``synth_on_purge`` option."""
+    token = f"purge-hook-{len(_purge_hooks) + 1}"
+    _purge_hooks[token] = hook
+    return token
 
 
 def message_id(raw: bytes | str) -> str | None:
@@ -144,9 +155,8 @@ class Channel(kombu_redis.Channel):
                 pipe.delete(name)
             replies = pipe.execute()
         messages: list[Any] = [raw for items in replies[: len(lists)] for raw in items]
-        hook: Callable[[Sequence[str]], Any] | None = (
-            getattr(self.connection.client, "transport_options", None) or {}
-        ).get(ON_PURGE)
+        token = (getattr(self.connection.client, "transport_options", None) or {}).get(ON_PURGE)
+        hook = _purge_hooks.get(token) if isinstance(token, str) else None
         if hook is not None and messages:
             hook([i for i in map(message_id, messages) if i is not None])
         return len(messages)

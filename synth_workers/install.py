@@ -38,7 +38,7 @@ from celery._state import get_current_app
 from synth_workers import health, metrics, routing, sentry
 from synth_workers import logging as logs
 from synth_workers.backend import connect_results
-from synth_workers.broker import ON_PURGE
+from synth_workers.broker import ON_PURGE, register_purge_hook
 from synth_workers.control import on_task_revoked
 from synth_workers.errors import ConfigurationError, ServiceUnavailableError
 from synth_workers.ledger.sweeper import SweeperStep
@@ -80,7 +80,9 @@ def install(app: Celery, settings: Settings | None = None) -> Platform:
         app.control_cls = "synth_workers.control:Control"
         app.__dict__.pop("control", None)
         # purge cancels in the ledger what it deleted from Redis (synth_workers.broker)
-        app.conf.broker_transport_options[ON_PURGE] = platform.ledger.cancel_purged
+        app.conf.broker_transport_options[ON_PURGE] = register_purge_hook(
+            platform.ledger.cancel_purged
+        )
         _use_platform_task(app, before)
         app.steps["worker"].add(SweeperStep)
         app.steps["worker"].add(health.OpsStep)

@@ -308,3 +308,11 @@ def test_apps_of_one_database_share_one_pool() -> None:
     pool = second.ledger.pool
     second.ledger.close()  # the last holder closes it
     assert pool.closed
+
+
+def test_inspect_stats_answers(start_worker: Any) -> None:
+    # The worker's stats carry the transport options: they must stay JSON (the purge hook
+    # is named by a token, not set as a callable).
+    worker = start_worker("default")
+    replies = app.control.inspect(destination=[worker.name], timeout=5).stats() or {}
+    assert "synth_on_purge" in replies[worker.name]["broker"]["transport_options"]
