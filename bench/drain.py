@@ -23,11 +23,13 @@ first ping only after its first 1-s BRPOP returns, which inflates ``startup``).
 Run from the repository root::
 
     .venv/bin/python -m bench.drain --jobs 2000 --rounds 3
-    .venv/bin/python -m bench.drain --jobs 2000 --rounds 3 --baseline 6666a79
+    .venv/bin/python -m bench.drain --jobs 2000 --rounds 6 --baseline 6666a79
 
 ``--baseline REF`` adds a fourth app, ``platform@REF``: the platform as it was at git revision
-REF (e.g. ``--baseline 6666a79``, main before a change), measured in the same rounds and the
-same rotation as the others, so a change's cost is read in one run on one machine:
+REF (e.g. ``--baseline 6666a79``, main before a change), measured in the same rounds as the
+others, so a change's cost is read in one run on one machine. Rounds then go in pairs: the
+second round of a pair has the same rotation with the two platform apps swapped (a drain right
+after a platform drain can read up to 25 % slower; use an even ``--rounds``):
 
 * its code comes from a checkout of REF (``git worktree add --detach``, in a temporary folder
   removed at exit); its worker and every process that touches its ledger (the ``db migrate``,
@@ -43,7 +45,8 @@ The report adds, per round, ``platform / platform@REF`` of ``N / consume`` (and 
 with the median and the range over the rounds: above 1.0 the current code drains faster.
 
 Exits non-zero when a job is lost (queue not drained within ``--timeout``, fewer runs than
-jobs in the worker's stats, fewer than N ledger rows in state succeeded (platform) or fewer
+jobs in the worker's stats (a platform worker that does not answer the stats request is
+noted, and its ledger decides), fewer than N ledger rows in state succeeded (platform) or fewer
 than N SUCCESS results (raw-tracked)). The ratios never change the exit status. A baseline
 that cannot be checked out, migrated or imported from its own tree exits 2.
 """
