@@ -23,10 +23,32 @@ first ping only after its first 1-s BRPOP returns, which inflates ``startup``).
 Run from the repository root::
 
     .venv/bin/python -m bench.drain --jobs 2000 --rounds 3
+    .venv/bin/python -m bench.drain --jobs 2000 --rounds 6 --baseline 6666a79
+
+``--baseline REF`` adds a fourth app, ``platform@REF``: the platform as it was at git revision
+REF (e.g. ``--baseline 6666a79``, main before a change), measured in the same rounds as the
+others, so a change's cost is read in one run on one machine. Rounds then go in pairs: the
+second round of a pair has the same rotation with the two platform apps swapped (a drain right
+after a platform drain can read up to 25 % slower; use an even ``--rounds``):
+
+* its code comes from a checkout of REF (``git worktree add --detach``, in a temporary folder
+  removed at exit); its worker and every process that touches its ledger (the ``db migrate``,
+  the enqueue of its backlog: the row format differs between versions) run with that tree as
+  their working directory and first on ``PYTHONPATH``, so they import REF's ``synth_workers``
+  and REF's ``bench/platform_tasks.py``. A probe in that environment checks where both were
+  imported from and the benchmark stops (exit 2) when it is not that tree;
+* its ledger is its own Postgres schema (``synth_bench_baseline``) and its queue its own Redis
+  database (``--baseline-redis-url``; by default the ``--redis-url`` database + 1), so the two
+  versions never see each other's rows or keys.
+
+The report adds, per round, ``platform / platform@REF`` of ``N / consume`` (and of ``N / net``)
+with the median and the range over the rounds: above 1.0 the current code drains faster.
 
 Exits non-zero when a job is lost (queue not drained within ``--timeout``, fewer runs than
-jobs in the worker's stats, fewer than N ledger rows in state succeeded (platform) or fewer
-than N SUCCESS results (raw-tracked)). The ratios never change the exit status.
+jobs in the worker's stats (a platform worker that does not answer the stats request is
+noted, and its ledger decides), fewer than N ledger rows in state succeeded (platform) or fewer
+than N SUCCESS results (raw-tracked)). The ratios never change the exit status. A baseline
+that cannot be checked out, migrated or imported from its own tree exits 2.
 """
 
 from __future__ import annotations
@@ -42,13 +64,17 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
 
 if TYPE_CHECKING:
+    import psycopg
     import redis
     from celery import Celery
 
@@ -59,6 +85,7 @@ if str(REPO) not in sys.path:  # run as a script: make ``bench.*`` importable
 PRIORITY_SEP = "\x06\x16"  # kombu's Redis transport: queue + SEP + step, steps 1..9
 UNACKED_KEYS = ("unacked", "unacked_index", "unacked_mutex")
 DB_SCHEMA = "synth_bench"
+BASELINE_SCHEMA = "synth_bench_baseline"  # --baseline: REF's ledger, never this one's
 POLL_S = 0.01
 CONFIRM_S = 0.2
 PING_TIMEOUT_S = 0.1
@@ -70,17 +97,23 @@ LEDGER_TABLES = ("synth_jobs", "synth_idempotency", "synth_effects", "synth_late
 
 @dataclass(frozen=True)
 class Target:
-    label: str  # "raw" | "raw-tracked" | "platform"
+    label: str  # "raw" | "raw-tracked" | "platform" | "platform@REF"
     module: str  # ``celery -A`` argument
     queue: str
     task: str
+    ledger: bool = False  # a platform app: its jobs are rows in a ledger schema
+
+    @property
+    def slug(self) -> str:
+        """The label as it may appear in a worker's node name and a file name."""
+        return re.sub(r"[^A-Za-z0-9._-]", "-", self.label.replace("@", "-at-"))
 
 
 RAW = Target("raw", "bench.raw_app", "bench-raw", "bench.noop")
 RAW_TRACKED = Target(
     "raw-tracked", "bench.raw_tracked_app", "bench-raw-tracked", "bench.noop_tracked"
 )
-PLATFORM = Target("platform", "synth_workers", "bench-platform", "bench.platform_noop")
+PLATFORM = Target("platform", "synth_workers", "bench-platform", "bench.platform_noop", ledger=True)
 TARGETS = (RAW, RAW_TRACKED, PLATFORM)
 RESULT_PREFIX = "celery-task-meta-"  # Celery's Redis result backend: one key per job
 
@@ -91,6 +124,7 @@ class Run:
     round: int
     jobs: int
     enqueue_s: float = 0.0
+    load_1m: float | None = None  # the machine's 1-minute load average before the drain
     startup_s: float | None = None
     drain_s: float | None = None
     net_s: float | None = None
@@ -111,6 +145,52 @@ class Run:
     @property
     def ok(self) -> bool:
         return not self.errors
+
+
+class LedgerProbe:
+    """The harness's own connection to one ledger schema.
+
+    Plain SQL on the tables every version of the ledger has, so the same probe reads the
+    current platform's schema and a baseline's (whose ``synth_workers`` is not importable here).
+    """
+
+    def __init__(self, database_url: str, schema: str) -> None:
+        import psycopg
+
+        self.schema = schema
+        self.conn: psycopg.Connection[Any] = psycopg.connect(
+            database_url, autocommit=True, options=f"-c search_path={schema}"
+        )
+
+    def reset(self) -> None:
+        self.conn.execute("TRUNCATE " + ", ".join(LEDGER_TABLES))
+
+    def unfinished(self) -> int:
+        row = self.conn.execute(
+            "SELECT count(*) FROM synth_jobs WHERE state <> 'succeeded'"
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    def states(self) -> tuple[dict[str, int], int]:
+        rows = self.conn.execute("SELECT state, count(*) FROM synth_jobs GROUP BY state").fetchall()
+        late = self.conn.execute("SELECT count(*) FROM synth_late_completions").fetchone()
+        return {str(state): int(count) for state, count in rows}, int(late[0]) if late else 0
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+@dataclass
+class Side:
+    """One app as the harness sees it: where its worker runs, its queue and its rows."""
+
+    target: Target
+    client: redis.Redis  # the app's Redis database: its queue lists and unacked hash
+    control: Celery  # ping and stats go over this app's broker
+    enqueue: Callable[[int], float]  # enqueue N jobs with no worker running; seconds taken
+    ledger: LedgerProbe | None = None  # the platform apps
+    cwd: Path = REPO  # the worker's working directory
+    env: dict[str, str] | None = None  # the worker's environment (None: this process's)
 
 
 # --- environment -------------------------------------------------------------------------
@@ -146,30 +226,23 @@ def queue_keys(queue: str) -> list[str]:
     return [queue] + [f"{queue}{PRIORITY_SEP}{step}" for step in range(1, 10)]
 
 
-def backlog(client: redis.Redis, queue: str, ledger: bool = False) -> tuple[int, int]:
+def backlog(side: Side) -> tuple[int, int]:
     """(messages waiting in the queue's ten lists, jobs taken but not finished).
 
     Celery's jobs in flight are the entries of kombu's ``unacked`` hash. The platform keeps
     no such hash (its leases are in the ledger: ``synth_workers/broker.py``), so for it
-    (``ledger=True``), once the lists are empty, the ledger's unfinished rows are counted.
+    (``side.ledger``), once the lists are empty, the ledger's unfinished rows are counted.
     """
+    client, queue, ledger = side.client, side.target.queue, side.ledger
     pipe = client.pipeline(transaction=False)
     for key in queue_keys(queue):
         pipe.llen(key)
     pipe.hlen("unacked")
     *lengths, unacked = pipe.execute()
     waiting = sum(int(n) for n in lengths)
-    if ledger and waiting == 0:
-        unacked += ledger_unfinished()
+    if ledger is not None and waiting == 0:
+        unacked += ledger.unfinished()
     return waiting, int(unacked)
-
-
-def ledger_unfinished() -> int:
-    from synth_workers import app
-
-    with app.ledger.connection() as conn:
-        row = conn.execute("SELECT count(*) FROM synth_jobs WHERE state <> 'succeeded'").fetchone()
-    return int(row[0]) if row else 0
 
 
 def clean_redis(client: redis.Redis, queue: str) -> None:
@@ -236,11 +309,12 @@ def worker_command(target: Target, node: str, concurrency: int) -> list[str]:
     ]
 
 
-def start_worker(target: Target, node: str, concurrency: int, log: Path) -> subprocess.Popen[bytes]:
+def start_worker(side: Side, node: str, concurrency: int, log: Path) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:
         return subprocess.Popen(
-            worker_command(target, node, concurrency),
-            cwd=REPO,
+            worker_command(side.target, node, concurrency),
+            cwd=side.cwd,
+            env=side.env,
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -284,69 +358,230 @@ def worker_total(app: Celery, node: str, task: str) -> int | None:
     return int(stats.get("total", {}).get(task, 0))
 
 
-def log_problems(path: Path, limit: int = 20) -> list[str]:
+def log_problems(path: Path, limit: int = 20, width: int = 400) -> list[str]:
+    """The log's warning, error and traceback lines (the first ``limit``, each cut at ``width``
+    characters: a JSON log line carries its whole traceback)."""
     if not path.exists():
         return []
-    lines = [ln for ln in path.read_text(errors="replace").splitlines() if PROBLEM.search(ln)]
+    text = path.read_text(errors="replace")
+    lines = [
+        ln if len(ln) <= width else ln[:width] + " ..."
+        for ln in text.splitlines()
+        if PROBLEM.search(ln)
+    ]
     if len(lines) > limit:
         lines = [*lines[:limit], f"... and {len(lines) - limit} more"]
     return lines
 
 
 # --- enqueue -----------------------------------------------------------------------------
-def enqueue_celery(app: Celery, target: Target, n: int) -> None:
+def enqueue_celery(app: Celery, target: Target, n: int) -> float:
     """Plain Celery (raw, raw-tracked): ``apply_async`` on one producer."""
+    t = time.perf_counter()
     task = app.tasks[target.task]
     with app.producer_or_acquire() as producer:
         for _ in range(n):
             task.apply_async(queue=target.queue, producer=producer)
+    return time.perf_counter() - t
 
 
-def enqueue_platform(n: int) -> None:
+def enqueue_platform(n: int) -> float:
     import synth_workers
 
+    t = time.perf_counter()
     for _ in range(n):
         synth_workers.enqueue(PLATFORM.task, {}, queue=PLATFORM.queue)
+    return time.perf_counter() - t
 
 
-# --- ledger ------------------------------------------------------------------------------
-def ledger_reset() -> None:
-    from synth_workers import app
+def local_side(target: Target, client: redis.Redis, args: argparse.Namespace) -> Side:
+    """An app of this checkout, run from the repository root with this environment."""
+    app = load_app(target)
+    if target is PLATFORM:
+        return Side(
+            target, client, app, enqueue_platform, LedgerProbe(args.database_url, DB_SCHEMA)
+        )
+    return Side(target, client, app, lambda n: enqueue_celery(app, target, n))
 
-    with app.ledger.connection() as conn:
-        conn.execute("TRUNCATE " + ", ".join(LEDGER_TABLES))
+
+# --- baseline (--baseline REF) -----------------------------------------------------------
+# Run in the baseline's tree with its environment: prints where ``synth_workers`` and the
+# bench task module were imported from, after enqueueing argv[1] jobs with that code.
+BASELINE_SCRIPT = """
+import json, sys, time
+import synth_workers
+import bench.platform_tasks
+n = int(sys.argv[1])
+t = time.perf_counter()
+for _ in range(n):
+    synth_workers.enqueue("bench.platform_noop", {}, queue="bench-platform")
+seconds = time.perf_counter() - t
+print("BENCH-BASELINE " + json.dumps({
+    "synth_workers": synth_workers.__file__,
+    "platform_tasks": bench.platform_tasks.__file__,
+    "enqueue_s": seconds,
+}), flush=True)
+"""
 
 
-def ledger_states() -> tuple[dict[str, int], int]:
-    from synth_workers import app
+class BaselineError(RuntimeError):
+    """The baseline could not be set up as asked (checkout, migration, imports)."""
 
-    with app.ledger.connection() as conn:
-        rows = conn.execute("SELECT state, count(*) FROM synth_jobs GROUP BY state").fetchall()
-        late = conn.execute("SELECT count(*) FROM synth_late_completions").fetchone()
-    return {str(state): int(count) for state, count in rows}, int(late[0]) if late else 0
+
+def next_redis_db(url: str) -> str:
+    """``url`` with its database number + 1 (mod 16): the baseline's own Redis database."""
+    parts = urlsplit(url)
+    path = parts.path.strip("/")
+    db = int(path) if path.isdigit() else 0
+    return urlunsplit(parts._replace(path=f"/{(db + 1) % 16}"))
+
+
+def git(*argv: str) -> str:
+    done = subprocess.run(
+        ["git", "-C", str(REPO), *argv], check=False, capture_output=True, text=True
+    )
+    if done.returncode:
+        raise BaselineError(f"git {' '.join(argv)}: {done.stderr.strip() or done.stdout.strip()}")
+    return done.stdout.strip()
+
+
+class Baseline:
+    """The platform at git revision ``ref``, in its own checkout, schema and Redis database."""
+
+    def __init__(self, ref: str, args: argparse.Namespace) -> None:
+        self.ref = ref
+        self.commit = git("rev-parse", "--verify", f"{ref}^{{commit}}")
+        self.redis_url: str = args.baseline_redis_url
+        self.tree = Path(tempfile.mkdtemp(prefix="synth-drain-baseline-")).resolve()
+        self.target = Target(
+            f"platform@{ref}", PLATFORM.module, PLATFORM.queue, PLATFORM.task, True
+        )
+        self.imported: dict[str, str] = {}
+        try:
+            git("worktree", "add", "--detach", str(self.tree), self.commit)
+        except BaselineError:
+            self.tree.rmdir()
+            raise
+        try:
+            self.side = self.prepare(args)
+        except BaseException:
+            self.remove()
+            raise
+
+    def prepare(self, args: argparse.Namespace) -> Side:
+        """Check the tree's imports, migrate its schema, connect to its Redis database."""
+        import redis as redis_lib
+        from celery import Celery
+
+        env = dict(os.environ)
+        env.update(
+            REDIS_URL=self.redis_url,
+            BENCH_REDIS_URL=self.redis_url,
+            DATABASE_URL=args.database_url,
+            SYNTH_DB_SCHEMA=BASELINE_SCHEMA,
+            PYTHONPATH=os.pathsep.join(
+                [str(self.tree), *filter(None, [os.environ.get("PYTHONPATH")])]
+            ),
+        )
+        self.env = env
+        self.check_imports(self.run_script(0))  # before anything writes with that code
+        migrate = self.run(["-m", "synth_workers.cli", "db", "migrate"])
+        self.migrate_output = migrate.strip()
+        control = Celery("bench-baseline-control", broker=self.redis_url)
+        control.conf.update(
+            accept_content=["json"], task_serializer="json", result_serializer="json"
+        )
+        client = redis_lib.Redis.from_url(self.redis_url)
+        client.ping()
+        return Side(
+            self.target,
+            client,
+            control,
+            self.enqueue,
+            LedgerProbe(args.database_url, BASELINE_SCHEMA),
+            cwd=self.tree,
+            env=env,
+        )
+
+    def run(self, argv: list[str]) -> str:
+        """Run ``python ARGV`` in the baseline's tree with its environment; its stdout."""
+        done = subprocess.run(
+            [sys.executable, *argv],
+            check=False,
+            cwd=self.tree,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+        )
+        if done.returncode:
+            raise BaselineError(
+                f"baseline {self.ref}: python {' '.join(argv[:3])}... exited {done.returncode}:\n"
+                f"{done.stdout[-2000:]}{done.stderr[-4000:]}"
+            )
+        return done.stdout
+
+    def run_script(self, n: int) -> dict[str, Any]:
+        out = self.run(["-c", BASELINE_SCRIPT, str(n)])
+        lines = [ln for ln in out.splitlines() if ln.startswith("BENCH-BASELINE ")]
+        if not lines:
+            raise BaselineError(f"baseline {self.ref}: the probe printed no report:\n{out}")
+        report: dict[str, Any] = json.loads(lines[-1].split(" ", 1)[1])
+        return report
+
+    def check_imports(self, report: dict[str, Any]) -> None:
+        """Fail loudly unless both modules came from the baseline's tree."""
+        for module in ("synth_workers", "platform_tasks"):
+            path = Path(report[module]).resolve()
+            if not path.is_relative_to(self.tree):
+                raise BaselineError(
+                    f"baseline {self.ref}: {module} was imported from {path}, "
+                    f"not from the baseline's tree {self.tree}"
+                )
+            self.imported[module] = str(path)
+
+    def enqueue(self, n: int) -> float:
+        """Enqueue with REF's own code (a process in its tree): its rows are REF's format."""
+        report = self.run_script(n)
+        self.check_imports(report)
+        return float(report["enqueue_s"])
+
+    def close(self) -> None:
+        self.side.control.close()
+        if self.side.ledger is not None:
+            self.side.ledger.close()
+        self.remove()
+
+    def remove(self) -> None:
+        done = subprocess.run(
+            ["git", "-C", str(REPO), "worktree", "remove", "--force", str(self.tree)],
+            check=False,
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode:
+            print(f"  note: could not remove the baseline's worktree: {done.stderr.strip()}")
 
 
 # --- one measurement ---------------------------------------------------------------------
-def measure(
-    target: Target, rnd: int, args: argparse.Namespace, client: redis.Redis, logs: Path
-) -> Run:
-    app = load_app(target)
+def measure(side: Side, rnd: int, args: argparse.Namespace, logs: Path) -> Run:
+    target, client, app = side.target, side.client, side.control
     run = Run(app=target.label, round=rnd, jobs=args.jobs)
     host = socket.gethostname()
 
     clean_redis(client, target.queue)
-    if target is PLATFORM:
-        ledger_reset()
+    if side.ledger is not None:
+        side.ledger.reset()
         clean_events(client)
     if target is RAW_TRACKED:
         clean_results(client)
 
     # 1. start-up on the empty queue.
-    node = f"bench-{target.label}-r{rnd}-startup@{host}"
-    log = logs / f"{target.label}-r{rnd}-startup.log"
+    node = f"bench-{target.slug}-r{rnd}-startup@{host}"
+    log = logs / f"{target.slug}-r{rnd}-startup.log"
     run.startup_log = str(log)
     t0 = time.perf_counter()
-    proc = start_worker(target, node, args.concurrency, log)
+    proc = start_worker(side, node, args.concurrency, log)
     try:
         run.startup_s = wait_for_ping(app, node, proc, t0)
     except RuntimeError as exc:
@@ -361,13 +596,12 @@ def measure(
         clean_results(client)
 
     # 2. the backlog, enqueued with no worker running (not timed).
-    t = time.perf_counter()
-    if target is PLATFORM:
-        enqueue_platform(args.jobs)
-    else:
-        enqueue_celery(app, target, args.jobs)
-    run.enqueue_s = time.perf_counter() - t
-    waiting, unacked = backlog(client, target.queue, target is PLATFORM)
+    try:
+        run.enqueue_s = side.enqueue(args.jobs)
+    except BaselineError as exc:
+        run.errors.append(f"enqueue: {exc}")
+        return run
+    waiting, unacked = backlog(side)
     if waiting != args.jobs or unacked:
         run.errors.append(
             f"after enqueue: {waiting} waiting, {unacked} unacked, expected {args.jobs} and 0"
@@ -375,18 +609,19 @@ def measure(
         return run
 
     # 3. the drain, timed from the worker's process start.
-    node = f"bench-{target.label}-r{rnd}-drain@{host}"
-    log = logs / f"{target.label}-r{rnd}-drain.log"
+    node = f"bench-{target.slug}-r{rnd}-drain@{host}"
+    log = logs / f"{target.slug}-r{rnd}-drain.log"
     run.drain_log = str(log)
+    run.load_1m = os.getloadavg()[0]
     t0 = time.perf_counter()
-    proc = start_worker(target, node, args.concurrency, log)
+    proc = start_worker(side, node, args.concurrency, log)
     try:
         end: float | None = None
         first: float | None = None
         while True:
             now = time.perf_counter()
             if now - t0 > args.timeout:
-                waiting, unacked = backlog(client, target.queue, target is PLATFORM)
+                waiting, unacked = backlog(side)
                 run.errors.append(
                     f"not drained within {args.timeout:g}s: {waiting} waiting, {unacked} unacked"
                 )
@@ -394,7 +629,7 @@ def measure(
             if proc.poll() is not None:
                 run.errors.append(f"worker exited with {proc.returncode} during the drain")
                 break
-            state = backlog(client, target.queue, target is PLATFORM)
+            state = backlog(side)
             if first is None and state != (args.jobs, 0):
                 first = now  # the worker took its first message (resolution POLL_S)
             if state == (0, 0):
@@ -402,7 +637,7 @@ def measure(
                 # last message can be in neither for an instant. Confirm a moment later.
                 end = now
                 time.sleep(CONFIRM_S)
-                if backlog(client, target.queue, target is PLATFORM) == (0, 0):
+                if backlog(side) == (0, 0):
                     break
                 end = None
             time.sleep(POLL_S)
@@ -416,7 +651,14 @@ def measure(
 
     # 4. checks and figures.
     if run.drain_s is not None:
-        if run.worker_total is None:
+        if run.worker_total is None and side.ledger is not None:
+            # The platform's ledger check below (N rows succeeded) still decides; a worker
+            # whose stats reply cannot be encoded (see its log) must not hide the figures.
+            run.log_problems.append(
+                "[drain] the worker did not answer the stats request; "
+                "the ledger's succeeded rows are the only check of this run"
+            )
+        elif run.worker_total is None:
             run.errors.append("the worker did not answer the stats request")
         elif run.worker_total < args.jobs:
             run.errors.append(
@@ -438,8 +680,8 @@ def measure(
             run.jobs_per_s = args.jobs / run.net_s
         else:
             run.log_problems.append("drain <= startup: use more --jobs")
-    if target is PLATFORM:
-        run.ledger_states, run.late_completions = ledger_states()
+    if side.ledger is not None:
+        run.ledger_states, run.late_completions = side.ledger.states()
         succeeded = run.ledger_states.get("succeeded", 0)
         if succeeded != args.jobs:
             run.errors.append(
@@ -486,6 +728,43 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
+RATIO_FIGURES = {  # ratio name: the Run field it divides
+    "consume": "consume_jobs_per_s",
+    "net": "jobs_per_s",
+    "incl_startup": "jobs_per_s_incl_startup",
+}
+
+
+def per_round_ratios(runs: list[Run], app: str, baseline: str) -> list[dict[str, Any]]:
+    """``app / baseline`` for each round in which both ran, one entry per round."""
+    rows = []
+    for rnd in sorted({r.round for r in runs}):
+        mine = next((r for r in runs if r.round == rnd and r.app == app), None)
+        base = next((r for r in runs if r.round == rnd and r.app == baseline), None)
+        if mine is None or base is None:
+            continue
+        row: dict[str, Any] = {"round": rnd}
+        for name, attr in RATIO_FIGURES.items():
+            row[name] = ratio(getattr(mine, attr), getattr(base, attr))
+        row["jobs_per_s_consume"] = {
+            app: mine.consume_jobs_per_s,
+            baseline: base.consume_jobs_per_s,
+        }
+        row["jobs_per_s_net"] = {app: mine.jobs_per_s, baseline: base.jobs_per_s}
+        rows.append(row)
+    return rows
+
+
+def ratio_spread(rows: list[dict[str, Any]], name: str) -> dict[str, float | None]:
+    """Median, lowest and highest of one per-round ratio."""
+    values = [float(r[name]) for r in rows if r[name] is not None]
+    return {
+        "median": statistics.median(values) if values else None,
+        "min": min(values) if values else None,
+        "max": max(values) if values else None,
+    }
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.drain",
@@ -509,9 +788,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"),
     )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "drain.json")
+    parser.add_argument(
+        "--baseline",
+        metavar="REF",
+        default=None,
+        help="also measure the platform as it was at git revision REF (app platform@REF), "
+        "from its own checkout, ledger schema and Redis database, in the same rounds",
+    )
+    parser.add_argument(
+        "--baseline-redis-url",
+        default=None,
+        help="the baseline's Redis database (default: --redis-url's database + 1)",
+    )
     args = parser.parse_args(argv)
     if args.jobs < 1 or args.rounds < 1 or args.concurrency < 1:
         parser.error("--jobs, --rounds and --concurrency must be >= 1")
+    if args.baseline is not None:
+        if args.baseline_redis_url is None:
+            args.baseline_redis_url = next_redis_db(args.redis_url)
+        if args.baseline_redis_url == args.redis_url:
+            parser.error("--baseline-redis-url must differ from --redis-url")
     return args
 
 
@@ -522,7 +818,6 @@ def main(argv: list[str] | None = None) -> int:
     import redis as redis_lib
 
     from synth_workers import app as synth
-    from synth_workers.settings import mask_url
 
     args.out = args.out.resolve()
     logs = args.out.parent / "logs"
@@ -535,29 +830,84 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {PLATFORM.task} is not registered on synth_workers.app", file=sys.stderr)
         return 2
 
+    with contextlib.ExitStack() as stack:
+        sides = [local_side(t, client, args) for t in TARGETS]
+        for side in sides:
+            if side.ledger is not None:
+                stack.callback(side.ledger.close)
+        baseline: Baseline | None = None
+        if args.baseline is not None:
+            try:
+                baseline = Baseline(args.baseline, args)
+            except BaselineError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
+            stack.callback(baseline.close)
+            sides.append(baseline.side)
+        return run_rounds(args, sides, baseline, logs)
+
+
+def round_order(sides: list[Side], rnd: int) -> list[Side]:
+    """The apps in round ``rnd``'s order, rotated each round (cancels drift).
+
+    With a baseline (the last side), rounds go in pairs: both rounds of a pair use the same
+    rotation, the second with the two platform apps swapped, so each is as often right
+    after the other and in each position (a drain right after a platform drain shares the
+    cores with Postgres's after-work on that drain's rows: --baseline HEAD read ~10 % slower
+    when it always ran second). Use an even --rounds with --baseline.
+    """
+    if len(sides) <= len(TARGETS):
+        shift = rnd % len(sides)
+        return sides[shift:] + sides[:shift]
+    base = list(sides)
+    if rnd % 2:
+        i, j = base.index(next(s for s in sides if s.target is PLATFORM)), len(base) - 1
+        base[i], base[j] = base[j], base[i]
+    shift = (rnd // 2) % len(base)
+    return base[shift:] + base[:shift]
+
+
+def run_rounds(
+    args: argparse.Namespace, sides: list[Side], baseline: Baseline | None, logs: Path
+) -> int:
+    """Measure every app in every round (rotating the order), report, write the JSON."""
+    from synth_workers.settings import mask_url
+
+    targets = [side.target for side in sides]
+    load_start = os.getloadavg()
     print(
         f"drain benchmark: {args.jobs} no-op jobs, {args.rounds} round(s), 1 worker "
         f"(prefork -c {args.concurrency}), redis {mask_url(args.redis_url)}, "
-        f"ledger schema {DB_SCHEMA}; worker logs in {logs}"
+        f"ledger schema {DB_SCHEMA}; worker logs in {logs}; "
+        f"load average {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}"
     )
+    if baseline is not None:
+        print(
+            f"baseline {baseline.target.label}: commit {baseline.commit[:12]} checked out in "
+            f"{baseline.tree}, redis {mask_url(baseline.redis_url)}, ledger schema "
+            f"{BASELINE_SCHEMA}; imports {baseline.imported['synth_workers']} and "
+            f"{baseline.imported['platform_tasks']}"
+        )
+    width = max(12, *(len(t.label) + 1 for t in targets))
     runs: list[Run] = []
     for rnd in range(args.rounds):
-        shift = rnd % len(TARGETS)  # rotate the order each round: cancels drift
-        for target in TARGETS[shift:] + TARGETS[:shift]:
-            run = measure(target, rnd, args, client, logs)
+        for side in round_order(sides, rnd):
+            target = side.target
+            run = measure(side, rnd, args, logs)
             runs.append(run)
             status = "ok" if run.ok else "FAILED: " + "; ".join(run.errors)
             print(
-                f"  round {rnd} {target.label:<11} enqueue {run.enqueue_s:6.2f}s  "
+                f"  round {rnd} {target.label:<{width}} enqueue {run.enqueue_s:6.2f}s  "
                 f"startup {fmt(run.startup_s)}s  drain {fmt(run.drain_s)}s  "
                 f"net {fmt(run.net_s)}s  {fmt(run.jobs_per_s, '.0f')} jobs/s | "
                 f"first take {fmt(run.first_take_s)}s  consume {fmt(run.consume_s)}s  "
-                f"{fmt(run.consume_jobs_per_s, '.0f')} jobs/s  {status}"
+                f"{fmt(run.consume_jobs_per_s, '.0f')} jobs/s  load {fmt(run.load_1m)}  {status}"
             )
             for line in run.log_problems:
                 print(f"      log: {line}")
 
-    medians = {t.label: summarise(runs, t.label) for t in TARGETS}
+    load_end = os.getloadavg()
+    medians = {t.label: summarise(runs, t.label) for t in targets}
     plat = medians[PLATFORM.label]
 
     def ratios_vs(baseline: Target) -> dict[str, float | None]:
@@ -572,13 +922,13 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"medians over {args.rounds} round(s), N = {args.jobs}")
     print(
-        f"{'app':<12}{'startup':>9}{'drain':>8}{'net':>7}{'jobs/s':>8}{'incl.':>7}"
+        f"{'app':<{width}}{'startup':>9}{'drain':>8}{'net':>7}{'jobs/s':>8}{'incl.':>7}"
         f"{'1st take':>10}{'consume':>9}{'jobs/s':>8}   (seconds; jobs/s = N / net,"
     )
-    print(f"{'':<60}    incl. = N / drain, last = N / consume)")
+    print(f"{'':<{width + 48}}    incl. = N / drain, last = N / consume)")
     for label, m in medians.items():
         print(
-            f"{label:<12}{fmt(m['startup_s']):>9}{fmt(m['drain_s']):>8}{fmt(m['net_s']):>7}"
+            f"{label:<{width}}{fmt(m['startup_s']):>9}{fmt(m['drain_s']):>8}{fmt(m['net_s']):>7}"
             f"{fmt(m['jobs_per_s'], '.0f'):>8}{fmt(m['jobs_per_s_incl_startup'], '.0f'):>7}"
             f"{fmt(m['first_take_s']):>10}{fmt(m['consume_s']):>9}"
             f"{fmt(m['consume_jobs_per_s'], '.0f'):>8}"
@@ -606,6 +956,16 @@ def main(argv: list[str] | None = None) -> int:
             f"N / drain (incl. start-up): {fmt(r['incl_startup'], '.3f')}"
         )
 
+    vs_base: dict[str, Any] | None = None
+    if baseline is not None:
+        vs_base = report_baseline(runs, medians, baseline, ratios_vs(baseline.target))
+    loads = [r.load_1m for r in runs if r.load_1m is not None]
+    print(
+        f"load average (1 min) before each drain {fmt(min(loads, default=None))}-"
+        f"{fmt(max(loads, default=None))}; at the end "
+        f"{load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}"
+    )
+
     failed = [r for r in runs if not r.ok]
     result = {
         "benchmark": "drain",
@@ -618,7 +978,17 @@ def main(argv: list[str] | None = None) -> int:
             "database_url": mask_url(args.database_url),
             "db_schema": DB_SCHEMA,
             "worker_command": {
-                t.label: worker_command(t, "NODE", args.concurrency) for t in TARGETS
+                t.label: worker_command(t, "NODE", args.concurrency) for t in targets
+            },
+            "baseline": None
+            if baseline is None
+            else {
+                "ref": baseline.ref,
+                "commit": baseline.commit,
+                "redis_url": mask_url(baseline.redis_url),
+                "db_schema": BASELINE_SCHEMA,
+                "imported": baseline.imported,
+                "migrate": baseline.migrate_output,
             },
         },
         "machine": {
@@ -626,13 +996,21 @@ def main(argv: list[str] | None = None) -> int:
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
             **{pkg: version(pkg) for pkg in ("celery", "kombu", "redis", "psycopg")},
+            "loadavg_start": list(load_start),
+            "loadavg_end": list(load_end),
         },
         "runs": [{**asdict(r), "ok": r.ok} for r in runs],
         "median": medians,
         # The two figures to read: N / (drain - first take), platform over each baseline.
         "throughput_ratio_consume_vs_raw_tracked": vs_tracked["consume"],  # like-for-like
         "throughput_ratio_consume_vs_raw": vs_raw["consume"],  # bare Celery, records nothing
-        "ratios": {"platform/raw-tracked": vs_tracked, "platform/raw": vs_raw},
+        "ratios": {
+            "platform/raw-tracked": vs_tracked,
+            "platform/raw": vs_raw,
+            **({} if vs_base is None else {vs_base["name"]: vs_base["ratio_of_medians"]}),
+        },
+        # --baseline REF: platform / platform@REF per round, their median and range.
+        "vs_baseline": vs_base,
         # Kept from the two-app version: platform/raw.
         "throughput_ratio": vs_raw["net"],
         "throughput_ratio_consume": vs_raw["consume"],
@@ -649,6 +1027,56 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     return 0
+
+
+def report_baseline(
+    runs: list[Run],
+    medians: dict[str, dict[str, float | None]],
+    baseline: Baseline,
+    of_medians: dict[str, float | None],
+) -> dict[str, Any]:
+    """Print platform / platform@REF per round with its median and range; return them."""
+    label = baseline.target.label
+    name = f"platform/{label}"
+    col = max(16, len(label) + 2)
+    rows = per_round_ratios(runs, PLATFORM.label, label)
+    spread = {figure: ratio_spread(rows, figure) for figure in RATIO_FIGURES}
+    print()
+    print(f"{name} per round, jobs/s  <- above 1.0: the current code drains faster")
+    print(f"  {'':<7}{'N / consume':-^{10 + col + 8}}  {'N / net':-^{10 + col + 8}}")
+    print(
+        f"  {'round':<7}{'platform':>10}{label:>{col}}{'ratio':>8}  "
+        f"{'platform':>10}{label:>{col}}{'ratio':>8}"
+    )
+    for row in rows:
+        consume, net = row["jobs_per_s_consume"], row["jobs_per_s_net"]
+        print(
+            f"  {row['round']:<7}{fmt(consume[PLATFORM.label], '.0f'):>10}"
+            f"{fmt(consume[label], '.0f'):>{col}}{fmt(row['consume'], '.3f'):>8}  "
+            f"{fmt(net[PLATFORM.label], '.0f'):>10}{fmt(net[label], '.0f'):>{col}}"
+            f"{fmt(row['net'], '.3f'):>8}"
+        )
+    for figure in ("consume", "net"):
+        sp = spread[figure]
+        field_name = RATIO_FIGURES[figure]
+        print(
+            f"  {name} (N / {figure}): median of the per-round ratios "
+            f"{fmt(sp['median'], '.3f')}, range {fmt(sp['min'], '.3f')}-{fmt(sp['max'], '.3f')}; "
+            f"ratio of the medians {fmt(of_medians[figure], '.3f')} "
+            f"({fmt(medians[PLATFORM.label][field_name], '.0f')} / "
+            f"{fmt(medians[label][field_name], '.0f')} jobs/s)"
+        )
+    return {
+        "name": name,
+        "ref": baseline.ref,
+        "commit": baseline.commit,
+        "per_round": rows,
+        "median": {figure: spread[figure]["median"] for figure in RATIO_FIGURES},
+        "range": {
+            figure: [spread[figure]["min"], spread[figure]["max"]] for figure in RATIO_FIGURES
+        },
+        "ratio_of_medians": of_medians,
+    }
 
 
 if __name__ == "__main__":
