@@ -38,6 +38,7 @@ from celery.app.task import Context
 from celery.backends import redis as celery_redis
 from celery.canvas import maybe_signature
 from celery.exceptions import ChordError
+from celery.utils.functional import _regen  # type: ignore[attr-defined]
 
 from synth_workers.batchwriter import BatchWriter
 from synth_workers.ledger.results import (
@@ -279,8 +280,8 @@ class LedgerBackend(_RedisBackend):  # type: ignore[misc]
         super().apply_chord(header_result_args, body, **kwargs)
         ledger = self.ledger
         group_id, results = header_result_args[0], header_result_args[1]
-        if ledger is None or not isinstance(results, (list, tuple)):
-            return
+        if ledger is None or not isinstance(results, (list, tuple)) or isinstance(results, _regen):
+            return  # a generator header (Celery's lazy _regen list) is applied part by part
         record_chord(ledger, str(group_id), dict(body), [str(r.id) for r in results])
 
     def _rerun_chord_part(self, request: Any, state: str, result: Any) -> None:

@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any
 
 import pytest
-from celery import chain, group
+from celery import chain, chord, group
 
 from synth_workers import JobHandle, JobState, app
 
@@ -328,3 +328,21 @@ def test_a_delayed_job_runs_with_its_eta(start_worker: Any) -> None:
     eta = ct.sig(ct.request_eta).apply_async(countdown=1).get(timeout=30)
     assert eta is not None  # Celery's request.eta: the time it was due
     assert datetime.fromisoformat(eta).timestamp() == pytest.approx(sent + 1, abs=1.5)
+
+
+def test_a_chord_header_generator_runs_parts_as_they_come(rclient: Any, start_worker: Any) -> None:
+    # Celery applies a header given as a generator part by part (Celery's suite:
+    # test_chord.test_generator): the first part has run before the last is made.
+    start_worker(ct.QUEUE, concurrency=2, env=ENV)
+    seen_first: list[bool] = []
+
+    def header() -> Any:
+        for i in range(4):
+            if i == 3:
+                seen_first.append(
+                    wait_until(lambda: rclient.llen("test:collect:gen") >= 1, timeout=5)
+                )
+            yield ct.sig(ct.collect, i, key="gen")
+
+    assert chord(header(), ct.sig(ct.tsum))().get(timeout=30) == 6
+    assert seen_first == [True]
