@@ -222,7 +222,9 @@ def test_republish_keeps_the_message_whole(rclient: Any) -> None:
     headers = envelope["headers"]
     args, kwargs, embed = json.loads(base64.b64decode(envelope["body"]))
     assert (headers["id"], headers["task"], headers["retries"]) == (sent.id, ct.add.name, 2)
-    assert headers["eta"] is None  # due now: the wait was the ledger's
+    # the wait was the ledger's; the message says when the job was due (Celery's request.eta)
+    due = app.ledger.get(sent.id)["run_at"]
+    assert datetime.fromisoformat(headers["eta"]) == due
     assert (headers["group"], headers["group_index"]) == ("the-group", 3)
     assert (headers["root_id"], headers["parent_id"]) == (root, parent)
     assert headers["expires"] is not None

@@ -233,7 +233,9 @@ def test_statement_error_propagates_unchanged(rclient: Any) -> None:
 
 
 def test_broken_connection_is_service_unavailable(rclient: Any) -> None:
-    ledger = Ledger(app.settings)
+    # a pool of its own (a size no other ledger of this process uses: pools are shared per
+    # database and size), so that the connection broken here is the one it hands out next
+    ledger = Ledger(app.settings.model_copy(update={"db_pool_size": 1}))
     try:
         with ledger.connection() as conn:
             row = conn.execute("SELECT pg_backend_pid()").fetchone()
