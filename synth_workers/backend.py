@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import builtins
 import logging
+import threading
 from collections.abc import Iterable, Sequence
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from celery import states
@@ -45,6 +47,7 @@ from synth_workers.ledger.results import (
     ChordPart,
     add_to_chord,
     chord_of,
+    mark_waited,
     read_results,
     record_chord,
     record_chord_part,
@@ -217,6 +220,35 @@ class LedgerBackend(_RedisBackend):  # type: ignore[misc]
             for key, job_id in zip(keys, ids, strict=True)
         ]
 
+    # --- waiting -----------------------------------------------------------------------------
+    def add_pending_results(self, results: Any, weak: bool = False) -> Any:
+        """Celery's, with every job marked waited on in one statement first."""
+        results = list(results)
+        ledger = self.ledger
+        if ledger is not None:
+            mark_waited(ledger, [r.id for r in results])
+            self._marked.ids = {r.id for r in results}
+        try:
+            return super().add_pending_results(results, weak=weak)
+        finally:
+            self._marked.ids = None
+
+    def _add_pending_result(self, task_id: str, result: Any, weak: bool = False) -> None:
+        """Before Celery subscribes to the job's channel (``get()``, ``then()``), mark the
+        job waited on in the ledger: only a waited-on job's success is announced there (see
+        :class:`ResultAnnouncer`). Marked first, then subscribed, then read (Celery's
+        ``on_wait_for_pending``): a job that finished before the mark is read as finished; one
+        that finishes after it is announced."""
+        ledger = self.ledger
+        marked = getattr(self._marked, "ids", None)
+        if ledger is not None and (marked is None or task_id not in marked):
+            mark_waited(ledger, [task_id])
+        super()._add_pending_result(task_id, result, weak=weak)
+
+    @cached_property
+    def _marked(self) -> threading.local:
+        return threading.local()
+
     # --- writes ------------------------------------------------------------------------------
     def on_task_call(self, producer: Any, task_id: str) -> None:
         """Subscribe to nothing at send time. Celery's Redis backend subscribes the producer
@@ -356,7 +388,10 @@ class LedgerBackend(_RedisBackend):  # type: ignore[misc]
 
 class ResultAnnouncer(BatchWriter[tuple[str, str]]):
     """Lifecycle listener: tells waiters on Celery's result channel that a job reached a
-    final state, after the ledger committed it (one PUBLISH per job, pipelined per batch)."""
+    final state, after the ledger committed it (one PUBLISH per job, pipelined per batch).
+    A success is announced only when someone waits on it (``get()``/``then()`` marked the
+    job ``waited`` before subscribing; the completion statement returns the mark): the hot
+    path of jobs nobody waits on publishes nothing."""
 
     name = "synth-result-announcer"
     batch = 200
@@ -367,8 +402,9 @@ class ResultAnnouncer(BatchWriter[tuple[str, str]]):
 
     def __call__(self, event: JobEvent) -> None:
         status = FINAL_ANNOUNCEMENTS.get(event.kind)
-        if status is not None:
-            self.add((event.job_id, status))
+        if status is None or event.data.get("waited") is False:
+            return  # a success nobody waits on (the completion said so): nothing to say
+        self.add((event.job_id, status))
 
     def write_batch(self, batch: list[tuple[str, str]]) -> None:
         backend: Any = self.app.backend

@@ -117,7 +117,7 @@ def rclient(redis_url: str) -> Iterator[object]:
     with app.ledger.connection() as conn:
         conn.execute(
             "TRUNCATE synth_jobs, synth_idempotency, synth_effects, "
-            "synth_late_completions, synth_periodic_slots, test_effects, "
+            "synth_late_completions, synth_periodic_slots, synth_waits, test_effects, "
             "test_duplicates"
         )
     yield client

@@ -279,3 +279,26 @@ def test_a_retrying_job_reports_its_original_exception(start_worker: Any) -> Non
     assert isinstance(result.result, rt.ResultError)  # the class, not only its name
     assert result.result.args == ("again", 7)
     result.revoke()
+
+
+def test_only_a_waited_on_success_is_announced(rclient: Any, start_worker: Any) -> None:
+    # get()/then() mark the job waited on before subscribing; the completion reads the mark:
+    # a job nobody waits on publishes nothing on Celery's result channel.
+    start_worker(rt.QUEUE, env=ENV)
+    listener = rclient.pubsub()
+    listener.psubscribe("celery-task-meta-*")
+    assert listener.get_message(timeout=5)["type"] == "psubscribe"
+    unwaited = rt.square.delay(5)
+    assert wait_until(
+        lambda: (app.ledger.get(unwaited.id) or {}).get("state") == JobState.SUCCEEDED,
+        timeout=30,
+    )
+    waited = rt.square.delay(6)
+    assert waited.get(timeout=30) == 36
+    channels = []
+    while (message := listener.get_message(timeout=1)) is not None:
+        channels.append(message["channel"].decode())
+    listener.close()
+    assert f"celery-task-meta-{waited.id}" in channels
+    assert f"celery-task-meta-{unwaited.id}" not in channels
+    assert unwaited.get(timeout=5) == 25  # finished before anyone waited: read at once

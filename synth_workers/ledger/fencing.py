@@ -34,11 +34,12 @@ _COMPLETE = sql.SQL(
     "unnest(%(done_attempts)s::int[]) AS attempt, unnest(%(done_owners)s::text[]) AS owner, "
     "unnest(%(done_results)s::jsonb[]) AS result) v WHERE j.id = v.id "
     "AND j.attempt = v.attempt AND j.lease_owner = v.owner AND j.state = %(running)s "
-    "RETURNING j.id"
+    "RETURNING j.id, EXISTS (SELECT 1 FROM synth_waits w WHERE w.job_id = j.id) AS waited"
 )
 _COMPLETE_AND_CLAIM = sql.SQL(
     "WITH done AS ({complete}), claimed AS ({claim}) "
-    "SELECT c.*, (SELECT coalesce(array_agg(id), '{{}}') FROM done) "
+    "SELECT c.*, (SELECT coalesce(array_agg(id), '{{}}') FROM done), "
+    "(SELECT coalesce(array_agg(id) FILTER (WHERE waited), '{{}}') FROM done) "
     "FROM (SELECT 1) one LEFT JOIN claimed c ON true"
 ).format(complete=_COMPLETE, claim=_CLAIM)
 #: The claim still holds: the row's attempt and lease are the claim's (see :func:`_fenced`).
@@ -93,7 +94,7 @@ class Fencing(LedgerRows):
                     _COMPLETE_AND_CLAIM, {**_completion_params(complete), **params}
                 ).fetchone()
             assert row is not None
-            self._late_unless({str(i) for i in row[6]}, complete)
+            self._late_unless({str(i) for i in row[6]}, complete, {str(i) for i in row[7]})
             if row[0] is None:
                 return None
         if row is None:
@@ -117,12 +118,16 @@ class Fencing(LedgerRows):
             )
         return claim
 
-    def _late_unless(self, completed: set[str], done: Sequence[tuple[Claim, Any]]) -> None:
+    def _late_unless(
+        self, completed: set[str], done: Sequence[tuple[Claim, Any]], waited: set[str]
+    ) -> None:
+        """Record the refused completions as late; announce the others (``waited``: whether
+        someone waits on the job's result: see ``synth_workers.backend``)."""
         for claim, _ in done:
             if claim.job_id not in completed:
                 self.record_late(claim, JobState.SUCCEEDED)
             else:
-                self.announce_finish(claim, EventKind.SUCCEEDED)
+                self.announce_finish(claim, EventKind.SUCCEEDED, waited=claim.job_id in waited)
 
     def renew(self, owner: str) -> list[tuple[str, bool]]:
         """Extend every lease ``owner`` holds, in one statement; return (job, cancel asked)."""
@@ -159,7 +164,7 @@ class Fencing(LedgerRows):
         with self.connection() as conn:
             rows = conn.execute(_COMPLETE, _completion_params(done)).fetchall()
         completed = {str(r[0]) for r in rows}
-        self._late_unless(completed, done)
+        self._late_unless(completed, done, {str(r[0]) for r in rows if r[1]})
         return completed
 
     def retry_later(

@@ -156,7 +156,8 @@ class Queries(LedgerRows):
     ) -> dict[str, int]:
         """Drop dead jobs older than ``dlq_max_age`` seconds or beyond the newest
         ``dlq_max_count``, finished jobs older than ``job_ttl``, expired idempotency keys,
-        week-old periodic slots and the effects of jobs gone; return what was dropped."""
+        week-old periodic slots, waits older than ``job_ttl`` and the effects of jobs gone;
+        return what was dropped."""
         dead = sql.Literal(JobState.DEAD)  # a constant: the partial index on dead jobs
         with self.connection() as conn:
             aged = conn.execute(
@@ -179,6 +180,10 @@ class Queries(LedgerRows):
                 ([JobState.SUCCEEDED, JobState.CANCELLED], job_ttl),
             ).rowcount
             conn.execute("DELETE FROM synth_idempotency WHERE expires_at < now()")
+            conn.execute(
+                "DELETE FROM synth_waits WHERE at < now() - make_interval(secs => %s)",
+                (job_ttl,),
+            )
             conn.execute(
                 "DELETE FROM synth_periodic_slots WHERE created_at < now() - interval '7 days'"
             )

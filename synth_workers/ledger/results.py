@@ -54,6 +54,19 @@ def read_results(ledger: Ledger, ids: Iterable[str]) -> dict[str, dict[str, Any]
     return {str(row["id"]): row for row in rows}
 
 
+def mark_waited(ledger: Ledger, ids: Iterable[str]) -> None:
+    """Someone is about to wait on these jobs' results: their success will be announced on
+    Celery's result channel (``synth_workers.backend``)."""
+    wanted = _uuids(ids)
+    if wanted:
+        with ledger.connection() as conn:
+            conn.execute(
+                "INSERT INTO synth_waits (job_id) SELECT unnest(%s::uuid[]) "
+                "ON CONFLICT (job_id) DO NOTHING",
+                (wanted,),
+            )
+
+
 def set_chord_size(ledger: Ledger, group_id: str, size: int) -> None:
     """Record the chord's size. A chord that already fired under this group id (a frozen
     chord applied again) starts a new count."""
