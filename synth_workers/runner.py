@@ -44,8 +44,6 @@ if TYPE_CHECKING:
     from synth_workers.ledger.store import Claim
     from synth_workers.task import Task
 
-_CONTROL_FLOW = (Retry, Reject)
-
 #: Celery's retry options: a task that sets any of them retries as Celery documents
 #: (``max_retries``, ``default_retry_delay``, ...); one that sets none gets the platform's
 #: policy (``max_attempts``, full-jitter backoff, ``retry_for``).
@@ -271,7 +269,15 @@ def _run_claimed(task: Task, claim: Claim, args: tuple[Any, ...], kwargs: dict[s
             )
             return retry_or_die(task, claim, error, FailureClass.RATE_LIMITED, wanted.countdown)
         raise Retry(when=wanted.countdown) from None  # type: ignore[arg-type]
-    except _CONTROL_FLOW:
+    except Retry:
+        raise
+    except Reject as exc:
+        # Celery's Reject: requeued, the job is queued again for its redelivery; else it
+        # ends as Celery records it, a FAILURE (raising the Reject).
+        if getattr(exc, "requeue", False):
+            task.platform.ledger.requeue_rejected(claim)
+        else:
+            _dead(task, claim, FailureClass.EXCEPTION, exc)
         raise
     except LeaseLostError:
         # Another worker owns the job now; its outcome is theirs to record.

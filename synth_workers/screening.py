@@ -258,6 +258,9 @@ def _checked_fields(
             "delivery_info": {
                 "exchange": exchange if isinstance(exchange, str) else "",
                 "routing_key": queue,
+                # set by kombu when a rejected message is put back (Celery's
+                # request.delivery_info['redelivered'])
+                **({"redelivered": True} if info.get("redelivered") is True else {}),
             },
             "body_encoding": encoding,
             # kombu's Redis transport has ten priority steps (0-9): a larger value is the

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from celery.exceptions import Reject
 from pydantic import BaseModel
 
 from synth_workers import PermanentError, app
@@ -87,3 +88,16 @@ def square_ignored(x: int) -> int:
 def retry_later(self: Any, message: str) -> None:
     """Retry in a minute with the user's own exception: RETRY meanwhile."""
     raise self.retry(exc=ResultError(message, 7), countdown=60)
+
+
+@app.task(name="tests.result_tasks.reject_then_succeed", queue=QUEUE, bind=True)
+def reject_then_succeed(self: Any) -> str:
+    """Celery's Reject(requeue=True) on the first delivery; the redelivery succeeds."""
+    if not (self.request.delivery_info or {}).get("redelivered"):
+        raise Reject(requeue=True)
+    return "second-pass"
+
+
+@app.task(name="tests.result_tasks.reject_for_good", queue=QUEUE)
+def reject_for_good() -> None:
+    raise Reject("not for us", requeue=False)

@@ -302,3 +302,17 @@ def test_only_a_waited_on_success_is_announced(rclient: Any, start_worker: Any) 
     assert f"celery-task-meta-{waited.id}" in channels
     assert f"celery-task-meta-{unwaited.id}" not in channels
     assert unwaited.get(timeout=5) == 25  # finished before anyone waited: read at once
+
+
+def test_reject_requeued_runs_again_and_reject_for_good_fails(start_worker: Any) -> None:
+    from celery.exceptions import Reject
+
+    start_worker(rt.QUEUE, env=ENV)
+    again = rt.reject_then_succeed.delay()
+    assert again.get(timeout=30) == "second-pass"
+    assert app.ledger.get(again.id)["attempt"] == 2
+    refused = rt.reject_for_good.delay()
+    with pytest.raises(Reject):
+        refused.get(timeout=30)
+    assert refused.status == "FAILURE"
+    assert app.ledger.get(refused.id)["state"] == JobState.DEAD

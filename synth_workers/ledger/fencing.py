@@ -265,6 +265,17 @@ class Fencing(LedgerRows):
             event=(EventKind.DEAD, {"failure_class": failure_class, "error_class": error_class}),
         )
 
+    def requeue_rejected(self, claim: Claim) -> bool:
+        """The task raised Celery's ``Reject(requeue=True)``: the job is queued again, its
+        message redelivered by the broker (or republished by the reconciler)."""
+        return self._finish(
+            claim,
+            JobState.QUEUED,
+            sql.SQL("state = %(state)s, published_at = now()"),
+            {"state": JobState.QUEUED},
+            event=(EventKind.QUEUED, {"reason": "rejected_requeue"}),
+        )
+
     def cancelled_while_running(self, claim: Claim) -> bool:
         return self._finish(
             claim,
