@@ -37,7 +37,7 @@ from celery._state import get_current_app
 
 from synth_workers import health, metrics, routing, sentry
 from synth_workers import logging as logs
-from synth_workers.backend import connect_results
+from synth_workers.announce import connect_results
 from synth_workers.broker import ON_PURGE, register_purge_hook
 from synth_workers.control import on_task_revoked
 from synth_workers.errors import ConfigurationError, ServiceUnavailableError

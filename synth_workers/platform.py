@@ -21,7 +21,7 @@ from synth_workers.lifecycle import Lifecycle
 from synth_workers.settings import Settings
 
 if TYPE_CHECKING:
-    from synth_workers.backend import ResultAnnouncer
+    from synth_workers.announce import ResultAnnouncer
     from synth_workers.events import EventBuffer
 
 #: The app attribute :func:`synth_workers.install` stores the platform under.

@@ -121,8 +121,7 @@ class Fencing(LedgerRows):
     def _late_unless(
         self, completed: set[str], done: Sequence[tuple[Claim, Any]], waited: set[str]
     ) -> None:
-        """Record the refused completions as late; announce the others (``waited``: whether
-        someone waits on the job's result: see ``synth_workers.backend``)."""
+        """Record refused completions as late; announce the others (``waited``: backend.py)."""
         for claim, _ in done:
             if claim.job_id not in completed:
                 self.record_late(claim, JobState.SUCCEEDED)
@@ -266,8 +265,7 @@ class Fencing(LedgerRows):
         )
 
     def requeue_rejected(self, claim: Claim) -> bool:
-        """The task raised Celery's ``Reject(requeue=True)``: the job is queued again, its
-        message redelivered by the broker (or republished by the reconciler)."""
+        """Celery's ``Reject(requeue=True)``: queued again for the broker's redelivery."""
         return self._finish(
             claim,
             JobState.QUEUED,
