@@ -348,3 +348,29 @@ def test_a_chord_header_generator_runs_parts_as_they_come(rclient: Any, start_wo
 
     assert chord(header(), ct.sig(ct.tsum))().get(timeout=30) == 6
     assert seen_first == [True]
+
+
+def test_a_chords_errback_runs_when_a_header_part_fails(rclient: Any, start_worker: Any) -> None:
+    start_worker(ct.QUEUE, concurrency=2, env=ENV)
+    sig = chord((ct.sig(ct.fails), ct.sig(ct.add, 1, 1)), ct.sig(ct.tsum))
+    sig.link_error(ct.sig(ct.on_error))
+    body_id = sig.body.freeze().id
+    with pytest.raises(ValueError, match="expected to fail"):
+        sig.delay().get(timeout=30)
+    assert wait_until(lambda: body_id.encode() in rclient.lrange("test:errback", 0, -1), timeout=30)
+
+
+def test_a_chords_errback_runs_when_a_body_group_member_fails(
+    rclient: Any, start_worker: Any
+) -> None:
+    start_worker(ct.QUEUE, concurrency=2, env=ENV)
+    failing = ct.sig(ct.fails)
+    failing_id = failing.freeze().id
+    body = group(ct.sig(ct.add, 2, 2).set(immutable=True), failing)
+    sig = chord((ct.sig(ct.add, 1, 1).set(immutable=True),), body)
+    sig.link_error(ct.sig(ct.on_error))
+    with pytest.raises(ValueError, match="expected to fail"):
+        sig.delay().get(timeout=30)
+    assert wait_until(
+        lambda: failing_id.encode() in rclient.lrange("test:errback", 0, -1), timeout=30
+    )
