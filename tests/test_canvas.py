@@ -374,3 +374,20 @@ def test_a_chords_errback_runs_when_a_body_group_member_fails(
     assert wait_until(
         lambda: failing_id.encode() in rclient.lrange("test:errback", 0, -1), timeout=30
     )
+
+
+def test_a_chords_errback_runs_when_a_header_chain_fails_midway(
+    rclient: Any, start_worker: Any
+) -> None:
+    start_worker(ct.QUEUE, concurrency=2, env=ENV)
+    child = chain(
+        ct.sig(ct.add, 1, 1).set(immutable=True),
+        ct.sig(ct.fails),
+        ct.sig(ct.add, 2, 2).set(immutable=True),
+    )
+    sig = chord((child,), ct.sig(ct.tsum))
+    sig.link_error(ct.sig(ct.on_error))
+    body_id = sig.body.freeze().id
+    with pytest.raises(ValueError, match="expected to fail"):
+        sig.delay().get(timeout=30)
+    assert wait_until(lambda: body_id.encode() in rclient.lrange("test:errback", 0, -1), timeout=30)
