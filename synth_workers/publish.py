@@ -111,6 +111,15 @@ def _timed_out(exc: BaseException) -> bool:
     return False
 
 
+def _first_attempt(task: Task) -> bool:
+    """Whether this send is made outside any job, or by a job's first attempt (see
+    ``Ledger.insert_job``'s ``rerun_finished``): a later attempt may be repeating a send its
+    first attempt made before its worker died."""
+    current = task.app.current_worker_task
+    claim = getattr(getattr(current, "request", None), "synth_claim", None)
+    return claim is None or int(claim.attempt) <= 1
+
+
 def send(
     task: Task, args: Any, kwargs: Any, options: dict[str, Any], celery_send: CelerySend
 ) -> Any:
@@ -159,6 +168,7 @@ def send(
         "published": conn is None,
         "user_id": user_id,
         "expires_at": expires_at(options.get("expires")),
+        "rerun_finished": _first_attempt(task),
     }
     options["priority"] = transport_priority(placed.priority)
     given = queue_name(options.get("queue") or getattr(task, "queue", None))

@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import time
+import uuid
 from datetime import datetime
 from typing import Any
 
@@ -391,3 +392,17 @@ def test_a_chords_errback_runs_when_a_header_chain_fails_midway(
     with pytest.raises(ValueError, match="expected to fail"):
         sig.delay().get(timeout=30)
     assert wait_until(lambda: body_id.encode() in rclient.lrange("test:errback", 0, -1), timeout=30)
+
+
+def test_a_finished_job_sent_again_runs_again(rclient: Any, start_worker: Any) -> None:
+    # Celery runs an id sent again (a frozen canvas applied twice); the ledger re-opens the
+    # finished row for the new run. A live job sent again stays the same job.
+    start_worker(ct.QUEUE, env=ENV)
+    job_id = str(uuid.uuid4())
+    first = ct.sig(ct.collect, 1, key="again").apply_async(task_id=job_id)
+    assert first.get(timeout=30) == 1
+    second = ct.sig(ct.collect, 2, key="again").apply_async(task_id=job_id)
+    assert second.get(timeout=30) == 2
+    assert _collected(rclient, "again") == [1, 2]
+    row = app.ledger.get(job_id)
+    assert (row["state"], row["attempt"], row["result"]) == (JobState.SUCCEEDED, 1, 2)

@@ -64,10 +64,13 @@ class Jobs(LedgerRows):
         user_id: str | None = None,
         message: dict[str, Any] | None = None,
         expires_at: datetime | None = None,
+        rerun_finished: bool = False,
     ) -> str:
         """Insert a job row (queued, or scheduled when delayed); with an idempotency key,
         return the id of the live job that already holds the key instead (nothing inserted).
         ``expires_at``: Celery's ``expires``; a job not started by then ends ``cancelled``.
+        ``rerun_finished``: the id of a finished job sent again is a new run of it (as in
+        Celery) rather than the same job (see :data:`_INSERT_JOB`).
         """
         self.durable(conn)
         if idempotency_key is not None:
@@ -105,16 +108,21 @@ class Jobs(LedgerRows):
                 user_id,
                 message_json(message),
                 expires_at,
+                rerun_finished,
+                list(FINAL_STATES),
             ),
         )
         if not published and not scheduled:
             conn.execute(_NOTIFY)
         return job_id
 
-    #: One job row. A job id sent again: the row of a job held for its replacement (Celery's
-    #: ``Task.replace``, :meth:`hold_for_replacement`) is re-opened with the new message;
-    #: any other existing row is the same job sent twice and stays as it is (the second
-    #: message is refused at claim: the job is no longer queued).
+    #: One job row. A job id sent again re-opens the row with the new message when the job
+    #: was held for its replacement (Celery's ``Task.replace``, :meth:`hold_for_replacement`)
+    #: or, with ``rerun_finished``, when it had finished (Celery runs an id sent again: a
+    #: frozen canvas applied twice). Any other existing row is the same job sent twice and
+    #: stays as it is (the second message is refused at claim). ``rerun_finished`` is off
+    #: for sends made by a job's second or later attempt, which may repeat what its first
+    #: attempt sent before its worker died: a chain step sent again then is the same job.
     _INSERT_JOB = (
         "INSERT INTO synth_jobs (id, task, queue, priority, payload, args, idempotency_key,"
         " state, max_attempts, run_at, published_at, replay_of, user_id, message, expires_at)"
@@ -125,8 +133,12 @@ class Jobs(LedgerRows):
         " state = EXCLUDED.state, max_attempts = EXCLUDED.max_attempts,"
         " run_at = EXCLUDED.run_at, published_at = EXCLUDED.published_at,"
         " message = EXCLUDED.message, expires_at = EXCLUDED.expires_at, attempt = 0,"
-        " retries = 0, worker_losses = 0, updated_at = now()"
-        " WHERE synth_jobs.state = 'scheduled' AND synth_jobs.run_at = 'infinity'"
+        " retries = 0, worker_losses = 0, result = NULL, finished_at = NULL,"
+        " started_at = NULL, failure_class = NULL, error_class = NULL, last_error = NULL,"
+        " traceback = NULL, error_module = NULL, error_args = NULL, cancel_requested = false,"
+        " lease_owner = NULL, lease_expires_at = NULL, enqueued_at = now(), updated_at = now()"
+        " WHERE (synth_jobs.state = 'scheduled' AND synth_jobs.run_at = 'infinity')"
+        " OR (%s AND synth_jobs.state = ANY(%s))"
     )
 
     def hold_for_replacement(self, claim: Claim) -> bool:
