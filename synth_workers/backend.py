@@ -32,7 +32,6 @@ import builtins
 import logging
 import threading
 from collections.abc import Iterable, Sequence
-from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from celery import states
@@ -153,6 +152,15 @@ def stored_meta(row: dict[str, Any]) -> dict[str, Any]:
 class ResultConsumer(_RedisResultConsumer):  # type: ignore[misc]
     """Celery's pub/sub result consumer; a ledger notice is replaced by the job's row."""
 
+    def on_wait_for_pending(self, result: Any, **kwargs: Any) -> None:
+        """Before Celery reads what it waits on: the waits noted are in the ledger."""
+        self.backend.flush_waits()
+        super().on_wait_for_pending(result, **kwargs)
+
+    def drain_events(self, timeout: float | None = None) -> Any:
+        self.backend.flush_waits()  # a drainer thread (then() under eventlet/gevent)
+        return super().drain_events(timeout)
+
     def on_state_change(self, meta: dict[str, Any], message: Any) -> None:
         if meta.get(NOTICE):
             meta = self.backend.get_task_meta(meta["task_id"], cache=False)
@@ -173,6 +181,9 @@ class LedgerBackend(_RedisBackend):  # type: ignore[misc]
             if isinstance(configured, str) and "://" in configured:
                 url = configured
         super().__init__(*args, url=url, app=app, **kwargs)
+        #: Jobs noted as waited on, not yet written to the ledger (see :meth:`flush_waits`).
+        self._unmarked: set[str] = set()
+        self._waits_lock = threading.Lock()
 
     @property
     def ledger(self) -> Ledger | None:
@@ -219,33 +230,32 @@ class LedgerBackend(_RedisBackend):  # type: ignore[misc]
         ]
 
     # --- waiting -----------------------------------------------------------------------------
-    def add_pending_results(self, results: Any, weak: bool = False) -> Any:
-        """Celery's, with every job marked waited on in one statement first."""
-        results = list(results)
-        ledger = self.ledger
-        if ledger is not None:
-            mark_waited(ledger, [r.id for r in results])
-            self._marked.ids = {r.id for r in results}
-        try:
-            return super().add_pending_results(results, weak=weak)
-        finally:
-            self._marked.ids = None
-
     def _add_pending_result(self, task_id: str, result: Any, weak: bool = False) -> None:
-        """Before Celery subscribes to the job's channel (``get()``, ``then()``), mark the
-        job waited on in the ledger: only a waited-on job's success is announced there (see
-        :class:`ResultAnnouncer`). Marked first, then subscribed, then read (Celery's
-        ``on_wait_for_pending``): a job that finished before the mark is read as finished; one
-        that finishes after it is announced."""
-        ledger = self.ledger
-        marked = getattr(self._marked, "ids", None)
-        if ledger is not None and (marked is None or task_id not in marked):
-            mark_waited(ledger, [task_id])
+        """Celery subscribes to the job's channel (``get()``, ``then()``, and every member
+        of a ``GroupResult`` as it is built); the job is noted as waited on, and the notes
+        are written to the ledger in one statement before anything waits
+        (:meth:`flush_waits`): only a waited-on job's success is announced (see
+        :class:`~synth_workers.announce.ResultAnnouncer`). Marked, subscribed, then read
+        (Celery's ``on_wait_for_pending``): a job that finished before the mark is read as
+        finished; one that finishes after it is announced."""
+        if self.ledger is not None:
+            with self._waits_lock:
+                self._unmarked.add(task_id)
         super()._add_pending_result(task_id, result, weak=weak)
 
-    @cached_property
-    def _marked(self) -> threading.local:
-        return threading.local()
+    def flush_waits(self) -> None:
+        """Write the waits noted since the last flush (one statement; none when empty)."""
+        ledger = self.ledger
+        if ledger is None or not self._unmarked:
+            return
+        with self._waits_lock:
+            ids, self._unmarked = self._unmarked, set()
+        try:
+            mark_waited(ledger, ids)
+        except BaseException:
+            with self._waits_lock:
+                self._unmarked |= ids  # written by the next flush
+            raise
 
     # --- writes ------------------------------------------------------------------------------
     def on_task_call(self, producer: Any, task_id: str) -> None:
