@@ -284,6 +284,11 @@ class LedgerBackend(_RedisBackend):  # type: ignore[misc]
         if ledger is not None and read_results(ledger, [task_id]):
             # A job of the ledger whose outcome the worker's main process reports (a hard
             # time limit, a lost process): the ledger decides (retry or not) and says so.
+            if state == states.REVOKED:
+                # Discarded unstarted (revoked by id or stamped header, expired): cancelled
+                # now, before Celery counts it as a chord part, so that whoever sees the
+                # chord fail finds this part REVOKED (``get()`` re-raises a parent's error)
+                ledger.cancel(task_id)
             return self.encode_result(result, state)
         return super().store_result(task_id, result, state, traceback, request, **kwargs)
 
@@ -389,6 +394,11 @@ class LedgerBackend(_RedisBackend):  # type: ignore[misc]
         if failed is None:
             return None
         exc = self.exception_to_python(failed.result)
-        return self.chord_error_from_stack(
-            callback, ChordError(f"Dependency {failed.job_id} raised {exc!r}")
-        )
+        try:  # raised, as Celery's Redis backend does: chord_error_from_stack reads the stack
+            # (a revoked part is counted with no exception in flight); the part's own error
+            # is its cause, which a group body's members are failed with, as in Celery
+            raise ChordError(f"Dependency {failed.job_id} raised {exc!r}") from (
+                exc if isinstance(exc, Exception) else None
+            )
+        except ChordError as error:
+            return self.chord_error_from_stack(callback, error)

@@ -84,6 +84,7 @@ class Consumer(CeleryConsumer):
                     log.exception("error after a message was taken")
                     return None
                 # Celery could not build a request from a message that passed screening.
+                log.warning("Celery refused a screened message", exc_info=True)
                 return self.refuse(message, "protocol", f"{type(exc).__name__}: {exc}")
 
         return on_task_received

@@ -406,3 +406,35 @@ def test_a_finished_job_sent_again_runs_again(rclient: Any, start_worker: Any) -
     assert _collected(rclient, "again") == [1, 2]
     row = app.ledger.get(job_id)
     assert (row["state"], row["attempt"], row["result"]) == (JobState.SUCCEEDED, 1, 2)
+
+
+def test_a_chord_part_revoked_by_a_stamped_header_fails_the_chord_as_revoked(
+    start_worker: Any,
+) -> None:
+    # Celery counts a part the worker discards (revoked by id or stamped header) as a chord
+    # part; the chord fails and ``get()`` re-raises the part's TaskRevokedError. The ledger
+    # cancels the part before it is counted, and the counting must not need an exception in
+    # flight (it crashed in Celery's chord_error_from_stack, and the chord hung).
+    from celery.canvas import StampingVisitor
+    from celery.exceptions import TaskRevokedError
+    from celery.result import AsyncResult
+
+    start_worker(ct.QUEUE, concurrency=2, env=ENV)
+    mark = uuid.uuid4().hex
+
+    class Mark(StampingVisitor):
+        def on_signature(self, sig: Any, **headers: Any) -> dict[str, Any]:
+            return {"monitoring_id": mark, "stamped_headers": ["monitoring_id"]}
+
+    part = ct.sig(ct.add, 1, 1).set(immutable=True)
+    part.stamp(visitor=Mark())
+    part_id = part.freeze().id
+    replies = app.control.revoke_by_stamped_headers({"monitoring_id": mark}, reply=True)
+    assert replies, "no worker answered the revoke"
+    body = ct.sig(ct.tsum)
+    result = chord([part, ct.sig(ct.add, 2, 2).set(immutable=True)], body).apply_async()
+    with pytest.raises(TaskRevokedError):
+        result.get(timeout=30)
+    assert AsyncResult(part_id, app=app).state == "REVOKED"
+    assert app.ledger.get(part_id)["state"] == JobState.CANCELLED
+    assert wait_until(lambda: AsyncResult(result.id, app=app).state == "FAILURE", timeout=30)
