@@ -70,7 +70,7 @@ def test_no_driver_no_series_and_no_error_with_the_real_library(
 ) -> None:
     import pynvml  # the real nvidia-ml-py (the gpu extra, in dev)
 
-    assert Path(pynvml.__file__).parent.name == "site-packages", pynvml.__file__
+    assert Path(pynvml.__file__).parent.parent != ROOT / "tests", pynvml.__file__
     try:
         pynvml.nvmlInit()
     except pynvml.NVMLError as exc:
@@ -224,14 +224,16 @@ def test_nvml_refusing_to_start_gives_no_series_and_warns_only_if_a_driver_is_th
 # --- on a real worker's /metrics -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("machine", ["no-driver", "no-library", "two-gpus"])
+@pytest.mark.parametrize("machine", ["no-driver", "no-library", "two-gpus", "two-gpus-off"])
 def test_worker_metrics_endpoint(
     machine: str, rclient: Any, start_worker: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A real worker: its /metrics has GPU series exactly when NVML shows a GPU, and the
-    worker runs jobs and logs no error either way."""
-    path = {"no-library": NO_NVML, "two-gpus": FAKE_NVML}.get(machine)
+    worker runs jobs and logs no error either way; ``SYNTH_GPU_METRICS=false`` turns them off."""
+    path = {"no-library": NO_NVML, "two-gpus": FAKE_NVML, "two-gpus-off": FAKE_NVML}.get(machine)
     env = {"SYNTH_METRICS_PORT": str(port := free_port())}
+    if machine == "two-gpus-off":
+        env["SYNTH_GPU_METRICS"] = "false"
     if path is not None:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(path), os.environ.get("PYTHONPATH")]))
     worker = start_worker("gpu-metrics", env=env)
