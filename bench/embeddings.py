@@ -34,6 +34,14 @@ machine (a GPU host included) ``pip install -e '.[dev]'`` is all the setup::
 
     .venv/bin/python -m bench.embeddings                     # 1000 jobs, 1 round
     .venv/bin/python -m bench.embeddings --jobs 200 --rounds 1  # quick check
+    .venv/bin/python -m bench.embeddings --device cuda --metrics-port 9818  # GPU mode
+
+``--device cuda`` runs the model on the GPU (``SYNTH_EMBED_DEVICE``; refused at once when
+torch sees no CUDA device), ``cpu`` on the CPU, ``auto`` (the default) on CUDA when there is
+one. ``--metrics-port P`` starts each worker with its ``/metrics`` on ``P`` and reads it after
+the warm-up and at each poll of the drain: the GPU exporter's memory used (idle with the
+model loaded, and peak), utilization and temperature per device are stored with the run
+(``gpu``), and a worker without a GPU shows that it exports no GPU series.
 
 Exits non-zero when a job is lost or fails; the speed-up never changes the exit status.
 """
@@ -84,8 +92,58 @@ class Run:
     forward_passes: int = 0
     mean_jobs_per_pass: float = 0.0
     max_jobs_per_pass: int = 0
+    gpu: dict[str, Any] | None = None
     errors: list[str] = field(default_factory=list)
     log_problems: list[str] = field(default_factory=list)
+
+
+class GpuSampler:
+    """A worker's ``/metrics`` read during a run: per device, the GPU exporter's memory used
+    (idle with the model loaded, and peak), memory total, peak utilization and temperature."""
+
+    def __init__(self, port: int) -> None:
+        self.url = f"http://127.0.0.1:{port}/metrics"
+        self.scrapes = 0
+        self.failed = 0
+        self.worker_up = False
+        self.devices: dict[str, dict[str, Any]] = {}
+
+    def sample(self, idle: bool = False) -> None:
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        try:
+            with urllib.request.urlopen(self.url, timeout=2) as response:  # noqa: S310
+                text = response.read().decode()
+        except OSError:
+            self.failed += 1
+            return
+        self.scrapes += 1
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name == "synth_worker_up":
+                    self.worker_up = self.worker_up or s.value == 1
+                if not s.name.startswith("synth_gpu_"):
+                    continue
+                device = self.devices.setdefault(s.labels["gpu"], {"name": s.labels["name"]})
+                key = {
+                    "synth_gpu_memory_used_bytes": "memory_used_max_bytes",
+                    "synth_gpu_memory_total_bytes": "memory_total_bytes",
+                    "synth_gpu_utilization_ratio": "utilization_max",
+                    "synth_gpu_temperature_celsius": "temperature_max_celsius",
+                }[s.name]
+                device[key] = max(device.get(key, s.value), s.value)
+                if idle and key == "memory_used_max_bytes":
+                    device["memory_used_idle_bytes"] = s.value
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "scrapes": self.scrapes,
+            "failed_scrapes": self.failed,
+            "worker_up": self.worker_up,
+            "devices": self.devices,
+        }
 
 
 def text_of(i: int, short: bool = False) -> str:
@@ -144,8 +202,10 @@ def device_info() -> dict[str, Any]:
     import torch
 
     info: dict[str, Any] = {"torch": torch.__version__, "cuda": bool(torch.cuda.is_available())}
+    info["requested"] = os.environ.get("SYNTH_EMBED_DEVICE", "auto")
     if info["cuda"]:
         info["gpu"] = torch.cuda.get_device_name(0)
+        info["torch_cuda"] = torch.version.cuda
     info["cpus"] = os.cpu_count()
     return info
 
@@ -211,6 +271,8 @@ def start_worker(
         "SYNTH_QDRANT_PATH": args.qdrant_path,
         "PYTHONUNBUFFERED": "1",
     }
+    if args.metrics_port:
+        env["SYNTH_METRICS_PORT"] = str(args.metrics_port)
     argv = [
         sys.executable, "-m", "celery", "-A", "synth_workers", "worker",
         "-Q", QUEUE, "-n", node, "-P", "threads", "-c", str(concurrency(mode, args)),
@@ -329,6 +391,9 @@ def measure(mode: str, rnd: int, args: argparse.Namespace, client: Any, logs: Pa
             TASK, {"documents": [{"id": "warmup", "text": text_of(0, args.short)}]}, queue=QUEUE
         )
         warm.wait(timeout=300)  # loads the model
+        sampler = GpuSampler(args.metrics_port) if args.metrics_port else None
+        if sampler is not None:
+            sampler.sample(idle=True)
         app.control.cancel_consumer(QUEUE, destination=[node], reply=True, timeout=10)
         t0 = time.perf_counter()
         for i in range(args.jobs):
@@ -350,8 +415,13 @@ def measure(mode: str, rnd: int, args: argparse.Namespace, client: Any, logs: Pa
             if proc.poll() is not None:
                 run.errors.append(f"worker exited with {proc.returncode}")
                 break
+            if sampler is not None:
+                sampler.sample()
             time.sleep(0.25)
         polled = time.perf_counter() - t0
+        if sampler is not None:
+            sampler.sample()
+            run.gpu = sampler.summary()
     finally:
         stop_worker(proc)
     counts = states(warm.id)
@@ -391,15 +461,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--short", action="store_true", help="~8-token documents, not ~25")
     parser.add_argument("--qdrant-path", default=":memory:", help="SYNTH_QDRANT_PATH")
     parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default=os.environ.get("SYNTH_EMBED_DEVICE", "auto"),
+        help="where the model runs (SYNTH_EMBED_DEVICE); cuda: refused without a CUDA device",
+    )
+    parser.add_argument(
+        "--metrics-port", type=int, default=0, help="serve and read each worker's /metrics here"
+    )
     parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL"))
     parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL"))
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "embeddings.json")
     args = parser.parse_args(argv)
+    os.environ["SYNTH_EMBED_DEVICE"] = args.device  # the workers and the ceiling child
     if args.ceiling_only:  # the child process of model_ceiling()
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         print(json.dumps(_model_ceiling_here(args)))
         return 0
 
+    if args.device == "cuda" and not device_info()["cuda"]:
+        import torch
+
+        print(
+            f"--device cuda: torch {torch.__version__} sees no CUDA device (no NVIDIA GPU or "
+            "driver, or a CPU build of torch: install the CUDA build of the same version)",
+            file=sys.stderr,
+        )
+        return 2
     services = Services(args.redis_url, args.database_url)
     try:
         configure_environment(services)
@@ -412,7 +501,8 @@ def main(argv: list[str] | None = None) -> int:
         logs = args.out.parent / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         device = device_info()
-        where = device.get("gpu", f"CPU ({device['cpus']} cores)")
+        on_gpu = device["cuda"] and args.device != "cpu"
+        where = device["gpu"] if on_gpu else f"CPU ({device['cpus']} cores)"
         kind = "short" if args.short else "ticket"
         omp = os.environ.get("OMP_NUM_THREADS", "unset")
         print(
@@ -442,6 +532,15 @@ def main(argv: list[str] | None = None) -> int:
                     f"max {run.max_jobs_per_pass})"
                     + (f"  ERRORS: {run.errors}" if run.errors else "")
                 )
+                for index, gpu in ((run.gpu or {}).get("devices") or {}).items():
+                    print(
+                        f"    gpu {index} ({gpu['name']}): memory "
+                        f"{gpu.get('memory_used_idle_bytes', 0) / 2**20:.0f} MiB idle, "
+                        f"{gpu.get('memory_used_max_bytes', 0) / 2**20:.0f} MiB peak of "
+                        f"{gpu.get('memory_total_bytes', 0) / 2**20:.0f} MiB; utilization max "
+                        f"{gpu.get('utilization_max', 0):.0%}, "
+                        f"{gpu.get('temperature_max_celsius', 0):.0f} °C max"
+                    )
                 for line in run.log_problems:
                     print(f"    log: {line}")
         median = {
@@ -466,6 +565,7 @@ def main(argv: list[str] | None = None) -> int:
             "linger_ms": args.linger_ms,
             "qdrant": os.environ.get("QDRANT_URL") or args.qdrant_path,
             "device": device,
+            "metrics_port": args.metrics_port or None,
             "host": {"python": platform.python_version(), "machine": platform.machine()},
             "versions": {
                 p: version(p) for p in ("celery", "sentence-transformers", "qdrant-client")

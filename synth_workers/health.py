@@ -261,7 +261,7 @@ def on_worker_init(sender: Any, settings: Settings) -> None:
     name = str(getattr(sender, "hostname", None) or socket.gethostname())
     _current = WorkerHealth(name, settings.health_interval, settings.heartbeat_file)
     if settings.metrics_port:
-        metrics.enable_worker_metrics(settings.prometheus_multiproc_dir, name)
+        metrics.enable_worker_metrics(settings.prometheus_multiproc_dir, name, settings.gpu_metrics)
 
 
 def on_worker_shutdown() -> None:

@@ -33,6 +33,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
+from synth_workers.gpu import GPU_METRICS, GpuCollector
 from synth_workers.lifecycle import JobEvent
 from synth_workers.states import FINAL_KINDS
 
@@ -192,6 +193,7 @@ _lock = threading.Lock()
 _metrics: JobMetrics | None = None
 _dir: Path | None = None
 _own_dir = False
+_gpu: GpuCollector | None = None
 
 
 def worker_metrics() -> JobMetrics | None:
@@ -217,14 +219,15 @@ def observe(event: JobEvent) -> None:
             metrics.observe(event)
 
 
-def enable_worker_metrics(parent: Path | None, name: str) -> Path:
+def enable_worker_metrics(parent: Path | None, name: str, gpu: bool = False) -> Path:
     """Turn on multiprocess mode in this (the worker's main) process, before the pool forks.
 
     Each worker gets a fresh folder of its own: ``parent/<name>`` when
     ``PROMETHEUS_MULTIPROC_DIR`` is set (emptied first: a restarted worker starts at zero,
     as Prometheus expects of a new process), a private temporary folder otherwise.
+    ``gpu``: also serve the GPU readings (:mod:`synth_workers.gpu`; none without a GPU).
     """
-    global _metrics, _dir, _own_dir
+    global _metrics, _dir, _own_dir, _gpu
     with _lock:
         if _metrics is not None and _dir is not None:
             return _dir
@@ -241,6 +244,7 @@ def enable_worker_metrics(parent: Path | None, name: str) -> Path:
         values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
         _dir = path
         _metrics = JobMetrics(registry=None)
+        _gpu = GpuCollector() if gpu else None
         with _write_lock:
             _metrics.worker_up.set(1)
         return path
@@ -248,8 +252,11 @@ def enable_worker_metrics(parent: Path | None, name: str) -> Path:
 
 def disable_worker_metrics() -> None:
     """The worker stops: its value files go (a private folder is removed)."""
-    global _metrics, _dir
+    global _metrics, _dir, _gpu
     with _lock:
+        if _gpu is not None:
+            _gpu.close()
+            _gpu = None
         if _metrics is not None:
             with _write_lock:
                 _metrics.worker_up.set(0)
@@ -260,10 +267,12 @@ def disable_worker_metrics() -> None:
 
 
 def worker_registry() -> CollectorRegistry:
-    """A registry that sums every process's values (what a worker's /metrics serves)."""
+    """Every process's values summed, plus the GPU readings: what a worker's /metrics serves."""
     registry = CollectorRegistry()
     if _dir is not None:
         MultiProcessCollector(registry, path=str(_dir))  # type: ignore[no-untyped-call]
+    if _gpu is not None:
+        registry.register(_gpu)
     return registry
 
 
@@ -348,4 +357,5 @@ def metric_names() -> set[str]:
     for family in registry.collect():
         names |= {family.name + suffix for suffix in suffixes.get(family.type, ("",))}
     names.update(CLUSTER_METRICS)
+    names.update(GPU_METRICS)
     return names

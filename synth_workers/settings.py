@@ -407,6 +407,11 @@ class Settings(BaseSettings):
         default="127.0.0.1",
         description="SYNTH_METRICS_ADDRESS: address the worker's metrics/health server binds.",
     )
+    gpu_metrics: bool = Field(
+        default=True,
+        description="SYNTH_GPU_METRICS: a worker's /metrics also gives each visible NVIDIA "
+        "GPU's utilization, memory and temperature (NVML, the gpu extra); none without a GPU.",
+    )
     health_interval: float = Field(
         default=10.0,
         gt=0,
