@@ -186,9 +186,7 @@ def test_job_progress_page_live_across_origins_and_an_events_server_restart(
         *["progress"] * 10,
         "succeeded",
     ]
-    assert [e["data"]["current"] for e in events if e["kind"] == "progress"] == list(
-        range(1, 11)
-    )
+    assert [e["data"]["current"] for e in events if e["kind"] == "progress"] == list(range(1, 11))
     assert alice.text("#percent") == "100%"
     assert alice.text("#connection") == "closed"
     # it resumed: a second stream, asked from the last event it had before the restart
