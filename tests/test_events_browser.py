@@ -131,11 +131,23 @@ class Page:
         return str(self.page.text_content(selector))
 
 
+@pytest.fixture
+def server(rclient: Any, origins: tuple[str, str], tmp_path: Path) -> Iterator[EventsServer]:
+    """``events serve`` whose CORS_ORIGINS lists the first origin only; stopped after the
+    test whatever happens in it."""
+    started = EventsServer(tmp_path, {"CORS_ORIGINS": origins[0]}).start()
+    yield started
+    started.stop()
+
+
 def test_job_progress_page_live_across_origins_and_an_events_server_restart(
-    rclient: Any, start_worker: Any, origins: tuple[str, str], browser: Any, tmp_path: Path
+    rclient: Any,
+    start_worker: Any,
+    origins: tuple[str, str],
+    browser: Any,
+    server: EventsServer,
 ) -> None:
     listed, unlisted = origins
-    server = EventsServer(tmp_path, {"CORS_ORIGINS": listed}).start()
     gate = f"test-gate-{uuid.uuid4().hex}"
     handle = enqueue(GATED, {"n": 10, "pauses": [4, 7], "gate": gate}, user_id="alice")
     alice_token = cli_token("alice")
