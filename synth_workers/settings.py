@@ -53,6 +53,36 @@ def _check_scheme(url: str | None, schemes: tuple[str, ...]) -> str | None:
     return url
 
 
+def check_origin(origin: str) -> str:
+    """A web origin as a browser sends it (``scheme://host[:port]``, lower case, no path), or
+    ``*``; :class:`ValueError` for anything else."""
+    origin = origin.strip()
+    if origin == "*":
+        return origin
+    parts = urlsplit(origin.rstrip("/"))
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+        parts = parts._replace(netloc="")
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or parts.username is not None
+        or parts.path
+        or parts.query
+        or parts.fragment
+    ):
+        raise ValueError(
+            f"{origin!r} is not an origin: give scheme://host[:port] (e.g. "
+            "https://app.example.com), comma-separated, or * alone"
+        )
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    default = {"http": 80, "https": 443}[parts.scheme]
+    suffix = f":{port}" if port not in (None, default) else ""  # as browsers send it
+    return f"{parts.scheme}://{host}{suffix}"
+
+
 class Settings(BaseSettings):
     """Everything configurable, with the environment variable that sets it."""
 
@@ -487,6 +517,12 @@ class Settings(BaseSettings):
         description="SYNTH_EVENTS_TOKEN_MAX_TTL: seconds; `events serve` refuses a token "
         "without `exp`, and one whose `exp` lies further ahead than this.",
     )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        validation_alias=AliasChoices("CORS_ORIGINS", "cors_origins"),
+        description="CORS_ORIGINS: comma-separated origins (scheme://host[:port]) whose pages "
+        "may read `events serve`; `*` alone: any origin, without credentials. Unset: none.",
+    )
     # --- end events ---------------------------------------------------------------------------
 
     @field_validator("redis_url", "result_backend_url")
@@ -510,6 +546,17 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _origins(cls, value: object) -> object:
+        origins = [o for o in value.split(",") if o.strip()] if isinstance(value, str) else value
+        if not isinstance(origins, list):
+            return origins
+        clean = [check_origin(str(o)) for o in origins]
+        if "*" in clean and len(clean) > 1:
+            raise ValueError("`*` (any origin) must stand alone")
+        return clean
 
     @field_validator("log_level", mode="before")
     @classmethod

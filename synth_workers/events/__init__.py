@@ -3,6 +3,7 @@
 - :mod:`synth_workers.events.stream`: the writer (a lifecycle listener the app factory
   connects) and the readers (:class:`Subscription`);
 - :mod:`synth_workers.events.auth`: HS256 bearer tokens (``JWT_SECRET``);
+  :func:`issue_token` makes one for a user (an application's login, a dashboard page);
 - :mod:`synth_workers.events.server`: the Tornado SSE server (``synth-workers events serve``).
 
 ::
@@ -16,6 +17,7 @@ from __future__ import annotations
 import atexit
 from typing import TYPE_CHECKING
 
+from synth_workers.events.auth import issue_token
 from synth_workers.events.buffer import EventBuffer
 from synth_workers.events.stream import (
     GLOBAL_STREAM,
@@ -39,6 +41,7 @@ __all__ = [
     "Subscription",
     "connect_events",
     "events_client",
+    "issue_token",
     "job_stream",
     "subscribe",
     "user_stream",

@@ -29,15 +29,18 @@ def events() -> None:
     help="Port (SYNTH_EVENTS_PORT, default 8765; 0: a free one, printed).",
 )
 def serve_cmd(address: str | None, port: int | None) -> None:
-    """Serve events over SSE: GET /events?job=ID|user=ID (bearer JWT), GET /health.
+    """Serve events over SSE: GET /events?job=ID|user=ID (a JWT as bearer header or
+    access_token parameter), GET /health; pages of CORS_ORIGINS may read it.
 
     Runs until SIGINT or SIGTERM (exit 0). Needs JWT_SECRET of at least 32 bytes (exit 2
-    without it or with a shorter one).
+    without it or with a shorter one). Logs (one line per request) go to stderr.
     """
     from synth_workers.cli import ExitCode, _settings
     from synth_workers.events.server import serve
+    from synth_workers.logging import configure_logging
 
     settings = _settings()
+    configure_logging(settings)
 
     def listening(host: str, actual: int) -> None:
         click.echo(f"events: listening on http://{host}:{actual}", err=False)
@@ -51,6 +54,42 @@ def serve_cmd(address: str | None, port: int | None) -> None:
     except OSError as exc:
         click.echo(f"error: cannot listen: {exc}", err=True)
         sys.exit(ExitCode.USAGE)
+
+
+@events.command("token")
+@click.argument("user")
+@click.option(
+    "--ttl",
+    type=float,
+    default=3600.0,
+    show_default=True,
+    help="Seconds the token is good for (at most SYNTH_EVENTS_TOKEN_MAX_TTL).",
+)
+def token_cmd(user: str, ttl: float) -> None:
+    """Print a token that lets USER read their own jobs' events from `events serve`
+    (header `Authorization: Bearer <token>`, or `?access_token=<token>` for a browser's
+    EventSource). Signed with JWT_SECRET, as the server checks it; exit 2 without it."""
+    from synth_workers.cli import ExitCode, _settings
+    from synth_workers.events.auth import issue_token, secret_of
+
+    settings = _settings()
+    if not user.strip():
+        click.echo("error: USER must not be empty", err=True)
+        sys.exit(ExitCode.USAGE)
+    limit = settings.events_token_max_ttl
+    if not 0 < ttl <= limit:
+        click.echo(
+            f"error: --ttl must be above 0 and at most {limit:g} s "
+            "(SYNTH_EVENTS_TOKEN_MAX_TTL: the server refuses longer-lived tokens)",
+            err=True,
+        )
+        sys.exit(ExitCode.USAGE)
+    try:
+        secret = secret_of(settings)
+    except ConfigurationError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(ExitCode.USAGE)
+    click.echo(issue_token(secret, user, ttl))
 
 
 def describe(event: Event) -> str:

@@ -10,11 +10,15 @@ ended and nothing is left to send, the answer is ``204 No Content`` (a browser's
 then stops reconnecting). An idle stream carries a ``: heartbeat`` comment every
 ``SYNTH_EVENTS_HEARTBEAT`` seconds.
 
-Authentication: ``Authorization: Bearer <JWT>`` signed with ``JWT_SECRET`` (HS256, a key of
-at least 32 bytes), whose ``sub`` is the user and whose ``exp`` lies at most
-``SYNTH_EVENTS_TOKEN_MAX_TTL`` seconds ahead. Missing or invalid: 401. Another user's job
-or stream: 403. A user reads only their own jobs' events. ``GET /health`` answers JSON from
-local state (no Redis round trip).
+Authentication: a JWT signed with ``JWT_SECRET`` (HS256, a key of at least 32 bytes), whose
+``sub`` is the user and whose ``exp`` lies at most ``SYNTH_EVENTS_TOKEN_MAX_TTL`` seconds
+ahead, as ``Authorization: Bearer <JWT>`` or as the ``access_token`` query parameter (what a
+browser's ``EventSource`` can send; RFC 6750 §2.3). Both at once: 400. Missing or invalid:
+401. Another user's job or stream: 403. A user reads only their own jobs' events. The query
+parameter's value never reaches a log line: it is taken out of the request's URI before
+anything can log it. ``GET /health`` answers JSON from local state (no Redis round trip).
+
+Browsers on other origins: ``CORS_ORIGINS`` (see :mod:`synth_workers.events.cors`).
 
 A cursor (``Last-Event-ID`` or ``since``) that is not a stream id Redis accepts (``ms`` or
 ``ms-seq``, each an unsigned 64-bit integer) is a 400, checked before any Redis call.
@@ -39,8 +43,15 @@ import tornado.netutil
 import tornado.web
 from tornado.iostream import StreamClosedError
 
-from synth_workers.errors import ConfigurationError
-from synth_workers.events.auth import AuthenticationError, authenticate
+from synth_workers.events.auth import (
+    QUERY_PARAMETER,
+    AuthenticationError,
+    TokenRequestError,
+    authenticate,
+    secret_of,
+    take_query_token,
+)
+from synth_workers.events.cors import CorsHandler, CorsPolicy
 from synth_workers.events.fanout import Fanout, Subscriber
 from synth_workers.events.stream import Event, job_stream, user_stream
 from synth_workers.ledger import Ledger
@@ -53,8 +64,6 @@ log = logging.getLogger(__name__)
 _EVENT_ID = re.compile(r"([0-9]{1,20})(?:-([0-9]{1,20}))?")
 #: Each part of a stream id is an unsigned 64-bit integer.
 MAX_ID_PART = 2**64 - 1
-#: The least length of JWT_SECRET, in bytes (UTF-8): HS256's key is 256 bits.
-MIN_SECRET_BYTES = 32
 BAD_CURSOR = (
     "Last-Event-ID / since must be an event id: <ms> or <ms>-<seq>, each an integer "
     f"from 0 to {MAX_ID_PART} (or 0, or $)"
@@ -96,6 +105,7 @@ class State:
         heartbeat: float,
         lookup: JobLookup,
         token_max_ttl: float,
+        cors: CorsPolicy | None = None,
     ) -> None:
         self.redis = redis_client
         self.fanout = fanout
@@ -104,6 +114,7 @@ class State:
         self.token_max_ttl = token_max_ttl
         self.heartbeat = heartbeat
         self.lookup = lookup
+        self.cors = cors or CorsPolicy(())
         self.started = time.time()
         self.connections = 0
         self.events_sent = 0
@@ -111,10 +122,14 @@ class State:
         self.stopping = False
 
 
-class HealthHandler(tornado.web.RequestHandler):
+class Handler(CorsHandler):
     def initialize(self, state: State) -> None:
         self.state = state
+        self.cors = state.cors
+        self.set_default_headers()  # the constructor set them before ``cors`` was here
 
+
+class HealthHandler(Handler):
     def get(self) -> None:
         state = self.state
         self.write(
@@ -127,12 +142,13 @@ class HealthHandler(tornado.web.RequestHandler):
         )
 
 
-class EventsHandler(tornado.web.RequestHandler):
+class EventsHandler(Handler):
     """``GET /events?job=ID`` / ``?user=ID``: server-sent events."""
 
     def initialize(self, state: State) -> None:
-        self.state = state
+        super().initialize(state)
         self.closed = False
+        self.query_tokens = take_query_token(self.request)
 
     def on_connection_close(self) -> None:
         self.closed = True
@@ -145,14 +161,23 @@ class EventsHandler(tornado.web.RequestHandler):
         if status == 401:
             self.set_header("WWW-Authenticate", 'Bearer realm="synth-workers events"')
         self.set_header("Content-Type", "application/json")
+        self.set_header("Cache-Control", "no-store")
         self.finish(json.dumps({"error": message}))
 
     async def get(self) -> None:
         state = self.state
         try:
+            if len(self.query_tokens) > 1:
+                raise TokenRequestError(f"{QUERY_PARAMETER} given more than once")
             user = authenticate(
-                self.request.headers.get("Authorization"), state.secret, state.token_max_ttl
+                self.request.headers.get("Authorization"),
+                state.secret,
+                state.token_max_ttl,
+                access_token=self.query_tokens[0] if self.query_tokens else None,
             )
+        except TokenRequestError as exc:
+            self._refuse(400, str(exc))
+            return
         except AuthenticationError as exc:
             self._refuse(401, str(exc))
             return
@@ -312,24 +337,6 @@ def make_app(state: State) -> tornado.web.Application:
     )
 
 
-def secret_of(settings: Settings) -> str:
-    """JWT_SECRET; :class:`ConfigurationError` when it is not set or shorter than
-    :data:`MIN_SECRET_BYTES` (a short HS256 key can be guessed offline from one token)."""
-    secret = settings.jwt_secret.get_secret_value() if settings.jwt_secret else ""
-    if not secret:
-        raise ConfigurationError(
-            "JWT_SECRET is not set: `synth-workers events serve` verifies bearer tokens "
-            "(HS256) with it. Set JWT_SECRET to the secret your application signs them with."
-        )
-    if len(secret.encode()) < MIN_SECRET_BYTES:
-        raise ConfigurationError(
-            f"JWT_SECRET is {len(secret.encode())} bytes; `synth-workers events serve` needs "
-            f"at least {MIN_SECRET_BYTES} (UTF-8): HS256 keys that short can be guessed. "
-            "Generate one, e.g. `openssl rand -base64 32`."
-        )
-    return secret
-
-
 def serve(
     settings: Settings,
     address: str | None = None,
@@ -364,6 +371,7 @@ def serve(
             settings.events_heartbeat,
             lookup or ledger_lookup(ledger),
             token_max_ttl=settings.events_token_max_ttl,
+            cors=CorsPolicy(settings.cors_origins),
         )
         sockets = tornado.netutil.bind_sockets(port, address)
         server = tornado.httpserver.HTTPServer(make_app(state), idle_connection_timeout=3600)
