@@ -47,6 +47,8 @@ class Claim:
     task: str | None = None
     queue: str | None = None
     user_id: str | None = None
+    #: The caller's request id (``synth_workers.correlation``).
+    correlation_id: str | None = None
     #: Unix times: when the job was enqueued, and when this attempt was claimed.
     enqueued_at: float | None = None
     claimed_at: float = field(default_factory=time.time)
@@ -144,6 +146,7 @@ class LedgerRows(LedgerPool):
             "queue": claim.queue,
             "attempt": claim.attempt,
             "user_id": claim.user_id,
+            "correlation_id": claim.correlation_id,
         }
 
     def announce_finish(self, claim: Claim, kind: str, **data: Any) -> None:
