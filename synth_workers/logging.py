@@ -248,9 +248,9 @@ def log_job_event(event: JobEvent) -> None:
         "task": event.task,
         "queue": event.queue,
         "attempt": event.attempt,
+        # always given: a success may be logged while the next job's context is bound
+        "correlation_id": event.correlation_id,
     }
-    if event.correlation_id is not None:
-        extra["correlation_id"] = event.correlation_id
     if kind == "started":
         extra["queue_wait"] = data.get("queue_wait")
     else:

@@ -20,6 +20,7 @@ from kombu.utils import json as kombu_json
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
+from synth_workers.correlation import of_headers
 from synth_workers.ledger.pool import LedgerPool
 from synth_workers.states import EventKind, JobState
 
@@ -169,5 +170,6 @@ class LedgerRows(LedgerPool):
                     job.id,
                     task=job.task,
                     queue=job.queue,
+                    correlation_id=of_headers((job.message or {}).get("headers")),
                     data={"reason": reason},
                 )
