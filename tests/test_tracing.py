@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from celery import Celery, chain
+from celery import Celery, chain, chord
 from click.testing import CliRunner
 
 import tests.tracing_tasks as tt
@@ -169,6 +169,7 @@ def test_chains_fan_out_replays_and_other_producers_keep_the_request_id(
     rid = f"req-{uuid.uuid4().hex}"
     with correlation_id(rid):  # what a request middleware does
         steps = chain(tt.add.s(1, 2), tt.double.s()).apply_async()
+        joined = chord([tt.add.s(1, 1), tt.add.s(2, 2)])(tt.total.s())
         fan = enqueue("tests.tracing_tasks.fan_out", {"n": 3})
         dead = enqueue("tests.tracing_tasks.broken", {})
     assert current_correlation_id() is None
@@ -180,6 +181,7 @@ def test_chains_fan_out_replays_and_other_producers_keep_the_request_id(
         plain.close()
 
     assert steps.get(timeout=30) == 6
+    assert joined.get(timeout=30) == 6
     fan.wait(timeout=30)
     with pytest.raises(JobFailedError):
         dead.wait(timeout=30)
@@ -188,8 +190,9 @@ def test_chains_fan_out_replays_and_other_producers_keep_the_request_id(
     def tasks_of_request() -> list[str]:
         return sorted(r["task"] for r in app.ledger.list_jobs(correlation_id=rid))
 
-    # the chain's two steps, the fan-out job and its three parts, the dead job, the adopted one
-    expected = ["add", "add", "broken", "double", "double", "double", "double", "fan_out"]
+    # the chain's two steps, the chord's two parts and its body (sent by a worker), the
+    # fan-out job and its three parts, the dead job, the adopted one
+    expected = ["add"] * 4 + ["broken"] + ["double"] * 4 + ["fan_out", "total"]
     expected = [f"tests.tracing_tasks.{t}" for t in expected]
     assert wait_until(lambda: tasks_of_request() == expected, timeout=20), tasks_of_request()
     parts = [r for r in app.ledger.list_jobs(correlation_id=rid) if r["task"].endswith("double")]

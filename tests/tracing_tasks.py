@@ -44,6 +44,11 @@ def double(x: int) -> int:
     return x * 2
 
 
+@app.task(name="tests.tracing_tasks.total")
+def total(values: list[int]) -> int:
+    return sum(values)
+
+
 @app.task(name="tests.tracing_tasks.fan_out")
 def fan_out(n: int) -> str:
     """Sends ``n`` parts as a Celery group; returns the group's id."""
