@@ -121,9 +121,13 @@ def of_headers(headers: Any) -> str | None:
 
 
 def enter_job(task: Any) -> None:
-    """``task_prerun``: the running job's id becomes the current one (its sends carry it)."""
+    """``task_prerun``: the running job's id becomes the current one (its sends carry it).
+    A task run in place (``apply()``, eager mode) without one keeps the caller's."""
     request = task.request
-    request.synth_correlation_token = _current.set(of_request(request))
+    value = of_request(request)
+    if value is None and getattr(request, "is_eager", False):
+        return
+    request.synth_correlation_token = _current.set(value)
 
 
 def leave_job(task: Any) -> None:

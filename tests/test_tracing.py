@@ -259,3 +259,12 @@ def test_the_request_id_nests_and_is_restored(rclient: Any) -> None:
     assert given.info()["correlation_id"] == "given"
     assert none.info()["correlation_id"] is None
     assert HEADER not in none.info()["message"]["headers"]
+
+
+def test_a_task_run_in_place_keeps_the_callers_request_id(rclient: Any) -> None:
+    with correlation_id("in-place"):
+        tt.fan_out.apply(kwargs={"n": 2})  # runs here; its two parts are sent as jobs
+        assert current_correlation_id() == "in-place"
+    parts = app.ledger.list_jobs(task="tests.tracing_tasks.double")
+    assert len(parts) == 2
+    assert {r["correlation_id"] for r in parts} == {"in-place"}
