@@ -354,15 +354,27 @@ def jobs_show(job_id: str, as_json: bool) -> None:
 )
 @click.option("--task", default=None)
 @click.option("--queue", default=None)
+@click.option(
+    "--correlation-id",
+    default=None,
+    help="Only the jobs of this request id (and the jobs they started).",
+)
 @click.option("--limit", type=int, default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def jobs_list(
-    states: tuple[str, ...], task: str | None, queue: str | None, limit: int, as_json: bool
+    states: tuple[str, ...],
+    task: str | None,
+    queue: str | None,
+    correlation_id: str | None,
+    limit: int,
+    as_json: bool,
 ) -> None:
     """List jobs, newest first."""
     app = _app()
     try:
-        rows = app.ledger.list_jobs(states=states, task=task, queue=queue, limit=limit)
+        rows = app.ledger.list_jobs(
+            states=states, task=task, queue=queue, correlation_id=correlation_id, limit=limit
+        )
     except SynthWorkersError as exc:
         _fail(exc)
     _print_rows(rows, as_json)

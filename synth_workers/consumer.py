@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from celery.worker.consumer import Consumer as CeleryConsumer
 from kombu.exceptions import ContentDisallowed
 
+from synth_workers.correlation import of_headers
 from synth_workers.errors import ServiceUnavailableError
 from synth_workers.ledger.refusals import Refusal, RefusalWriter
 from synth_workers.message import from_kombu
@@ -163,6 +164,7 @@ class Consumer(CeleryConsumer):
                 run_at=checked.eta,
                 message=from_kombu(message),
                 retries=retries if isinstance(retries, int) and retries >= 0 else 0,
+                correlation_id=of_headers(headers),
             )
         except ServiceUnavailableError:
             message.reject(requeue=True)

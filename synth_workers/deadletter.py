@@ -4,8 +4,8 @@ A job is dead after its last attempt, at once for ``PermanentError`` and invalid
 as a poison pill (it killed ``SYNTH_POISON_PILL_LOSSES`` workers), or as a message a worker
 refused. Its row keeps the payload, attempts, failure class and traceback. Replay enqueues a
 new job with the same task, payload, queue and priority, the same Celery message (canvas,
-``link``/``link_error``, root and parent ids; a new id and ``retries`` 0), a fresh attempt
-budget, and ``replay_of`` pointing at the original. Retention keeps at most
+``link``/``link_error``, root and parent ids, request id; a new id and ``retries`` 0), a fresh
+attempt budget, and ``replay_of`` pointing at the original. Retention keeps at most
 ``SYNTH_DLQ_MAX_COUNT`` dead jobs, none older than ``SYNTH_DLQ_MAX_AGE``.
 """
 
@@ -95,6 +95,7 @@ class DeadLetterQueue:
                     replay_of=str(row[0]),
                     user_id=row[6],
                     message=row[7],
+                    correlation_id=row[8],
                 )
                 pairs.append((str(row[0]), new_id))
         # Published by the sweeper's outbox relay too; publishing here saves the wait.

@@ -13,6 +13,8 @@ What it plugs in, all through Celery's own extension points:
   already built are rebased onto it (see :func:`_rebase_tasks` for the one limit);
 - worker bootsteps (ledger sweeper, ops server, heartbeat);
 - lifecycle listeners (metrics, job log lines, Redis Streams events);
+- request tracing: the running job's request id (``synth_workers.correlation``) and, with
+  the ``otel`` extra, OpenTelemetry's Celery instrumentation (``synth_workers.tracing``);
 - signal receivers. Each signal gets *one* receiver per process (a fixed ``dispatch_uid``),
   connected by the first ``install()``; it finds the app the signal is about from its sender
   (the worker, the task, the beat service; the current app for the signals Celery sends
@@ -35,7 +37,7 @@ import psycopg
 from celery import Celery, signals
 from celery._state import get_current_app
 
-from synth_workers import health, metrics, routing, sentry
+from synth_workers import correlation, health, metrics, routing, sentry, tracing
 from synth_workers import logging as logs
 from synth_workers.announce import connect_results
 from synth_workers.broker import ON_PURGE, register_purge_hook
@@ -96,6 +98,8 @@ def install(app: Celery, settings: Settings | None = None) -> Platform:
             from synth_workers.events import connect_events
 
             platform.events = connect_events(platform)
+        if settings.tracing_enabled:  # with the otel extra (synth_workers.tracing)
+            tracing.enable()
         setattr(app, PLATFORM_ATTR, platform)
         _platforms.add(platform)
         _connect_receivers()
@@ -252,12 +256,14 @@ def _on_setup_logging(loglevel: int | str | None = None, logfile: str | None = N
 
 def _on_task_prerun(sender: Any = None, **kwargs: Any) -> None:
     if find_platform(getattr(sender, "app", None)) is not None:
+        correlation.enter_job(sender)  # the jobs it sends carry its request id
         logs.bind_job(**kwargs)
 
 
 def _on_task_postrun(sender: Any = None, **kwargs: Any) -> None:
     if find_platform(getattr(sender, "app", None)) is not None:
         logs.unbind_job()
+        correlation.leave_job(sender)
 
 
 def _on_celeryd_init(sender: Any = None, instance: Any = None, **kwargs: Any) -> None:

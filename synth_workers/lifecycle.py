@@ -63,6 +63,8 @@ class JobEvent:
     queue: str | None = None
     attempt: int | None = None
     user_id: str | None = None
+    #: The caller's request id (``synth_workers.correlation``), when the announcer knows it.
+    correlation_id: str | None = None
     #: Unix time of the change.
     at: float = field(default_factory=time.time)
     data: Mapping[str, Any] = field(default_factory=dict)

@@ -7,7 +7,8 @@
 - :func:`log_job_event` (a lifecycle listener) writes one line when a job starts and one when
   an attempt ends, with job id, task, queue, attempt, duration and outcome.
 - :func:`bind_job` / :func:`unbind_job` (``task_prerun`` / ``task_postrun``) bind the running
-  job's id and task to every line the task logs.
+  job's id, task and request id (``correlation_id``) to every line the task logs; the per-job
+  lines carry the request id too.
 - :func:`redact` replaces the values of passwords, API keys, tokens, authorization headers,
   cookies, DSNs and the keys listed in ``SYNTH_REDACT_FIELDS`` — at any depth — with
   ``[REDACTED]``, and scrubs URL passwords, bearer tokens and ``key=value`` secrets inside
@@ -25,6 +26,7 @@ from typing import IO, TYPE_CHECKING, Any
 import structlog
 from structlog.types import EventDict, Processor, WrappedLogger
 
+from synth_workers.correlation import of_request
 from synth_workers.lifecycle import JobEvent
 
 if TYPE_CHECKING:
@@ -246,6 +248,8 @@ def log_job_event(event: JobEvent) -> None:
         "task": event.task,
         "queue": event.queue,
         "attempt": event.attempt,
+        # always given: a success may be logged while the next job's context is bound
+        "correlation_id": event.correlation_id,
     }
     if kind == "started":
         extra["queue_wait"] = data.get("queue_wait")
@@ -259,10 +263,15 @@ def log_job_event(event: JobEvent) -> None:
 
 
 def bind_job(task_id: str | None = None, task: Any = None, **kwargs: Any) -> None:
-    """``task_prerun``: the job's id and task on every line the task logs."""
-    structlog.contextvars.bind_contextvars(job_id=task_id, task=getattr(task, "name", None))
+    """``task_prerun``: the job's id, task and request id (``correlation_id``, when it
+    carries one) on every line the task logs."""
+    fields: dict[str, Any] = {"job_id": task_id, "task": getattr(task, "name", None)}
+    correlation_id = of_request(getattr(task, "request", None))
+    if correlation_id is not None:
+        fields["correlation_id"] = correlation_id
+    structlog.contextvars.bind_contextvars(**fields)
 
 
 def unbind_job(**kwargs: Any) -> None:
     """``task_postrun``."""
-    structlog.contextvars.unbind_contextvars("job_id", "task")
+    structlog.contextvars.unbind_contextvars("job_id", "task", "correlation_id")

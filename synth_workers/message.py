@@ -27,6 +27,8 @@ from contextlib import AbstractContextManager, nullcontext
 from datetime import datetime
 from typing import Any
 
+from synth_workers.correlation import HEADER as CORRELATION_HEADER
+
 #: Celery's protocol-2 headers (``celery.app.amqp.AMQP.as_task_v2``).
 PROTOCOL2_HEADERS = (
     "lang",
@@ -49,6 +51,10 @@ PROTOCOL2_HEADERS = (
     "stamped_headers",
     "stamps",
 )
+#: Headers beside Celery's that a job keeps when it is adopted from a message sent around
+#: the platform: its request id (``synth_workers.correlation``) and its trace context
+#: (W3C Trace Context, as OpenTelemetry's Celery instrumentation injects it).
+TRACING_HEADERS = (CORRELATION_HEADER, "traceparent", "tracestate")
 #: The body's third element (``embed``): the canvas.
 EMBED_KEYS = ("callbacks", "errbacks", "chain", "chord")
 #: Message properties that belong to the job (the rest is per delivery or routing).
@@ -113,6 +119,10 @@ def from_request(request: Any) -> dict[str, Any]:
     for stamp in getattr(request, "stamped_headers", None) or ():
         if isinstance(stamp, str):
             headers[stamp] = getattr(request, stamp, None)
+    for name in TRACING_HEADERS:
+        value = getattr(request, name, None)
+        if isinstance(value, str):
+            headers[name] = value
     embed = {key: getattr(request, key, None) for key in EMBED_KEYS}
     properties = {
         "correlation_id": getattr(request, "correlation_id", None) or request.id,

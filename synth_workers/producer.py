@@ -1,6 +1,7 @@
 """The enqueue API for application code.
 
-``enqueue(task_name, payload, *, priority=, delay=, idempotency_key=, queue=, gpu=)`` validates
+``enqueue(task_name, payload, *, priority=, delay=, idempotency_key=, queue=, gpu=,
+correlation_id=)`` validates
 the payload against the task's model, refuses oversize payloads and unknown tasks with typed
 errors (nothing is queued then), writes the job record, publishes the message and returns a
 :class:`JobHandle`. Messages are JSON only.
@@ -191,6 +192,7 @@ def enqueue(
     conn: psycopg.Connection[Any] | None = None,
     job_id: str | None = None,
     user_id: str | None = None,
+    correlation_id: str | None = None,
     app: SynthCelery | None = None,
 ) -> JobHandle:
     """Enqueue one job; return its handle once it is recorded and published.
@@ -203,6 +205,9 @@ def enqueue(
     in it and published only once it commits; a rollback leaves no job.
     ``user_id``: the user (tenant) the job belongs to: its events go to that user's stream
     and only that user may read them over SSE (see ``synth_workers.events``).
+    ``correlation_id``: the caller's request id (default: the current one, see
+    ``synth_workers.correlation``): carried by the job, its events, log lines and ledger
+    row, and by the jobs it starts.
     Returns once the ledger row is committed (or written in ``conn``) and published.
     """
     app = app or _default_app()
@@ -224,6 +229,8 @@ def enqueue(
         options["synth_conn"] = conn
     if user_id is not None:
         options["synth_user_id"] = str(user_id)
+    if correlation_id is not None:
+        options["synth_correlation_id"] = correlation_id
     try:
         result = task.apply_async(kwargs=data, **options)
     except (OperationalError, redis.RedisError, OSError) as exc:

@@ -27,7 +27,7 @@ import psycopg
 import redis
 from kombu.exceptions import OperationalError as KombuOperationalError
 
-from synth_workers import outbox
+from synth_workers import correlation, outbox, tracing
 from synth_workers.errors import PayloadTooLargeError
 from synth_workers.lifecycle import ListenerTimeout
 from synth_workers.message import CaptureProducer
@@ -143,6 +143,8 @@ def send(
     # Refusals first: nothing is written to Postgres or Redis before these pass.
     if key is not None:
         check_idempotency_key(key)
+    # the caller's request id, into the message's headers (synth_workers.correlation)
+    correlation_id = correlation.for_send(options)
     delay = _delay(options, settings.max_delay_seconds)
     size = payload_size(args, kwargs)
     cap = settings.max_payload_bytes
@@ -169,6 +171,7 @@ def send(
         "user_id": user_id,
         "expires_at": expires_at(options.get("expires")),
         "rerun_finished": _first_attempt(task),
+        "correlation_id": correlation_id,
     }
     options["priority"] = transport_priority(placed.priority)
     given = queue_name(options.get("queue") or getattr(task, "queue", None))
@@ -182,16 +185,17 @@ def send(
             row["queue"] = capture.queue()
     if row["queue"] is None:
         row["queue"] = task.app.conf.task_default_queue
-    if conn is not None:
-        actual = ledger.insert_job(conn, **row)
-        return task.AsyncResult(actual)
-    if key is None and ledger.durable_commits:
-        # One statement in autocommit: a single round trip (no BEGIN/COMMIT).
-        with ledger.connection() as own:
-            actual = ledger.insert_job(own, **row)
-    else:  # the key's upsert and the row commit together; durable in worker processes
-        with ledger.connection() as own, own.transaction():
-            actual = ledger.insert_job(own, **row)
+    with tracing.span("synth.ledger.insert", job_id=job_id, task=task.name):
+        if conn is not None:
+            actual = ledger.insert_job(conn, **row)
+            return task.AsyncResult(actual)
+        if key is None and ledger.durable_commits:
+            # One statement in autocommit: a single round trip (no BEGIN/COMMIT).
+            with ledger.connection() as own:
+                actual = ledger.insert_job(own, **row)
+        else:  # the key's upsert and the row commit together; durable in worker processes
+            with ledger.connection() as own, own.transaction():
+                actual = ledger.insert_job(own, **row)
     if actual == job_id and ledger.lifecycle.listening:
         level = placed.priority
         try:
@@ -201,6 +205,7 @@ def send(
                 task=task.name,
                 queue=row["queue"],
                 user_id=user_id,
+                correlation_id=correlation_id,
                 data={"priority": level, "delay": delay} if delay else {"priority": level},
                 # The event went to the broker's Redis and it did not answer within
                 # SYNTH_REDIS_TIMEOUT: publishing would wait for it as long again.
@@ -213,7 +218,8 @@ def send(
     if eager:
         return celery_send(args, kwargs, **options)
     try:
-        return _publish(task, capture, options.get("producer"))
+        with tracing.span("synth.publish", job_id=job_id, task=task.name):
+            return _publish(task, capture, options.get("producer"))
     except BaseException as exc:
         return publish_failed(task, job_id, exc)
 

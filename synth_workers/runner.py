@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 from pydantic import ValidationError
 
+from synth_workers import correlation, tracing
 from synth_workers.errors import (
     InvalidPayloadError,
     PermanentError,
@@ -180,7 +181,8 @@ def run(task: Task, job_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]) 
     completer = platform.completer
     finished = completer.take()
     try:
-        claim = platform.ledger.claim(job_id, keeper.owner, complete=finished)
+        with tracing.span("synth.ledger.claim", job_id=job_id, task=task.name):
+            claim = platform.ledger.claim(job_id, keeper.owner, complete=finished)
     except BaseException:
         completer.write(finished)
         raise
@@ -237,6 +239,7 @@ def _adopt(task: Task, request: Any, args: tuple[Any, ...], kwargs: dict[str, An
         job.args,
         message=job.message,
         retries=job.retries,
+        correlation_id=correlation.of_request(request),
     )
     if adopted and not (isinstance(raw, int) and raw > 0):
         publish(task.app, [job])

@@ -474,6 +474,13 @@ class Settings(BaseSettings):
     )
     # --- end operations -----------------------------------------------------------------------
 
+    # --- tracing ------------------------------------------------------------------------------
+    tracing_enabled: bool = Field(
+        default=True,
+        description="SYNTH_TRACING_ENABLED: with the otel extra installed, instrument Celery with "
+        "OpenTelemetry and add the platform's spans (synth_workers.tracing); false: none.",
+    )
+
     # --- events -------------------------------------------------------------------------------
     # Job lifecycle events on Redis Streams and their SSE server (synth_workers.events).
     events_enabled: bool = Field(

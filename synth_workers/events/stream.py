@@ -12,8 +12,9 @@ round trip (one Lua script call), to:
 
 One event has **the same id in every stream** it is in: the id the global stream gives it,
 which is monotonic over all jobs. So ``since=`` / ``Last-Event-ID`` work whatever stream is
-read. An event without a user id (a state change announced by a sweeper) takes the user of
-its job's first event, read in the same script.
+read. An event without a user id (a state change announced by a sweeper) takes the user and
+the correlation id (``synth_workers.correlation``) of its job's first event, read in the same
+script.
 
 Kinds are those of :mod:`synth_workers.lifecycle` plus ``failed`` (an attempt failed; written
 just before the ``retrying`` or ``dead`` it leads to) and ``workflow_completed`` (announced by
@@ -85,8 +86,17 @@ while i <= #ARGV do
     local first = redis.call('XRANGE', jkey, '-', '+', 'COUNT', 1)[1]
     if first then
       local f = first[2]
+      local corr = false
+      for k = 1, #fields, 2 do
+        if fields[k] == 'corr' then corr = true break end
+      end
       for k = 1, #f, 2 do
-        if f[k] == 'user' then user = f[k + 1] break end
+        if f[k] == 'user' then
+          user = f[k + 1]
+        elseif f[k] == 'corr' and not corr then
+          fields[#fields + 1] = 'corr'
+          fields[#fields + 1] = f[k + 1]
+        end
       end
     end
     if user ~= '' then
@@ -132,6 +142,8 @@ class Event:
     #: Unix time of the change.
     at: float = 0.0
     data: Mapping[str, Any] = field(default_factory=dict)
+    #: The request id the job carries (``synth_workers.correlation``).
+    correlation_id: str | None = None
 
     @property
     def final(self) -> bool:
@@ -147,6 +159,7 @@ class Event:
             "queue": self.queue,
             "attempt": self.attempt,
             "user_id": self.user_id,
+            "correlation_id": self.correlation_id,
             "at": self.at,
             "data": dict(self.data),
         }
@@ -172,6 +185,7 @@ class Event:
             user_id=text(b"user"),
             at=float(text(b"at") or 0.0),
             data=json.loads(data) if data else {},
+            correlation_id=text(b"corr"),
         )
 
 
@@ -192,6 +206,8 @@ def _fields(kind: str, event: JobEvent, data: Mapping[str, Any]) -> list[str]:
         out += ["attempt", str(event.attempt)]
     if event.user_id:
         out += ["user", str(event.user_id)]
+    if event.correlation_id:
+        out += ["corr", event.correlation_id]
     if data:
         out += ["data", encode_data(data)]
     return out

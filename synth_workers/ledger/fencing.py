@@ -24,8 +24,8 @@ _CLAIM = sql.SQL(
     "lease_owner = %(owner)s, lease_expires_at = now() + make_interval(secs => %(lease)s), "
     "started_at = now(), updated_at = now() "
     "WHERE id = %(id)s AND state = %(queued)s AND NOT cancel_requested "
-    "AND (expires_at IS NULL OR expires_at > now()) "
-    "RETURNING attempt, max_attempts, task, queue, user_id, extract(epoch FROM enqueued_at)"
+    "AND (expires_at IS NULL OR expires_at > now()) RETURNING attempt, max_attempts, task, "
+    "queue, user_id, extract(epoch FROM enqueued_at), correlation_id"
 )
 _COMPLETE = sql.SQL(
     "UPDATE synth_jobs j SET state = %(succeeded)s, result = v.result, "
@@ -94,20 +94,14 @@ class Fencing(LedgerRows):
                     _COMPLETE_AND_CLAIM, {**_completion_params(complete), **params}
                 ).fetchone()
             assert row is not None
-            self._late_unless({str(i) for i in row[6]}, complete, {str(i) for i in row[7]})
+            self._late_unless({str(i) for i in row[7]}, complete, {str(i) for i in row[8]})
             if row[0] is None:
                 return None
         if row is None:
             return None
+        task, queue, user, enqueued, correlation_id = row[2:7]
         claim = Claim(
-            job_id,
-            int(row[0]),
-            row[1],
-            owner,
-            task=row[2],
-            queue=row[3],
-            user_id=row[4],
-            enqueued_at=float(row[5]),
+            job_id, int(row[0]), row[1], owner, task, queue, user, correlation_id, float(enqueued)
         )
         if self.lifecycle.listening:
             self.lifecycle.announce(

@@ -65,12 +65,14 @@ class Jobs(LedgerRows):
         message: dict[str, Any] | None = None,
         expires_at: datetime | None = None,
         rerun_finished: bool = False,
+        correlation_id: str | None = None,
     ) -> str:
         """Insert a job row (queued, or scheduled when delayed); with an idempotency key,
         return the id of the live job that already holds the key instead (nothing inserted).
         ``expires_at``: Celery's ``expires``; a job not started by then ends ``cancelled``.
         ``rerun_finished``: the id of a finished job sent again is a new run of it (as in
-        Celery) rather than the same job (see :data:`_INSERT_JOB`).
+        Celery) rather than the same job (see :data:`_INSERT_JOB`). ``correlation_id``: the
+        caller's request id (``synth_workers.correlation``).
         """
         self.durable(conn)
         if idempotency_key is not None:
@@ -108,6 +110,7 @@ class Jobs(LedgerRows):
                 user_id,
                 message_json(message),
                 expires_at,
+                correlation_id,
                 rerun_finished,
                 list(FINAL_STATES),
             ),
@@ -125,14 +128,15 @@ class Jobs(LedgerRows):
     #: attempt sent before its worker died: a chain step sent again then is the same job.
     _INSERT_JOB = (
         "INSERT INTO synth_jobs (id, task, queue, priority, payload, args, idempotency_key,"
-        " state, max_attempts, run_at, published_at, replay_of, user_id, message, expires_at)"
-        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, CASE WHEN %s THEN now() +"
-        " make_interval(secs => %s) END, CASE WHEN %s THEN now() END, %s, %s, %s, %s)"
+        " state, max_attempts, run_at, published_at, replay_of, user_id, message, expires_at,"
+        " correlation_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, CASE WHEN %s THEN now() +"
+        " make_interval(secs => %s) END, CASE WHEN %s THEN now() END, %s, %s, %s, %s, %s)"
         " ON CONFLICT (id) DO UPDATE SET task = EXCLUDED.task, queue = EXCLUDED.queue,"
         " priority = EXCLUDED.priority, payload = EXCLUDED.payload, args = EXCLUDED.args,"
         " state = EXCLUDED.state, max_attempts = EXCLUDED.max_attempts,"
         " run_at = EXCLUDED.run_at, published_at = EXCLUDED.published_at,"
         " message = EXCLUDED.message, expires_at = EXCLUDED.expires_at, attempt = 0,"
+        " correlation_id = coalesce(EXCLUDED.correlation_id, synth_jobs.correlation_id),"
         " retries = 0, worker_losses = 0, result = NULL, finished_at = NULL,"
         " started_at = NULL, failure_class = NULL, error_class = NULL, last_error = NULL,"
         " traceback = NULL, error_module = NULL, error_args = NULL, cancel_requested = false,"
@@ -167,20 +171,21 @@ class Jobs(LedgerRows):
         run_at: datetime | None = None,
         message: dict[str, Any] | None = None,
         retries: int = 0,
+        correlation_id: str | None = None,
     ) -> bool:
         """Give a ledger row to a message sent around the platform (``send_task``, another
         producer), so that it runs like any job; nothing happens when the row exists.
 
         ``run_at``: the message's ``eta``: the job waits in the ledger (``scheduled``) and
         the sweeper publishes it when due. ``message``: the Celery message as received
-        (kept whole for every re-publish); ``retries``: its ``retries`` header. Returns
-        whether a row was written."""
+        (kept whole for every re-publish); ``retries``: its ``retries`` header;
+        ``correlation_id``: the request id it carries. Returns whether a row was written."""
         with self.connection() as conn:
             return (
                 conn.execute(
                     "INSERT INTO synth_jobs (id, task, queue, priority, payload, args, state, "
-                    "run_at, published_at, message, retries) VALUES (%s, %s, %s, %s, %s, %s, %s,"
-                    " %s, CASE WHEN %s THEN NULL ELSE now() END, %s, %s) "
+                    "run_at, published_at, message, retries, correlation_id) VALUES (%s, %s, %s,"
+                    " %s, %s, %s, %s, %s, CASE WHEN %s THEN NULL ELSE now() END, %s, %s, %s) "
                     "ON CONFLICT (id) DO NOTHING",
                     (
                         job_id,
@@ -194,6 +199,7 @@ class Jobs(LedgerRows):
                         run_at is not None,
                         message_json(message),
                         retries,
+                        correlation_id,
                     ),
                 ).rowcount
                 == 1

@@ -60,6 +60,7 @@ class Queries(LedgerRows):
         failure_class: str | None = None,
         older_than: float | None = None,
         newer_than: float | None = None,
+        correlation_id: str | None = None,
         limit: int = 100,
     ) -> list[dict[str, Any]]:
         where, params = self.filters(
@@ -69,6 +70,7 @@ class Queries(LedgerRows):
             failure_class=failure_class,
             older_than=older_than,
             newer_than=newer_than,
+            correlation_id=correlation_id,
         )
         return self.list_where(where, params, limit)
 
@@ -92,9 +94,10 @@ class Queries(LedgerRows):
         older_than: float | None = None,
         newer_than: float | None = None,
         ids: Sequence[str] | None = None,
+        correlation_id: str | None = None,
     ) -> tuple[sql.Composable, list[Any]]:
         """A WHERE clause (fixed fragments, bound values) for job listings. ``ids``: only
-        these jobs."""
+        these jobs; ``correlation_id``: only the jobs of that request (indexed)."""
         parts: list[sql.Composable] = [sql.SQL("true")]
         params: list[Any] = []
         if states:
@@ -112,6 +115,9 @@ class Queries(LedgerRows):
         if failure_class:
             parts.append(sql.SQL("failure_class = %s"))
             params.append(failure_class)
+        if correlation_id is not None:
+            parts.append(sql.SQL("correlation_id = %s"))
+            params.append(correlation_id)
         if older_than is not None:
             parts.append(
                 sql.SQL("coalesce(finished_at, enqueued_at) < now() - make_interval(secs => %s)")
@@ -143,9 +149,9 @@ class Queries(LedgerRows):
     ) -> list[tuple[Any, ...]]:
         """In ``conn``'s transaction, lock the jobs matching ``where`` that can be replayed
         (not refused messages), oldest death first; rows of ``(id, task, queue, priority,
-        payload, args, user_id, message)``."""
+        payload, args, user_id, message, correlation_id)``."""
         query = sql.SQL(
-            "SELECT id, task, queue, priority, payload, args, user_id, message "
+            "SELECT id, task, queue, priority, payload, args, user_id, message, correlation_id "
             "FROM synth_jobs WHERE {where} AND failure_class IS DISTINCT FROM %s "
             "ORDER BY finished_at LIMIT %s FOR UPDATE"
         ).format(where=where)

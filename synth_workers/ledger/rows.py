@@ -20,6 +20,7 @@ from kombu.utils import json as kombu_json
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
+from synth_workers.correlation import of_headers
 from synth_workers.ledger.pool import LedgerPool
 from synth_workers.states import EventKind, JobState
 
@@ -47,6 +48,8 @@ class Claim:
     task: str | None = None
     queue: str | None = None
     user_id: str | None = None
+    #: The caller's request id (``synth_workers.correlation``).
+    correlation_id: str | None = None
     #: Unix times: when the job was enqueued, and when this attempt was claimed.
     enqueued_at: float | None = None
     claimed_at: float = field(default_factory=time.time)
@@ -144,6 +147,7 @@ class LedgerRows(LedgerPool):
             "queue": claim.queue,
             "attempt": claim.attempt,
             "user_id": claim.user_id,
+            "correlation_id": claim.correlation_id,
         }
 
     def announce_finish(self, claim: Claim, kind: str, **data: Any) -> None:
@@ -166,5 +170,6 @@ class LedgerRows(LedgerPool):
                     job.id,
                     task=job.task,
                     queue=job.queue,
+                    correlation_id=of_headers((job.message or {}).get("headers")),
                     data={"reason": reason},
                 )
