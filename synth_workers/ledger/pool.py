@@ -45,6 +45,12 @@ def is_connection_failure(exc: BaseException) -> bool:
     return sqlstate.startswith(("08", "57P0"))
 
 
+def _sentence(exc: BaseException) -> str:
+    """``exc``'s message on one line, ending as a sentence."""
+    text = " ".join(str(exc).split())
+    return text if text.endswith((".", "?", "!")) else f"{text}."
+
+
 _PoolKey = tuple[int, str, str, int]
 #: The pools of this process, shared by every ledger of the same database, schema, commit
 #: mode and size (any number of apps installed in one process, e.g. a test app per test,
@@ -191,8 +197,8 @@ class LedgerPool:
     def _unavailable(self, exc: BaseException) -> ServiceUnavailableError:
         return ServiceUnavailableError(
             f"Postgres is not reachable at {mask_url(self.settings.database_url)} "
-            f"(DATABASE_URL): {' '.join(str(exc).split()).rstrip('.')}. Start it, or run "
-            "`synth-workers dev` for the embedded stack."
+            f"(DATABASE_URL): {_sentence(exc)} Start it, or run `synth-workers dev` for the "
+            "embedded stack."
         )
 
     @contextmanager
