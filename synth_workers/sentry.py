@@ -4,7 +4,8 @@ sentry-sdk is imported only then. Workers and beat call :func:`init_sentry` at s
 (``celeryd_init`` / ``beat_init``, receivers of :mod:`synth_workers.install`) with the Celery
 integration,
 so a failed job is reported with its task name (under ``SENTRY_ENVIRONMENT`` when set) and
-a trace is sampled at ``SENTRY_TRACES_SAMPLE_RATE``. Events go through the log redactor before they leave.
+a trace is sampled at ``SENTRY_TRACES_SAMPLE_RATE``. Events go through the log redactor
+before they leave.
 """
 
 from __future__ import annotations

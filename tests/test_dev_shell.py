@@ -114,7 +114,8 @@ def test_another_shell_uses_the_running_dev_stack(tmp_path: Path) -> None:
             dev.wait()
     assert not state.exists()
     # nothing runs now: every command says so, in one line, with one exit code
-    for command in (["jobs", "list"], ["dlq", "list"], ["status"], ["enqueue", "tasks.system.ping"]):
+    commands = (["jobs", "list"], ["dlq", "list"], ["status"], ["enqueue", "tasks.system.ping"])
+    for command in commands:
         out = _run([*CLI, *command], shell)
         assert out.returncode == 2, (command, out.stdout, out.stderr)
         assert out.stderr.startswith(
@@ -129,8 +130,8 @@ def test_a_stale_record_is_ignored(tmp_path: Path) -> None:
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    write_state(tmp_path, DevState(dead.pid, "redis://127.0.0.1:6390/0",
-                                   "postgresql://x@/y?host=/nowhere", "synth", str(tmp_path)))  # fmt: skip
+    url = "postgresql://x@/y?host=/nowhere"
+    write_state(tmp_path, DevState(dead.pid, "redis://127.0.0.1:6390/0", url, "synth", "/x"))
     assert read_state(tmp_path) is None
     out = _run([*CLI, "jobs", "list"], _clean_env(XDG_RUNTIME_DIR=str(tmp_path)))
     assert out.returncode == 2
