@@ -51,10 +51,10 @@ def _sentence(exc: BaseException) -> str:
     return text if text.endswith((".", "?", "!")) else f"{text}."
 
 
-_PoolKey = tuple[int, str, str, int]
+_PoolKey = tuple[int, str, str, int, int, int]
 #: The pools of this process, shared by every ledger of the same database, schema, commit
-#: mode and size (any number of apps installed in one process, e.g. a test app per test,
-#: open one pool between them, not one each), with how many ledgers hold each.
+#: mode, sizes and idle timeout (any number of apps installed in one process, e.g. a test app
+#: per test, open one pool between them, not one each), with how many ledgers hold each.
 _shared: dict[_PoolKey, tuple[ConnectionPool[psycopg.Connection[Any]], int]] = {}
 _shared_lock = threading.Lock()
 
@@ -163,7 +163,14 @@ class LedgerPool:
                     kwargs = {**self.connect_kwargs(self.durable_commits), "autocommit": True}
                     s = self.settings
                     size = s.db_pool_size
-                    key: _PoolKey = (pid, self.conninfo, str(kwargs["options"]), size)
+                    key: _PoolKey = (
+                        pid,
+                        self.conninfo,
+                        str(kwargs["options"]),
+                        size,
+                        s.db_pool_min,
+                        s.db_idle_timeout,
+                    )
 
                     def build() -> ConnectionPool[psycopg.Connection[Any]]:
                         # One connection first: an unreachable Postgres fails here, once,
