@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import signal
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -205,39 +204,35 @@ def demo(timeout: float) -> None:
 
     settings = _settings(dev_stack=False)
     failures = 0
-    kept = settings.dev_dir.resolve() / "demo"  # what the demo leaves: logs and mail
-    with tempfile.TemporaryDirectory(prefix="synth-demo-") as tmp:
-        base = Path(tmp)
-        outbox = base / "outbox"
-        settings = settings.model_copy(update={"mail_outbox": outbox})
-        # no Flower: its address and password would be dead once the demo exits
-        stack = DevStack(settings, base, with_beat=True, with_flower=False, show_logs=False)
-        try:
-            os.environ["SYNTH_MAIL_OUTBOX"] = str(outbox)  # children inherit it
-            stack.start()
-            app = create_app(
-                settings.model_copy(
-                    update={
-                        "redis_url": stack.env["REDIS_URL"],
-                        "database_url": stack.env["DATABASE_URL"],
-                    }
-                )
+    # Everything the demo makes stays there after it exits (logs, mail, the stopped services'
+    # data), so every path it prints still exists; the next demo starts it afresh.
+    base = settings.dev_dir.resolve() / "demo"
+    shutil.rmtree(base, ignore_errors=True)
+    outbox = base / "outbox"
+    settings = settings.model_copy(update={"mail_outbox": outbox})
+    # no Flower: its address and password would be dead once the demo exits
+    stack = DevStack(settings, base, with_beat=True, with_flower=False)
+    try:
+        os.environ["SYNTH_MAIL_OUTBOX"] = str(outbox)  # children inherit it
+        stack.start()
+        app = create_app(
+            settings.model_copy(
+                update={
+                    "redis_url": stack.env["REDIS_URL"],
+                    "database_url": stack.env["DATABASE_URL"],
+                }
             )
-            failures = _wait_for_demo_jobs(_demo_jobs(app, outbox), timeout)
-            app.close()
-        except SynthWorkersError as exc:
-            stack.stop()
-            _fail(exc)
-        finally:
-            stack.stop()
-            shutil.rmtree(kept, ignore_errors=True)
-            kept.mkdir(parents=True, exist_ok=True)
-            for name in ("logs", "outbox"):
-                if (base / name).is_dir():
-                    shutil.copytree(base / name, kept / name)
-        sent = sorted((kept / "outbox").glob("*.eml"))
-        click.echo(f"outbox    {len(sent)} message(s) kept in {kept / 'outbox'}")
-        click.echo(f"logs      kept in {kept / 'logs'} (services and their data are gone)")
+        )
+        failures = _wait_for_demo_jobs(_demo_jobs(app, outbox), timeout)
+        app.close()
+    except SynthWorkersError as exc:
+        stack.stop()
+        _fail(exc)
+    finally:
+        stack.stop()
+    sent = sorted(outbox.glob("*.eml"))
+    click.echo(f"outbox    {len(sent)} message(s) kept in {outbox}")
+    click.echo(f"kept      {base} (logs, mail, the stopped services' data)")
     click.echo("demo " + ("succeeded" if not failures else f"failed ({failures} job(s))"))
     sys.exit(ExitCode.OK if not failures else ExitCode.FAILED)
 

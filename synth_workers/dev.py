@@ -104,8 +104,6 @@ class DevStack:
     children: list[Child] = field(default_factory=list)
     flower_url: str | None = None
     flower_password: str | None = None
-    #: Print the logs folder once started (``demo`` keeps its logs elsewhere).
-    show_logs: bool = True
     #: Where :meth:`record` wrote the stack's whereabouts.
     state_file: Path | None = None
     _valkey: Any = None
@@ -260,8 +258,7 @@ class DevStack:
         if self.with_flower:
             self._start_flower()
         self._wait_for_workers(redis_url)
-        if self.show_logs:
-            self.say(f"logs      {self.base_dir / 'logs'}")
+        self.say(f"logs      {self.base_dir / 'logs'}")
 
     def record(self) -> Path:
         """Write where the services are (``synth_workers.devstate``), so that ``enqueue``,
