@@ -64,9 +64,11 @@ def test_demo_runs_one_job_of_each_kind_and_exits_0(tmp_path: Path) -> None:
 
 
 def test_demo_uses_configured_services_instead_of_embedded(
-    redis_url: str, database_url: str
+    redis_url: str, database_url: str, tmp_path: Path
 ) -> None:
-    env = _clean_env(REDIS_URL=redis_url, DATABASE_URL=database_url)
+    env = _clean_env(
+        REDIS_URL=redis_url, DATABASE_URL=database_url, SYNTH_DEV_DIR=str(tmp_path / "dev")
+    )
     proc = subprocess.run(
         [*CLI, "demo"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240
     )
