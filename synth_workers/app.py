@@ -184,7 +184,7 @@ def _default_app() -> SynthCelery:
     except ConfigurationError as exc:
         if celery_subcommand(sys.argv) is None:
             raise
-        from synth_workers.cli import ExitCode
+        from synth_workers.clikit import ExitCode
 
         print(f"synth-workers: {exc}", file=sys.stderr)
         raise SystemExit(ExitCode.USAGE) from None

@@ -45,6 +45,7 @@ class BatchWriter(Generic[T]):
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self._failing = False  # the last write failed and was kept (logged once)
 
     # --- hooks ------------------------------------------------------------------------------
     def write_batch(self, batch: list[T]) -> None:
@@ -93,10 +94,19 @@ class BatchWriter(Generic[T]):
                     self._drop_overflow()
                     if raise_errors:
                         raise
-                    log.warning(
-                        "%s: writing failed (%s); %d item(s) kept", self.name, exc, len(pending)
+                    # once per outage: the thread retries every retry_after seconds
+                    log.log(
+                        logging.DEBUG if self._failing else logging.WARNING,
+                        "%s: writing failed (%s); %d item(s) kept, retrying",
+                        self.name,
+                        exc,
+                        len(pending),
                     )
+                    self._failing = True
                     return False
+            if self._failing:
+                self._failing = False
+                log.warning("%s: writing again", self.name)
             self.drained()
         return True
 

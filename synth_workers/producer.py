@@ -65,7 +65,8 @@ def _default_app() -> SynthCelery:
 
 def _unavailable(app: SynthCelery, exc: BaseException) -> ServiceUnavailableError:
     return ServiceUnavailableError(
-        f"Redis is not reachable at {mask_url(app.settings.broker_url)} (REDIS_URL): {exc}. "
+        f"Redis is not reachable at {mask_url(app.settings.broker_url)} (REDIS_URL): "
+        f"{' '.join(str(exc).split()).rstrip('.')}. "
         "Start one (`redis-server`, or `synth-workers dev` for the embedded stack) or set "
         "REDIS_URL."
     )

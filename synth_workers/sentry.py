@@ -3,8 +3,9 @@
 sentry-sdk is imported only then. Workers and beat call :func:`init_sentry` at start-up
 (``celeryd_init`` / ``beat_init``, receivers of :mod:`synth_workers.install`) with the Celery
 integration,
-so a failed job is reported with its task name and a trace is sampled at
-``SENTRY_TRACES_SAMPLE_RATE``. Events go through the log redactor before they leave.
+so a failed job is reported with its task name (under ``SENTRY_ENVIRONMENT`` when set) and
+a trace is sampled at ``SENTRY_TRACES_SAMPLE_RATE``. Events go through the log redactor
+before they leave.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def init_sentry(settings: Settings) -> bool:
         traces_sample_rate=settings.sentry_traces_sample_rate,
         integrations=[CeleryIntegration()],
         release=f"synth-workers@{version()}",
+        environment=settings.sentry_environment,  # SENTRY_ENVIRONMENT; None: sdk's default
         send_default_pii=False,
         before_send=scrub,
     )

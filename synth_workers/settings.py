@@ -18,6 +18,8 @@ from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_vali
 from pydantic_core.core_schema import ValidationInfo
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from synth_workers.connsettings import ConnectionSettings, redis_tls_url
+from synth_workers.devstate import read_state
 from synth_workers.errors import ConfigurationError
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -83,7 +85,7 @@ def check_origin(origin: str) -> str:
     return f"{parts.scheme}://{host}{suffix}"
 
 
-class Settings(BaseSettings):
+class Settings(ConnectionSettings, BaseSettings):
     """Everything configurable, with the environment variable that sets it."""
 
     model_config = SettingsConfigDict(
@@ -204,7 +206,11 @@ class Settings(BaseSettings):
         description="SYNTH_DB_SCHEMA: Postgres schema of the ledger's tables.",
     )
     db_pool_size: int = Field(
-        default=4, ge=1, le=100, description="SYNTH_DB_POOL_SIZE: connections per process."
+        default=4,
+        ge=1,
+        le=100,
+        validation_alias=AliasChoices("DB_POOL_MAX", "SYNTH_DB_POOL_SIZE", "db_pool_size"),
+        description="DB_POOL_MAX (or SYNTH_DB_POOL_SIZE): ledger connections per process.",
     )
     lease_seconds: float = Field(
         default=30.0,
@@ -535,7 +541,16 @@ class Settings(BaseSettings):
     @field_validator("redis_url", "result_backend_url")
     @classmethod
     def _redis_scheme(cls, value: str | None) -> str | None:
-        return _check_scheme(value, _REDIS_SCHEMES)
+        checked = _check_scheme(value, _REDIS_SCHEMES)
+        return redis_tls_url(checked) if checked else checked  # the guide's ?ssl=true
+
+    @field_validator("db_pool_size")
+    @classmethod
+    def _pool_max_above_min(cls, value: int, info: ValidationInfo) -> int:
+        low = info.data.get("db_pool_min")
+        if isinstance(low, int) and low > value:
+            raise ValueError(f"must be at least DB_POOL_MIN ({low}), got {value}")
+        return value
 
     @field_validator("database_url")
     @classmethod
@@ -601,13 +616,36 @@ def env_name(field: str) -> str:
     return f"SYNTH_{field.upper()}"
 
 
-def load_settings(**overrides: Any) -> Settings:
-    """Read the environment (plus ``overrides``); raise ``ConfigurationError`` on a bad value."""
+def load_settings(*, dev_stack: bool = True, **overrides: Any) -> Settings:
+    """Read the environment (plus ``overrides``); raise ``ConfigurationError`` on a bad value.
+
+    With ``dev_stack`` (the default), a ``REDIS_URL`` or ``DATABASE_URL`` left unset is taken
+    from the running ``synth-workers dev`` stack's record, when there is one
+    (:mod:`synth_workers.devstate`).
+    """
     try:
-        return Settings(**overrides)
+        settings = Settings(**overrides)
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
             field = str(err["loc"][0]) if err["loc"] else "?"
             problems.append(f"{env_name(field)}: {err['msg']}")
         raise ConfigurationError("invalid configuration: " + "; ".join(problems)) from None
+    if dev_stack and not (settings.redis_url and settings.database_url):
+        settings = _with_dev_stack(settings)
+    return settings
+
+
+def _with_dev_stack(settings: Settings) -> Settings:
+    """``settings`` with the unset service URLs of the running dev stack (if any)."""
+    state = read_state(settings.runtime_dir)
+    if state is None:
+        return settings
+    update: dict[str, Any] = {}
+    if not settings.redis_url:
+        update["redis_url"] = state.redis_url
+    if not settings.database_url:
+        update["database_url"] = state.database_url
+        if "db_schema" not in settings.model_fields_set:
+            update["db_schema"] = state.db_schema
+    return settings.model_copy(update=update)

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -28,6 +29,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 _valkey = None
+# A runtime folder of the test run's own: no `XDG_RUNTIME_DIR is not set` warning (pgserver's
+# platformdirs), and a `synth-workers dev` the developer has running is not found by tests
+# (settings take an unset REDIS_URL/DATABASE_URL from the dev stack recorded there).
+os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="synth-test-run-")
 
 
 def _start_redis() -> str:

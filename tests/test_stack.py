@@ -31,9 +31,10 @@ def _clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def test_demo_runs_one_job_of_each_kind_and_exits_0() -> None:
+def test_demo_runs_one_job_of_each_kind_and_exits_0(tmp_path: Path) -> None:
+    env = _clean_env(SYNTH_DEV_DIR=str(tmp_path / "dev"))
     proc = subprocess.run(
-        [*CLI, "demo"], cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=240
+        [*CLI, "demo"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "(embedded Valkey)" in proc.stdout
@@ -45,14 +46,29 @@ def test_demo_runs_one_job_of_each_kind_and_exits_0() -> None:
         proc.stdout
     )
     assert "skipped   orchestration: no LLM configured" in proc.stdout
-    assert "outbox    1 message(s)" in proc.stdout
+    # progress while it waits: each job's states as they change
+    assert re.search(r"^waiting +email \(welcome\): (queued|running) \(\d+s\)$", proc.stdout, re.M)
+    assert re.search(r"^waiting +system ping: succeeded \(\d+s\)$", proc.stdout, re.M)
+    # where things were: paths that still exist once it has exited; no dead Flower password
+    kept = tmp_path / "dev" / "demo"
+    assert f"outbox    1 message(s) kept in {kept / 'outbox'}" in proc.stdout
+    assert len(list((kept / "outbox").glob("*.eml"))) == 1
+    assert f"logs      {kept / 'logs'}" in proc.stdout
+    assert (kept / "logs" / "worker-main.log").stat().st_size > 0
+    paths = re.findall(r"(?:^|\s|=)(/[^\s)]+)", proc.stdout, re.M)
+    assert paths
+    for path in paths:
+        assert Path(path).exists(), path
+    assert "password" not in proc.stdout and "flower" not in proc.stdout
     assert proc.stdout.rstrip().endswith("demo succeeded")
 
 
 def test_demo_uses_configured_services_instead_of_embedded(
-    redis_url: str, database_url: str
+    redis_url: str, database_url: str, tmp_path: Path
 ) -> None:
-    env = _clean_env(REDIS_URL=redis_url, DATABASE_URL=database_url)
+    env = _clean_env(
+        REDIS_URL=redis_url, DATABASE_URL=database_url, SYNTH_DEV_DIR=str(tmp_path / "dev")
+    )
     proc = subprocess.run(
         [*CLI, "demo"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240
     )

@@ -79,6 +79,11 @@ class EventBuffer(BatchWriter[JobEvent]):
             self._timed_out = True  # the background thread writes from now on
             self.wake()
             raise ListenerTimeout(f"events: Redis did not answer in time: {exc}") from exc
+        except redis.ConnectionError:
+            # Redis refused or dropped the connection: the events are kept and the thread
+            # retries them; whoever needs Redis next (the publish) reports it, once.
+            self._timed_out = True
+            self.wake()
 
     def write_batch(self, batch: list[JobEvent]) -> None:
         self.writer.write(batch)

@@ -45,10 +45,16 @@ def is_connection_failure(exc: BaseException) -> bool:
     return sqlstate.startswith(("08", "57P0"))
 
 
-_PoolKey = tuple[int, str, str, int]
+def _sentence(exc: BaseException) -> str:
+    """``exc``'s message on one line, ending as a sentence."""
+    text = " ".join(str(exc).split())
+    return text if text.endswith((".", "?", "!")) else f"{text}."
+
+
+_PoolKey = tuple[int, str, str, int, int, int]
 #: The pools of this process, shared by every ledger of the same database, schema, commit
-#: mode and size (any number of apps installed in one process, e.g. a test app per test,
-#: open one pool between them, not one each), with how many ledgers hold each.
+#: mode, sizes and idle timeout (any number of apps installed in one process, e.g. a test app
+#: per test, open one pool between them, not one each), with how many ledgers hold each.
 _shared: dict[_PoolKey, tuple[ConnectionPool[psycopg.Connection[Any]], int]] = {}
 _shared_lock = threading.Lock()
 
@@ -119,9 +125,9 @@ class LedgerPool:
         url = self.settings.database_url
         if not url:
             raise ConfigurationError(
-                "DATABASE_URL is not set: the job ledger needs Postgres. Set DATABASE_URL "
-                "(postgresql://user:password@host:5432/db), or run `synth-workers dev` for an "
-                "embedded one."
+                "DATABASE_URL is not set and no `synth-workers dev` stack is running: the job "
+                "ledger needs Postgres. Set DATABASE_URL (postgresql://user:password@host:5432/db),"
+                " or start `synth-workers dev` in another shell."
             )
         return url
 
@@ -139,7 +145,7 @@ class LedgerPool:
         options = f"-c search_path={self.settings.db_schema}"
         if not durable:
             options += " -c synchronous_commit=off"
-        return {"options": options, "connect_timeout": 5}
+        return {"options": options, "connect_timeout": self.settings.db_connect_timeout}
 
     def durable(self, conn: psycopg.Connection[Any]) -> None:
         """Make the open transaction on ``conn`` commit durably (worker processes)."""
@@ -155,20 +161,37 @@ class LedgerPool:
             with self._lock:
                 if self._pool is None or self._pid != pid:
                     kwargs = {**self.connect_kwargs(self.durable_commits), "autocommit": True}
-                    size = self.settings.db_pool_size
-                    key: _PoolKey = (pid, self.conninfo, str(kwargs["options"]), size)
+                    s = self.settings
+                    size = s.db_pool_size
+                    key: _PoolKey = (
+                        pid,
+                        self.conninfo,
+                        str(kwargs["options"]),
+                        size,
+                        s.db_pool_min,
+                        s.db_idle_timeout,
+                    )
 
                     def build() -> ConnectionPool[psycopg.Connection[Any]]:
+                        # One connection first: an unreachable Postgres fails here, once,
+                        # within SYNTH_DB_CONNECT_TIMEOUT, instead of the pool's retries.
+                        try:
+                            psycopg.connect(self.conninfo, **kwargs).close()
+                        except psycopg.OperationalError as exc:
+                            if not is_connection_failure(exc):
+                                raise
+                            raise self._unavailable(exc) from None
                         pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
                             self.conninfo,
-                            min_size=1,
+                            min_size=min(s.db_pool_min, size),
                             max_size=size,
+                            max_idle=s.db_idle_timeout / 1000,  # DB_IDLE_TIMEOUT: ms
                             kwargs=kwargs,
                             open=False,
                             name=f"synth-ledger-{pid}",
                         )
                         try:
-                            pool.open(wait=True, timeout=10)
+                            pool.open(wait=True, timeout=2 * s.db_connect_timeout)
                         except Exception as exc:
                             raise self._unavailable(exc) from exc
                         return pool
@@ -181,7 +204,8 @@ class LedgerPool:
     def _unavailable(self, exc: BaseException) -> ServiceUnavailableError:
         return ServiceUnavailableError(
             f"Postgres is not reachable at {mask_url(self.settings.database_url)} "
-            f"(DATABASE_URL): {exc}. Start it, or run `synth-workers dev` for the embedded stack."
+            f"(DATABASE_URL): {_sentence(exc)} Start it, or run `synth-workers dev` for the "
+            "embedded stack."
         )
 
     @contextmanager

@@ -17,6 +17,7 @@ does not match the model are :class:`VectorStoreRequestError` (dead-letter).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import threading
@@ -210,6 +211,17 @@ _stores: dict[tuple[Any, ...], VectorStore] = {}
 _stores_lock = threading.Lock()
 
 
+def close_stores() -> None:
+    """Close this process's stores (at exit, while Python can still import: left to
+    ``QdrantClient.__del__`` during interpreter shutdown, local mode prints a traceback)."""
+    with _stores_lock:
+        stores = [store for key, store in _stores.items() if key[0] == os.getpid()]
+        _stores.clear()
+    for store in stores:
+        with contextlib.suppress(Exception):
+            store.close()
+
+
 def vector_store(settings: Settings) -> VectorStore:
     """This process's store for ``settings`` (opened once; local mode locks its folder)."""
     key = (os.getpid(), settings.qdrant_url, settings.qdrant_path)
@@ -222,4 +234,6 @@ def vector_store(settings: Settings) -> VectorStore:
             if any(k[0] != key[0] for k in _stores):  # inherited through fork: not ours
                 _stores.clear()
             store = _stores[key] = VectorStore.from_settings(settings)
+            atexit.unregister(close_stores)  # once per process
+            atexit.register(close_stores)
         return store
