@@ -9,9 +9,10 @@ from typing import Any
 
 from celery import Celery
 
-from synth_workers.backend import BACKEND_CLASS, FINAL_ANNOUNCEMENTS, NOTICE
+from synth_workers.backend import BACKEND_CLASS, NOTICE
 from synth_workers.batchwriter import BatchWriter
 from synth_workers.lifecycle import JobEvent
+from synth_workers.resultmeta import FINAL_ANNOUNCEMENTS
 
 
 class ResultAnnouncer(BatchWriter[tuple[str, str]]):

@@ -28,7 +28,6 @@ the class is chosen through the app's ``backend_cls``.
 
 from __future__ import annotations
 
-import builtins
 import logging
 import threading
 from collections.abc import Iterable, Sequence
@@ -39,6 +38,7 @@ from celery.app.task import Context
 from celery.backends import redis as celery_redis
 from celery.canvas import maybe_signature
 from celery.exceptions import ChordError
+from celery.result import GroupResult, ResultSet
 from celery.utils.functional import _regen  # type: ignore[attr-defined]
 
 from synth_workers.ledger.results import (
@@ -53,6 +53,7 @@ from synth_workers.ledger.results import (
 )
 from synth_workers.outbox import outbox
 from synth_workers.platform import find_platform
+from synth_workers.resultmeta import stored_meta
 
 if TYPE_CHECKING:
     import psycopg
@@ -70,83 +71,6 @@ _RedisResultConsumer: Any = celery_redis.__dict__["ResultConsumer"]
 BACKEND_CLASS = "synth_workers.backend:LedgerBackend"
 #: Marks a notice published by :class:`ResultAnnouncer`: the state is read from the ledger.
 NOTICE = "synth_ledger"
-
-#: Ledger state → Celery state.
-CELERY_STATES = {
-    "scheduled": states.PENDING,
-    "queued": states.PENDING,
-    "running": states.STARTED,
-    "failed-retrying": states.RETRY,
-    "succeeded": states.SUCCESS,
-    "dead": states.FAILURE,
-    "cancelled": states.REVOKED,
-}
-#: Final lifecycle announcements → the Celery state a waiter is told.
-FINAL_ANNOUNCEMENTS = {
-    "succeeded": states.SUCCESS,
-    "dead": states.FAILURE,
-    "cancelled": states.REVOKED,
-}
-#: Modules of the exceptions the platform itself records by class name only.
-_KNOWN_MODULES = {
-    "WorkerLostError": "billiard.exceptions",
-    "TimeLimitExceeded": "billiard.exceptions",
-    "SoftTimeLimitExceeded": "billiard.exceptions",
-}
-
-
-def _exception_module(row: dict[str, Any]) -> str | None:
-    module = row.get("error_module")
-    name = row.get("error_class") or "Exception"
-    if module:
-        return str(module)
-    if name in _KNOWN_MODULES:
-        return _KNOWN_MODULES[name]
-    if isinstance(getattr(builtins, name, None), type):
-        return "builtins"
-    return None  # Celery makes a class of that name (create_exception_cls)
-
-
-def stored_meta(row: dict[str, Any]) -> dict[str, Any]:
-    """A ledger row as the meta Celery's Redis backend would have stored (JSON-able; an
-    exception as Celery's ``prepare_exception`` dict)."""
-    status = CELERY_STATES.get(row["state"], states.PENDING)
-    result: Any = None
-    traceback = None
-    if status == states.SUCCESS:
-        result = row["result"]
-    elif status in (states.FAILURE, states.RETRY):
-        args = row.get("error_args")
-        result = {
-            "exc_type": row.get("error_class") or "Exception",
-            "exc_message": args if isinstance(args, list) else [row.get("last_error") or ""],
-            "exc_module": _exception_module(row),
-        }
-        traceback = row.get("traceback") if status == states.FAILURE else None
-    elif status == states.REVOKED:
-        result = {
-            "exc_type": "TaskRevokedError",
-            "exc_message": [row.get("last_error") or "revoked"],
-            "exc_module": "celery.exceptions",
-        }
-    elif status == states.STARTED:
-        host, _, rest = str(row.get("lease_owner") or "").partition(":")
-        pid = rest.partition(":")[0]
-        result = {"hostname": host, "pid": int(pid) if pid.isdigit() else None}
-    finished = row.get("finished_at")
-    return {
-        "task_id": str(row["id"]),
-        "status": status,
-        "result": result,
-        "traceback": traceback,
-        "children": [],
-        "date_done": finished.isoformat() if finished is not None else None,
-        "name": row.get("task"),
-        "args": row.get("args") or [],
-        "kwargs": row.get("payload") or {},
-        "queue": row.get("queue"),
-        "retries": max(0, int(row.get("attempt") or 0) - 1),
-    }
 
 
 class ResultConsumer(_RedisResultConsumer):  # type: ignore[misc]
@@ -359,6 +283,32 @@ class LedgerBackend(_RedisBackend):  # type: ignore[misc]
             return
         add_to_chord(ledger, group_id)
 
+    def _header_results(self, group_id: str, parts: Sequence[ChordPart]) -> list[Any]:
+        """The body's argument: the parts' results in header order, nested as the header's
+        ``GroupResult`` is where Celery saved it (``apply_chord`` saves a header holding
+        groups, e.g. a chain ending in a group), flat otherwise, as Celery's Redis backend
+        passes them."""
+        flat = [p.result for p in parts]
+        try:
+            header = GroupResult.restore(group_id, app=self.app, backend=self)
+        except Exception:  # a header Celery did not save, or one that cannot be read back
+            log.debug("chord %s: no saved header structure", group_id, exc_info=True)
+            return flat
+        if header is None:
+            return flat
+        by_id = {p.job_id: p.result for p in parts}
+
+        def nested(results: Iterable[Any] | None) -> list[Any]:
+            return [
+                nested(r.results) if isinstance(r, ResultSet) else by_id[str(r.id)]
+                for r in results or ()
+            ]
+
+        try:
+            return nested(header.results)
+        except KeyError:  # a part counted that the saved structure does not name
+            return flat
+
     def on_chord_part_return(
         self, request: Any, state: str, result: Any, propagate: Any = None, **kwargs: Any
     ) -> Any:
@@ -374,8 +324,9 @@ class LedgerBackend(_RedisBackend):  # type: ignore[misc]
         callback: Any = maybe_signature(request.chord, app=self.app)
 
         def fire(conn: psycopg.Connection[Any], parts: Sequence[ChordPart]) -> str | None:
+            results = self._header_results(str(group_id), parts)
             with outbox(conn):  # the callback (a group's members too) in this transaction
-                sent = callback.apply_async(([p.result for p in parts],))
+                sent = callback.apply_async((results,))
             return str(sent.id)
 
         parts = record_chord_part(

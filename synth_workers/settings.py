@@ -482,9 +482,11 @@ class Settings(ConnectionSettings, BaseSettings):
 
     # --- tracing ------------------------------------------------------------------------------
     tracing_enabled: bool = Field(
-        default=True,
-        description="SYNTH_TRACING_ENABLED: with the otel extra installed, instrument Celery with "
-        "OpenTelemetry and add the platform's spans (synth_workers.tracing); false: none.",
+        default=False,
+        description="SYNTH_TRACING_ENABLED: true, with the otel extra installed: instrument Celery "
+        "with OpenTelemetry and add the platform's spans (synth_workers.tracing). Off by "
+        "default, as Celery's instrumentation is opt-in: its spans cost every job even "
+        "without a provider.",
     )
 
     # --- events -------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ Every send goes through :meth:`synth_workers.task.Task.apply_async` (``enqueue``
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 import time
@@ -26,13 +25,17 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from kombu.utils import json as kombu_json
+
 from synth_workers.errors import PayloadValidationError
 
 #: The longest idempotency key, in characters.
 MAX_KEY_LENGTH = 255
 
 # One encoder, built once (json.dumps with options builds a new one per call).
-_encode = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
+#: Celery's ``json`` serializer (kombu's): strict JSON plus the types kombu carries (bytes,
+#: datetime, date, time, UUID, Decimal), as the ledger stores them (``arguments_json``).
+_encode = kombu_json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
 
 
 def payload_size(args: Sequence[Any] | None, kwargs: Mapping[str, Any] | None) -> int:

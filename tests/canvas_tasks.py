@@ -208,3 +208,13 @@ def hangs_once(self: Task, key: str) -> int:
 def request_eta(self: Task) -> Any:
     """The ``request.eta`` a delayed job runs with (Celery's: when it was due)."""
     return self.request.eta
+
+
+@app.task(name="tests.canvas_tasks.kinds", bind=True, max_retries=1)
+def kinds(self: Task, *args: Any, again: bool = False, **kwargs: Any) -> list[str]:
+    """The types its arguments arrived as (after one retry when ``again``)."""
+    if again and not self.request.retries:
+        raise self.retry(countdown=0)
+    return [type(a).__name__ for a in args] + sorted(
+        f"{k}:{type(v).__name__}" for k, v in kwargs.items()
+    )

@@ -438,3 +438,19 @@ def test_a_chord_part_revoked_by_a_stamped_header_fails_the_chord_as_revoked(
     assert AsyncResult(part_id, app=app).state == "REVOKED"
     assert app.ledger.get(part_id)["state"] == JobState.CANCELLED
     assert wait_until(lambda: AsyncResult(result.id, app=app).state == "FAILURE", timeout=30)
+
+
+@pytest.mark.parametrize("again", [False, True], ids=["first-run", "after-a-retry"])
+def test_celerys_json_types_reach_the_task_as_sent(again: bool, start_worker: Any) -> None:
+    # Celery's json serializer (kombu's) carries bytes, datetime, UUID and Decimal; the ledger
+    # keeps them so, and a job published again from its row (a retry) gets them back.
+    from decimal import Decimal
+
+    start_worker(ct.QUEUE, env=ENV)
+    values = (b"raw", datetime(2026, 1, 2, 3, 4, 5), uuid.uuid4(), Decimal("1.5"))
+    result = ct.kinds.apply_async(
+        args=values, kwargs={"at": datetime(2026, 1, 2), "again": again}, queue=ct.QUEUE
+    )
+    assert result.get(timeout=30) == ["bytes", "datetime", "UUID", "Decimal", "at:datetime"]
+    row = app.ledger.get(result.id)
+    assert (row["state"], row["retries"]) == (JobState.SUCCEEDED, 1 if again else 0)

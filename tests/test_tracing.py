@@ -47,6 +47,9 @@ def memory_spans() -> Any:
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     assert trace.get_tracer_provider() is provider, "a tracer provider was set before"
+    from synth_workers import tracing
+
+    assert tracing.enable()  # SYNTH_TRACING_ENABLED=true does this when the app installs
     yield exporter
     provider.shutdown()
 
@@ -75,7 +78,12 @@ def test_one_request_id_and_one_trace_follow_enqueue_through_two_steps(
     spans_file = tmp_path / "worker-spans.jsonl"
     worker = start_worker(
         "default",
-        env={"SYNTH_INCLUDE": INCLUDE, "SYNTH_TEST_SPANS": str(spans_file), "LOG_LEVEL": "INFO"},
+        env={
+            "SYNTH_INCLUDE": INCLUDE,
+            "SYNTH_TEST_SPANS": str(spans_file),
+            "LOG_LEVEL": "INFO",
+            "SYNTH_TRACING_ENABLED": "true",
+        },
     )
     rid = f"req-{uuid.uuid4().hex}"
     with trace.get_tracer("tests").start_as_current_span("POST /signup") as root:

@@ -79,6 +79,14 @@ class Publishable:
         return cls(str(row[0]), row[1], row[2], row[3], row[4], row[5], row[6], int(row[7]))
 
 
+def arguments_json(value: Any) -> Jsonb:
+    """A job's ``args`` or payload as ``jsonb``, in kombu's JSON as Celery sends it: the types
+    Celery's ``json`` serializer carries (bytes, datetime, UUID, Decimal) are kept as its
+    ``{"__type__", "__value__"}`` objects, which a worker's kombu turns back into them when
+    the row is published again."""
+    return Jsonb(value, dumps=kombu_json.dumps)
+
+
 def message_json(message: dict[str, Any] | None) -> Jsonb | None:
     """A Celery message for its jsonb column: kombu's JSON encoder, so dates and UUIDs in
     signatures are written the way kombu reads them back when the message is re-sent."""
