@@ -454,3 +454,16 @@ def test_celerys_json_types_reach_the_task_as_sent(again: bool, start_worker: An
     assert result.get(timeout=30) == ["bytes", "datetime", "UUID", "Decimal", "at:datetime"]
     row = app.ledger.get(result.id)
     assert (row["state"], row["retries"]) == (JobState.SUCCEEDED, 1 if again else 0)
+
+
+def test_a_chord_header_ending_in_a_group_gives_the_body_nested_results(
+    start_worker: Any,
+) -> None:
+    # Celery's Redis backend saves a header holding a group and passes its results nested
+    # (Celery's suite: test_nested_chord_group_chain_group_tail); the ledger counts the parts
+    # flat and nests them as the saved header says.
+    start_worker(ct.QUEUE, concurrency=2, env=ENV)
+    tail = group(ct.sig(ct.add, 2, 2).set(immutable=True), ct.sig(ct.add, 3, 3).set(immutable=True))
+    header = chain(ct.sig(ct.add, 1, 1).set(immutable=True), tail)
+    result = chord((header,), ct.sig(ct.collect, key="nested")).apply_async()
+    assert result.get(timeout=30) == [[4, 6]]
