@@ -41,17 +41,13 @@ _COMPLETE = sql.SQL(
     "AND j.attempt = v.attempt AND j.lease_owner = v.owner AND j.state = %(running)s "
     "RETURNING j.id, EXISTS (SELECT 1 FROM synth_waits w WHERE w.job_id = j.id) AS waited"
 )
-_COMPLETE_AND_CLAIM = sql.SQL(
+_COMPLETE_AND_CLAIM_Q = sql.SQL(
     "WITH done AS ({complete}), claimed AS ({claim}) "
     "SELECT c.*, (SELECT coalesce(array_agg(id), '{{}}') FROM done), "
     "(SELECT coalesce(array_agg(id) FILTER (WHERE waited), '{{}}') FROM done) "
     "FROM (SELECT 1) one LEFT JOIN claimed c ON true"
-).format(complete=_COMPLETE, claim=_CLAIM)
-# The per-job statements, rendered once: psycopg would compose a ``sql.Composed`` again on
-# every execution (about seven ``as_bytes`` calls per job).
-_CLAIM_Q = _CLAIM.as_bytes(None)
-_COMPLETE_Q = _COMPLETE.as_bytes(None)
-_COMPLETE_AND_CLAIM_Q = _COMPLETE_AND_CLAIM.as_bytes(None)
+).format(complete=_COMPLETE, claim=_CLAIM).as_bytes(None)
+_CLAIM_Q, _COMPLETE_Q = _CLAIM.as_bytes(None), _COMPLETE.as_bytes(None)  # rendered once
 #: The claim still holds: the row's attempt and lease are the claim's (see :func:`_fenced`).
 _FENCE = sql.SQL(
     "id = %(id)s AND attempt = %(attempt)s AND lease_owner = %(owner)s AND state = %(running)s"
@@ -160,8 +156,8 @@ class Fencing(LedgerRows):
         )
 
     def succeed_many(self, done: Sequence[tuple[Claim, Any]]) -> set[str]:
-        """Fenced completion of several jobs in one statement; returns the ids completed.
-        The others were refused (lease lost) and are recorded as late."""
+        """Fenced completion of several jobs in one statement; returns the ids completed
+        (the others lost their lease: recorded as late)."""
         if not done:
             return set()
         with self.connection() as conn:
