@@ -45,6 +45,12 @@ class BatchSettings(BaseSettings):
         description="SYNTH_BATCH_POLL_INTERVAL: seconds between two status requests per open "
         "batch.",
     )
+    apply_chunk: int = Field(
+        default=100,
+        ge=1,
+        description="SYNTH_BATCH_APPLY_CHUNK: results written back (and jobs resumed) per "
+        "transaction.",
+    )
     lease: float = Field(
         default=60.0,
         gt=0,

@@ -2,10 +2,11 @@
 
 A deferred job is *parked*: its ``synth_jobs`` row stays ``running`` (Celery reports it
 STARTED, ``AsyncResult.get()`` waits as for any running job) with the lease owner
-:data:`PARKED_OWNER` and a lease that never lapses, so no reaper takes it back; its attempt is
-given back (a batch is not an attempt). A result written back *resumes* it: ``queued`` again,
-unpublished, so the sweeper's outbox relay publishes its stored message (chain, chord and
-links intact); its next run reads the result (:mod:`synth_workers.batchtier.collector`).
+:data:`PARKED_OWNER` and a lease that never lapses (:data:`PARKED_UNTIL`), so no reaper
+takes it back; its attempt is given back (a batch is not an attempt). A result written back
+*resumes* it: ``queued`` again, unpublished, so the sweeper's outbox relay publishes its
+stored message (chain, chord and links intact); its next run reads the result
+(:mod:`synth_workers.batchtier.collector`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from psycopg import sql
@@ -26,8 +28,10 @@ if TYPE_CHECKING:
 
     from synth_workers.ledger.store import Claim, Ledger
 
-#: The lease owner of a parked job.
+#: The lease owner of a parked job, and its lease: one that never lapses (a finite date, which
+#: every reader of the row can load, unlike ``infinity``).
 PARKED_OWNER = "batch-tier"
+PARKED_UNTIL = datetime(9999, 1, 1, tzinfo=UTC)
 _NOTIFY = sql.SQL("NOTIFY {}").format(sql.Identifier(NOTIFY_CHANNEL))
 
 
@@ -126,10 +130,10 @@ def _park(
         (claim.job_id, provider, model, kind, Jsonb(request), tokens),
     )
     parked = conn.execute(
-        "UPDATE synth_jobs SET lease_owner = %s, lease_expires_at = 'infinity', "
+        "UPDATE synth_jobs SET lease_owner = %s, lease_expires_at = %s, "
         "attempt = attempt - 1, updated_at = now() WHERE id = %s AND attempt = %s "
         "AND lease_owner = %s AND state = %s",
-        (PARKED_OWNER, claim.job_id, claim.attempt, claim.owner, JobState.RUNNING),
+        (PARKED_OWNER, PARKED_UNTIL, claim.job_id, claim.attempt, claim.owner, JobState.RUNNING),
     ).rowcount
     if parked != 1:
         raise _NotHeldError

@@ -36,8 +36,6 @@ if TYPE_CHECKING:
     from celery import Celery
 
 log = logging.getLogger(__name__)
-#: Results written back per transaction.
-APPLY_CHUNK = 100
 
 
 class BatchTier:
@@ -172,8 +170,9 @@ class BatchTier:
         outcomes = [(c, b, True) for c, b in results.done] + [
             (c, b, False) for c, b in results.failed
         ]
-        for start in range(0, len(outcomes), APPLY_CHUNK):
-            chunk = outcomes[start : start + APPLY_CHUNK]
+        size = self.batch.apply_chunk
+        for start in range(0, len(outcomes), size):
+            chunk = outcomes[start : start + size]
             written += store.apply_outcomes(
                 self.ledger,
                 batch.id,
