@@ -16,7 +16,7 @@ import psycopg
 import pytest
 from celery import chord
 
-from synth_workers import JobState, app, enqueue
+from synth_workers import JobHandle, JobState, app, enqueue
 from synth_workers.providers import llm
 from tasks.orchestration import enqueue_workflow, workflow
 
@@ -128,6 +128,16 @@ def test_deferred_jobs_go_in_one_batch_at_half_price(
         )[0]
         assert tokens_in == tokens_of(prompt)  # the batch's answer to this job's request
         assert float(credits) == pytest.approx(_credits(provider, prompt) * 0.5)
+    # its events: started, parked for the batch, started again with the answer, succeeded
+    kinds = [(e.kind, e.data.get("reason")) for e in JobHandle(ids[0]).events(timeout=10)]
+    assert [k for k in kinds if k[0] != "progress"] == [
+        ("queued", None),
+        ("started", None),
+        ("scheduled", "batch"),
+        ("queued", "outbox"),  # the answer is back: published by the outbox relay
+        ("started", None),
+        ("succeeded", None),
+    ]
     # the ledger's record of the batch
     ((state, items, provider_id),) = _rows(
         "SELECT state, items, provider_batch_id FROM synth_batches"
@@ -305,15 +315,20 @@ def test_sigkill_between_submitting_and_recording_sends_no_second_batch(
     assert server.requests(ONLINE[provider]) == []
 
 
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
 def test_sigkill_while_writing_results_back_applies_each_once(
-    server: FakeBatchProviders, start_worker: Any, tmp_path: Path, database_url: str
+    provider: str,
+    server: FakeBatchProviders,
+    start_worker: Any,
+    tmp_path: Path,
+    database_url: str,
 ) -> None:
     server.batch_seconds = 1.5
     env = _env(server, tmp_path, SYNTH_BATCH_MAX_ITEMS="6", SYNTH_BATCH_APPLY_CHUNK="1")
     first = start_worker("default", env=env)
-    ids = [_ask(f"w{i}") for i in range(6)]
-    assert wait_until(lambda: len(server.provider_batches("openai")) == 1, timeout=30)
-    order = [c for c, _, _ in server.provider_batches("openai")[0]["items"]]
+    ids = [_ask(f"w{i}", provider) for i in range(6)]
+    assert wait_until(lambda: len(server.provider_batches(provider)) == 1, timeout=30)
+    order = [c for c, _, _ in server.provider_batches(provider)[0]["items"]]
     job_of = dict(_rows("SELECT custom_id, job_id::text FROM synth_batch_items"))
     blocker = psycopg.connect(database_url, options=f"-c search_path={app.settings.db_schema}")
     try:
@@ -340,6 +355,7 @@ def test_sigkill_while_writing_results_back_applies_each_once(
     start_worker("default", env=env)
     assert wait_until(lambda: _succeeded(ids), timeout=60)
     assert _effects(ids) == dict.fromkeys(ids, 1)
-    assert len(server.provider_batches("openai")) == 1
+    assert len(server.provider_batches(provider)) == 1
     assert _rows("SELECT count(*) FROM synth_batch_items WHERE state = 'done'")[0][0] == 6
+    assert server.requests(ONLINE[provider]) == []
     assert _rows("SELECT state FROM synth_batches")[0][0] == "ended"

@@ -36,6 +36,8 @@ if TYPE_CHECKING:
     from celery import Celery
 
 log = logging.getLogger(__name__)
+#: Seconds to wait after a failed tick.
+FAILED_TICK_WAIT = 10.0
 
 
 class BatchTier:
@@ -204,11 +206,14 @@ class BatchTier:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            wait = self.batch.tick
             try:
                 self.tick()
             except Exception:
-                log.exception("batch tier tick failed; retrying")
-            self._stop.wait(self.batch.tick)
+                # Postgres or Redis out of reach, the ledger not migrated: say so, not every tick
+                log.exception("batch tier tick failed; retrying in %.0fs", FAILED_TICK_WAIT)
+                wait = max(wait, FAILED_TICK_WAIT)
+            self._stop.wait(wait)
 
 
 class BatchTierStep(bootsteps.StartStopStep):
