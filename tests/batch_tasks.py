@@ -34,3 +34,14 @@ def answer(self: Task, prompt: str, provider: str = "openai", model: str = "gpt-
 def collect(answers: list[Any]) -> list[Any]:
     """A chord body: the header's answers, in order."""
     return list(answers)
+
+
+@app.task(name="tests.batch_tasks.always_deferred", bind=True, deferrable=True)
+def always_deferred(self: Task, prompt: str) -> None:
+    """A task whose calls are always deferrable (the task option, no header needed)."""
+    completion = call_llm(
+        self, "openai", "gpt-test-mini", prompt=prompt, system=None, max_tokens=32
+    )
+    with self.effect_transaction() as conn:
+        conn.execute("INSERT INTO test_duplicates (job_id) VALUES (%s)", (self.request.id,))
+    del completion

@@ -287,6 +287,42 @@ def test_the_governor_counts_batches_not_online_requests(
     assert len(server.requests(OPENAI)) == 1
 
 
+@pytest.mark.parametrize("limit", ['{"openai:*": {"requests": 2}}', '{"openai:*": {"tokens": 70}}'])
+def test_open_batches_stay_within_the_batch_queue_limits(
+    limit: str, server: FakeBatchProviders, start_worker: Any, tmp_path: Path
+) -> None:
+    server.batch_seconds = 0.5
+    env = _env(
+        server, tmp_path, SYNTH_BATCH_MAX_ITEMS="10", SYNTH_BATCH_MAX_AGE="1.5",
+        SYNTH_BATCH_LIMITS=limit,
+    )  # fmt: skip
+    start_worker("default", concurrency=2, env=env)
+    ids = [_ask(f"t{i}") for i in range(4)]  # about 33 tokens each (prompt and max_tokens)
+    assert wait_until(lambda: _succeeded(ids), timeout=60)
+    batches = sorted(server.provider_batches("openai"), key=lambda b: b["created"])
+    assert sum(len(b["items"]) for b in batches) == 4 and len(batches) >= 2
+    for batch in batches:  # never more than two requests in open batches
+        open_then = [
+            b for b in batches if b["created"] <= batch["created"] < b.get("ended_at", 1e12)
+        ]
+        assert sum(len(b["items"]) for b in open_then) <= 2
+
+
+def test_a_task_option_defers_and_a_parked_job_can_be_cancelled(
+    server: FakeBatchProviders, start_worker: Any, tmp_path: Path
+) -> None:
+    server.batch_seconds = 1.0
+    start_worker("default", env=_env(server, tmp_path, SYNTH_BATCH_MAX_ITEMS="2"))
+    kept = enqueue("tests.batch_tasks.always_deferred", {"prompt": "kept"})
+    dropped = enqueue("tests.batch_tasks.always_deferred", {"prompt": "dropped"})
+    assert wait_until(lambda: len(server.provider_batches("openai")) == 1, timeout=30)
+    assert dropped.cancel() is False  # running (parked): asked to stop
+    assert wait_until(lambda: _job(dropped.id)["state"] == JobState.CANCELLED, timeout=30)
+    assert wait_until(lambda: _succeeded([kept.id]), timeout=30)
+    assert _effects([kept.id, dropped.id]) == {kept.id: 1}
+    assert server.requests(OPENAI) == []
+
+
 # --- SIGKILL at each step -------------------------------------------------------------------
 def _kill(worker: Any) -> None:
     os.killpg(worker.process.pid, signal.SIGKILL)

@@ -195,10 +195,12 @@ def record_intent(
     limit: int,
     max_tokens: int | None,
     lease: float,
+    alone: bool = True,
 ) -> tuple[Batch, list[tuple[str, dict[str, Any]]]] | None:
     """The intent: a ``submitting`` batch owning up to ``limit`` waiting requests (oldest
-    first, at most ``max_tokens`` estimated tokens), each with its new custom id, committed
-    before the provider is asked. None when nothing was left to take."""
+    first, at most ``max_tokens`` estimated tokens; ``alone``: no other batch is open, so a
+    first request over that goes anyway), each with its new custom id, committed before the
+    provider is asked. None when nothing was left to take."""
     batch_id = str(uuid.uuid4())
     with ledger.connection() as conn, conn.transaction():
         ledger.durable(conn)
@@ -211,7 +213,9 @@ def record_intent(
         chosen: list[str] = []
         total = 0
         for job_id, tokens in rows:
-            if max_tokens is not None and chosen and total + tokens > max_tokens:
+            # over the token room: stop, unless it is the first and nothing else is open (a
+            # request larger than the whole limit must not wait forever)
+            if max_tokens is not None and total + tokens > max_tokens and (chosen or not alone):
                 break
             chosen.append(str(job_id))
             total += int(tokens)

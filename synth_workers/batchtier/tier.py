@@ -76,6 +76,7 @@ class BatchTier:
             limit = self.batch.limit(provider, model)
             room = self.batch.max_items
             token_room: int | None = None
+            open_requests = 0
             if "requests" in limit or "tokens" in limit:
                 open_requests, open_tokens = store.open_load(self.ledger, provider, model)
                 if "requests" in limit:
@@ -90,7 +91,14 @@ class BatchTier:
                 continue  # batches per window used up
             try:
                 intent = store.record_intent(
-                    self.ledger, provider, model, kind, room, token_room, self.batch.lease
+                    self.ledger,
+                    provider,
+                    model,
+                    kind,
+                    room,
+                    token_room,
+                    self.batch.lease,
+                    alone=open_requests == 0,
                 )
                 if intent is not None:
                     self._send(*intent)
