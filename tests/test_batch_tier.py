@@ -29,6 +29,9 @@ ASK = "tests.batch_tasks.ask"
 ANSWER = "tests.batch_tasks.answer"
 MODELS = {"openai": "gpt-test-mini", "anthropic": "claude-test"}
 ONLINE = {"openai": OPENAI, "anthropic": ANTHROPIC}
+#: Batches sent only when full (SYNTH_BATCH_MAX_ITEMS), never early by age: a test that counts
+#: batches must not see one split because a slow machine parked its jobs apart.
+FULL = {"SYNTH_BATCH_MAX_AGE": "60"}
 
 
 @pytest.fixture
@@ -108,7 +111,7 @@ def test_deferred_jobs_go_in_one_batch_at_half_price(
     provider: str, server: FakeBatchProviders, start_worker: Any, tmp_path: Path
 ) -> None:
     server.batch_seconds = 1.0  # long enough to see the jobs parked
-    start_worker("default", env=_env(server, tmp_path, SYNTH_BATCH_MAX_ITEMS="5"))
+    start_worker("default", env=_env(server, tmp_path, **FULL, SYNTH_BATCH_MAX_ITEMS="5"))
     prompts = [f"question {i}" for i in range(5)]
     ids = [_ask(p, provider) for p in prompts]
     # parked: still running in the ledger (Celery: STARTED), no online call made
@@ -165,7 +168,8 @@ def test_chord_fans_in_with_deferred_parts(
 def test_deferrable_workflow_fans_in_through_batches(
     server: FakeBatchProviders, start_worker: Any, tmp_path: Path
 ) -> None:
-    start_worker("orchestration", "email", env=_env(server, tmp_path, SYNTH_BATCH_MAX_ITEMS="4"))
+    env = _env(server, tmp_path, SYNTH_BATCH_MAX_ITEMS="4", SYNTH_BATCH_MAX_AGE="3")
+    start_worker("orchestration", "email", env=env)
     handle = enqueue_workflow(
         {
             "documents": [{"id": f"d{i}", "text": f"document {i}"} for i in range(4)],
@@ -196,6 +200,7 @@ def test_deferrable_openai_embeddings(
         SYNTH_EMBED_PROVIDER="openai",
         SYNTH_EMBED_MODEL="text-embedding-test",
         SYNTH_BATCH_MAX_ITEMS="3",
+        **FULL,
     )
     start_worker("embeddings", pool="threads", concurrency=4, env=env)
     docs = [[{"id": f"doc-{j}-{i}", "text": f"text {j} {i}"} for i in range(2)] for j in range(3)]
@@ -234,7 +239,10 @@ def test_a_batch_that_expires_half_done_gives_the_rest_back(
     server.modes.append("expire_half")
     server.batch_seconds = 0.5
     deadline = "1" if then == "online" else "172800"
-    env = _env(server, tmp_path, SYNTH_BATCH_MAX_ITEMS="6", SYNTH_BATCH_DEADLINE=deadline)
+    env = _env(
+        server, tmp_path, SYNTH_BATCH_MAX_ITEMS="6", SYNTH_BATCH_MAX_AGE="3",
+        SYNTH_BATCH_DEADLINE=deadline,
+    )  # fmt: skip
     start_worker("default", concurrency=2, env=env)
     prompts = [f"q{i}" for i in range(6)]
     ids = [_ask(p, provider, task=ANSWER) for p in prompts]
@@ -265,6 +273,7 @@ def test_the_governor_counts_batches_not_online_requests(
         SYNTH_LLM_QUOTA_WINDOW="60",
         SYNTH_BATCH_MAX_ITEMS="3",
         SYNTH_BATCH_LIMITS='{"openai:*": {"batches": 1}}',
+        **FULL,
     )
     start_worker("default", concurrency=2, env=env)
     ids = [_ask(f"b{i}") for i in range(6)]
@@ -312,7 +321,7 @@ def test_a_task_option_defers_and_a_parked_job_can_be_cancelled(
     server: FakeBatchProviders, start_worker: Any, tmp_path: Path
 ) -> None:
     server.batch_seconds = 1.0
-    start_worker("default", env=_env(server, tmp_path, SYNTH_BATCH_MAX_ITEMS="2"))
+    start_worker("default", env=_env(server, tmp_path, **FULL, SYNTH_BATCH_MAX_ITEMS="2"))
     kept = enqueue("tests.batch_tasks.always_deferred", {"prompt": "kept"})
     dropped = enqueue("tests.batch_tasks.always_deferred", {"prompt": "dropped"})
     assert wait_until(lambda: len(server.provider_batches("openai")) == 1, timeout=30)
@@ -334,7 +343,7 @@ def test_sigkill_between_submitting_and_recording_sends_no_second_batch(
     provider: str, server: FakeBatchProviders, start_worker: Any, tmp_path: Path
 ) -> None:
     server.hold_create = threading.Event()
-    env = _env(server, tmp_path, SYNTH_BATCH_MAX_ITEMS="4")
+    env = _env(server, tmp_path, **FULL, SYNTH_BATCH_MAX_ITEMS="4")
     first = start_worker("default", env=env)
     ids = [_ask(f"k{i}", provider) for i in range(4)]
     assert server.created.wait(30)  # the provider has the batch; the answer is held
@@ -360,7 +369,7 @@ def test_sigkill_while_writing_results_back_applies_each_once(
     database_url: str,
 ) -> None:
     server.batch_seconds = 1.5
-    env = _env(server, tmp_path, SYNTH_BATCH_MAX_ITEMS="6", SYNTH_BATCH_APPLY_CHUNK="1")
+    env = _env(server, tmp_path, **FULL, SYNTH_BATCH_MAX_ITEMS="6", SYNTH_BATCH_APPLY_CHUNK="1")
     first = start_worker("default", env=env)
     ids = [_ask(f"w{i}", provider) for i in range(6)]
     assert wait_until(lambda: len(server.provider_batches(provider)) == 1, timeout=30)
