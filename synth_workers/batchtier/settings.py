@@ -52,10 +52,12 @@ class BatchSettings(BaseSettings):
         "transaction.",
     )
     lease: float = Field(
-        default=60.0,
+        default=600.0,
         gt=0,
         description="SYNTH_BATCH_LEASE: seconds a process owns a batch it submits or applies; "
-        "after that another process recovers it (the first one died).",
+        "after that another process recovers it (the first one died). Keep it above two "
+        "SDK timeouts (a file upload and a batch creation), or a slow submission is looked "
+        "up before it has finished.",
     )
     deadline: float = Field(
         default=172_800.0,
