@@ -52,6 +52,8 @@ class FakeBatchProviders(FakeProviders):
         self.batch_seconds = 0.0
         self.modes: deque[str] = deque()
         self.hold_create: threading.Event | None = None
+        #: Batch creations still to answer with a 500 (nothing created).
+        self.fail_creates = 0
         self.created = threading.Event()
         self._failed_once: set[str] = set()
         super().__init__()
@@ -62,7 +64,7 @@ class FakeBatchProviders(FakeProviders):
             return [b for b in self.batches.values() if b["provider"] == provider]
 
     def batch_calls(self) -> list[Logged]:
-        """Every request to a batch or file endpoint."""
+        """Every request to a batch or file endpoint (``body``: the HTTP method)."""
         return [r for r in self.requests() if r.path.startswith((FILES, BATCHES, MESSAGE_BATCHES))]
 
     # --- serving ------------------------------------------------------------------------
@@ -75,7 +77,8 @@ class FakeBatchProviders(FakeProviders):
         raw = handler.rfile.read(length) if length else b""
         query = {k: v[0] for k, v in parse_qs(urlsplit(handler.path).query).items()}
         with self._lock:
-            self.log.append(Logged(time.time(), path, dict(handler.headers.items()), None))
+            headers = {k.lower(): v for k, v in handler.headers.items()}
+            self.log.append(Logged(time.time(), path, headers, handler.command))
         status, body, content_type = self._route(handler.command, path, raw, query, handler)
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
         try:
@@ -96,6 +99,9 @@ class FakeBatchProviders(FakeProviders):
             return 200, self._upload(raw, handler.headers.get("Content-Type", "")), js
         if method == "GET" and path.startswith(FILES) and path.endswith("/content"):
             return 200, self.files.get(parts[2], b""), "application/octet-stream"
+        if method == "POST" and path in (BATCHES, MESSAGE_BATCHES) and self.fail_creates:
+            self.fail_creates -= 1
+            return 500, {"error": {"message": "overloaded", "type": "api_error"}}, js
         if method == "POST" and path in (BATCHES, MESSAGE_BATCHES):
             made = self._create("openai" if path == BATCHES else "anthropic", json.loads(raw))
             return 200, made, js

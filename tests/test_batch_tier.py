@@ -332,6 +332,21 @@ def test_a_task_option_defers_and_a_parked_job_can_be_cancelled(
     assert server.requests(OPENAI) == []
 
 
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+def test_a_failed_batch_creation_is_looked_up_then_sent_once(
+    provider: str, server: FakeBatchProviders, start_worker: Any, tmp_path: Path
+) -> None:
+    server.fail_creates = 2
+    start_worker("default", env=_env(server, tmp_path, **FULL, SYNTH_BATCH_MAX_ITEMS="3"))
+    ids = [_ask(f"f{i}", provider) for i in range(3)]
+    assert wait_until(lambda: _succeeded(ids), timeout=60)
+    assert len(server.provider_batches(provider)) == 1
+    create = "/v1/batches" if provider == "openai" else "/v1/messages/batches"
+    posts = [r for r in server.requests(create) if r.body == "POST"]  # body: the method
+    assert len(posts) == 3  # two 500s, then the one batch
+    assert _effects(ids) == dict.fromkeys(ids, 1)
+
+
 # --- SIGKILL at each step -------------------------------------------------------------------
 def _kill(worker: Any) -> None:
     os.killpg(worker.process.pid, signal.SIGKILL)

@@ -115,8 +115,10 @@ class BatchTier:
             store.fail_all(self.ledger, batch.id, exc.status or 400, str(exc))
             store.set_state(self.ledger, batch.id, "ended", "refused")
             return
-        except ProviderUnavailableError:
-            log.warning("batch %s not sent (provider unavailable); recovered later", batch.id)
+        except ProviderUnavailableError as exc:
+            # it may have been created all the same: the recovery looks it up before sending
+            log.warning("batch %s: %s; looked up and sent again later", batch.id, exc)
+            store.set_state(self.ledger, batch.id, "submitting", None, self.batch.poll_interval)
             return
         store.record_submitted(self.ledger, batch.id, provider_id, status, self.batch.poll_interval)
         log.info("batch %s sent as %s (%d requests)", batch.id, provider_id, len(items))
