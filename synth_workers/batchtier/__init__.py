@@ -8,7 +8,7 @@ a job looks to the application.
 - :mod:`~synth_workers.batchtier.tier` — the loop in each worker's main process: submit
   batches (intent first), recover unrecorded ones, poll, and write results back.
 - :mod:`~synth_workers.batchtier.api` — the SDK calls; :mod:`~synth_workers.batchtier.store`
-  — every statement (tables ``synth_batches`` and ``synth_batch_items``, migration 0009).
+  — every statement (tables ``synth_batches`` and ``synth_batch_items``, migration 0010).
 - :mod:`~synth_workers.batchtier.settings` — ``SYNTH_BATCH_*``.
 
 Nothing is imported here: the settings import this package, and the tier imports them.
