@@ -11,7 +11,7 @@ What it plugs in, all through Celery's own extension points:
 - the task base class: ``app.Task`` becomes the platform's :class:`~synth_workers.task.Task`
   (bound to ``app``), so every ``@app.task`` defined afterwards gets it; tasks the app had
   already built are rebased onto it (see :func:`_rebase_tasks` for the one limit);
-- worker bootsteps (ledger sweeper, ops server, heartbeat);
+- worker bootsteps (ledger sweeper, batch tier, ops server, heartbeat);
 - lifecycle listeners (metrics, job log lines, Redis Streams events);
 - request tracing: the running job's request id (``synth_workers.correlation``) and, with
   the ``otel`` extra, OpenTelemetry's Celery instrumentation (``synth_workers.tracing``);
@@ -40,6 +40,7 @@ from celery._state import get_current_app
 from synth_workers import correlation, health, metrics, routing, sentry, tracing
 from synth_workers import logging as logs
 from synth_workers.announce import connect_results
+from synth_workers.batchtier.tier import BatchTierStep
 from synth_workers.broker import ON_PURGE, register_purge_hook
 from synth_workers.control import on_task_revoked
 from synth_workers.errors import ConfigurationError, ServiceUnavailableError
@@ -87,6 +88,7 @@ def install(app: Celery, settings: Settings | None = None) -> Platform:
         )
         _use_platform_task(app, before)
         app.steps["worker"].add(SweeperStep)
+        app.steps["worker"].add(BatchTierStep)
         app.steps["worker"].add(health.OpsStep)
         app.steps["consumer"].add(health.HeartbeatStep)
         lifecycle = platform.lifecycle

@@ -370,6 +370,16 @@ class QuotaGovernor:
         """A 429 said wait ``seconds``: every worker waits, not only this one."""
         return self.limiter(provider, model).block(seconds)
 
+    def batch_limiter(self, provider: str, model: str, batches: int | None) -> SlidingWindow:
+        """Batch submissions per window for (provider, model): the provider's batch limit,
+        counted apart from the online requests and tokens, which a batch never uses."""
+        key = (f"batch:{provider}", model)
+        if key not in self._limiters:
+            self._limiters[key] = SlidingWindow(
+                self.client, f"batch:{provider}:{model}", limit=batches, window=self.window
+            )
+        return self._limiters[key]
+
 
 def estimate_tokens(*texts: str, max_output: int = 0) -> int:
     """A cheap upper-ish estimate: ~4 characters per token, plus the output allowance."""

@@ -194,6 +194,7 @@ def enqueue(
     job_id: str | None = None,
     user_id: str | None = None,
     correlation_id: str | None = None,
+    deferrable: bool = False,
     app: SynthCelery | None = None,
 ) -> JobHandle:
     """Enqueue one job; return its handle once it is recorded and published.
@@ -209,6 +210,8 @@ def enqueue(
     ``correlation_id``: the caller's request id (default: the current one, see
     ``synth_workers.correlation``): carried by the job, its events, log lines and ledger
     row, and by the jobs it starts.
+    ``deferrable``: an LLM call or OpenAI embedding the job makes may wait for the provider's
+    batch API, at the batch price (``synth_workers.batchtier``); the job looks the same.
     Returns once the ledger row is committed (or written in ``conn``) and published.
     """
     app = app or _default_app()
@@ -232,6 +235,8 @@ def enqueue(
         options["synth_user_id"] = str(user_id)
     if correlation_id is not None:
         options["synth_correlation_id"] = correlation_id
+    if deferrable:
+        options["synth_deferrable"] = True
     try:
         result = task.apply_async(kwargs=data, **options)
     except (OperationalError, redis.RedisError, OSError) as exc:

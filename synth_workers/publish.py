@@ -140,6 +140,8 @@ def send(
     conn: psycopg.Connection[Any] | None = options.pop("synth_conn", None) or outbox.current()
     key: str | None = options.pop("synth_idempotency_key", None)
     user_id: str | None = options.pop("synth_user_id", None)
+    if options.pop("synth_deferrable", False):  # may wait for a batch (synth_workers.batchtier)
+        options["headers"] = {**(options.get("headers") or {}), "synth_deferrable": True}
     # Refusals first: nothing is written to Postgres or Redis before these pass.
     if key is not None:
         check_idempotency_key(key)

@@ -149,6 +149,11 @@ class DeferRequested(Exception):  # noqa: N818 - control flow
         self.capped = capped
 
 
+class ParkedInBatch(Exception):  # noqa: N818 - control flow
+    """The job's request went to the batch tier (``synth_workers.batchtier``): its row stays
+    running, parked, until the result is written back and the job runs again to read it."""
+
+
 def backoff_bound(attempt: int, base: float, cap: float) -> float:
     """Upper bound of the wait after failed attempt ``attempt`` (1-based)."""
     return float(min(cap, base * (2 ** max(0, attempt - 1))))
@@ -274,6 +279,8 @@ def _run_claimed(task: Task, claim: Claim, args: tuple[Any, ...], kwargs: dict[s
         raise Retry(when=wanted.countdown) from None  # type: ignore[arg-type]
     except Retry:
         raise
+    except ParkedInBatch:
+        raise Ignore(f"job {claim.job_id} waits in the batch tier") from None
     except Reject as exc:
         # Celery's Reject: requeued, the job is queued again for its redelivery; else it
         # ends as Celery records it, a FAILURE (raising the Reject).

@@ -18,6 +18,7 @@ from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_vali
 from pydantic_core.core_schema import ValidationInfo
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from synth_workers.batchtier.settings import BatchSettings
 from synth_workers.connsettings import ConnectionSettings, redis_tls_url
 from synth_workers.devstate import read_state
 from synth_workers.errors import ConfigurationError
@@ -407,6 +408,12 @@ class Settings(ConnectionSettings, BaseSettings):
         description="SYNTH_EMBED_SWITCH_INTERVAL_MS: Python's thread switch interval in a "
         "process running the local model, so a forward pass gets the GIL back quickly while "
         "job threads run Python (Python's default: 5 ms; 0 keeps it).",
+    )
+
+    # --- the batch tier (synth_workers.batchtier): its own section, SYNTH_BATCH_* -----------
+    batch: BatchSettings = Field(
+        default_factory=BatchSettings,
+        description="Deferrable jobs through the providers' batch APIs (SYNTH_BATCH_*).",
     )
 
     @field_validator("embed_chunk_overlap")

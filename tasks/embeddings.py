@@ -22,14 +22,16 @@ dead-letter.
 from __future__ import annotations
 
 import uuid
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 from celery import shared_task
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from synth_workers.batchtier import collector
 from synth_workers.errors import ConfigurationError, PermanentError
 from synth_workers.producer import JobHandle, enqueue
-from synth_workers.providers.batching import EmbeddingService, embedding_service
+from synth_workers.providers.batching import EmbedOutcome, embedding_service
 from synth_workers.providers.embedder import EmbeddingRateLimitedError
 from synth_workers.routing import Priority
 from synth_workers.settings import Settings
@@ -86,6 +88,37 @@ class DeletePayload(BaseModel):
     collection: str | None = Field(default=None, pattern=_COLLECTION)
 
 
+class Embeds(Protocol):
+    """What :func:`index_documents` embeds with: an :class:`EmbeddingService`, or a
+    deferrable job's batch (:class:`BatchEmbeddings`)."""
+
+    @property
+    def model(self) -> str: ...
+
+    def embed(self, texts: Sequence[str]) -> EmbedOutcome: ...
+
+
+class BatchEmbeddings:
+    """A deferrable OpenAI embedding job's texts through the batch tier: its first run parks
+    the job, its next one gets the batch's vectors (``tokens``: what the batch reported)."""
+
+    def __init__(self, task: Task, model: str) -> None:
+        self.task = task
+        self._model = model
+        self.tokens: int | None = None
+
+    @property
+    def model(self) -> str:
+        return self._model
+
+    def embed(self, texts: Sequence[str]) -> EmbedOutcome:
+        answer = collector.embed(self.task, self._model, list(texts))
+        if answer is None:  # sent back online
+            return embedding_service(self.task.synth_app.settings).embed(texts)
+        vectors, self.tokens = answer
+        return EmbedOutcome(vectors, (), 1)
+
+
 def chunk_text(text: str, size: int, overlap: int) -> list[str]:
     """Cut ``text`` into windows of ``size`` characters, each sharing ``overlap`` with the last.
 
@@ -126,7 +159,7 @@ def point_id(doc_id: str, chunk_index: int) -> str:
 
 
 def index_documents(
-    payload: IndexPayload, settings: Settings, embedder: EmbeddingService, store: VectorStore
+    payload: IndexPayload, settings: Settings, embedder: Embeds, store: VectorStore
 ) -> dict[str, Any]:
     """Chunk, embed and upsert ``payload``'s documents; return a summary for the ledger."""
     # qdrant-client on first use (not at worker start-up: it takes ~0.7 s to import)
@@ -205,6 +238,8 @@ def _vector_store(settings: Settings) -> VectorStore:
 def index_documents_task(self: Task, payload: IndexPayload) -> dict[str, Any]:
     settings = self.synth_app.settings
     try:
+        if settings.embed_provider == "openai" and collector.deferrable(self):
+            return _index_batched(self, payload, settings)
         return index_documents(
             payload, settings, embedding_service(settings), _vector_store(settings)
         )
@@ -212,6 +247,23 @@ def index_documents_task(self: Task, payload: IndexPayload) -> dict[str, Any]:
         self.defer(exc.retry_after if exc.retry_after is not None else 1.0, "rate_limited")
     except ConfigurationError as exc:  # no model, a locked Qdrant folder: retrying won't help
         raise PermanentError(str(exc)) from exc
+
+
+def _index_batched(task: Task, payload: IndexPayload, settings: Settings) -> dict[str, Any]:
+    """A deferrable job's indexing, its vectors from a batch, with the tokens and the credits
+    (at the batch price) in its result."""
+    from synth_workers.providers.embedder import DEFAULT_OPENAI_MODEL
+    from synth_workers.providers.llm import credits
+
+    model = settings.embed_model or DEFAULT_OPENAI_MODEL
+    embedder = BatchEmbeddings(task, model)
+    result = index_documents(payload, settings, embedder, _vector_store(settings))
+    if embedder.tokens is not None:
+        cost = credits(settings, "openai", model, embedder.tokens, 0)
+        result["batch"] = True
+        result["input_tokens"] = embedder.tokens
+        result["credits"] = round(cost * settings.batch.price_factor, 6)
+    return result
 
 
 @shared_task(name="tasks.embeddings.delete_documents", bind=True, payload_model=DeletePayload)

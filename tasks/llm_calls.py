@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
+from synth_workers.batchtier import collector
 from synth_workers.errors import RateLimitedError
 from synth_workers.limits import QuotaGovernor, QuotaLimit, estimate_tokens
 from synth_workers.providers import llm
@@ -53,7 +54,14 @@ def call_llm(
     max_tokens: int,
 ) -> Completion:
     """Reserve quota, call the model, reconcile the quota with the reported usage. A 429, or
-    a quota wait longer than SYNTH_LIMIT_MAX_INLINE_WAIT, re-schedules the job (no attempt)."""
+    a quota wait longer than SYNTH_LIMIT_MAX_INLINE_WAIT, re-schedules the job (no attempt).
+    A deferrable job gets its batch's answer instead (its first run parks it: see
+    ``synth_workers.batchtier``), outside the online quota."""
+    batched = collector.chat(
+        task, provider, model, prompt=prompt, system=system, max_tokens=max_tokens
+    )
+    if batched is not None:
+        return batched
     app = task.synth_app
     settings = app.settings
     quota = governor(app)
@@ -102,13 +110,11 @@ class Usage:
 
 
 def usage_of(task: Task, provider: str, model: str, completion: Completion) -> Usage:
-    cost = llm.credits(
-        task.synth_app.settings,
-        provider,
-        model,
-        completion.input_tokens,
-        completion.output_tokens,
-    )
+    """Tokens and credits of a call; a batch's answer at the batch price."""
+    settings = task.synth_app.settings
+    cost = llm.credits(settings, provider, model, completion.input_tokens, completion.output_tokens)
+    if completion.batch:
+        cost = round(cost * settings.batch.price_factor, 6)
     return Usage(provider, model, completion.input_tokens, completion.output_tokens, cost)
 
 

@@ -36,6 +36,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from pydantic import BaseModel, EmailStr, Field
 
+from synth_workers.batchtier.collector import HEADER
 from synth_workers.errors import (
     JobFailedError,
     JobNotFoundError,
@@ -76,6 +77,9 @@ class WorkflowPayload(BaseModel):
     #: Addresses mailed (template ``workflow_completed``) once the workflow completed.
     notify: list[EmailStr] = Field(default_factory=list, max_length=100)
     user_id: str | None = Field(default=None, max_length=200)
+    #: Not urgent: the model calls may wait for the provider's batch API (half the price,
+    #: within its completion window); see ``synth_workers.batchtier``.
+    deferrable: bool = False
 
 
 class PartPayload(BaseModel):
@@ -136,7 +140,12 @@ def start_workflow(
             user_id=payload.user_id,
         )
         handle = enqueue(
-            PART_TASK, part, idempotency_key=f"wf:{wid}:part:{index}", conn=conn, app=app
+            PART_TASK,
+            part,
+            idempotency_key=f"wf:{wid}:part:{index}",
+            conn=conn,
+            deferrable=payload.deferrable,
+            app=app,
         )
         jobs.append(handle.id)
     return jobs
@@ -267,6 +276,7 @@ def process_document(self: Task, payload: PartPayload) -> dict[str, Any]:
                 AggregatePayload(workflow_id=payload.workflow_id),
                 idempotency_key=f"wf:{wid}:aggregate",
                 conn=conn,
+                deferrable=bool(getattr(self.request, HEADER, False)),
                 app=self.synth_app,
             )
     announce_usage(self, payload.user_id, wid, usage)

@@ -131,6 +131,9 @@ class FakeProviders:
             def do_POST(self) -> None:
                 owner._serve(self)
 
+            def do_GET(self) -> None:
+                owner._serve(self)
+
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"

@@ -50,6 +50,8 @@ class Completion:
     output_tokens: int
     model: str
     headers: Mapping[str, str]
+    #: Answered through the provider's batch API (``synth_workers.batchtier``): batch price.
+    batch: bool = False
 
     @property
     def total_tokens(self) -> int:
