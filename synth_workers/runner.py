@@ -253,7 +253,7 @@ def _adopt(task: Task, request: Any, args: tuple[Any, ...], kwargs: dict[str, An
 
 def _dead(task: Task, claim: Claim, failure_class: FailureClass, exc: BaseException) -> None:
     task.platform.ledger.dead(
-        claim, failure_class, type(exc).__name__, str(exc), traceback.format_exc()
+        claim, failure_class, type(exc).__name__, str(exc), traceback.format_exc(), exc=exc
     )
 
 

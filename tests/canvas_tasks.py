@@ -218,3 +218,12 @@ def kinds(self: Task, *args: Any, again: bool = False, **kwargs: Any) -> list[st
     return [type(a).__name__ for a in args] + sorted(
         f"{k}:{type(v).__name__}" for k, v in kwargs.items()
     )
+
+
+class CustomError(Exception):
+    """An exception class of this module (not a builtin)."""
+
+
+@app.task(name="tests.canvas_tasks.retry_custom", bind=True, max_retries=1, default_retry_delay=0)
+def retry_custom(self: Task) -> None:
+    raise self.retry(exc=CustomError("custom"))

@@ -467,3 +467,13 @@ def test_a_chord_header_ending_in_a_group_gives_the_body_nested_results(
     header = chain(ct.sig(ct.add, 1, 1).set(immutable=True), tail)
     result = chord((header,), ct.sig(ct.collect, key="nested")).apply_async()
     assert result.get(timeout=30) == [[4, 6]]
+
+
+def test_a_job_out_of_retries_raises_its_own_exception_class(start_worker: Any) -> None:
+    # Celery's suite (test_tasks::test_retry): after the last retry, get() raises the class
+    # the task gave self.retry(exc=...), not one Celery makes up for an unknown module.
+    start_worker(ct.QUEUE, env=ENV)
+    result = ct.retry_custom.apply_async(queue=ct.QUEUE)
+    with pytest.raises(ct.CustomError, match="custom"):
+        result.get(timeout=30)
+    assert app.ledger.get(result.id)["error_module"] == "tests.canvas_tasks"
