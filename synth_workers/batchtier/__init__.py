@@ -7,7 +7,7 @@ a job looks to the application.
   once the answer is back, reads it instead of calling the provider.
 - :mod:`~synth_workers.batchtier.tier` — the loop in each worker's main process: submit
   batches (intent first), recover unrecorded ones, poll, and write results back.
-- :mod:`~synth_workers.batchtier.api` — the SDK calls; :mod:`~synth_workers.batchtier.store`
+- :mod:`~synth_workers.batchtier.api` — the SDK calls; :mod:`~synth_workers.ledger.batches`
   — every statement (tables ``synth_batches`` and ``synth_batch_items``, migration 0010).
 - :mod:`~synth_workers.batchtier.settings` — ``SYNTH_BATCH_*``.
 

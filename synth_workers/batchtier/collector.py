@@ -4,7 +4,7 @@ run reads what came back.
 A job is deferrable when it was sent with ``enqueue(..., deferrable=True)`` (or
 ``apply_async(synth_deferrable=True)``; the message header ``synth_deferrable``) or its task
 sets ``deferrable = True``. Its first run records the request and parks the job
-(:func:`synth_workers.batchtier.store.park`) instead of calling the provider; once the batch
+(:func:`synth_workers.ledger.batches.park`) instead of calling the provider; once the batch
 answered, the job runs again and :func:`chat` / :func:`embed` return the stored answer, so
 the task's own code (usage, effects, fan-in) runs unchanged, once, under the ledger's fence.
 A request the provider refused comes back as the error the online call would have raised
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from synth_workers.batchtier import store
 from synth_workers.errors import ProviderRejectedError, ProviderUnavailableError
+from synth_workers.ledger import batches as store
 from synth_workers.limits import estimate_tokens
 from synth_workers.providers.llm import Completion
 from synth_workers.runner import LeaseLostError, ParkedInBatch

@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING, Any
 
 from celery import bootsteps
 
-from synth_workers.batchtier import store
 from synth_workers.batchtier.api import BatchAPI, Results
 from synth_workers.errors import ProviderRejectedError, ProviderUnavailableError
+from synth_workers.ledger import batches as store
 from synth_workers.limits import QuotaGovernor, Reservation
 from synth_workers.platform import platform_of
 
