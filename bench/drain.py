@@ -92,7 +92,16 @@ PING_TIMEOUT_S = 0.1
 STARTUP_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
 PROBLEM = re.compile(r"\b(WARNING|ERROR|CRITICAL)\b|Traceback|Exception")
-LEDGER_TABLES = ("synth_jobs", "synth_idempotency", "synth_effects", "synth_late_completions")
+#: Emptied before each drain (those a version has: the event history is newer than 6666a79);
+#: a table left to grow round after round would make later rounds dearer than earlier ones.
+LEDGER_TABLES = (
+    "synth_jobs",
+    "synth_idempotency",
+    "synth_effects",
+    "synth_late_completions",
+    "synth_job_events",
+    "synth_job_history",
+)
 
 
 @dataclass(frozen=True)
@@ -133,6 +142,10 @@ class Run:
     first_take_s: float | None = None  # worker start until the backlog first shrank
     consume_s: float | None = None  # drain - first_take
     consume_jobs_per_s: float | None = None  # N / (drain - first_take)
+    #: CPU milliseconds per job between the first take and the end of the drain, by part:
+    #: ``worker`` (the worker's processes), ``postgres`` (the backends on the ledger's
+    #: database), ``redis`` (the whole Redis server: others' commands count when it is shared)
+    cpu_ms_per_job: dict[str, float] = field(default_factory=dict)
     worker_total: int | None = None  # tasks the worker accepted (its stats)
     ledger_states: dict[str, int] = field(default_factory=dict)
     result_states: dict[str, int] = field(default_factory=dict)  # raw-tracked: backend states
@@ -163,7 +176,11 @@ class LedgerProbe:
         )
 
     def reset(self) -> None:
-        self.conn.execute("TRUNCATE " + ", ".join(LEDGER_TABLES))
+        present = self.conn.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = %s AND tablename = ANY(%s)",
+            (self.schema, list(LEDGER_TABLES)),
+        ).fetchall()
+        self.conn.execute("TRUNCATE " + ", ".join(name for (name,) in present))
 
     def unfinished(self) -> int:
         row = self.conn.execute(
@@ -176,8 +193,82 @@ class LedgerProbe:
         late = self.conn.execute("SELECT count(*) FROM synth_late_completions").fetchone()
         return {str(state): int(count) for state, count in rows}, int(late[0]) if late else 0
 
+    def backends(self) -> list[int]:
+        """Process ids of the other backends on this database (the worker's connections)."""
+        rows = self.conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+            "AND pid <> pg_backend_pid()"
+        ).fetchall()
+        return [int(pid) for (pid,) in rows]
+
     def close(self) -> None:
         self.conn.close()
+
+
+# --- CPU accounting (load-independent: what a job costs, not how long it waited) ------------
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2 :].split()  # the fields after ``comm``
+
+
+def _cpu_seconds(fields: list[str]) -> float:
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+
+
+def session_cpu(session: int) -> dict[int, float]:
+    """CPU seconds of every live process of ``session`` (a worker started in its own)."""
+    found: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            fields = _proc_stat(int(entry.name))
+            if fields is not None and int(fields[3]) == session:
+                found[int(entry.name)] = _cpu_seconds(fields)
+    return found
+
+
+def pids_cpu(pids: list[int]) -> dict[int, float]:
+    found = {}
+    for pid in pids:
+        fields = _proc_stat(pid)
+        if fields is not None:
+            found[pid] = _cpu_seconds(fields)
+    return found
+
+
+def redis_cpu(client: redis.Redis) -> float:
+    info = client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+@dataclass
+class CpuMark:
+    worker: dict[int, float]
+    postgres: dict[int, float]
+    redis: float
+
+    @classmethod
+    def take(cls, session: int, side: Side) -> CpuMark:
+        backends = side.ledger.backends() if side.ledger is not None else []
+        return cls(session_cpu(session), pids_cpu(backends), redis_cpu(side.client))
+
+    def per_job(self, later: CpuMark, jobs: int) -> dict[str, float]:
+        """Milliseconds per job from this mark to ``later`` (a process that appeared in
+        between counts from zero; one that ended in between is not counted)."""
+
+        def spent(before: dict[int, float], after: dict[int, float]) -> float:
+            return sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items())
+
+        return {
+            "worker": 1000 * spent(self.worker, later.worker) / jobs,
+            "postgres": 1000 * spent(self.postgres, later.postgres) / jobs,
+            "redis": 1000 * (later.redis - self.redis) / jobs,
+        }
 
 
 @dataclass
@@ -618,6 +709,8 @@ def measure(side: Side, rnd: int, args: argparse.Namespace, logs: Path) -> Run:
     try:
         end: float | None = None
         first: float | None = None
+        first_mark: CpuMark | None = None
+        end_mark: CpuMark | None = None
         while True:
             now = time.perf_counter()
             if now - t0 > args.timeout:
@@ -632,10 +725,12 @@ def measure(side: Side, rnd: int, args: argparse.Namespace, logs: Path) -> Run:
             state = backlog(side)
             if first is None and state != (args.jobs, 0):
                 first = now  # the worker took its first message (resolution POLL_S)
+                first_mark = CpuMark.take(proc.pid, side)
             if state == (0, 0):
                 # kombu pops a message (BRPOP) before it writes it to the unacked hash: a
                 # last message can be in neither for an instant. Confirm a moment later.
                 end = now
+                end_mark = CpuMark.take(proc.pid, side)
                 time.sleep(CONFIRM_S)
                 if backlog(side) == (0, 0):
                     break
@@ -645,6 +740,8 @@ def measure(side: Side, rnd: int, args: argparse.Namespace, logs: Path) -> Run:
             run.drain_s = end - t0
             run.first_take_s = None if first is None else first - t0
             run.worker_total = worker_total(app, node, target.task)
+            if first_mark is not None and end_mark is not None:
+                run.cpu_ms_per_job = first_mark.per_job(end_mark, args.jobs)
     finally:
         stop_worker(proc)
     run.log_problems += [f"[drain] {line}" for line in log_problems(log)]
@@ -717,6 +814,10 @@ def summarise(runs: list[Run], label: str) -> dict[str, float | None]:
         "consume_s": median([r.consume_s for r in mine]),
         "consume_jobs_per_s": median([r.consume_jobs_per_s for r in mine]),
         "enqueue_s": median([r.enqueue_s for r in mine]),
+        **{
+            f"cpu_ms_per_job_{part}": median([r.cpu_ms_per_job.get(part) for r in mine])
+            for part in ("worker", "postgres", "redis")
+        },
     }
 
 
@@ -903,6 +1004,11 @@ def run_rounds(
                 f"first take {fmt(run.first_take_s)}s  consume {fmt(run.consume_s)}s  "
                 f"{fmt(run.consume_jobs_per_s, '.0f')} jobs/s  load {fmt(run.load_1m)}  {status}"
             )
+            if run.cpu_ms_per_job:
+                print(
+                    "      CPU ms/job: "
+                    + "  ".join(f"{k} {v:.3f}" for k, v in run.cpu_ms_per_job.items())
+                )
             for line in run.log_problems:
                 print(f"      log: {line}")
 
@@ -932,6 +1038,18 @@ def run_rounds(
             f"{fmt(m['jobs_per_s'], '.0f'):>8}{fmt(m['jobs_per_s_incl_startup'], '.0f'):>7}"
             f"{fmt(m['first_take_s']):>10}{fmt(m['consume_s']):>9}"
             f"{fmt(m['consume_jobs_per_s'], '.0f'):>8}"
+        )
+    print()
+    print("CPU ms per job, first take to drained (medians; load-independent, unlike jobs/s;")
+    print("redis is the whole server's CPU: others' commands count when it is shared)")
+    for label, m in medians.items():
+        parts = ("worker", "postgres", "redis")
+        cpu = [m[f"cpu_ms_per_job_{p}"] for p in parts]
+        total = sum(c for c in cpu if c is not None) if any(c is not None for c in cpu) else None
+        print(
+            f"  {label:<{width}}"
+            + "".join(f"{p} {fmt(c, '.3f'):>6}  " for p, c in zip(parts, cpu, strict=True))
+            + f"total {fmt(total, '.3f')}"
         )
 
     def verdict(value: float | None) -> str:

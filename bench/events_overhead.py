@@ -61,13 +61,21 @@ def clear_events(client: Any) -> None:
 
 
 def count_final_events(client: Any) -> int:
-    """Jobs whose own stream ends with ``succeeded``."""
-    count = 0
+    """Jobs of this round whose events end with ``succeeded``: in their own stream, or in
+    the ledger's copy once the stream went (``SYNTH_EVENTS_GRACE`` after the job ended)."""
+    done: set[str] = set()
     for key in client.scan_iter(match="synth:events:job:*", count=1000):
         last = client.xrevrange(key, count=1)
         if last and last[0][1].get(b"kind") == b"succeeded":
-            count += 1
-    return count
+            done.add(key.decode().rsplit(":", 1)[1])
+    from synth_workers import app as synth
+
+    with synth.ledger.connection() as conn:  # the round's jobs only (synth_jobs is reset)
+        rows = conn.execute(
+            "SELECT h.job_id::text FROM synth_job_history h JOIN synth_jobs j ON j.id = h.job_id "
+            'WHERE h.events @> \'[[{"kind": "succeeded"}]]\''
+        ).fetchall()
+    return len(done | {r[0] for r in rows})
 
 
 def redis_cpu(client: Any) -> float:

@@ -6,6 +6,7 @@ importing the package builds nothing). ``install(app)`` makes any Celery app a p
 
 from synth_workers.app import SynthCelery, create_app
 from synth_workers.app import app as app
+from synth_workers.bulk import enqueue_many
 from synth_workers.errors import (
     ConfigurationError,
     EnqueueError,
@@ -47,6 +48,7 @@ __all__ = [
     "JobHandle",
     "JobState",
     "enqueue",
+    "enqueue_many",
     # settings
     "Settings",
     "load_settings",

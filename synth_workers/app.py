@@ -15,9 +15,11 @@ from typing import TYPE_CHECKING, Any, cast
 from celery import Celery
 from celery.local import PromiseProxy
 
-from synth_workers import routing
+from synth_workers import liveness, routing
+from synth_workers.batched import batch_options
 from synth_workers.errors import ConfigurationError
 from synth_workers.platform import platform_of
+from synth_workers.redisconn import celery_redis_config, target_of
 from synth_workers.screening import Limits
 from synth_workers.settings import Settings, load_settings
 
@@ -89,11 +91,13 @@ class SynthCelery(Celery):
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings derived from ours."""
-    broker = settings.broker_url
     timeout = settings.redis_timeout
+    # broker_url, result_backend and the transport: one Redis server or Sentinel (REDIS_URL,
+    # REDIS_SENTINEL_NAME, REDIS_SSL_*: synth_workers.redisconn)
+    redis_config = celery_redis_config(target_of(settings), settings.result_backend_url, timeout)
+    sentinel_options = redis_config.pop("broker_transport_options")
     return {
-        "broker_url": broker,
-        "result_backend": settings.result_backend_url or broker,
+        **redis_config,
         "broker_connection_retry_on_startup": True,
         # Connecting to the broker (kombu's retries included) gives up after this.
         "broker_connection_timeout": timeout,
@@ -106,13 +110,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Celery's Redis result backend (used by Celery's own APIs only) likewise.
         "redis_socket_timeout": timeout,
         "redis_socket_connect_timeout": timeout,
-        # redis:// without kombu's unacked hash: the ledger's leases replace it (broker.py).
-        **(
-            {"broker_transport": "synth_workers.broker:Transport"}
-            if broker.split("://", 1)[0] in ("redis", "rediss")
-            else {}
-        ),
         "broker_transport_options": {
+            **sentinel_options,
             "priority_steps": list(range(routing.MIN_PRIORITY, routing.MAX_PRIORITY + 1)),
             "queue_order_strategy": "priority",
             "visibility_timeout": settings.visibility_timeout,
@@ -125,6 +124,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             # kombu's own check (health_check_interval).
             "socket_timeout": timeout,
             "socket_connect_timeout": timeout,
+            # A dead link (packets dropped): keepalives and kombu's BRPOP/pub-sub checks
+            # every liveness.HEALTH_CHECK_SECONDS drop a half-open connection (liveness.py).
+            **liveness.redis_kwargs(),
+            # batched mode: messages taken per Redis round trip (synth_workers.batched)
+            **batch_options(settings),
         },
         "task_serializer": "json",
         "result_serializer": "json",

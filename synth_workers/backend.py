@@ -65,6 +65,7 @@ log = logging.getLogger(__name__)
 
 # Celery's Redis backend and its consumer, untyped in celery's stubs (partly missing there).
 _RedisBackend: Any = celery_redis.RedisBackend
+_SentinelBackend: Any = celery_redis.SentinelBackend
 _RedisResultConsumer: Any = celery_redis.__dict__["ResultConsumer"]
 
 #: The class Celery resolves for a platform app (``app.backend_cls``).
@@ -95,6 +96,18 @@ class LedgerBackend(_RedisBackend):  # type: ignore[misc]
     """Celery's Redis result backend reading states and results from the job ledger."""
 
     ResultConsumer = ResultConsumer
+
+    def __new__(
+        cls, *args: Any, url: str | None = None, app: Celery | None = None, **kwargs: Any
+    ) -> Any:
+        """A ``sentinel://`` result backend URL (Redis Sentinel: the master found through the
+        sentinels, ``result_backend_transport_options``' ``master_name``) gives the Sentinel
+        flavour, :class:`LedgerSentinelBackend`."""
+        configured = url or (app.conf.result_backend if app is not None else None)
+        chosen = cls
+        if cls is LedgerBackend and str(configured or "").startswith("sentinel://"):
+            chosen = LedgerSentinelBackend
+        return super().__new__(chosen)
 
     def __init__(
         self, *args: Any, url: str | None = None, app: Celery | None = None, **kwargs: Any
@@ -212,7 +225,10 @@ class LedgerBackend(_RedisBackend):  # type: ignore[misc]
                 # Discarded unstarted (revoked by id or stamped header, expired): cancelled
                 # now, before Celery counts it as a chord part, so that whoever sees the
                 # chord fail finds this part REVOKED (``get()`` re-raises a parent's error)
-                ledger.cancel(task_id)
+                try:
+                    ledger.cancel(task_id)
+                except Exception:  # Postgres away: task_revoked's handler cancels it again
+                    log.warning("job %s revoked, the ledger not told yet", task_id, exc_info=True)
             return self.encode_result(result, state)
         return super().store_result(task_id, result, state, traceback, request, **kwargs)
 
@@ -353,3 +369,8 @@ class LedgerBackend(_RedisBackend):  # type: ignore[misc]
             )
         except ChordError as error:
             return self.chord_error_from_stack(callback, error)
+
+
+class LedgerSentinelBackend(LedgerBackend, _SentinelBackend):  # type: ignore[misc]
+    """:class:`LedgerBackend` on Redis Sentinel: Celery's Sentinel pool (its pub/sub
+    consumer reconnects to the master the sentinels name after a failover)."""

@@ -14,8 +14,9 @@ Redis (a worker took the message and died before claiming it). So this transport
 delivered message in worker memory only (enough for prefetch limits, for ``reject(requeue=
 True)`` and for giving unstarted messages back at warm shutdown) and writes nothing to
 Redis on delivery or ack. Selected by the app's ``broker_transport`` setting; the broker URL
-stays ``redis://`` (or ``rediss://``, ``sentinel://`` URLs with the Sentinel transport
-unchanged).
+stays ``redis://`` or ``rediss://``, and :class:`SentinelTransport` does the same on a master
+found through Redis Sentinel (``sentinel://`` URLs, ``master_name``: see
+``synth_workers.redisconn``).
 
 It also screens every message it reads (``synth_workers.screening``): kombu parses a
 message's envelope where it reads it, and a message that is not JSON, or not an envelope,
@@ -35,11 +36,13 @@ from __future__ import annotations
 import json
 import types
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 
+from synth_workers.batched import BATCH_OPTION
+from synth_workers.batched.pull import Batch, pop_more
 from synth_workers.screening import Limits, open_envelope
 
 
@@ -68,6 +71,13 @@ def _reading_raw(func: Callable[..., Any]) -> Callable[..., Any]:
 
 _brpop_read_raw = _reading_raw(kombu_redis.Channel._brpop_read)  # type: ignore[attr-defined]
 _get_raw = _reading_raw(kombu_redis.Channel._get)
+
+
+def _batch_size(connection: Any) -> int:
+    """Messages per fetch: the batched mode's ``synth_batch_size`` option, else 1."""
+    options = getattr(connection, "transport_options", None) or {}
+    size = options.get(BATCH_OPTION)
+    return size if isinstance(size, int) and size > 1 else 1
 
 
 def _limits(connection: Any) -> Limits:
@@ -122,12 +132,23 @@ class QoS(kombu_redis.QoS):
     def restore_visible(self, *args: Any, **kwargs: Any) -> None:
         """Nothing to restore: the ledger's reaper and reconciler take jobs back."""
 
+    def can_consume(self) -> bool:
+        """The prefetch limit counts batches in the batched mode (N messages each)."""
+        limit = self.prefetch_count
+        if not limit:
+            return True
+        size = _batch_size(self.channel.connection.client)
+        delivered, dirty = self._delivered, self._dirty
+        return len(delivered or ()) - len(dirty or ()) < limit * size
+
 
 class Message(virtual.Message):
     """kombu's message; ``synth_refused`` is set when the transport refused it."""
 
     def __init__(self, payload: dict[str, Any], channel: Any = None, **kwargs: Any) -> None:
         self.synth_refused: dict[str, str] | None = payload.pop("synth_refused", None)
+        #: The batched mode: the fetch this message came in (``synth_workers.batched``).
+        self.synth_batch: Batch | None = payload.pop("synth_batch", None)
         super().__init__(payload, channel, **kwargs)
 
 
@@ -136,7 +157,56 @@ class Channel(kombu_redis.Channel):
     Message = Message
 
     def _brpop_read(self, **options: Any) -> Any:
-        return _brpop_read_raw(self, **options)
+        size = _batch_size(self.connection.client)
+        if size <= 1:
+            return _brpop_read_raw(self, **options)
+        # The batched mode: hold the message BRPOP read, take up to size - 1 more in one
+        # round trip, then deliver them all as one batch.
+        transport = cast("Transport", self.connection)
+        held: list[tuple[Any, str]] = []
+        transport._synth_hold = held
+        try:
+            got = _brpop_read_raw(self, **options)
+        finally:
+            transport._synth_hold = None
+        keys = [
+            self._q_for_pri(queue, pri)  # type: ignore[attr-defined]
+            for pri in self.priority_steps
+            for queue in self.active_queues
+        ]
+        prefix = self.global_keyprefix or ""
+        more = pop_more(self.client, [prefix + k for k in keys], size - len(held))
+        held += [(_unread(raw.decode()), key[len(prefix) :].rsplit(self.sep, 1)[0])
+                 for key, raw in more]  # fmt: skip
+        batch = Batch(len(held))
+        for i, (raw, queue) in enumerate(held):
+            transport._synth_batch = batch
+            try:
+                transport._deliver(raw, queue)
+            except BaseException:
+                self._put_back([r for r, _ in held[i + 1 :]], [q for _, q in held[i + 1 :]])
+                raise
+            finally:
+                transport._synth_batch = None
+        return got
+
+    def _put_back(self, raws: list[Any], queues: list[str]) -> None:
+        """Messages of a batch not delivered (the consumer failed): back to the front of
+        their lists, next to be taken (best effort: else the reconciler re-publishes them)."""
+        if not raws:
+            return
+        with self.conn_or_acquire() as client, client.pipeline() as pipe:
+            for raw, queue in reversed(list(zip(raws, queues, strict=True))):
+                text = raw if isinstance(raw, str) else json.dumps(raw)
+                key = self._q_for_pri(queue, self._priority_of(text))  # type: ignore[attr-defined]
+                pipe.rpush(key, text)
+            pipe.execute()
+
+    def _priority_of(self, text: str) -> int:
+        try:
+            return int(self._get_message_priority(json.loads(text), reverse=False))
+        except (ValueError, TypeError):
+            return 0
 
     def _get(self, queue: str, timeout: float | None = None) -> Any:
         raw = _get_raw(self, queue)
@@ -174,7 +244,33 @@ class Channel(kombu_redis.Channel):
 class Transport(kombu_redis.Transport):
     Channel = Channel
 
+    #: The batched mode (see ``Channel._brpop_read``): where a read's message is held, and
+    #: the batch the message being delivered belongs to.
+    _synth_hold: list[tuple[Any, str]] | None = None
+    _synth_batch: Batch | None = None
+
     def _deliver(self, message: Any, queue: str | None) -> None:
+        hold = self._synth_hold
+        if hold is not None:
+            hold.append((message, queue or "?"))
+            return
         if isinstance(message, _Unread):
             message = open_envelope(message, queue or "?", _limits(self.client))
+        batch = self._synth_batch
+        if batch is not None and isinstance(message, dict):
+            batch.delivered += 1
+            message["synth_batch"] = batch
         super()._deliver(message, queue)
+
+
+class SentinelChannel(Channel, kombu_redis.SentinelChannel):
+    """:class:`Channel` on a master found through Redis Sentinel (kombu's own Sentinel
+    channel supplies the pool: each new connection asks the sentinels where the master is,
+    so after a failover the consumer's reconnect lands on the new one)."""
+
+
+class SentinelTransport(Transport):
+    """:class:`Transport` for ``sentinel://`` URLs (``master_name`` transport option)."""
+
+    Channel = SentinelChannel
+    default_port = kombu_redis.SentinelTransport.default_port

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import click
 
-from synth_workers import opscli
+from synth_workers import healthcli, opscli
 from synth_workers.clikit import ExitCode, cli_settings, fail
 from synth_workers.errors import JobError, SynthWorkersError
 from synth_workers.routing import Priority
@@ -537,6 +537,7 @@ def dlq_purge(job_ids: tuple[str, ...], purge_all: bool, yes: bool, **filters: A
 main.add_command(opscli.metrics_group)
 main.add_command(opscli.status)
 main.add_command(opscli.check)
+main.add_command(healthcli.health)
 
 
 def _add_events() -> None:

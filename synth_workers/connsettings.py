@@ -6,13 +6,17 @@ keeps ``settings.py`` short): ``DB_POOL_MIN``, ``DB_IDLE_TIMEOUT`` (milliseconds
 ``synth-workers dev`` records its stack); ``DB_POOL_MAX`` is ``SYNTH_DB_POOL_SIZE``'s name
 there. :func:`redis_tls_url` turns the guide's ``REDIS_URL=redis://:password@host:6379/0?ssl=true``
 into the ``rediss://`` URL that redis-py, kombu and Celery's result backend understand.
+
+The Redis Sentinel and TLS variables are read here too; :mod:`synth_workers.redisconn` builds
+every Redis client from them.
 """
 
 from __future__ import annotations
 
+from typing import Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings
 
 _TRUE = ("true", "1", "yes", "on")
@@ -86,4 +90,46 @@ class ConnectionSettings(BaseSettings):
         validation_alias=AliasChoices("XDG_RUNTIME_DIR", "runtime_dir"),
         description="XDG_RUNTIME_DIR: where `synth-workers dev` records its stack for other "
         "shells (unset: a private folder in the temporary directory).",
+    )
+
+    # --- Redis Sentinel and TLS (see the module docstring) ---------------------------------
+    redis_sentinel_name: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices(
+            "REDIS_SENTINEL_NAME", "SYNTH_REDIS_SENTINEL_NAME", "redis_sentinel_name"
+        ),
+        description="REDIS_SENTINEL_NAME: the master's name the sentinels watch (`sentinel "
+        "monitor NAME ...`); set, REDIS_URL lists the sentinels (redis://s1:26379,s2:26379/0 "
+        "or sentinel://s1:26379;sentinel://s2:26379).",
+    )
+    redis_sentinel_password: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices(
+            "REDIS_SENTINEL_PASSWORD", "SYNTH_REDIS_SENTINEL_PASSWORD", "redis_sentinel_password"
+        ),
+        description="REDIS_SENTINEL_PASSWORD: the sentinels' own password (their "
+        "requirepass); the master's is REDIS_URL's. Unset: sentinels without one.",
+    )
+    redis_ssl_ca_certs: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("REDIS_SSL_CA_CERTS", "redis_ssl_ca_certs"),
+        description="REDIS_SSL_CA_CERTS: CA bundle (PEM file) that verifies Redis's TLS "
+        "certificate (rediss:// or ?ssl=true). Unset: the system's CAs.",
+    )
+    redis_ssl_certfile: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("REDIS_SSL_CERTFILE", "redis_ssl_certfile"),
+        description="REDIS_SSL_CERTFILE: client certificate (PEM) for a Redis that checks "
+        "clients (tls-auth-clients yes).",
+    )
+    redis_ssl_keyfile: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("REDIS_SSL_KEYFILE", "redis_ssl_keyfile"),
+        description="REDIS_SSL_KEYFILE: the client certificate's private key (PEM).",
+    )
+    redis_ssl_cert_reqs: Literal["required", "optional", "none"] | None = Field(
+        default=None,
+        validation_alias=AliasChoices("REDIS_SSL_CERT_REQS", "redis_ssl_cert_reqs"),
+        description="REDIS_SSL_CERT_REQS: required (default: the server's certificate is "
+        "verified), optional or none (not verified: for tests only).",
     )

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from celery.worker.consumer import Consumer as CeleryConsumer
 from kombu.exceptions import ContentDisallowed
 
+from synth_workers.batched.dispatch import BatchDispatcher
 from synth_workers.correlation import of_headers
 from synth_workers.errors import ServiceUnavailableError
 from synth_workers.ledger.refusals import Refusal, RefusalWriter
@@ -43,6 +44,15 @@ def _queue_of(message: Any) -> str:
 
 
 class Consumer(CeleryConsumer):
+    def __init__(self, on_task_request: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(on_task_request, *args, **kwargs)
+        #: The batched mode (``synth_workers.batched``): the pool calls of a batch's
+        #: requests are sent as one.
+        self.batcher: BatchDispatcher | None = None
+        if self.platform.settings.worker_mode == "batched":
+            self.batcher = BatchDispatcher(self, self.platform, on_task_request)
+            self.on_task_request = self.batcher.on_task_request
+
     @property
     def platform(self) -> Platform:
         return platform_of(self.app)
@@ -53,6 +63,17 @@ class Consumer(CeleryConsumer):
         strategies = self.strategies  # type: ignore[attr-defined]
 
         def on_task_received(message: Any) -> Any:
+            batch = getattr(message, "synth_batch", None)
+            if batch is None or self.batcher is None:
+                return screened(message)
+            self.batcher.begin()  # batched mode: one pool call per batch
+            try:
+                return screened(message)
+            finally:
+                if batch.last:
+                    self.batcher.flush()
+
+        def screened(message: Any) -> Any:
             refused = getattr(message, "synth_refused", None)
             if refused is not None:
                 return self.refuse(

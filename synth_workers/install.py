@@ -11,7 +11,8 @@ What it plugs in, all through Celery's own extension points:
 - the task base class: ``app.Task`` becomes the platform's :class:`~synth_workers.task.Task`
   (bound to ``app``), so every ``@app.task`` defined afterwards gets it; tasks the app had
   already built are rebased onto it (see :func:`_rebase_tasks` for the one limit);
-- worker bootsteps (ledger sweeper, batch tier, ops server, heartbeat);
+- worker bootsteps (ledger sweeper, batch tier, ops server, heartbeat, the pool's exit
+  watch: ``synth_workers.poolwatch``);
 - lifecycle listeners (metrics, job log lines, Redis Streams events);
 - request tracing: the running job's request id (``synth_workers.correlation``) and, with
   the ``otel`` extra, OpenTelemetry's Celery instrumentation (``synth_workers.tracing``);
@@ -37,7 +38,16 @@ import psycopg
 from celery import Celery, signals
 from celery._state import get_current_app
 
-from synth_workers import correlation, health, metrics, routing, sentry, tracing
+from synth_workers import (
+    correlation,
+    health,
+    jsonfast,
+    liveness,
+    metrics,
+    routing,
+    sentry,
+    tracing,
+)
 from synth_workers import logging as logs
 from synth_workers.announce import connect_results
 from synth_workers.batchtier.tier import BatchTierStep
@@ -46,6 +56,8 @@ from synth_workers.control import on_task_revoked
 from synth_workers.errors import ConfigurationError, ServiceUnavailableError
 from synth_workers.ledger.sweeper import SweeperStep
 from synth_workers.platform import PLATFORM_ATTR, Platform, find_platform
+from synth_workers.poolwatch import PoolExitStep
+from synth_workers.redisconn import sentinel_settings
 from synth_workers.settings import Settings, load_settings
 
 #: The platform's base Task, as Celery's ``task_cls`` string.
@@ -61,7 +73,8 @@ def install(app: Celery, settings: Settings | None = None) -> Platform:
     """Make ``app`` a platform app and return its :class:`Platform`.
 
     ``settings``: the platform's settings; when omitted, the environment's, with the app's own
-    ``broker_url`` (when it has one) as ``REDIS_URL``. A second call returns the same
+    ``broker_url`` (when it has one) as ``REDIS_URL`` (with kombu's ``master_name`` and
+    ``sentinel_kwargs`` transport options for a ``sentinel://`` one). A second call returns the same
     platform and changes nothing; with different ``settings`` it raises
     :class:`ConfigurationError` rather than rewire a running app.
     """
@@ -75,7 +88,10 @@ def install(app: Celery, settings: Settings | None = None) -> Platform:
             return platform
         if settings is None:
             own_broker = app.conf.broker_url
-            settings = load_settings(redis_url=own_broker) if own_broker else load_settings()
+            sentinel = sentinel_settings(app.conf.broker_transport_options)
+            settings = (
+                load_settings(redis_url=own_broker, **sentinel) if own_broker else load_settings()
+            )
         platform = Platform(app, settings)
         before = _config_of_tasks(app)
         platform.routes_by_kind = _configure(app, settings)
@@ -87,10 +103,13 @@ def install(app: Celery, settings: Settings | None = None) -> Platform:
             platform.ledger.cancel_purged
         )
         _use_platform_task(app, before)
+        jsonfast.register()  # kombu's JSON decoding, faster and the same (synth_workers.jsonfast)
         app.steps["worker"].add(SweeperStep)
         app.steps["worker"].add(BatchTierStep)
         app.steps["worker"].add(health.OpsStep)
+        app.steps["worker"].add(PoolExitStep)
         app.steps["consumer"].add(health.HeartbeatStep)
+        app.steps["consumer"].add(liveness.BoundedHeartbeat)
         lifecycle = platform.lifecycle
         lifecycle.connect(metrics.observe)
         lifecycle.connect(logs.log_job_event)

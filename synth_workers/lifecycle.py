@@ -99,6 +99,11 @@ class Lifecycle:
     def listening(self) -> bool:
         return bool(self._listeners)
 
+    @property
+    def listeners(self) -> tuple[Listener, ...]:
+        """The connected listeners, in connection order."""
+        return self._listeners
+
     def emit(self, event: JobEvent, raise_timeouts: bool = False) -> None:
         """Tell every listener; with ``raise_timeouts``, raise the first
         :class:`ListenerTimeout` once all of them were told."""

@@ -57,6 +57,8 @@ PROTOCOL2_HEADERS = (
 TRACING_HEADERS = (CORRELATION_HEADER, "traceparent", "tracestate")
 #: The body's third element (``embed``): the canvas.
 EMBED_KEYS = ("callbacks", "errbacks", "chain", "chord")
+#: Headers :func:`stored` leaves out when ``None`` (Celery's own).
+_OMITTED = frozenset(PROTOCOL2_HEADERS)
 #: Message properties that belong to the job (the rest is per delivery or routing).
 KEPT_PROPERTIES = ("correlation_id", "reply_to")
 
@@ -102,11 +104,14 @@ class CaptureProducer:
 
 def stored(headers: dict[str, Any], body: Any, properties: dict[str, Any]) -> dict[str, Any]:
     """The ledger's form of a protocol-2 message: headers, the body's ``embed`` (its args
-    and kwargs are the row's own columns) and the job's own properties."""
-    embed = body[2]
+    and kwargs are the row's own columns) and the job's own properties.
+
+    Celery's own headers and canvas keys whose value is ``None`` are left out
+    (:func:`for_publish` puts them back): a no-op job's message is about half ``null``s, and
+    the row is copied whole by each of its updates (claim, completion)."""
     return {
-        "headers": dict(headers),
-        "embed": dict(embed or {}),
+        "headers": {k: v for k, v in headers.items() if v is not None or k not in _OMITTED},
+        "embed": {k: v for k, v in (body[2] or {}).items() if v is not None},
         "properties": {k: properties[k] for k in KEPT_PROPERTIES if k in properties},
     }
 
@@ -152,11 +157,16 @@ def for_publish(
     """``message`` ready to send again for ``job_id``: (headers, properties, body) with the
     id, ``retries`` and ``eta`` (when the job was due; ``None``: now) replaced and the row's
     ``args`` and ``kwargs`` (its payload) as the body's; all else as sent."""
-    headers = dict(message.get("headers") or {})
+    headers = dict.fromkeys(PROTOCOL2_HEADERS)  # those stored() left out: None
+    headers.update(message.get("headers") or {})
     headers["id"] = job_id
     headers["retries"] = retries
     headers["eta"] = None if eta is None else eta.isoformat()
     properties = dict(message.get("properties") or {})
     properties["correlation_id"] = job_id
     properties.setdefault("reply_to", "")
-    return headers, properties, (list(args or ()), kwargs, dict(message.get("embed") or {}))
+    return (
+        headers,
+        properties,
+        (list(args or ()), kwargs, {**dict.fromkeys(EMBED_KEYS), **(message.get("embed") or {})}),
+    )

@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -64,6 +64,7 @@ class JobMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = registry
+        self._hot: dict[tuple[str, str, str], tuple[Any, Any]] = {}
         self.jobs = Counter(
             "synth_jobs",
             "Jobs that reached a final state, by task, queue and outcome "
@@ -137,6 +138,20 @@ class JobMetrics:
             registry=r,
         )
 
+    def _children(self, kind: str, task: str, queue: str) -> tuple[Any, Any]:
+        """The labelled metrics every job touches, looked up once per (kind, task, queue):
+        ``labels()`` validates and locks on every call (a few % of a no-op job's time)."""
+        key = (kind, task, queue)
+        found = self._hot.get(key)
+        if found is None:
+            if kind == "started":
+                found = (self.started.labels(task, queue), self.queue_wait.labels(task, queue))
+            else:  # a final outcome, or ``retrying`` (no ``synth_jobs`` series of its own)
+                jobs = None if kind == "retrying" else self.jobs.labels(task, queue, kind)
+                found = (self.runtime.labels(task, queue), jobs)
+            self._hot[key] = found
+        return found
+
     def observe(self, event: JobEvent) -> None:
         """Lifecycle listener: count one committed state change."""
         kind = event.kind
@@ -144,10 +159,11 @@ class JobMetrics:
         queue = event.queue or UNKNOWN
         data = event.data
         if kind == "started":
-            self.started.labels(task, queue).inc()
+            started, waits = self._children(kind, task, queue)
+            started.inc()
             wait = data.get("queue_wait")
             if wait is not None:
-                self.queue_wait.labels(task, queue).observe(float(wait))
+                waits.observe(float(wait))
             return
         if kind == "queued":
             if data.get("reason") == "lease_expired":
@@ -171,13 +187,14 @@ class JobMetrics:
             return
         if kind not in ("retrying", *FINAL_OUTCOMES):
             return
+        runtimes, jobs = self._children(kind, task, queue)
         runtime = data.get("runtime")
         if runtime is not None:
-            self.runtime.labels(task, queue).observe(float(runtime))
+            runtimes.observe(float(runtime))
         if kind == "retrying":
             self.retries.labels(task, queue).inc()
             return
-        self.jobs.labels(task, queue, kind).inc()
+        jobs.inc()
         if kind == "dead":
             failure = str(data.get("failure_class") or UNKNOWN)
             self.dead_lettered.labels(task, queue, failure).inc()

@@ -14,10 +14,12 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from synth_workers import liveness
 from synth_workers.errors import ConfigurationError
 from synth_workers.ledger import LeaseKeeper, Ledger
 from synth_workers.ledger.completer import Completer
 from synth_workers.lifecycle import Lifecycle
+from synth_workers.redisconn import redis_client
 from synth_workers.settings import Settings
 
 if TYPE_CHECKING:
@@ -50,11 +52,11 @@ class Platform:
     def redis(self) -> redis.Redis:
         """Client for the platform's own reads of the broker (reconciling, depth)."""
         timeout = self.settings.redis_timeout
-        return redis.Redis.from_url(
-            self.settings.broker_url,
+        return redis_client(
+            self.settings,
             socket_connect_timeout=timeout,
             socket_timeout=timeout,
-            socket_keepalive=True,
+            **liveness.redis_kwargs(),
         )
 
     @cached_property

@@ -47,7 +47,7 @@ from synth_workers.errors import (
     ServiceUnavailableError,
     UnknownTaskError,
 )
-from synth_workers.publish import PLACEMENT_OPTION, placement
+from synth_workers.publish import FRESH_ID_OPTION, PLACEMENT_OPTION, placement
 from synth_workers.settings import mask_url
 from synth_workers.states import JobState
 from synth_workers.task import Task
@@ -220,11 +220,14 @@ def enqueue(
     placed = placement(task, priority, queue, gpu=gpu)
     data = _validated(task, payload if payload is not None else {})
 
+    fresh = job_id is None
     job_id = job_id or str(uuid.uuid4())
     # Task.apply_async (synth_workers.publish) checks payload (strict JSON and
     # SYNTH_MAX_PAYLOAD_BYTES, one serialization), idempotency key and delay before it
     # writes anything.
     options: dict[str, Any] = {"task_id": job_id, PLACEMENT_OPTION: placed}
+    if fresh:
+        options[FRESH_ID_OPTION] = True
     if delay is not None and delay != 0:  # NaN is != 0: refused there
         options["countdown"] = delay
     if idempotency_key is not None:

@@ -27,9 +27,9 @@ import psycopg
 import redis
 from kombu.exceptions import OperationalError as KombuOperationalError
 
-from synth_workers import correlation, outbox, tracing
+from synth_workers import correlation, outbox, tracing, wire
 from synth_workers.errors import PayloadTooLargeError
-from synth_workers.lifecycle import ListenerTimeout
+from synth_workers.lifecycle import JobEvent, ListenerTimeout
 from synth_workers.message import CaptureProducer
 from synth_workers.routing import Priority, queue_for_task, resolve_priority, resolve_queue
 from synth_workers.routing import to_transport as transport_priority
@@ -49,10 +49,8 @@ log = logging.getLogger(__name__)
 
 #: ``apply_async`` option carrying a :class:`Placement` already resolved (by ``enqueue``).
 PLACEMENT_OPTION = "synth_placement"
-
-#: A publish that failed faster than this (a reset or refused socket, not a timeout) is
-#: retried once at once.
-QUICK_FAILURE_SECONDS = 0.5
+#: ``apply_async`` option: ``enqueue`` generated the task id itself (``maybe_waited``).
+FRESH_ID_OPTION = "synth_fresh_id"
 
 #: Celery's own ``apply_async`` (the task's ``super().apply_async``).
 CelerySend = Callable[..., Any]
@@ -101,16 +99,6 @@ def _delay(options: dict[str, Any], limit: float) -> float | None:
     return None
 
 
-def _timed_out(exc: BaseException) -> bool:
-    """Whether ``exc`` (or what it wraps) is a timeout."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, (redis.TimeoutError, TimeoutError, ListenerTimeout)):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
 def _first_attempt(task: Task) -> bool:
     """Whether this send is made outside any job, or by a job's first attempt (see
     ``Ledger.insert_job``'s ``rerun_finished``): a later attempt may be repeating a send its
@@ -132,6 +120,8 @@ def send(
         # Celery's ``pydantic=True``: models the caller passes are sent as their dumps
         args, kwargs = dump_models(args, kwargs)
     placed: Placement | None = options.pop(PLACEMENT_OPTION, None)
+    # An id made here or by enqueue() is known to no one before the row commits.
+    fresh = bool(options.pop(FRESH_ID_OPTION, False)) or not options.get("task_id")
     level = options.pop("priority", None)
     if placed is None:
         placed = placement(
@@ -174,17 +164,26 @@ def send(
         "expires_at": expires_at(options.get("expires")),
         "rerun_finished": _first_attempt(task),
         "correlation_id": correlation_id,
+        # an outbox row is written in the caller's open transaction, the handle already theirs
+        "maybe_waited": not fresh or conn is not None,
     }
     options["priority"] = transport_priority(placed.priority)
     given = queue_name(options.get("queue") or getattr(task, "queue", None))
     if placed.queue is not None and placed.queue != given:
         options["queue"] = placed.queue
     eager = bool(task.app.conf.task_always_eager)
-    if not eager:  # the message, built by Celery, is stored with the row (one INSERT)
-        capture = _message(task, args, kwargs, options, celery_send)
-        row["message"] = capture.message()
-        if placed.queue is None:
-            row["queue"] = capture.queue()
+    out: wire.Outgoing | None = None
+    if not eager:  # the message, built as Celery builds it, is stored with the row
+        out = wire.build(task, args, kwargs, options)
+        if out is not None:
+            row["message"] = out.stored()
+            if placed.queue is None:
+                row["queue"] = out.routing_key
+        else:  # Celery's own apply_async builds it (canvas, expires, signals, ...)
+            capture = _message(task, args, kwargs, options, celery_send)
+            row["message"] = capture.message()
+            if placed.queue is None:
+                row["queue"] = capture.queue()
     if row["queue"] is None:
         row["queue"] = task.app.conf.task_default_queue
     with tracing.span("synth.ledger.insert", job_id=job_id, task=task.name):
@@ -198,24 +197,37 @@ def send(
         else:  # the key's upsert and the row commit together; durable in worker processes
             with ledger.connection() as own, own.transaction():
                 actual = ledger.insert_job(own, **row)
-    if actual == job_id and ledger.lifecycle.listening:
-        level = placed.priority
+    if actual != job_id:
+        return task.AsyncResult(actual)
+    level = placed.priority
+    event = JobEvent(
+        EventKind.SCHEDULED if delay else EventKind.QUEUED,
+        job_id,
+        task=task.name,
+        queue=row["queue"],
+        user_id=user_id,
+        correlation_id=correlation_id,
+        data={"priority": level, "delay": delay} if delay else {"priority": level},
+    )
+    lifecycle = ledger.lifecycle
+    if out is not None and not delay:
+        # the queued event and the message in one Redis round trip (synth_workers.wire)
         try:
-            ledger.lifecycle.announce(
-                EventKind.SCHEDULED if delay else EventKind.QUEUED,
-                job_id,
-                task=task.name,
-                queue=row["queue"],
-                user_id=user_id,
-                correlation_id=correlation_id,
-                data={"priority": level, "delay": delay} if delay else {"priority": level},
-                # The event went to the broker's Redis and it did not answer within
-                # SYNTH_REDIS_TIMEOUT: publishing would wait for it as long again.
-                raise_timeouts=not delay,
-            )
+            with tracing.span("synth.publish", job_id=job_id, task=task.name):
+                wire.publish(task.app, [out], lifecycle, [event] if lifecycle.listening else [])
+        except BaseException as exc:
+            return publish_failed(task, job_id, exc)
+        result = task.AsyncResult(job_id)
+        result.ignored = out.ignore_result  # Celery's: get() returns None
+        return result
+    if lifecycle.listening:
+        try:
+            # The event went to the broker's Redis and it did not answer within
+            # SYNTH_REDIS_TIMEOUT: publishing would wait for it as long again.
+            lifecycle.emit(event, raise_timeouts=not delay)
         except ListenerTimeout as exc:
             return publish_failed(task, job_id, exc)
-    if actual != job_id or delay:
+    if delay:
         return task.AsyncResult(actual)
     if eager:
         return celery_send(args, kwargs, **options)
@@ -252,7 +264,7 @@ def _publish(task: Task, capture: CaptureProducer, producer: Any = None) -> Any:
     try:
         return _send(task, capture, producer)
     except (redis.ConnectionError, OSError, KombuOperationalError) as exc:
-        if _timed_out(exc) or time.monotonic() - started > QUICK_FAILURE_SECONDS:
+        if wire.timed_out(exc) or time.monotonic() - started > wire.QUICK_FAILURE_SECONDS:
             raise
     return _send(task, capture, producer)
 

@@ -28,6 +28,7 @@ from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 from pydantic import ValidationError
 
 from synth_workers import correlation, tracing
+from synth_workers.batched import child as batched
 from synth_workers.errors import (
     InvalidPayloadError,
     PermanentError,
@@ -38,6 +39,7 @@ from synth_workers.ledger.store import Publishable
 from synth_workers.ledger.transport import publish
 from synth_workers.message import from_request
 from synth_workers.routing import foreign_priority, queue_for_task
+from synth_workers.selffence import SelfFencedError
 from synth_workers.states import FailureClass
 from synth_workers.validation import eta_delay, expires_at
 
@@ -184,10 +186,14 @@ def run(task: Task, job_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]) 
     platform = task.platform
     keeper = platform.lease_keeper
     completer = platform.completer
-    finished = completer.take()
+    # The batched mode: claimed with its batch, its lease kept from that claim.
+    claim = batched.take(platform, job_id)
+    from_batch = claim is not None
+    sent = None if from_batch else keeper.before_claim()  # waits while cut off (selffence)
+    finished = [] if from_batch else completer.take()
     try:
         with tracing.span("synth.ledger.claim", job_id=job_id, task=task.name):
-            claim = platform.ledger.claim(job_id, keeper.owner, complete=finished)
+            claim = claim or platform.ledger.claim(job_id, keeper.owner, complete=finished)
     except BaseException:
         completer.write(finished)
         raise
@@ -201,7 +207,8 @@ def run(task: Task, job_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]) 
         raise Ignore(f"job {job_id} is not queued; not run")
     request.synth_claim = claim  # type: ignore[attr-defined]
     request.synth_finished = False  # type: ignore[attr-defined]
-    keeper.add(claim.job_id)
+    if not from_batch:
+        keeper.add(claim.job_id, since=sent)
     handed_over = False
     try:
         result = _run_claimed(task, claim, args, kwargs)
@@ -289,8 +296,9 @@ def _run_claimed(task: Task, claim: Claim, args: tuple[Any, ...], kwargs: dict[s
         else:
             _dead(task, claim, FailureClass.EXCEPTION, exc)
         raise
-    except LeaseLostError:
-        # Another worker owns the job now; its outcome is theirs to record.
+    except (LeaseLostError, SelfFencedError):
+        # Another worker owns the job now (or will: this one could not renew the lease and
+        # stopped the job, see selffence); its outcome is theirs to record.
         raise Ignore(f"job {claim.job_id}: lease lost, outcome refused") from None
     except Ignore:
         if not getattr(task.request, "synth_replaced", False):

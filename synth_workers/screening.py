@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from kombu.utils.json import loads as kombu_loads
+from synth_workers import jsonfast
 
 REASONS = (
     "size",
@@ -186,7 +186,7 @@ def _checked_envelope(raw: bytes | str, queue: str, limits: Limits) -> dict[str,
             "(SYNTH_MAX_MESSAGE_BYTES)",
         )
     try:
-        envelope = kombu_loads(raw)
+        envelope = jsonfast.loads(raw)
     except Exception as exc:
         raise Refused("envelope", f"not JSON: {type(exc).__name__}: {exc}") from None
     if not isinstance(envelope, dict):

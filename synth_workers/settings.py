@@ -30,20 +30,24 @@ MailBackend = Literal["file", "console", "sendgrid"]
 
 _REDIS_SCHEMES = ("redis", "rediss", "redis+socket", "sentinel")
 _POSTGRES_SCHEMES = ("postgresql", "postgres")
-_URL_FIELDS = ("redis_url", "result_backend_url", "database_url", "qdrant_url")
+_URL_FIELDS = ("redis_url", "result_backend_url", "database_url", "database_read_url", "qdrant_url")
 
 
 def mask_url(url: str | None) -> str | None:
-    """Return ``url`` with any password replaced by ``***``."""
+    """Return ``url`` with any password replaced by ``***`` (every one of a Sentinel URL's
+    ``;``-separated URLs; a ``h1:26379,h2:26379`` host list too)."""
     if not url:
         return url
+    return ";".join(_mask_one(chunk) for chunk in url.split(";"))
+
+
+def _mask_one(url: str) -> str:
     parts = urlsplit(url)
-    if not parts.password:
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
         return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return urlunsplit((parts.scheme, f"{user}:***@{host}{port}", parts.path, parts.query, ""))
+    user = userinfo.split(":", 1)[0]
+    return urlunsplit((parts.scheme, f"{user}:***@{hosts}", parts.path, parts.query, ""))
 
 
 def _check_scheme(url: str | None, schemes: tuple[str, ...]) -> str | None:
@@ -111,6 +115,13 @@ class Settings(ConnectionSettings, BaseSettings):
         default=None,
         validation_alias=AliasChoices("DATABASE_URL", "database_url"),
         description="Postgres (the job ledger). Unset: the embedded pgserver under dev/demo.",
+    )
+    database_read_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("DATABASE_READ_URL", "database_read_url"),
+        description="Postgres read replica for the reads that tolerate lag (job and DLQ "
+        "listings, `status`, the cluster metrics); claims, fencing, completions and every read "
+        "right after a write stay on DATABASE_URL. Unset: those reads use DATABASE_URL.",
     )
     qdrant_url: str | None = Field(
         default=None,
@@ -201,6 +212,21 @@ class Settings(ConnectionSettings, BaseSettings):
     worker_prefetch_multiplier: int = Field(
         default=1, ge=1, description="SYNTH_WORKER_PREFETCH_MULTIPLIER: 1 keeps priorities strict."
     )
+    # --- batched consumption mode (synth_workers.batched) ---
+    worker_mode: Literal["default", "batched"] = Field(
+        default="default",
+        description="SYNTH_WORKER_MODE: 'batched' makes a prefork worker take up to "
+        "SYNTH_BATCH_SIZE messages per Redis round trip and run them in one pool process with "
+        "one ledger claim statement per batch (short jobs; see docs/batched-mode.md).",
+    )
+    batch_size: int = Field(
+        default=16,
+        ge=1,
+        le=1000,
+        description="SYNTH_BATCH_SIZE: messages per batch in the batched mode; also the "
+        "priority window (at most this many lower-priority jobs start after a higher one "
+        "is enqueued, per pool process).",
+    )
     db_schema: str = Field(
         default="synth",
         pattern=r"^[a-z_][a-z0-9_]{0,62}$",
@@ -217,8 +243,24 @@ class Settings(ConnectionSettings, BaseSettings):
         default=30.0,
         gt=0,
         description="SYNTH_LEASE_SECONDS: a running job's lease; renewed "
-        "every third of it, reaped when it expires.",
+        "every third of it, reaped when it expires (plus SYNTH_LEASE_GRACE).",
     )
+    # --- partitions and self-fencing (docs/deployment.md) -------------------------------------
+    lease_grace: float | None = Field(
+        default=None,
+        ge=0,
+        description="SYNTH_LEASE_GRACE: seconds past a lease's expiry before the reaper takes "
+        "the job back: the time a worker cut off from Postgres has to stop the job it can no "
+        "longer renew (self-fencing) plus clock-rate drift; unset: a third of the lease.",
+    )
+    db_tcp_timeout: float = Field(
+        default=10.0,
+        ge=1,
+        description="SYNTH_DB_TCP_TIMEOUT: seconds a ledger connection may leave data "
+        "unacknowledged (TCP_USER_TIMEOUT) or, idle, go without keepalive answers before it "
+        "is dropped: a worker behind a dead link notices within it instead of TCP's minutes.",
+    )
+    # --- end partitions -----------------------------------------------------------------------
     sweep_interval: float = Field(
         default=1.0,
         gt=0,
@@ -402,6 +444,12 @@ class Settings(ConnectionSettings, BaseSettings):
         ge=0,
         description="SYNTH_EMBED_BATCH_LINGER_MS: how long a batch waits for more jobs' texts.",
     )
+    embed_torch_threads: int = Field(
+        default=0,
+        ge=0,
+        description="SYNTH_EMBED_TORCH_THREADS: CPU threads of the local model's forward pass "
+        "(torch.set_num_threads); 0: torch's default, one per core.",
+    )
     embed_switch_interval_ms: float = Field(
         default=0.5,
         ge=0,
@@ -466,6 +514,12 @@ class Settings(ConnectionSettings, BaseSettings):
         description="SYNTH_HEARTBEAT_FILE: file the worker rewrites on each heartbeat "
         "(for exec probes); unset: none.",
     )
+    beat_heartbeat_file: Path | None = Field(
+        default=None,
+        description="SYNTH_BEAT_HEARTBEAT_FILE: file beat's scheduler loop rewrites on each "
+        "tick (at least every SYNTH_HEALTH_INTERVAL seconds); `synth-workers health beat` "
+        "reads it. Unset: none.",
+    )
     redact_fields: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="SYNTH_REDACT_FIELDS: comma-separated extra keys (payload fields) whose "
@@ -506,8 +560,14 @@ class Settings(ConnectionSettings, BaseSettings):
     events_retention: int = Field(
         default=3600,
         ge=1,
-        description="SYNTH_EVENTS_RETENTION: seconds a job's event stream lives after the job "
-        "ends (a user's stream: after its last event).",
+        description="SYNTH_EVENTS_RETENTION: seconds a user's event stream lives after its "
+        "last event, and a finished job's until its events are stored in the ledger.",
+    )
+    events_grace: int = Field(
+        default=5,
+        ge=0,
+        description="SYNTH_EVENTS_GRACE: seconds a finished job's event stream stays in Redis "
+        "once its events are stored in the ledger (readers then get them from there).",
     )
     events_maxlen: int = Field(
         default=100_000,
@@ -561,7 +621,7 @@ class Settings(ConnectionSettings, BaseSettings):
             raise ValueError(f"must be at least DB_POOL_MIN ({low}), got {value}")
         return value
 
-    @field_validator("database_url")
+    @field_validator("database_url", "database_read_url")
     @classmethod
     def _postgres_scheme(cls, value: str | None) -> str | None:
         return _check_scheme(value, _POSTGRES_SCHEMES)
@@ -593,6 +653,11 @@ class Settings(ConnectionSettings, BaseSettings):
     @classmethod
     def _upper(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
+
+    @property
+    def reap_grace(self) -> float:
+        """SYNTH_LEASE_GRACE, or a third of the lease when unset."""
+        return self.lease_seconds / 3 if self.lease_grace is None else self.lease_grace
 
     @property
     def broker_url(self) -> str:

@@ -36,7 +36,10 @@ call hands running (claim, lease, completion, the retry decision) to ``synth_wor
   together with its completion (exactly once); ``self.effect_done(key)`` /
   ``self.record_effect(key)`` guard an outside effect (an email) against a second run.
 - **Cancellation**: ``self.cancel_requested`` turns true when someone cancels the running
-  job; ``self.raise_if_cancelled()`` stops it there.
+  job; ``self.raise_if_cancelled()`` stops it there. ``self.stop_requested`` is also true
+  once the worker could not renew the job's lease in time (cut off from Postgres:
+  ``synth_workers.selffence``); ``raise_if_cancelled()`` then raises ``SelfFencedError``
+  and the job is not cancelled but runs again elsewhere.
 - **Progress**: ``self.progress(current, total, message=...)`` emits a ``progress`` event
   (``synth_workers.events``); ``self.workflow_completed(**summary)`` a ``workflow_completed``.
 """
@@ -50,7 +53,6 @@ from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 
 import celery
 import psycopg
-from billiard.exceptions import Terminated, WorkerLostError
 from celery.worker.request import Request as CeleryRequest
 from pydantic import BaseModel, ValidationError
 
@@ -58,9 +60,11 @@ from synth_workers import runner
 from synth_workers.binding import Binding
 from synth_workers.errors import InvalidPayloadError, RateLimitedError
 from synth_workers.platform import platform_of
+from synth_workers.poolwatch import process_lost
 from synth_workers.publish import send
 from synth_workers.routing import DEFAULT_PRIORITY, MAX_PRIORITY, MIN_PRIORITY, from_transport
 from synth_workers.runner import CancelledWhileRunning, LeaseLostError
+from synth_workers.selffence import SelfFencedError
 from synth_workers.states import EventKind
 
 if TYPE_CHECKING:
@@ -101,7 +105,8 @@ class Request(CeleryRequest):
     def on_failure(
         self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
     ) -> None:
-        if isinstance(exc_info.exception, (WorkerLostError, Terminated)):
+        lost_in_batch = getattr(self, "synth_lost_in_batch", False)  # batched/dispatch.py
+        if process_lost(exc_info) and not lost_in_batch:
             # before the message is requeued; only if that process still holds the job (a
             # job revoked with terminate=True ends cancelled there)
             platform_of(self.task.app).ledger.worker_lost(self.id, self._owner_prefix())
@@ -296,7 +301,24 @@ class Task(celery.Task):  # type: ignore[type-arg]
         claim = self.claim
         return claim is not None and self.platform.lease_keeper.cancel_requested(claim.job_id)
 
+    @property
+    def stop_requested(self) -> bool:
+        """Cancelled, or self-fenced: the job should stop (see ``raise_if_cancelled``)."""
+        claim = self.claim
+        return claim is not None and (
+            self.platform.lease_keeper.fenced(claim.job_id) or self.cancel_requested
+        )
+
     def raise_if_cancelled(self) -> None:
+        """Stop here if the job was cancelled (:class:`CancelledWhileRunning`: it ends
+        cancelled) or its lease could not be renewed in time (``SelfFencedError``: nothing is
+        recorded, the reaper runs it again on another worker)."""
+        claim = self.claim
+        if claim is not None and self.platform.lease_keeper.fenced(claim.job_id):
+            raise SelfFencedError(
+                f"job {claim.job_id} attempt {claim.attempt}: lease not renewed in time "
+                "(this worker is cut off from the ledger); stopped"
+            )
         if self.cancel_requested:
             raise CancelledWhileRunning(f"job {self.request.id} was cancelled")
 

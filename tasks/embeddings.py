@@ -204,9 +204,10 @@ def index_documents(
         for index in range(counts.get(doc.id, 0), before[first])
     ]
     store.delete_points(collection, stale)
+    written = None
     if dimension is not None:
         store.ensure_collection(collection, dimension, settings.embed_distance)
-        store.upsert(collection, points)
+        written = store.upsert(collection, points)
     return {
         "collection": collection,
         "documents": len(payload.documents),
@@ -216,6 +217,11 @@ def index_documents(
         "model": embedder.model,
         "forward_passes": list(outcome.passes),
         "batch_jobs": outcome.batch_jobs,
+        "pass_texts": list(outcome.pass_texts),
+        "pass_ms": list(outcome.pass_ms),
+        # the shared upsert that wrote this job's points, and how many jobs' points it carried
+        "upsert_call": written.call if written else None,
+        "upsert_jobs": written.callers if written else 0,
     }
 
 

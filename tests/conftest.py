@@ -75,6 +75,10 @@ os.environ["SYNTH_RETRY_BACKOFF_CAP"] = "5"
 os.environ.pop("QDRANT_URL", None)
 # Workers serve no metrics/health port unless a test gives one (tests run side by side).
 os.environ["SYNTH_METRICS_PORT"] = "0"
+# SYNTH_TEST_WORKER_MODE=batched: every worker the tests start runs in the batched mode
+# (synth_workers.batched; .ci/run runs the guarantee tests a second time so).
+if os.environ.get("SYNTH_TEST_WORKER_MODE"):
+    os.environ["SYNTH_WORKER_MODE"] = os.environ["SYNTH_TEST_WORKER_MODE"]
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

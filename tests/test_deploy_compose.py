@@ -430,3 +430,32 @@ def test_pending_lists_are_still_pending() -> None:
     landed += [" ".join(p) for p in PENDING_CLI_COMMANDS if cli_command(p) is not None]
     landed += sorted(rel for rel in PENDING_FILES if (ROOT / rel).exists())
     assert not landed, f"now present, remove from the PENDING lists: {landed}"
+
+
+def test_beat_healthcheck_reads_its_heartbeat() -> None:
+    """Beat has a healthcheck that catches a hang: `synth-workers health beat` on the file
+    its scheduler loop rewrites (SYNTH_BEAT_HEARTBEAT_FILE, under the writable /tmp)."""
+    beat = one_server()["services"]["beat"]
+    check = beat["healthcheck"]
+    assert not check.get("disable")
+    assert check["test"][0] == "CMD"
+    assert check_synth_workers_argv(check["test"][1:]) == {}
+    assert check["test"][1:] == ["synth-workers", "health", "beat"]
+    heartbeat = beat["environment"]["SYNTH_BEAT_HEARTBEAT_FILE"]
+    assert heartbeat.startswith("/tmp/") and "/tmp" in beat["tmpfs"]
+
+
+def test_high_availability_settings_pass_through() -> None:
+    """The read replica and Sentinel reach every platform process when set in the env file."""
+    documented = (DOCKER / ".env.example").read_text()
+    for name in COMPOSE_FILES:
+        for svc_name, svc in load_compose(name)["services"].items():
+            if not is_ours(svc):
+                continue
+            env = svc.get("environment") or {}
+            assert "REDIS_SENTINEL_NAME" in env, f"{name}:{svc_name}"
+            assert env["REDIS_SENTINEL_NAME"] in (None, ""), "passed through, not fixed"
+            if name == "compose.yaml":
+                assert "DATABASE_READ_URL" in env and env["DATABASE_READ_URL"] in (None, "")
+    assert "# DATABASE_READ_URL=postgresql://" in documented
+    assert "# REDIS_SENTINEL_NAME=" in documented

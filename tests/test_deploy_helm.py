@@ -26,7 +26,12 @@ from kombu.transport.redis import Channel
 
 from synth_workers.app import celery_config
 from synth_workers.settings import Settings
-from tests.test_deploy_compose import HEALTH, check_celery_argv, known_setting
+from tests.test_deploy_compose import (
+    HEALTH,
+    check_celery_argv,
+    check_synth_workers_argv,
+    known_setting,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm" / "synth-workers"
@@ -71,6 +76,22 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "egress": [{"to": [{"namespaceSelector": {}}]}],
             "eventsFrom": [{"podSelector": {"matchLabels": {"app": "frontend"}}}],
         },
+    },
+    # High availability and TLS: Sentinel (REDIS_URL lists the sentinels), a read replica,
+    # certificates from a Secret mounted in every platform container.
+    "ha-tls": {
+        "config": {"REDIS_SENTINEL_NAME": "synth"},
+        "secret": {
+            "data": {
+                "REDIS_URL": "rediss://:pw@sentinel-0.sentinel:26379,sentinel-1.sentinel:26379,"
+                "sentinel-2.sentinel:26379/0?ssl_ca_certs=/etc/synth-workers/tls/ca.crt",
+                "DATABASE_URL": "postgresql://synth:pw@pg-primary:5432/synth?sslmode=verify-full"
+                "&sslrootcert=/etc/synth-workers/tls/ca.crt",
+                "DATABASE_READ_URL": "postgresql://synth:pw@pg-replica:5432/synth?"
+                "sslmode=verify-full&sslrootcert=/etc/synth-workers/tls/ca.crt",
+            }
+        },
+        "tls": {"existingSecret": "synth-tls"},
     },
 }
 
@@ -378,10 +399,17 @@ def test_probes_on_health_endpoints(
     for doc in of_kind(docs, "Deployment"):
         (container,) = doc["spec"]["template"]["spec"]["containers"]
         text = yaml.safe_dump(container)
-        assert "inspect" not in text and "exec" not in text, "no `celery inspect ping` probes"
+        assert "inspect" not in text, "no `celery inspect ping` probes"
         kind = container["name"]
         if kind == "beat":
-            continue  # beat serves no HTTP endpoint; the kubelet restarts it when it exits
+            # no HTTP endpoint: an exec probe reads the heartbeat its scheduler loop writes
+            for probe in ("startupProbe", "livenessProbe"):
+                argv = container[probe]["exec"]["command"]
+                assert argv == ["synth-workers", "health", "beat"], (probe, argv)
+                assert check_synth_workers_argv(argv) == {}
+            seen.add(kind)
+            continue
+        assert "exec" not in text, "HTTP probes on the health endpoints"
         seen.add(kind)
         path, port = HEALTH[kind]
         expected = {
@@ -391,7 +419,7 @@ def test_probes_on_health_endpoints(
         }
         for probe, want in expected.items():
             assert _http(container[probe], container) == (want, port), (doc["metadata"], probe)
-    assert {"worker", "flower", "events", "metrics"} <= seen
+    assert {"worker", "flower", "events", "metrics", "beat"} <= seen
 
 
 def test_grace_period_covers_longest_task(
@@ -620,3 +648,51 @@ def test_chart_readme_lists_every_top_level_value() -> None:
     readme = (CHART / "README.md").read_text()
     for key in DEFAULTS:
         assert f"`{key}" in readme, f"README values table misses {key}"
+
+
+# --- liveness of beat, high availability, TLS ------------------------------------------------
+def test_beat_probe_window(rendered: tuple[dict[str, Any], list[dict[str, Any]]]) -> None:
+    """Beat's heartbeat file is under the writable /tmp, named in the ConfigMap, and a hung
+    beat is restarted within two heartbeat intervals plus the probe's failure window."""
+    values, docs = rendered
+    (config,) = of_kind(docs, "ConfigMap")
+    heartbeat = config["data"]["SYNTH_BEAT_HEARTBEAT_FILE"]
+    assert heartbeat == values["beat"]["heartbeatFile"] and heartbeat.startswith("/tmp/")
+    (beat,) = [d for d in of_kind(docs, "Deployment") if d["metadata"]["name"].endswith("-beat")]
+    (container,) = beat["spec"]["template"]["spec"]["containers"]
+    assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
+    live = container["livenessProbe"]
+    window = 2 * float(config["data"]["SYNTH_HEALTH_INTERVAL"])
+    window += live["periodSeconds"] * live["failureThreshold"]
+    assert window <= 120, window
+    assert live["timeoutSeconds"] >= 5, "the probe starts a Python process"
+
+
+def test_high_availability_and_tls(rendered: tuple[dict[str, Any], list[dict[str, Any]]]) -> None:
+    """DATABASE_READ_URL and the Sentinel name reach every platform container through the
+    Secret and ConfigMap; tls.existingSecret is mounted read-only in every one of them."""
+    values, docs = rendered
+    (config,) = of_kind(docs, "ConfigMap")
+    sentinel = values["config"].get("REDIS_SENTINEL_NAME")
+    assert config["data"].get("REDIS_SENTINEL_NAME") == (sentinel or None)
+    if not values["secret"]["existingSecret"]:
+        (secret,) = [d for d in of_kind(docs, "Secret") if d["metadata"]["name"] == FULLNAME]
+        data = secret["stringData"]
+        read_url = values["secret"]["data"].get("DATABASE_READ_URL")
+        assert data.get("DATABASE_READ_URL") == (read_url or None)
+    tls = values["tls"]
+    for name, spec in pod_specs(docs):
+        (container,) = spec["containers"]
+        mounts = {m["name"]: m for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        if not tls["existingSecret"]:
+            assert "tls" not in mounts and "tls" not in volumes, name
+            continue
+        assert mounts["tls"] == {"name": "tls", "mountPath": tls["mountPath"], "readOnly": True}
+        assert volumes["tls"]["secret"]["secretName"] == tls["existingSecret"], name
+        assert volumes["tls"]["secret"]["defaultMode"] == 0o440, name
+    if tls["existingSecret"]:
+        for key in ("REDIS_URL", "DATABASE_URL", "DATABASE_READ_URL"):
+            url = values["secret"]["data"][key]
+            assert tls["mountPath"] + "/ca.crt" in url, key
+        assert values["secret"]["data"]["REDIS_URL"].startswith("rediss://")

@@ -196,7 +196,7 @@ def test_sent_once_when_the_job_runs_twice(
     with app.ledger.connection() as conn:
         conn.execute(
             "UPDATE synth_jobs SET state = 'running', lease_owner = 'gone:1:x', "
-            "lease_expires_at = now() - interval '1 second', finished_at = NULL WHERE id = %s",
+            "lease_expires_at = now() - interval '1 minute', finished_at = NULL WHERE id = %s",
             (h.id,),
         )
     assert wait_until(

@@ -38,6 +38,7 @@ from synth_workers.providers.embedder import (
 )
 from tasks.embeddings import chunk_text, point_id
 
+from .conftest import wait_until
 from .fake_providers import DIM, EMBEDDINGS, FakeProviders, Reply, fake_vector
 
 INDEX = "tasks.embeddings.index_documents"
@@ -269,6 +270,83 @@ def test_a_bad_job_in_a_shared_pass_fails_alone() -> None:
         assert results[i].vectors == [fake_vector(jobs[i][0])]
 
 
+def test_group_call_shares_calls_and_fails_only_the_culprit() -> None:
+    from synth_workers.providers.groupcall import GroupCall
+
+    calls: list[list[str]] = []
+    gate = threading.Event()
+
+    def run(items: Any) -> list[str]:
+        calls.append(list(items))
+        gate.wait(5)  # the first call holds the turn while the others queue
+        if len(items) > 1 and "bad" in items:
+            raise EmbeddingRequestError("refused: bad item")
+        if items == ["bad"]:
+            raise EmbeddingRequestError("refused: bad item")
+        return [item.upper() for item in items]
+
+    group: GroupCall[str, str] = GroupCall(run, split_on=(EmbeddingRequestError,))
+    names = ["first"] + [f"job{i}" for i in range(8)] + ["bad"]
+    results: dict[str, Any] = {}
+
+    def one(name: str) -> None:
+        try:
+            results[name] = group.call(name)
+        except Exception as exc:
+            results[name] = exc
+
+    threads = [threading.Thread(target=one, args=(names[0],))]
+    threads[0].start()
+    assert wait_until(lambda: len(calls) == 1, timeout=5)  # "first" runs alone, holding the turn
+    threads += [threading.Thread(target=one, args=(n,)) for n in names[1:]]
+    for t in threads[1:]:
+        t.start()
+    assert wait_until(lambda: len(group._queue) == len(names) - 1, timeout=5)
+    gate.set()
+    for t in threads:
+        t.join(10)
+    assert results["first"].value == "FIRST" and results["first"].callers == 1
+    assert isinstance(results["bad"], EmbeddingRequestError)
+    for name in names[1:-1]:
+        assert results[name].value == name.upper()
+    # the nine queued items went together; the refusal split that call into one per item
+    assert calls[1] == names[1:]
+    assert sorted(map(tuple, calls[2:])) == sorted((n,) for n in names[1:])
+    assert group.calls == 2 + len(names) - 1
+
+
+def test_concurrent_upserts_share_one_qdrant_call() -> None:
+    from qdrant_client import models
+
+    from synth_workers.providers.vectors import VectorStore
+
+    store = VectorStore(QdrantClient(":memory:"), local=True)
+    store.ensure_collection("docs", 4)
+    lock = store._lock
+    assert lock is not None
+    outcomes: dict[int, Any] = {}
+
+    def write(i: int) -> None:
+        point = models.PointStruct(id=point_id(f"d{i}", 0), vector=[1.0, i, 0.0, 0.5])
+        outcomes[i] = store.upsert("docs", [point])
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(12)]
+    with lock:  # the client is busy: the first upsert waits for it, holding the turn
+        threads[0].start()
+        assert wait_until(lambda: "docs" in store._upserts and store._upserts["docs"].calls == 1)
+        group = store._upserts["docs"]
+        for t in threads[1:]:
+            t.start()
+        assert wait_until(lambda: len(group._queue) == 11, timeout=5)
+    for t in threads:
+        t.join(10)
+    assert store.count("docs") == 12  # every job's point stored, once
+    assert group.calls == 2  # the first alone, then the eleven that queued behind it
+    assert sorted(o.callers for o in outcomes.values()) == [1] + [11] * 11
+    assert len({o.call for o in outcomes.values()}) == 2
+    store.close()
+
+
 def test_local_qdrant_folder_is_one_process_only(tmp_path: Path) -> None:
     from synth_workers.providers.vectors import VectorStore
 
@@ -403,7 +481,11 @@ def test_micro_batching_through_a_threads_worker(
         "embeddings.gpu",
         pool="threads",
         concurrency=jobs,
-        env={"SYNTH_QDRANT_PATH": str(qdrant), "SYNTH_EMBED_BATCH_LINGER_MS": "50"},
+        env={
+            "SYNTH_QDRANT_PATH": str(qdrant),
+            "SYNTH_EMBED_BATCH_LINGER_MS": "50",
+            "SYNTH_EMBED_TORCH_THREADS": "1",
+        },
     )
     results = [h.wait(timeout=120) for h in handles]
     assert all(h.state() is JobState.SUCCEEDED for h in handles)
@@ -411,9 +493,77 @@ def test_micro_batching_through_a_threads_worker(
     passes = {p for r in results for p in r["forward_passes"]}
     assert len(passes) < jobs / 2, passes  # many jobs, few forward passes
     assert max(r["batch_jobs"] for r in results) > 1
+    # the jobs of a pass reach Qdrant together: their points go in shared upserts
+    upserts = {r["upsert_call"] for r in results}
+    assert None not in upserts and len(upserts) < jobs / 2, upserts
+    assert max(r["upsert_jobs"] for r in results) > 1
+    for r in results:  # a pass's size and time are reported with each job
+        assert len(r["pass_texts"]) == len(r["pass_ms"]) == len(r["forward_passes"]) == 1
+        assert 1 <= r["pass_texts"][0] <= 64 and r["pass_ms"][0] > 0
+    assert "(1 CPU threads)" in worker.output()  # SYNTH_EMBED_TORCH_THREADS reached torch
     assert worker.stop() == 0
     points = _read_points(qdrant)
     assert sorted(str(p.id) for p in points) == sorted(point_id(f"m{i}", 0) for i in range(jobs))
     assert {p.payload["doc_id"]: p.payload["text"] for p in points} == {
         f"m{i}": f"small document number {i}" for i in range(jobs)
     }
+
+
+class RejectingOpenAI(FakeOpenAI):
+    """The loopback embeddings server refusing (400) any request with a text containing
+    "REJECT", as a provider refuses bad input: a shared request fails as a whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        original = self.server._response
+
+        def respond(path: str, body: Any, reply: Reply) -> tuple[int, Any, dict[str, str]]:
+            texts = body.get("input", []) if isinstance(body, dict) else []
+            if path == EMBEDDINGS and any("REJECT" in t for t in texts):
+                reply = Reply(400, "input rejected: REJECT")
+            return original(path, body, reply)
+
+        self.server._response = respond  # type: ignore[method-assign]
+
+
+def test_a_bad_text_fails_only_its_job_through_a_worker(
+    rclient: Any, start_worker: Any, tmp_path: Path
+) -> None:
+    server = RejectingOpenAI()
+    qdrant = tmp_path / "qdrant"
+    try:
+        good = [
+            enqueue(INDEX, {"documents": [{"id": f"g{i}", "text": f"good text {i}"}]}, gpu=True)
+            for i in range(6)
+        ]
+        bad = enqueue(
+            INDEX, {"documents": [{"id": "b", "text": "a REJECT text"}]}, gpu=True
+        )  # all seven wait in the queue, so the worker's first pass is shared
+        worker = start_worker(
+            "embeddings.gpu",
+            pool="threads",
+            concurrency=8,
+            env={
+                "SYNTH_EMBED_PROVIDER": "openai",
+                "SYNTH_EMBED_BASE_URL": server.base_url,
+                "OPENAI_API_KEY": "sk-test",
+                "SYNTH_QDRANT_PATH": str(qdrant),
+                "SYNTH_EMBED_BATCH_LINGER_MS": "300",
+            },
+        )
+        results = [h.wait(timeout=60) for h in good]
+        with pytest.raises(JobFailedError, match="input rejected") as failed:
+            bad.wait(timeout=60)
+        assert failed.value.error_class == "EmbeddingRequestError"
+        assert bad.info()["attempt"] == 1  # dead at once, not retried
+        assert all(h.info()["attempt"] == 1 for h in good)  # the good ones were not retried
+        inputs = [r["body"]["input"] for r in server.requests]
+        shared = [i for i in inputs if "a REJECT text" in i and len(i) > 1]
+        assert shared, inputs  # the bad text did share a request with good ones...
+        assert ["a REJECT text"] in inputs  # ...which was split: the bad text alone
+        assert all(r["points"] == 1 for r in results)
+        assert worker.stop() == 0
+    finally:
+        server.close()
+    points = _read_points(qdrant)  # each good job's point once, nothing of the bad one
+    assert sorted(p.payload["doc_id"] for p in points) == sorted(f"g{i}" for i in range(6))

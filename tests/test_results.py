@@ -34,7 +34,10 @@ def _ledger_state(job_id: str) -> str | None:
 
 def test_get_waits_for_the_job_and_states_follow_it(rclient: Any, start_worker: Any) -> None:
     key = uuid.uuid4().hex
-    result = rt.held.delay(key, {"answer": 42})
+    # (quotes, backslashes, braces and commas: the completion sends results as an array
+    # literal, synth_workers.ledger.rows.text_array)
+    value = {"answer": 42, "text": 'say "hi" \\ {a,b} NULL é \\"'}
+    result = rt.held.delay(key, value)
     # no worker yet: queued in the ledger, PENDING to Celery
     assert result.state == "PENDING" and result.status == "PENDING"
     assert not result.ready()
@@ -46,10 +49,10 @@ def test_get_waits_for_the_job_and_states_follow_it(rclient: Any, start_worker: 
     with pytest.raises(CeleryTimeoutError):
         result.get(timeout=0.5)
     rclient.rpush(f"test:release:{key}", "go")
-    assert result.get(timeout=10) == {"answer": 42}
+    assert result.get(timeout=10) == value
     assert result.state == "SUCCESS" and result.successful() and result.ready()
     assert not result.failed()
-    assert result.result == {"answer": 42} and result.info == {"answer": 42}
+    assert result.result == value and result.info == value
     assert result.traceback is None
     assert _ledger_state(result.id) == "succeeded"
     # the ledger holds the result: no second copy in Redis
@@ -316,3 +319,121 @@ def test_reject_requeued_runs_again_and_reject_for_good_fails(start_worker: Any)
         refused.get(timeout=30)
     assert refused.status == "FAILURE"
     assert app.ledger.get(refused.id)["state"] == JobState.DEAD
+
+
+def _maybe_waited(*ids: str) -> list[bool]:
+    with app.ledger.connection() as conn:
+        rows = dict(
+            conn.execute(
+                "SELECT id::text, maybe_waited FROM synth_jobs WHERE id = ANY(%s::uuid[])",
+                (list(ids),),
+            ).fetchall()
+        )
+    return [rows[i] for i in ids]
+
+
+def test_waits_are_looked_up_only_for_a_job_that_may_be_waited_on(rclient: Any) -> None:
+    """The completion reads ``synth_waits`` only for rows marked ``maybe_waited`` (migration
+    0013): off only where the platform made the id and committed the row before anyone had
+    it; a waiter marks such a row itself. Every other way in keeps it on."""
+    import psycopg
+
+    from synth_workers import enqueue, enqueue_many
+    from synth_workers.ledger.results import mark_waited
+
+    made = [
+        rt.square.delay(2).id,
+        enqueue("tests.e2e_tasks.side_effect", {"key": "a"}, queue="nobody").id,
+        *(h.id for h in enqueue_many("tests.e2e_tasks.side_effect", [{"key": "b"}] * 2)),
+    ]
+    given = [
+        rt.square.apply_async((3,), task_id=str(uuid.uuid4())).id,  # Celery's own task_id=
+        enqueue("tests.e2e_tasks.side_effect", {"key": "c"}, job_id=str(uuid.uuid4())).id,
+        rt.square.s(4).freeze().id,  # not sent yet: no row (checked below)
+    ]
+    with (
+        psycopg.connect(app.settings.database_url, **app.ledger.connect_kwargs()) as conn,
+        conn.transaction(),
+    ):  # the outbox: the handle is the caller's before the commit
+        given.append(
+            enqueue("tests.e2e_tasks.side_effect", {"key": "d"}, queue="nobody", conn=conn).id
+        )
+    assert _maybe_waited(*made) == [False] * 4
+    assert _maybe_waited(*given[:2], given[3]) == [True] * 3
+    mark_waited(app.ledger, [made[0], given[2]])
+    assert _maybe_waited(made[0]) == [True]
+    assert app.ledger.get(given[2]) is None
+    with app.ledger.connection() as conn:
+        noted = conn.execute(
+            "SELECT count(*) FROM synth_waits WHERE job_id = ANY(%s::uuid[])",
+            ([made[0], given[2]],),
+        ).fetchone()
+    assert noted is not None and noted[0] == 2
+
+
+def test_get_on_an_id_before_its_job_is_sent(rclient: Any, start_worker: Any) -> None:
+    """Waiting on an id whose row does not exist yet (a chain step's, a chord callback's, a
+    caller-chosen one): the job sent later is announced to the waiter when it succeeds."""
+    import threading
+
+    start_worker(rt.QUEUE, env=ENV)
+    job_id = str(uuid.uuid4())
+    got: list[Any] = []
+    waiter = threading.Thread(target=lambda: got.append(AsyncResult(job_id, app=app).get(20)))
+    waiter.start()
+
+    def marked() -> bool:
+        with app.ledger.connection() as conn:
+            row = conn.execute("SELECT 1 FROM synth_waits WHERE job_id = %s", (job_id,)).fetchone()
+        return row is not None
+
+    assert wait_until(marked, timeout=10)
+    rt.square.apply_async((7,), task_id=job_id)
+    waiter.join(timeout=25)
+    assert got == [49]
+
+
+def test_a_mark_ended_as_a_deadlock_is_tried_again(rclient: Any) -> None:
+    """Marking locks the rows it sets; a transaction holding one of them and then waiting for
+    another the mark holds makes a deadlock. Postgres ends the mark (its own check runs
+    first here), which tries again once the rows are free instead of failing ``get()``."""
+    import threading
+
+    import psycopg
+
+    from synth_workers import enqueue
+    from synth_workers.ledger.results import mark_waited
+
+    ids = sorted(
+        enqueue("tests.e2e_tasks.side_effect", {"key": k}, queue="nobody").id for k in "ab"
+    )
+    assert _maybe_waited(*ids) == [False, False]
+    errors: list[BaseException] = []
+
+    def mark() -> None:
+        try:
+            mark_waited(app.ledger, ids)
+        except BaseException as exc:
+            errors.append(exc)
+
+    with psycopg.connect(app.settings.database_url, **app.ledger.connect_kwargs()) as other:
+        other.execute("SET deadlock_timeout = '10s'")  # the mark's check (1 s) runs first
+        touch = "UPDATE synth_jobs SET updated_at = now() WHERE id = %s"
+        other.execute(touch, (ids[1],))  # holds the second row
+        marker = threading.Thread(target=mark)
+        marker.start()
+
+        def waiting() -> bool:  # the mark holds the first row and waits for the second
+            with app.ledger.connection() as conn:
+                row = conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND query LIKE '%%maybe_waited = true%%'"
+                ).fetchone()
+            return row is not None and row[0] > 0
+
+        assert wait_until(waiting, timeout=10)
+        other.execute(touch, (ids[0],))  # the cycle: Postgres ends the mark, not this
+        other.commit()
+    marker.join(timeout=20)
+    assert not marker.is_alive() and errors == []
+    assert _maybe_waited(*ids) == [True, True]

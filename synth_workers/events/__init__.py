@@ -1,7 +1,9 @@
 """Durable job events: lifecycle and progress on Redis Streams, a subscribe API, SSE.
 
 - :mod:`synth_workers.events.stream`: the writer (a lifecycle listener the app factory
-  connects) and the readers (:class:`Subscription`);
+  connects); :mod:`synth_workers.events.subscription`: the reader (:class:`Subscription`);
+- :mod:`synth_workers.events.history`: finished jobs' events stored in the ledger, so their
+  Redis streams go a few seconds after the job ends (``SYNTH_EVENTS_GRACE``);
 - :mod:`synth_workers.events.auth`: HS256 bearer tokens (``JWT_SECRET``);
   :func:`issue_token` makes one for a user (an application's login, a dashboard page);
 - :mod:`synth_workers.events.server`: the Tornado SSE server (``synth-workers events serve``).
@@ -19,15 +21,16 @@ from typing import TYPE_CHECKING
 
 from synth_workers.events.auth import issue_token
 from synth_workers.events.buffer import EventBuffer
+from synth_workers.events.history import HistoryArchive, ledger_history
 from synth_workers.events.stream import (
     GLOBAL_STREAM,
     Event,
     EventWriter,
-    Subscription,
     events_client,
     job_stream,
     user_stream,
 )
+from synth_workers.events.subscription import Subscription
 
 if TYPE_CHECKING:
     from synth_workers.app import SynthCelery
@@ -54,14 +57,16 @@ def connect_events(app: Platform) -> EventBuffer:
     Returns the listener; call its ``flush()`` when a process stops."""
     settings = app.settings
     writer = EventWriter(
-        events_client(settings.broker_url, settings.redis_timeout),
+        events_client(settings, settings.redis_timeout),
         retention=settings.events_retention,
         maxlen=settings.events_maxlen,
         job_ttl=settings.job_ttl,
     )
+    # finished jobs' events go to the ledger; their streams then go (events.history)
+    writer.archive = HistoryArchive(app.ledger, writer.client, grace=settings.events_grace)
     buffer = EventBuffer(writer)
     app.lifecycle.connect(buffer)
-    atexit.register(buffer.flush)
+    atexit.register(buffer.flush)  # flushes the archive too
     return buffer
 
 
@@ -88,10 +93,11 @@ def subscribe(
     settings = app.settings
     return Subscription(
         # its XREAD blocks up to Subscription.block_ms (1 s) on the server
-        events_client(settings.broker_url, settings.redis_timeout, blocking=1.0),
+        events_client(settings, settings.redis_timeout, blocking=1.0),
         job_id=job_id,
         user_id=user_id,
         since=since,
         timeout=timeout,
         until_final=until_final,
+        history=ledger_history(app.ledger),  # a finished job's events once its stream went
     )

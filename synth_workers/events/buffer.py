@@ -27,6 +27,7 @@ return before its ``queued`` event is stored).
 from __future__ import annotations
 
 import logging
+import threading
 
 import redis
 
@@ -60,6 +61,19 @@ class EventBuffer(BatchWriter[JobEvent]):
         #: The last write in an announcing thread timed out and none has succeeded since.
         self._timed_out = False
 
+    @property
+    def timed_out(self) -> bool:
+        """A write in an announcing thread timed out: the background thread writes now."""
+        return self._timed_out
+
+    @timed_out.setter
+    def timed_out(self, value: bool) -> None:
+        self._timed_out = value
+
+    def has_pending(self) -> bool:
+        """Whether events wait to be written (a new one must go after them)."""
+        return bool(self._pending)
+
     def __call__(self, event: JobEvent) -> None:
         if event.kind in SKIPPED_KINDS:
             return
@@ -84,6 +98,19 @@ class EventBuffer(BatchWriter[JobEvent]):
             # retries them; whoever needs Redis next (the publish) reports it, once.
             self._timed_out = True
             self.wake()
+
+    def flush(self, raise_errors: bool = False) -> bool:
+        """Write what is pending; asked by anyone but the hot path and this buffer's own
+        thread (a process stopping, atexit, a test), the finished jobs' archive too."""
+        done = super().flush(raise_errors)
+        archive = self.writer.archive
+        if (
+            not raise_errors
+            and threading.current_thread() is not self._thread
+            and isinstance(archive, BatchWriter)
+        ):
+            done = archive.flush() and done
+        return done
 
     def write_batch(self, batch: list[JobEvent]) -> None:
         self.writer.write(batch)

@@ -14,12 +14,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 import redis.asyncio as aioredis
 
 from synth_workers.events.stream import Event
+from synth_workers.redisconn import async_redis_client
+
+if TYPE_CHECKING:
+    from synth_workers.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +70,15 @@ class Fanout:
     """Follows the streams its subscribers want, on one connection, and fans events out."""
 
     def __init__(
-        self, client: aioredis.Redis, url: str, block_ms: int = 1000, max_queue: int = 10_000
+        self,
+        client: aioredis.Redis,
+        url: str | Settings,
+        block_ms: int = 1000,
+        max_queue: int = 10_000,
     ) -> None:
         self.client = client  # catch-up reads and CLIENT UNBLOCK
-        self.reader = aioredis.Redis.from_url(url, single_connection_client=True)
+        # its own connection (Sentinel included: synth_workers.redisconn)
+        self.reader = async_redis_client(url, single_connection_client=True)
         self.block_ms = block_ms
         self.max_queue = max_queue
         self.positions: dict[str, str] = {}  # stream -> last id the reader has handed out

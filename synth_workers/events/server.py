@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import signal
 import time
 import uuid
@@ -37,7 +36,6 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
-import redis.asyncio as aioredis
 import tornado.httpserver
 import tornado.netutil
 import tornado.web
@@ -51,95 +49,22 @@ from synth_workers.events.auth import (
     secret_of,
     take_query_token,
 )
-from synth_workers.events.cors import CorsHandler, CorsPolicy
-from synth_workers.events.fanout import Fanout, Subscriber
-from synth_workers.events.stream import Event, job_stream, user_stream
+from synth_workers.events.cors import CorsPolicy
+from synth_workers.events.cursor import BAD_CURSOR, parse_cursor, refused_id
+from synth_workers.events.fanout import Fanout, Subscriber, frame
+from synth_workers.events.history import ledger_history
+from synth_workers.events.shared import Handler, HealthHandler, JobLookup, State, ledger_lookup
+from synth_workers.events.stream import Event, id_key, job_stream, user_stream
+from synth_workers.events.subscription import holds_after
 from synth_workers.ledger import Ledger
+from synth_workers.redisconn import async_redis_client
 from synth_workers.settings import Settings
 from synth_workers.states import FINAL_KINDS, FINAL_STATES
 
 log = logging.getLogger(__name__)
 
-#: ``<ms>`` or ``<ms>-<seq>``, ASCII digits only (``\d`` would take other scripts' digits).
-_EVENT_ID = re.compile(r"([0-9]{1,20})(?:-([0-9]{1,20}))?")
-#: Each part of a stream id is an unsigned 64-bit integer.
-MAX_ID_PART = 2**64 - 1
-BAD_CURSOR = (
-    "Last-Event-ID / since must be an event id: <ms> or <ms>-<seq>, each an integer "
-    f"from 0 to {MAX_ID_PART} (or 0, or $)"
-)
 #: Browsers wait this long (ms) before reconnecting a dropped stream.
 RETRY_MS = 2000
-
-#: ``job id -> (owner user id, ledger state)``, ``None`` when the ledger has no such job.
-JobLookup = Callable[[str], "tuple[str | None, str] | None"]
-
-
-def parse_cursor(raw: str) -> str:
-    """``since`` / ``Last-Event-ID`` as a stream id Redis accepts: ``$`` as it is, an id as
-    ``<ms>-<seq>``; :class:`ValueError` otherwise (never sent to Redis)."""
-    if raw == "$":
-        return raw
-    found = _EVENT_ID.fullmatch(raw)  # not match: "$" would let a trailing newline in
-    if found is None:
-        raise ValueError(BAD_CURSOR)
-    ms, seq = int(found[1]), int(found[2] or 0)
-    if ms > MAX_ID_PART or seq > MAX_ID_PART:
-        raise ValueError(BAD_CURSOR)
-    return f"{ms}-{seq}"
-
-
-def refused_id(exc: redis.RedisError) -> bool:
-    """Whether Redis refused a command for its stream id ("Invalid stream ID ...")."""
-    return isinstance(exc, redis.ResponseError) and " id " in f" {exc} ".lower()
-
-
-class State:
-    """What every handler of one server shares."""
-
-    def __init__(
-        self,
-        redis_client: aioredis.Redis,
-        fanout: Fanout,
-        secret: str,
-        heartbeat: float,
-        lookup: JobLookup,
-        token_max_ttl: float,
-        cors: CorsPolicy | None = None,
-    ) -> None:
-        self.redis = redis_client
-        self.fanout = fanout
-        self.secret = secret
-        #: The furthest ahead (seconds) a token's ``exp`` may lie.
-        self.token_max_ttl = token_max_ttl
-        self.heartbeat = heartbeat
-        self.lookup = lookup
-        self.cors = cors or CorsPolicy(())
-        self.started = time.time()
-        self.connections = 0
-        self.events_sent = 0
-        #: Set at shutdown: open streams end (their clients reconnect elsewhere, resuming).
-        self.stopping = False
-
-
-class Handler(CorsHandler):
-    def initialize(self, state: State) -> None:
-        self.state = state
-        self.cors = state.cors
-        self.set_default_headers()  # the constructor set them before ``cors`` was here
-
-
-class HealthHandler(Handler):
-    def get(self) -> None:
-        state = self.state
-        self.write(
-            {
-                "status": "ok",
-                "connections": state.connections,
-                "events_sent": state.events_sent,
-                "uptime_seconds": round(time.time() - state.started, 3),
-            }
-        )
 
 
 class EventsHandler(Handler):
@@ -216,8 +141,12 @@ class EventsHandler(Handler):
             key = user_stream(user)
             cursor = since if since and since != "$" else await self._last_id(key)
 
+        # a finished job's events its stream no longer holds come from the ledger first
+        older = await self._stored(job_id, key, cursor) if job_id else []
         try:
-            nothing_new = job_id is not None and not await self._read(key, cursor, count=1)
+            nothing_new = (
+                job_id is not None and not older and not await self._read(key, cursor, count=1)
+            )
         except redis.RedisError as exc:
             if not refused_id(exc):
                 raise
@@ -231,10 +160,14 @@ class EventsHandler(Handler):
         state.connections += 1
         self.subscriber = None
         try:
+            if older:
+                self._open()
+                if not await self._send(older, until_final=True):
+                    return  # the job's final event was among them
+                cursor = older[-1].id
             self.subscriber = await state.fanout.subscribe(key, cursor)
-            self.set_header("Content-Type", "text/event-stream; charset=utf-8")
-            self.set_header("Cache-Control", "no-cache")
-            self.set_header("X-Accel-Buffering", "no")
+            if not older:
+                self._open()
             await self._stream(self.subscriber, until_final=bool(job_id))
         except StreamClosedError:
             pass
@@ -250,15 +183,59 @@ class EventsHandler(Handler):
             if self.subscriber is not None:
                 state.fanout.unsubscribe(self.subscriber)
 
+    def _open(self) -> None:
+        self.set_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.set_header("Cache-Control", "no-cache")
+        self.set_header("X-Accel-Buffering", "no")
+        self.write(f"retry: {RETRY_MS}\n\n")
+
+    async def _send(self, events: list[Event], until_final: bool) -> bool:
+        """Send ``events`` (read from the ledger); False once the stream is finished."""
+        for event in events:
+            self.write(frame(event))
+            self.state.events_sent += 1
+            if until_final and event.final:
+                await self.flush()
+                self.finish()
+                return False
+        await self.flush()
+        return True
+
+    async def _catch_up(self, sub: Subscriber) -> bool:
+        """Send what the ledger has after ``sub``'s position; False once finished."""
+        job_id = self.get_argument("job")
+        stored = await self._stored(job_id, sub.key, "{}-{}".format(*sub.last))
+        if stored:
+            sub.last = max(sub.last, id_key(stored[-1].id))
+        return await self._send(stored, until_final=True)
+
+    async def _stored(self, job_id: str, key: str, cursor: str) -> list[Event]:
+        """The job's events after ``cursor`` its stream does not hold (it went after the job
+        ended), from the ledger; ``[]`` when the stream holds them all."""
+        try:
+            first: Any = await self.state.redis.xrange(key, "-", "+", count=1)
+            if holds_after(first, cursor):
+                return []
+        except redis.RedisError:
+            return []  # the Redis read that follows reports it
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(None, self.state.history, job_id, cursor)
+        except Exception as exc:  # the ledger is down: what Redis still has is sent
+            log.warning("events: ledger history of job %s failed (%s)", job_id, exc)
+            return []
+
     async def _stream(self, sub: Subscriber, until_final: bool) -> None:
         state = self.state
-        self.write(f"retry: {RETRY_MS}\n\n")
         await self.flush()
         while not self.closed and not state.stopping:
             try:
                 event = await asyncio.wait_for(sub.queue.get(), state.heartbeat)
             except TimeoutError:
                 self.write(": heartbeat\n\n")
+                # a job's stream that went while we caught up: the rest is in the ledger
+                if until_final and not await self._catch_up(sub):
+                    return
                 await self.flush()
                 continue
             item = event
@@ -316,18 +293,6 @@ class EventsHandler(Handler):
         return any(Event.from_entry(i, f).kind in FINAL_KINDS for i, f in recent)
 
 
-def ledger_lookup(ledger: Ledger) -> JobLookup:
-    """Owner and state of a job, read from the ledger."""
-
-    def lookup(job_id: str) -> tuple[str | None, str] | None:
-        row = ledger.get(job_id)
-        if row is None:
-            return None
-        return row["user_id"], str(row["state"])
-
-    return lookup
-
-
 def make_app(state: State) -> tornado.web.Application:
     return tornado.web.Application(
         [
@@ -353,16 +318,15 @@ def serve(
     async def main() -> None:
         # Short reads only (the fan-out's blocking read has its own connection): a bounded
         # pool that makes a burst of new clients wait their turn.
-        pool = aioredis.BlockingConnectionPool.from_url(
-            settings.broker_url,
+        client = async_redis_client(
+            settings,  # one server or Sentinel (synth_workers.redisconn)
             max_connections=32,
-            timeout=30,
+            pool_timeout=30,
             socket_connect_timeout=5,
             socket_timeout=30,
         )
-        client = aioredis.Redis(connection_pool=pool)
         ledger = Ledger(settings)
-        fanout = Fanout(client, settings.broker_url)
+        fanout = Fanout(client, settings)
         fanout.start()
         state = State(
             client,
@@ -372,6 +336,7 @@ def serve(
             lookup or ledger_lookup(ledger),
             token_max_ttl=settings.events_token_max_ttl,
             cors=CorsPolicy(settings.cors_origins),
+            history=ledger_history(ledger),
         )
         sockets = tornado.netutil.bind_sockets(port, address)
         server = tornado.httpserver.HTTPServer(make_app(state), idle_connection_timeout=3600)

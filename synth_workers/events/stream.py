@@ -1,11 +1,16 @@
-"""Job events on Redis Streams: the writer (a lifecycle listener) and the readers.
+"""Job events on Redis Streams: the writer (a lifecycle listener) and the event record
+(readers: :mod:`synth_workers.events.subscription`, the SSE server).
 
 Every :class:`~synth_workers.lifecycle.JobEvent` the ledger announces is written, in one
 round trip (one Lua script call), to:
 
-* ``synth:events:job:<job id>``: the job's own stream, its whole history. It expires
-  ``SYNTH_EVENTS_RETENTION`` seconds after the job's final event (``SYNTH_JOB_TTL`` after
-  its first one, as a safety net for a job that never ends);
+* ``synth:events:job:<job id>``: the job's own stream, its whole history while it lives.
+  With an archive (:mod:`synth_workers.events.history`, what the app factory connects) the
+  script hands the stream's entries back with the job's final event; once the archive has
+  stored them in the ledger the stream expires ``SYNTH_EVENTS_GRACE`` seconds later, and
+  readers take the history from the ledger. Without one (or until then) it expires
+  ``SYNTH_EVENTS_RETENTION`` seconds after the final event; ``SYNTH_JOB_TTL`` after the last
+  other event, as a safety net for a job that never ends;
 * ``synth:events:all``: every job's events, capped at about ``SYNTH_EVENTS_MAXLEN`` entries;
 * ``synth:events:user:<user id>``: the events of the user's jobs, capped the same way, expiring
   ``SYNTH_EVENTS_RETENTION`` seconds after its last event.
@@ -25,15 +30,19 @@ from __future__ import annotations
 
 import json
 import logging
-import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
+from synth_workers import liveness
 from synth_workers.lifecycle import JobEvent
+from synth_workers.redisconn import redis_client
 from synth_workers.states import FINAL_KINDS
+
+if TYPE_CHECKING:
+    from synth_workers.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +54,19 @@ JOB_STREAM_CAP = 10_000
 DATA_LIMIT_BYTES = 4096
 #: Kinds written as a ``failed`` event followed by themselves.
 FAILURE_KINDS = frozenset({"retrying", "dead"})
+
+
+#: Takes ``(job id, its stream's entries as XRANGE returns them)`` once the job's final
+#: event is written (``HistoryArchive.add``).
+Archive = Callable[[tuple[str, Any]], None]
+#: ``(job id, after id) -> the job's events after that id`` from durable storage (the ledger).
+HistoryReader = Callable[[str, str], "list[Event]"]
+
+
+def id_key(event_id: str) -> tuple[int, int]:
+    """An event id as a pair that orders like the ids do."""
+    ms, _, seq = event_id.partition("-")
+    return int(ms), int(seq or 0)
 
 
 def job_stream(job_id: str) -> str:
@@ -60,13 +82,15 @@ def user_stream(user_id: str) -> str:
 SEP = "\x1f"
 
 # KEYS[1]: the global stream. ARGV: global cap, job cap, job safety TTL, retention, user key
-# prefix, job key prefix, then per event: job id, user id ('' = none), final (0/1), and the
-# field/value pairs joined by SEP. Returns the ids given, in order.
+# prefix, job key prefix, archive (0/1), then per event: job id, user id ('' = none), final
+# (0/1), and the field/value pairs joined by SEP. Returns the ids given, in order, and (with
+# archive) for each final event its job id and its stream's entries.
 _WRITE = """
 local gcap, jcap, jttl, ret = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local uprefix, jprefix = ARGV[5], ARGV[6]
+local uprefix, jprefix, archive = ARGV[5], ARGV[6], ARGV[7]
 local ids = {}
-local i = 7
+local finished = {}
+local i = 8
 while i <= #ARGV do
   local job, user, final, packed = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local jkey = jprefix .. job
@@ -111,8 +135,12 @@ while i <= #ARGV do
   end
   if final == '1' then
     redis.call('EXPIRE', jkey, ret)
+    if archive == '1' then
+      finished[#finished + 1] = job
+      finished[#finished + 1] = redis.call('XRANGE', jkey, '-', '+')
+    end
   else
-    redis.call('EXPIRE', jkey, jttl, 'NX')
+    redis.call('EXPIRE', jkey, jttl)
   end
   if user ~= '' then
     local ukey = uprefix .. user
@@ -124,7 +152,7 @@ while i <= #ARGV do
   end
   ids[#ids + 1] = id
 end
-return ids
+return {ids, finished}
 """
 
 
@@ -227,11 +255,15 @@ class EventWriter:
         retention: int,
         maxlen: int,
         job_ttl: int,
+        archive: Archive | None = None,
     ) -> None:
         self.client = client
         self.retention = retention
         self.maxlen = maxlen
         self.job_ttl = job_ttl
+        #: Handed ``(job id, stream entries)`` for each final event written (see
+        #: :mod:`synth_workers.events.history`); ``None``: streams keep ``retention``.
+        self.archive = archive
         self._script = client.register_script(_WRITE)
 
     def __call__(self, event: JobEvent) -> None:
@@ -257,6 +289,13 @@ class EventWriter:
 
     def write(self, events: Sequence[JobEvent]) -> list[str]:
         """Write ``events`` in one round trip; return the ids they were given."""
+        keys, args = self.command(events)
+        return self.written(self._script(keys=keys, args=args))
+
+    def command(self, events: Sequence[JobEvent]) -> tuple[list[str], list[str]]:
+        """The keys and arguments of the script call that writes ``events`` (a caller may
+        send it in its own pipeline, as ``EVALSHA`` of :attr:`script_sha`, and hand the
+        reply to :meth:`written`)."""
         args: list[str] = [
             str(self.maxlen),
             str(JOB_STREAM_CAP),
@@ -264,102 +303,41 @@ class EventWriter:
             str(self.retention),
             PREFIX + "user:",
             PREFIX + "job:",
+            "0" if self.archive is None else "1",
         ]
         for event in events:
             args += self._args(event)
-        ids = self._script(keys=[GLOBAL_STREAM], args=args)
-        return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
+        return [GLOBAL_STREAM], args
+
+    @property
+    def script_sha(self) -> str:
+        return str(self._script.sha)
+
+    def load_script(self) -> None:
+        """Make sure Redis knows the write script (before sending it as ``EVALSHA``)."""
+        self._script.registered_client.script_load(self._script.script)
+
+    def written(self, reply: Any) -> list[str]:
+        """The ids the script gave; finished jobs' entries it returned go to the archive."""
+        ids, finished = reply
+        if self.archive is not None:
+            for n in range(0, len(finished), 2):
+                self.archive((as_text(finished[n]), finished[n + 1]))
+        return [as_text(i) for i in ids]
 
 
-# --- reading -----------------------------------------------------------------------------
-def stream_for(job_id: str | None = None, user_id: str | None = None) -> str:
-    """The stream to read: a job's, else a user's, else the global one."""
-    if job_id:
-        return job_stream(job_id)
-    if user_id:
-        return user_stream(user_id)
-    return GLOBAL_STREAM
+def as_text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def read_range(client: redis.Redis, key: str, since: str | None, count: int = 1000) -> list[Event]:
-    """Events of ``key`` after ``since`` (exclusive; ``None``: from the start)."""
-    start = "-" if not since or since in ("0", "0-0") else f"({since}"
-    entries: Any = client.xrange(key, min=start, max="+", count=count)
-    return [Event.from_entry(i, f) for i, f in entries]
-
-
-def last_id(client: redis.Redis, key: str) -> str:
-    """The id of the newest event of ``key`` ("0-0" when it has none)."""
-    entries: Any = client.xrevrange(key, max="+", min="-", count=1)
-    if not entries:
-        return "0-0"
-    entry_id = entries[0][0]
-    return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
-
-
-class Subscription:
-    """An iterator over events of one stream, in order, blocking for new ones.
-
-    ``since``: the id of the last event already seen (exclusive); ``None`` starts from the
-    whole history for a job, from now on for a user or the global stream. The iteration ends
-    after ``timeout`` seconds in all (``None``: never), and, for a job with ``until_final``,
-    after the job's final event.
-    """
-
-    def __init__(
-        self,
-        client: redis.Redis,
-        *,
-        job_id: str | None = None,
-        user_id: str | None = None,
-        since: str | None = None,
-        timeout: float | None = None,
-        until_final: bool = True,
-        block_ms: int = 1000,
-    ) -> None:
-        self.client = client
-        self.job_id = job_id
-        self.user_id = user_id
-        self.key = stream_for(job_id, user_id)
-        self.timeout = timeout
-        self.until_final = until_final and job_id is not None
-        self.block_ms = block_ms
-        self.since = since
-        #: Set when the iteration stopped because ``timeout`` ran out.
-        self.timed_out = False
-
-    def __iter__(self) -> Iterator[Event]:
-        deadline = None if self.timeout is None else time.monotonic() + self.timeout
-        cursor = self.since
-        if cursor is None:
-            cursor = "0-0" if self.job_id else last_id(self.client, self.key)
-        while True:
-            block = self.block_ms
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    self.timed_out = True
-                    return
-                block = max(1, min(block, int(left * 1000)))
-            reply: Any = self.client.xread({self.key: cursor}, count=500, block=block)
-            for _key, entries in reply or []:
-                for entry_id, fields in entries:
-                    event = Event.from_entry(entry_id, fields)
-                    cursor = event.id
-                    if self.user_id and self.job_id and event.user_id != self.user_id:
-                        continue
-                    yield event
-                    if self.until_final and event.final:
-                        return
-
-
-def events_client(url: str, timeout: float = 5.0, blocking: float = 0.0) -> redis.Redis:
-    """A client for the event streams: ``timeout`` seconds to connect and for an answer
-    (``SYNTH_REDIS_TIMEOUT``: a listener must not hang a job), plus ``blocking`` seconds for a
-    reader whose XREAD blocks that long on the server."""
-    return redis.Redis.from_url(
+def events_client(url: str | Settings, timeout: float = 5.0, blocking: float = 0.0) -> redis.Redis:
+    """A client for the event streams (``url``: a Redis URL, or the settings, Sentinel
+    included): ``timeout`` seconds to connect and for an answer (``SYNTH_REDIS_TIMEOUT``: a
+    listener must not hang a job), plus ``blocking`` seconds for a reader whose XREAD blocks
+    that long on the server."""
+    return redis_client(
         url,
         socket_connect_timeout=timeout,
         socket_timeout=timeout + blocking,
-        socket_keepalive=True,
+        **liveness.redis_kwargs(),
     )

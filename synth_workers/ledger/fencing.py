@@ -1,9 +1,8 @@
 """A worker's side of a job: claim, lease renewal, and every fenced finish.
 
-A worker *claims* a queued job (``attempt + 1`` is the fencing token and ``lease_owner`` its
-process), renews the leases of all its running jobs in one statement per tick, and finishes
-a job only while its attempt and lease still hold (:data:`_FENCE`); a refused late finish is
-recorded in ``synth_late_completions``.
+A worker *claims* a queued job (``attempt + 1`` is the fencing token, ``lease_owner`` its
+process), renews its running jobs' leases in one statement per tick, and finishes a job only
+while attempt and lease hold (:data:`_FENCE`); refused ones go to ``synth_late_completions``.
 """
 
 from __future__ import annotations
@@ -21,37 +20,49 @@ from synth_workers.ledger.rows import (
     arguments_json,
     encode_result,
     exception_origin,
+    result_json,
+    text_array,
 )
 from synth_workers.states import EventKind, JobState
 
+# States as literals, not parameters: with ``state = $1`` Postgres re-plans these statements on
+# every execution (only a custom plan may use the partial index ``synth_jobs_leases``, so the
+# generic plan is never chosen; bench/README.md, drain).
+_STATES = {s.name.lower(): sql.Literal(s.value) for s in JobState}
 _CLAIM = sql.SQL(
-    "UPDATE synth_jobs SET state = %(running)s, attempt = attempt + 1, "
+    "UPDATE synth_jobs SET state = {running}, attempt = attempt + 1, "
     "lease_owner = %(owner)s, lease_expires_at = now() + make_interval(secs => %(lease)s), "
     "started_at = now(), updated_at = now() "
-    "WHERE id = %(id)s AND state = %(queued)s AND NOT cancel_requested "
+    "WHERE id = %(id)s AND state = {queued} AND NOT cancel_requested "
     "AND (expires_at IS NULL OR expires_at > now()) RETURNING attempt, max_attempts, task, "
     "queue, user_id, extract(epoch FROM enqueued_at), correlation_id"
-)
+).format(**_STATES)
+#: By primary key whatever the statistics say; waits looked up if maybe (bench/README, drain)
 _COMPLETE = sql.SQL(
-    "UPDATE synth_jobs j SET state = %(succeeded)s, result = v.result, "
+    "UPDATE synth_jobs j SET state = {succeeded}, result = v.result, "
     "finished_at = now(), lease_owner = NULL, lease_expires_at = NULL, "
     "updated_at = now() FROM (SELECT unnest(%(done_ids)s::uuid[]) AS id, "
     "unnest(%(done_attempts)s::int[]) AS attempt, unnest(%(done_owners)s::text[]) AS owner, "
-    "unnest(%(done_results)s::jsonb[]) AS result) v WHERE j.id = v.id "
-    "AND j.attempt = v.attempt AND j.lease_owner = v.owner AND j.state = %(running)s "
-    "RETURNING j.id, EXISTS (SELECT 1 FROM synth_waits w WHERE w.job_id = j.id) AS waited"
+    "unnest(%(done_results)s::jsonb[]) AS result) v WHERE j.id = v.id AND j.id = ANY("
+    "%(done_ids)s::uuid[]) AND j.attempt = v.attempt AND j.lease_owner = v.owner AND "
+    "j.state = {running} RETURNING j.id, j.maybe_waited AND EXISTS (SELECT 1 FROM "
+    "synth_waits w WHERE w.job_id = j.id) AS waited"
+).format(**_STATES)
+_COMPLETE_AND_CLAIM_Q = (
+    sql.SQL(
+        "WITH done AS ({complete}), claimed AS ({claim}) "
+        "SELECT c.*, (SELECT coalesce(array_agg(id), '{{}}') FROM done), "
+        "(SELECT coalesce(array_agg(id) FILTER (WHERE waited), '{{}}') FROM done) "
+        "FROM (SELECT 1) one LEFT JOIN claimed c ON true"
+    )
+    .format(complete=_COMPLETE, claim=_CLAIM)
+    .as_bytes(None)
 )
-_COMPLETE_AND_CLAIM_Q = sql.SQL(
-    "WITH done AS ({complete}), claimed AS ({claim}) "
-    "SELECT c.*, (SELECT coalesce(array_agg(id), '{{}}') FROM done), "
-    "(SELECT coalesce(array_agg(id) FILTER (WHERE waited), '{{}}') FROM done) "
-    "FROM (SELECT 1) one LEFT JOIN claimed c ON true"
-).format(complete=_COMPLETE, claim=_CLAIM).as_bytes(None)
 _CLAIM_Q, _COMPLETE_Q = _CLAIM.as_bytes(None), _COMPLETE.as_bytes(None)  # rendered once
 #: The claim still holds: the row's attempt and lease are the claim's (see :func:`_fenced`).
 _FENCE = sql.SQL(
-    "id = %(id)s AND attempt = %(attempt)s AND lease_owner = %(owner)s AND state = %(running)s"
-)
+    "id = %(id)s AND attempt = %(attempt)s AND lease_owner = %(owner)s AND state = {running}"
+).format(**_STATES)
 
 
 def _fenced(claim: Claim) -> dict[str, Any]:
@@ -65,13 +76,14 @@ def _fenced(claim: Claim) -> dict[str, Any]:
 
 
 def _completion_params(done: Sequence[tuple[Claim, Any]]) -> dict[str, Any]:
+    """The arrays as text literals: psycopg dumps a list in Python (a third of the claim's
+    cost in the pool processes), a string in C. (Not one jsonb: unnest's row estimate keeps
+    the join on the primary key.)"""
     return {
-        "succeeded": JobState.SUCCEEDED,
-        "running": JobState.RUNNING,
-        "done_ids": [c.job_id for c, _ in done],
-        "done_attempts": [c.attempt for c, _ in done],
-        "done_owners": [c.owner for c, _ in done],
-        "done_results": [encode_result(r) for _, r in done],
+        "done_ids": text_array(c.job_id for c, _ in done),
+        "done_attempts": text_array(str(int(c.attempt)) for c, _ in done),
+        "done_owners": text_array(c.owner for c, _ in done),
+        "done_results": text_array(result_json(r) for _, r in done),
     }
 
 
@@ -84,21 +96,12 @@ class Fencing(LedgerRows):
         """Take a queued job for ``owner``; ``None`` when it is not queued (already taken,
         finished, cancelled, or not due). ``complete``: finished jobs of this process whose
         fenced completion rides along in the same statement (one round trip per job)."""
-        params = {
-            "running": JobState.RUNNING,
-            "queued": JobState.QUEUED,
-            "owner": owner,
-            "lease": self.settings.lease_seconds,
-            "id": job_id,
-        }
-        if not complete:
-            with self.connection() as conn:
-                row = conn.execute(_CLAIM_Q, params).fetchone()
-        else:
-            with self.connection() as conn:
-                row = conn.execute(
-                    _COMPLETE_AND_CLAIM_Q, {**_completion_params(complete), **params}
-                ).fetchone()
+        params = {"owner": owner, "lease": self.settings.lease_seconds, "id": job_id}
+        if complete:
+            params.update(_completion_params(complete))
+        with self.held() as conn:
+            row = conn.execute(_COMPLETE_AND_CLAIM_Q if complete else _CLAIM_Q, params).fetchone()
+        if complete:
             assert row is not None
             self._late_unless({str(i) for i in row[7]}, complete, {str(i) for i in row[8]})
             if row[0] is None:
@@ -128,13 +131,14 @@ class Fencing(LedgerRows):
             else:
                 self.announce_finish(claim, EventKind.SUCCEEDED, waited=claim.job_id in waited)
 
-    def renew(self, owner: str) -> list[tuple[str, bool]]:
-        """Extend every lease ``owner`` holds, in one statement; return (job, cancel asked)."""
+    def renew(self, owner: str, job_ids: Sequence[str]) -> list[tuple[str, bool]]:
+        """Extend ``owner``'s leases on ``job_ids`` only, in one statement: (job, cancel asked)."""
         with self.connection() as conn:
             rows = conn.execute(
                 "UPDATE synth_jobs SET lease_expires_at = now() + make_interval(secs => %s) "
-                "WHERE lease_owner = %s AND state = %s RETURNING id, cancel_requested",
-                (self.settings.lease_seconds, owner, JobState.RUNNING),
+                "WHERE id = ANY(%s::uuid[]) AND lease_owner = %s AND state = 'running' "
+                "RETURNING id, cancel_requested",
+                (self.settings.lease_seconds, list(job_ids), owner),
             ).fetchall()
         return [(str(r[0]), bool(r[1])) for r in rows]
 
@@ -391,10 +395,6 @@ class Fencing(LedgerRows):
             row = conn.execute(query, params).fetchone()
         if row is None:
             return False
-        self.announce_finish(
-            claim,
-            EventKind.CANCELLED,
-            while_running=True,
-            reason="cancelled" if row[0] else "expired",
-        )
+        reason = "cancelled" if row[0] else "expired"
+        self.announce_finish(claim, EventKind.CANCELLED, while_running=True, reason=reason)
         return True

@@ -13,12 +13,12 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
+from synth_workers.ledger.inserts import Inserts
 from synth_workers.ledger.rows import (
     NOTIFY_CHANNEL,
     RESULT_LIMIT_BYTES,
     UNFINISHED,
     Claim,
-    LedgerRows,
     arguments_json,
     clip_text,
     encode_result,
@@ -44,7 +44,7 @@ _REJECT = sql.SQL(
 )
 
 
-class Jobs(LedgerRows):
+class Jobs(Inserts):
     """Writes and reads job rows outside a worker's claim."""
 
     def insert_job(
@@ -67,13 +67,15 @@ class Jobs(LedgerRows):
         expires_at: datetime | None = None,
         rerun_finished: bool = False,
         correlation_id: str | None = None,
+        maybe_waited: bool = True,
     ) -> str:
         """Insert a job row (queued, or scheduled when delayed); with an idempotency key,
         return the id of the live job that already holds the key instead (nothing inserted).
         ``expires_at``: Celery's ``expires``; a job not started by then ends ``cancelled``.
         ``rerun_finished``: the id of a finished job sent again is a new run of it (as in
         Celery) rather than the same job (see :data:`_INSERT_JOB`). ``correlation_id``: the
-        caller's request id (``synth_workers.correlation``).
+        caller's request id (``synth_workers.correlation``). ``maybe_waited=False``: nobody
+        can have the id before this row commits (migration 0013).
         """
         self.durable(conn)
         if idempotency_key is not None:
@@ -112,6 +114,7 @@ class Jobs(LedgerRows):
                 message_json(message),
                 expires_at,
                 correlation_id,
+                maybe_waited,
                 rerun_finished,
                 list(FINAL_STATES),
             ),
@@ -130,14 +133,16 @@ class Jobs(LedgerRows):
     _INSERT_JOB = (
         "INSERT INTO synth_jobs (id, task, queue, priority, payload, args, idempotency_key,"
         " state, max_attempts, run_at, published_at, replay_of, user_id, message, expires_at,"
-        " correlation_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, CASE WHEN %s THEN now() +"
-        " make_interval(secs => %s) END, CASE WHEN %s THEN now() END, %s, %s, %s, %s, %s)"
+        " correlation_id, maybe_waited) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, CASE WHEN"
+        " %s THEN now() + make_interval(secs => %s) END, CASE WHEN %s THEN now() END, %s, %s,"
+        " %s, %s, %s, %s)"
         " ON CONFLICT (id) DO UPDATE SET task = EXCLUDED.task, queue = EXCLUDED.queue,"
         " priority = EXCLUDED.priority, payload = EXCLUDED.payload, args = EXCLUDED.args,"
         " state = EXCLUDED.state, max_attempts = EXCLUDED.max_attempts,"
         " run_at = EXCLUDED.run_at, published_at = EXCLUDED.published_at,"
         " message = EXCLUDED.message, expires_at = EXCLUDED.expires_at, attempt = 0,"
         " correlation_id = coalesce(EXCLUDED.correlation_id, synth_jobs.correlation_id),"
+        " maybe_waited = synth_jobs.maybe_waited OR EXCLUDED.maybe_waited,"
         " retries = 0, worker_losses = 0, result = NULL, finished_at = NULL,"
         " started_at = NULL, failure_class = NULL, error_class = NULL, last_error = NULL,"
         " traceback = NULL, error_module = NULL, error_args = NULL, cancel_requested = false,"

@@ -94,6 +94,65 @@ def _release(key: _PoolKey) -> None:
     pool.close()
 
 
+def shared_pool(
+    settings: Settings,
+    conninfo: str,
+    kwargs: dict[str, Any],
+    unavailable: Callable[[BaseException], ServiceUnavailableError],
+) -> tuple[ConnectionPool[psycopg.Connection[Any]], _PoolKey]:
+    """This process's pool for ``conninfo`` with ``kwargs`` (opened on first use, shared by
+    every holder of the same key: see :data:`_shared`), and its key for :func:`_release`.
+    An unreachable server fails once, within ``SYNTH_DB_CONNECT_TIMEOUT``, as
+    ``unavailable(exc)``."""
+    pid = os.getpid()
+    size = settings.db_pool_size
+    key: _PoolKey = (
+        pid,
+        conninfo,
+        " ".join(f"{k}={v}" for k, v in sorted(kwargs.items())),
+        size,
+        settings.db_pool_min,
+        settings.db_idle_timeout,
+    )
+
+    def build() -> ConnectionPool[psycopg.Connection[Any]]:
+        # One connection first: an unreachable Postgres fails here, once, within
+        # SYNTH_DB_CONNECT_TIMEOUT, instead of the pool's retries.
+        try:
+            psycopg.connect(conninfo, **kwargs).close()
+        except psycopg.OperationalError as exc:
+            if not is_connection_failure(exc):
+                raise
+            raise unavailable(exc) from None
+        pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
+            conninfo,
+            min_size=min(settings.db_pool_min, size),
+            max_size=size,
+            max_idle=settings.db_idle_timeout / 1000,  # DB_IDLE_TIMEOUT: ms
+            # After an outage (a cut link) the pool's background reconnection backs off
+            # exponentially; giving it up after this, the next use reconnects at once, so a
+            # worker recovers within seconds.
+            reconnect_timeout=2 * settings.db_tcp_timeout,
+            kwargs=kwargs,
+            open=False,
+            name=f"synth-ledger-{pid}",
+        )
+        try:
+            pool.open(wait=True, timeout=2 * settings.db_connect_timeout)
+        except Exception as exc:
+            raise unavailable(exc) from exc
+        return pool
+
+    return _acquire(key, build), key
+
+
+def release_pool(key: _PoolKey | None, pid: int) -> None:
+    """Let go of the pool of ``key`` taken in process ``pid`` (nothing in another process:
+    a forked child never closes its parent's pool)."""
+    if key is not None and pid == os.getpid():
+        _release(key)
+
+
 class LedgerPool:
     """The ledger's connections; every part of :class:`~synth_workers.ledger.store.Ledger`
     builds on it."""
@@ -110,10 +169,14 @@ class LedgerPool:
         # thread held at fork time: it starts afresh. The parent's pool object is kept
         # referenced, never closed from the child (its sockets belong to the parent).
         self._inherited: list[object] = []
+        #: Connections kept by threads between uses (:meth:`held`), by (pid, thread).
+        self._held: dict[tuple[int, int], psycopg.Connection[Any]] = {}
         os.register_at_fork(after_in_child=self._after_fork)
 
     def _after_fork(self) -> None:
         self._lock = threading.Lock()
+        self._inherited.append(self._held)
+        self._held = {}
         if self._pool is not None:
             self._inherited.append(self._pool)
         self._pool = None
@@ -145,7 +208,25 @@ class LedgerPool:
         options = f"-c search_path={self.settings.db_schema}"
         if not durable:
             options += " -c synchronous_commit=off"
-        return {"options": options, "connect_timeout": self.settings.db_connect_timeout}
+        return {
+            "options": options,
+            "connect_timeout": self.settings.db_connect_timeout,
+            **self.tcp_kwargs(),
+        }
+
+    def tcp_kwargs(self) -> dict[str, Any]:
+        """libpq's TCP settings: a connection behind a dead link (packets dropped, nothing
+        refused) fails within ``SYNTH_DB_TCP_TIMEOUT`` instead of TCP's minutes of
+        retransmissions, so a cut-off worker's renewals fail and it self-fences in time
+        (``synth_workers.selffence``). Ignored on a Unix socket."""
+        tcp = self.settings.db_tcp_timeout
+        return {
+            "keepalives": 1,
+            "keepalives_idle": max(1, int(tcp / 2)),
+            "keepalives_interval": max(1, int(tcp / 6)),
+            "keepalives_count": 3,
+            "tcp_user_timeout": int(tcp * 1000),
+        }
 
     def durable(self, conn: psycopg.Connection[Any]) -> None:
         """Make the open transaction on ``conn`` commit durably (worker processes)."""
@@ -161,43 +242,9 @@ class LedgerPool:
             with self._lock:
                 if self._pool is None or self._pid != pid:
                     kwargs = {**self.connect_kwargs(self.durable_commits), "autocommit": True}
-                    s = self.settings
-                    size = s.db_pool_size
-                    key: _PoolKey = (
-                        pid,
-                        self.conninfo,
-                        str(kwargs["options"]),
-                        size,
-                        s.db_pool_min,
-                        s.db_idle_timeout,
+                    self._pool, self._key = shared_pool(
+                        self.settings, self.conninfo, kwargs, self._unavailable
                     )
-
-                    def build() -> ConnectionPool[psycopg.Connection[Any]]:
-                        # One connection first: an unreachable Postgres fails here, once,
-                        # within SYNTH_DB_CONNECT_TIMEOUT, instead of the pool's retries.
-                        try:
-                            psycopg.connect(self.conninfo, **kwargs).close()
-                        except psycopg.OperationalError as exc:
-                            if not is_connection_failure(exc):
-                                raise
-                            raise self._unavailable(exc) from None
-                        pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
-                            self.conninfo,
-                            min_size=min(s.db_pool_min, size),
-                            max_size=size,
-                            max_idle=s.db_idle_timeout / 1000,  # DB_IDLE_TIMEOUT: ms
-                            kwargs=kwargs,
-                            open=False,
-                            name=f"synth-ledger-{pid}",
-                        )
-                        try:
-                            pool.open(wait=True, timeout=2 * s.db_connect_timeout)
-                        except Exception as exc:
-                            raise self._unavailable(exc) from exc
-                        return pool
-
-                    self._pool = _acquire(key, build)
-                    self._key = key
                     self._pid = pid
         return self._pool
 
@@ -209,30 +256,64 @@ class LedgerPool:
         )
 
     @contextmanager
+    def _failures(self) -> Iterator[None]:
+        """A connection failure (only that: see :func:`is_connection_failure`) raised inside
+        is raised as :class:`ServiceUnavailableError`."""
+        try:
+            yield
+        except psycopg.OperationalError as exc:
+            if not is_connection_failure(exc):
+                raise
+            raise self._unavailable(exc) from exc
+
+    @contextmanager
     def connection(self) -> Iterator[psycopg.Connection[Any]]:
         """A pooled connection; a connection failure (only that: see
         :func:`is_connection_failure`) is raised as :class:`ServiceUnavailableError`."""
-        try:
-            with self.pool.connection() as conn:
+        # Worker processes wait at most SYNTH_DB_TCP_TIMEOUT for a connection: a job cut off
+        # from Postgres gets its error (and self-fences) instead of waiting the pool's 30 s.
+        wait = None if self.durable_commits else self.settings.db_tcp_timeout
+        with self._failures(), self.pool.connection(timeout=wait) as conn:
+            yield conn
+
+    @contextmanager
+    def held(self) -> Iterator[psycopg.Connection[Any]]:
+        """The calling thread's own pooled connection, kept between uses: for a statement run
+        once per job (the claim), whose pool check-out and return cost more Python than the
+        statement. Given back when it breaks or is left in a transaction, and at close.
+        Only a worker process's main thread keeps one (a prefork or solo pool's job thread):
+        job threads of a threads pool outnumber the pool's connections, and any other process
+        (a test, a script) would keep one checked out for as long as it lives."""
+        if self.durable_commits or threading.current_thread() is not threading.main_thread():
+            with self.connection() as pooled:
+                yield pooled
+            return
+        key = (os.getpid(), threading.get_ident())
+        pool = self.pool
+        with self._failures():
+            conn = self._held.pop(key, None) or pool.getconn(timeout=self.settings.db_tcp_timeout)
+            try:
                 yield conn
-        except psycopg.OperationalError as exc:
-            if not is_connection_failure(exc):
+            except BaseException:
+                pool.putconn(conn)  # a broken one is discarded there
                 raise
-            raise self._unavailable(exc) from exc
+        if conn.closed or conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            pool.putconn(conn)
+        else:
+            self._held[key] = conn
 
     def connect(self) -> psycopg.Connection[Any]:
         """A dedicated connection (LISTEN, long transactions), not from the pool."""
-        try:
+        with self._failures():
             return psycopg.connect(self.conninfo, autocommit=True, **self.connect_kwargs())
-        except psycopg.OperationalError as exc:
-            if not is_connection_failure(exc):
-                raise
-            raise self._unavailable(exc) from exc
 
     def close(self) -> None:
         """Let go of the pool (closed when no other ledger of this process holds it)."""
-        if self._pool is not None and self._key is not None and self._pid == os.getpid():
-            _release(self._key)
+        if self._pool is not None and self._pid == os.getpid():
+            for key in [k for k in self._held if k[0] == self._pid]:
+                self._pool.putconn(self._held.pop(key))
+        if self._pool is not None:
+            release_pool(self._key, self._pid)
         self._pool = None
         self._key = None
 

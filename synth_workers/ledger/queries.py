@@ -2,6 +2,12 @@
 replay, purge, retention and digest, the cluster snapshot's counts, and periodic slots.
 
 A filter is a :class:`psycopg.sql.Composable` (fixed fragments) with its bound values.
+
+Reads that tolerate lag (:meth:`Queries.list_where` and so ``list_jobs``, :meth:`Queries.
+count_where`, :meth:`Queries.dead_summary`, :meth:`Queries.counts`) take their connection
+from :attr:`Queries.reads`: the read replica of ``DATABASE_READ_URL``, or the primary when it
+is unset (``synth_workers.ledger.replica``). Writes, and the reads inside a write's
+transaction (:meth:`Queries.lock_replayable`, periodic slots), use the primary.
 """
 
 from __future__ import annotations
@@ -15,7 +21,9 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
+from synth_workers.ledger.replica import ReadPool
 from synth_workers.ledger.rows import UNFINISHED, LedgerRows
+from synth_workers.settings import Settings
 from synth_workers.states import FailureClass, JobState
 
 #: States of a job waiting for its time.
@@ -51,6 +59,15 @@ class LedgerCounts:
 class Queries(LedgerRows):
     """Listings, DLQ operations and counts."""
 
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        #: Connections for the lag-tolerant reads (the replica, or the primary when unset).
+        self.reads = ReadPool(self)
+
+    def close(self) -> None:
+        super().close()
+        self.reads.close()
+
     def list_jobs(
         self,
         *,
@@ -81,7 +98,7 @@ class Queries(LedgerRows):
         query = sql.SQL(
             "SELECT * FROM synth_jobs WHERE {where} ORDER BY enqueued_at DESC LIMIT %s"
         ).format(where=where)
-        with self.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+        with self.reads.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
             return cur.execute(query, (*params, limit)).fetchall()
 
     @staticmethod
@@ -133,7 +150,7 @@ class Queries(LedgerRows):
     def count_where(self, where: sql.Composable, params: Sequence[Any]) -> int:
         """How many jobs match a clause made by :meth:`filters`."""
         query = sql.SQL("SELECT count(*) FROM synth_jobs WHERE {where}").format(where=where)
-        with self.connection() as conn:
+        with self.reads.connection() as conn:
             row = conn.execute(query, params).fetchone()
         return int(row[0]) if row else 0
 
@@ -162,8 +179,8 @@ class Queries(LedgerRows):
     ) -> dict[str, int]:
         """Drop dead jobs older than ``dlq_max_age`` seconds or beyond the newest
         ``dlq_max_count``, finished jobs older than ``job_ttl``, expired idempotency keys,
-        week-old periodic slots, waits older than ``job_ttl`` and the effects of jobs gone;
-        return what was dropped."""
+        week-old periodic slots, waits older than ``job_ttl`` and the effects and stored events
+        of jobs gone; return what was dropped."""
         dead = sql.Literal(JobState.DEAD)  # a constant: the partial index on dead jobs
         with self.connection() as conn:
             aged = conn.execute(
@@ -197,11 +214,15 @@ class Queries(LedgerRows):
                 "DELETE FROM synth_effects e WHERE NOT EXISTS "
                 "(SELECT 1 FROM synth_jobs j WHERE j.id = e.job_id)"
             )
+            conn.execute(  # stored events (ledger.history) of jobs gone
+                "DELETE FROM synth_job_history h WHERE NOT EXISTS "
+                "(SELECT 1 FROM synth_jobs j WHERE j.id = h.job_id)"
+            )
         return {"dead_aged": aged, "dead_over_count": over, "finished": finished}
 
     def dead_summary(self) -> list[dict[str, Any]]:
         """Dead jobs per task and failure class, most first."""
-        with self.connection() as conn:
+        with self.reads.connection() as conn:
             rows = conn.execute(
                 "SELECT task, failure_class, count(*), max(finished_at) FROM synth_jobs "
                 "WHERE state = %s GROUP BY task, failure_class ORDER BY count(*) DESC",
@@ -212,7 +233,7 @@ class Queries(LedgerRows):
     def counts(self, *, last_hour: bool = False) -> LedgerCounts:
         """The cluster snapshot's counts, in four short statements (five with
         ``last_hour``: jobs per state enqueued in the last hour)."""
-        with self.connection() as conn:
+        with self.reads.connection() as conn:
             per_queue = conn.execute(
                 "SELECT queue, count(*) FILTER (WHERE state = ANY(%(delayed)s)), "
                 "extract(epoch FROM max(now() - coalesce(run_at, enqueued_at)) "

@@ -62,9 +62,12 @@ _OUTBOX = sql.SQL(
     "FROM o WHERE j.id = o.id RETURNING {publishable}"
 ).format(queued=sql.Literal(JobState.QUEUED), publishable=PUBLISHABLE)
 
+#: Past its expiry plus ``SYNTH_LEASE_GRACE``: a cut-off owner has stopped it by then
+#: (self-fencing: ``synth_workers.selffence``).
 _REAP = sql.SQL(
     "WITH x AS (SELECT id FROM synth_jobs WHERE state = {running} AND "
-    "lease_expires_at < now() AND NOT cancel_requested LIMIT %(limit)s "
+    "lease_expires_at < now() - make_interval(secs => %(grace)s) "
+    "AND NOT cancel_requested LIMIT %(limit)s "
     "FOR UPDATE SKIP LOCKED) "
     "UPDATE synth_jobs j SET {lost}, error_class = 'LeaseExpired', "
     "last_error = 'lease expired: worker ' || coalesce(lease_owner, '?') || "
@@ -243,13 +246,15 @@ class Recovery(Jobs):
         return self._to_publish(_OUTBOX, (limit,), "outbox")
 
     def reap_expired(self, limit: int = 1000) -> tuple[list[Publishable], int]:
-        """Running jobs whose lease expired → queued again (or dead as poison pills)."""
+        """Running jobs whose lease expired ``SYNTH_LEASE_GRACE`` ago → queued again (or
+        dead as poison pills)."""
         with self.connection() as conn:
-            rows = conn.execute(_REAP, {**self._lost_params(), "limit": limit}).fetchall()
-        requeued = [Publishable.from_row(r) for r in rows if r[8] == JobState.QUEUED]
+            params = {**self._lost_params(), "limit": limit, "grace": self.settings.reap_grace}
+            rows = conn.execute(_REAP, params).fetchall()
+        requeued = [Publishable.from_row(r) for r in rows if r[9] == JobState.QUEUED]
         if self.lifecycle.listening:
             for r in rows:
-                if r[8] == JobState.QUEUED:
+                if r[9] == JobState.QUEUED:
                     self.lifecycle.announce(
                         EventKind.QUEUED,
                         str(r[0]),

@@ -10,11 +10,13 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from psycopg.errors import DeadlockDetected
 from psycopg.rows import dict_row
 
 from synth_workers.ledger.store import encode_result
@@ -54,17 +56,34 @@ def read_results(ledger: Ledger, ids: Iterable[str]) -> dict[str, dict[str, Any]
     return {str(row["id"]): row for row in rows}
 
 
+#: Tries of :func:`mark_waited` when Postgres ends it as a deadlock.
+MARK_TRIES = 5
+
+
 def mark_waited(ledger: Ledger, ids: Iterable[str]) -> None:
     """Someone is about to wait on these jobs' results: their success will be announced on
-    Celery's result channel (``synth_workers.backend``)."""
-    wanted = _uuids(ids)
-    if wanted:
-        with ledger.connection() as conn:
-            conn.execute(
-                "INSERT INTO synth_waits (job_id) SELECT unnest(%s::uuid[]) "
-                "ON CONFLICT (job_id) DO NOTHING",
-                (wanted,),
-            )
+    Celery's result channel (``synth_workers.backend``). Noted in ``synth_waits`` (a job
+    whose row does not exist yet: a chain step, a chord callback) and, in the same
+    statement, on the rows that exist (``maybe_waited``: migration 0013). Setting it locks
+    those rows, in id order; a worker's completion of several of them may hold one and wait
+    for another, and Postgres then ends one statement as a deadlock: the mark tries again."""
+    wanted = sorted(_uuids(ids))
+    if not wanted:
+        return
+    for attempt in range(1, MARK_TRIES + 1):
+        try:
+            with ledger.connection() as conn:
+                conn.execute(
+                    "WITH w AS (INSERT INTO synth_waits (job_id) SELECT unnest(%(ids)s::uuid[]) "
+                    "ON CONFLICT (job_id) DO NOTHING) UPDATE synth_jobs SET maybe_waited = true "
+                    "WHERE id = ANY(%(ids)s::uuid[]) AND NOT maybe_waited",
+                    {"ids": wanted},
+                )
+            return
+        except DeadlockDetected:
+            if attempt == MARK_TRIES:
+                raise
+            time.sleep(0.01 * attempt)
 
 
 def set_chord_size(ledger: Ledger, group_id: str, size: int) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -22,13 +22,17 @@ from psycopg.types.json import Jsonb
 
 from synth_workers.correlation import of_headers
 from synth_workers.ledger.pool import LedgerPool
-from synth_workers.states import EventKind, JobState
+from synth_workers.states import EventKind, FailureClass, JobState
 
 RESULT_LIMIT_BYTES = 64 * 1024
 NOTIFY_CHANNEL = "synth_outbox"
 
-#: The columns :meth:`Publishable.from_row` reads, of ``synth_jobs`` aliased ``j``.
-PUBLISHABLE = sql.SQL("j.id, j.task, j.queue, j.priority, j.payload, j.args, j.message, j.retries")
+#: The columns :meth:`Publishable.from_row` reads, of ``synth_jobs`` aliased ``j``; the last
+#: says whether its worker (or pool process) was lost under it (see ``Publishable.alone``).
+PUBLISHABLE = sql.SQL(
+    "j.id, j.task, j.queue, j.priority, j.payload, j.args, j.message, j.retries, "
+    "j.failure_class IS NOT DISTINCT FROM {lost}"
+).format(lost=sql.Literal(FailureClass.WORKER_LOST))
 
 
 #: States of a job that has not started its current attempt (cancelling it is immediate).
@@ -69,14 +73,20 @@ class Publishable:
     message: dict[str, Any] | None = None
     #: Celery's ``request.retries`` for the next run.
     retries: int = 0
+    #: Its last attempt's worker or pool process was lost (reaped, or lost in a batch and
+    #: re-published): sent marked to run alone (``synth_workers.batched``), so a poison pill
+    #: never shares a batch again, whichever path sends it.
+    alone: bool = False
     #: The time a delayed job or a retry was due (its message's ``eta``, as Celery's
     #: ``request.eta`` reports it); ``None``: sent as due now.
     eta: datetime | None = None
 
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> Publishable:
-        """From ``RETURNING id, task, queue, priority, payload, args, message, retries``."""
-        return cls(str(row[0]), row[1], row[2], row[3], row[4], row[5], row[6], int(row[7]))
+        """From ``RETURNING`` :data:`PUBLISHABLE` (nine columns)."""
+        return cls(
+            str(row[0]), row[1], row[2], row[3], row[4], row[5], row[6], int(row[7]), bool(row[8])
+        )
 
 
 def arguments_json(value: Any) -> Jsonb:
@@ -100,10 +110,10 @@ def clip_text(value: Any, limit: int) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def encode_result(result: Any) -> Jsonb:
-    """A task's result (or an effect's detail) as jsonb, replaced by a marker when too big.
-    A task that returns a result (``AsyncResult``, ``GroupResult``) stores its tuple form,
-    as Celery's backends do."""
+def result_json(result: Any) -> str:
+    """A task's result (or an effect's detail) as JSON text, replaced by a marker when too
+    big. A task that returns a result (``AsyncResult``, ``GroupResult``) stores its tuple
+    form, as Celery's backends do."""
     if isinstance(result, AsyncResult | GroupResult):
         result = result.as_tuple()
     try:
@@ -111,8 +121,24 @@ def encode_result(result: Any) -> Jsonb:
     except (TypeError, ValueError):
         text = json.dumps(repr(result))
     if len(text) > RESULT_LIMIT_BYTES:
-        return Jsonb({"truncated": True, "bytes": len(text)})
-    return Jsonb(json.loads(text))
+        return json.dumps({"truncated": True, "bytes": len(text)})
+    return text
+
+
+def text_array(texts: Iterable[str]) -> str:
+    """A Postgres array literal of ``texts``, each quoted: sent as one string (psycopg dumps
+    a string in C, a list element by element in Python), cast in the statement."""
+    quoted = ",".join('"' + t.replace("\\", "\\\\").replace('"', '\\"') + '"' for t in texts)
+    return "{" + quoted + "}"
+
+
+def encode_result(result: Any) -> Jsonb:
+    """:func:`result_json` as a jsonb parameter (psycopg sends the text as it is)."""
+    return Jsonb(result_json(result), dumps=_as_is)
+
+
+def _as_is(text: Any) -> str:
+    return str(text)
 
 
 def exception_origin(exc: BaseException | None, error_class: str) -> tuple[str | None, Any]:

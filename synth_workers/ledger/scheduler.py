@@ -9,12 +9,17 @@ The job is sent as Celery's own scheduler sends it: ``task.apply_async(args, kwa
 **options)`` with the entry's ``args``, ``kwargs`` (lazy values evaluated, as Celery does)
 and ``options`` (``priority``, ``queue``, ``expires``...), so an entry with positional
 ``args`` runs like any Celery beat entry.
+
+Liveness: after every tick the scheduler rewrites ``SYNTH_BEAT_HEARTBEAT_FILE`` and sleeps at
+most ``SYNTH_HEALTH_INTERVAL`` seconds before the next, so ``synth-workers health beat`` fails
+within two intervals of beat stopping or hanging in a tick (``synth_workers.heartbeat``).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import socket
 import uuid
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -28,6 +33,7 @@ from celery.beat import (  # type: ignore[attr-defined]
 from celery.schedules import crontab, schedule
 
 from synth_workers.errors import UnknownTaskError
+from synth_workers.heartbeat import LoopHeartbeat
 from synth_workers.platform import platform_of
 from synth_workers.task import Task
 
@@ -48,6 +54,27 @@ def slot_of(entry: ScheduleEntry, now: datetime) -> datetime:
 
 class ExactlyOnceScheduler(PersistentScheduler):
     """Celery's persistent scheduler, sending each slot of each entry once (see above)."""
+
+    _heartbeat: LoopHeartbeat | None = None
+
+    @property
+    def heartbeat(self) -> LoopHeartbeat:
+        """Beat's heartbeat (``SYNTH_BEAT_HEARTBEAT_FILE``, every ``SYNTH_HEALTH_INTERVAL``)."""
+        if self._heartbeat is None:
+            settings = platform_of(self.app).settings
+            self._heartbeat = LoopHeartbeat(
+                settings.beat_heartbeat_file,
+                settings.health_interval,
+                f"beat@{socket.gethostname()}",
+            )
+        return self._heartbeat
+
+    def tick(self, *args: Any, **kwargs: Any) -> float:
+        """One turn of beat's loop (Celery's), then the heartbeat; the next turn comes within
+        the heartbeat interval even when no entry is due sooner."""
+        interval = float(super().tick(*args, **kwargs))
+        self.heartbeat.beat()
+        return self.heartbeat.cap(interval)
 
     def _task(self, name: str) -> Task:
         task = self.app.tasks.get(name)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery.app.amqp import task_message
 
+from synth_workers.batched import ALONE_HEADER
 from synth_workers.message import for_publish
 from synth_workers.platform import platform_of
 from synth_workers.routing import MAX_PRIORITY, MIN_PRIORITY, to_transport
@@ -25,7 +26,8 @@ PRIORITY_SEP = "\x06\x16"
 def publish(app: Celery, jobs: Sequence[Publishable]) -> None:
     """Send each job's message again: the Celery message the ledger kept (canvas, ids,
     expires, time limits, stamps as sent; see ``synth_workers.message``) with only the id,
-    ``retries``, ``eta`` and routing (the row's queue and priority) updated. A row from before
+    ``retries``, ``eta`` and routing (the row's queue and priority) updated, and marked to
+    run alone when its last worker was lost (:attr:`~.Publishable.alone`). A row from before
     messages were kept is sent as a new message with the same id, payload, queue and
     priority."""
     if not jobs:
@@ -37,6 +39,8 @@ def publish(app: Celery, jobs: Sequence[Publishable]) -> None:
                 headers, properties, body = for_publish(
                     job.message, job.id, job.retries, job.args, job.payload, job.eta
                 )
+                if job.alone:
+                    headers[ALONE_HEADER] = True
                 send(
                     producer,
                     job.task,
@@ -53,6 +57,7 @@ def publish(app: Celery, jobs: Sequence[Publishable]) -> None:
                 queue=job.queue,
                 priority=to_transport(job.priority),
                 producer=producer,
+                headers={ALONE_HEADER: True} if job.alone else None,
             )
 
 

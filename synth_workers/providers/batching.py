@@ -44,7 +44,8 @@ from synth_workers.providers.embedder import (
 if TYPE_CHECKING:
     from synth_workers.settings import Settings
 
-_PassResult = tuple[list[list[float]], int, int]  # vectors, pass number, jobs in that pass
+# vectors, pass number, jobs in that pass, the pass's texts and wall seconds
+_PassResult = tuple[list[list[float]], int, int, int, float]
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,9 @@ class EmbedOutcome:
     passes: tuple[int, ...]
     #: Most jobs that shared one of those passes (1: this job alone).
     batch_jobs: int
+    #: Per pass: its texts (all jobs') and its wall time in ms (the model's own time).
+    pass_texts: tuple[int, ...] = ()
+    pass_ms: tuple[float, ...] = ()
 
 
 @dataclass(eq=False)
@@ -109,13 +113,17 @@ class EmbeddingService:
             self._queue.put(part)
         vectors: list[list[float]] = []
         passes: list[int] = []
+        sizes: list[int] = []
+        times: list[float] = []
         shared = 1
         for part in parts:
-            got, number, jobs = self._wait(part.future)
+            got, number, jobs, size, seconds = self._wait(part.future)
             vectors.extend(got)
             passes.append(number)
+            sizes.append(size)
+            times.append(round(seconds * 1000, 2))
             shared = max(shared, jobs)
-        return EmbedOutcome(vectors, tuple(passes), shared)
+        return EmbedOutcome(vectors, tuple(passes), shared, tuple(sizes), tuple(times))
 
     def close(self) -> None:
         """Stop the batcher thread (after the submissions already queued)."""
@@ -132,10 +140,14 @@ class EmbeddingService:
     def _direct(self, pieces: list[list[str]]) -> EmbedOutcome:
         vectors: list[list[float]] = []
         passes: list[int] = []
+        times: list[float] = []
         for piece in pieces:  # (the local model runs one pass at a time; an API, many)
             passes.append(self._next_pass())
+            started = time.perf_counter()
             vectors.extend(self._checked(piece, self.embedder.embed(piece)))
-        return EmbedOutcome(vectors, tuple(passes), 1)
+            times.append(round((time.perf_counter() - started) * 1000, 2))
+        sizes = tuple(len(piece) for piece in pieces)
+        return EmbedOutcome(vectors, tuple(passes), 1, sizes, tuple(times))
 
     def _wait(self, future: Future[_PassResult]) -> _PassResult:
         while True:
@@ -186,6 +198,7 @@ class EmbeddingService:
         texts = [text for part in batch for text in part.texts]
         jobs = len({id(part.job) for part in batch})
         number = self._next_pass()
+        started = time.perf_counter()
         try:
             vectors = self._checked(texts, self.embedder.embed(texts))
         except EmbeddingRequestError as exc:
@@ -201,10 +214,11 @@ class EmbeddingService:
             for part in batch:
                 part.future.set_exception(exc)
             return
+        seconds = time.perf_counter() - started
         start = 0
         for part in batch:
             end = start + len(part.texts)
-            part.future.set_result((vectors[start:end], number, jobs))
+            part.future.set_result((vectors[start:end], number, jobs, len(texts), seconds))
             start = end
 
 

@@ -10,6 +10,12 @@ process opening the same folder gets a :class:`~synth_workers.errors.Configurati
 that says so. Inside one process the local client is shared by all threads behind a lock;
 a server client is used by them concurrently.
 
+Concurrent upserts into one collection are written as one call, and so are concurrent
+chunk-count lookups (group commit, :mod:`~synth_workers.providers.groupcall`): the jobs whose
+texts shared a forward pass reach the store together, and their points go in one upsert (or a
+few) instead of one each. Each job still returns only once its own points are stored; a
+refused shared upsert is retried point set by point set, so only the job at fault fails.
+
 Failures map onto the platform's error tree: connection errors, timeouts, 5xx and 429 are
 :class:`VectorStoreUnavailableError` (retry); other 4xx and a collection whose vector size
 does not match the model are :class:`VectorStoreRequestError` (dead-letter).
@@ -21,14 +27,15 @@ import atexit
 import contextlib
 import os
 import threading
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import httpx
 from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
 from synth_workers.errors import ConfigurationError, PermanentError, TransientError
+from synth_workers.providers.groupcall import GroupCall, Shared
 
 if TYPE_CHECKING:
     from synth_workers.settings import Settings
@@ -42,6 +49,10 @@ _DISTANCES: dict[str, models.Distance] = {
 #: Payload field holding a point's document id (indexed on a server; deletes filter on it).
 DOC_ID = "doc_id"
 CHUNK_INDEX = "chunk_index"
+#: Points per shared upsert at most (a job's own points always go in one call).
+UPSERT_GROUP_POINTS = 1024
+_Points = Sequence[models.PointStruct]
+_K = TypeVar("_K")
 
 
 class VectorStoreUnavailableError(TransientError):
@@ -60,6 +71,9 @@ class VectorStore:
         self.local = local
         self._lock = threading.RLock() if local else None
         self._known: dict[str, int] = {}
+        self._groups_lock = threading.Lock()
+        self._upserts: dict[str, GroupCall[_Points, None]] = {}
+        self._lookups: dict[tuple[str, str], GroupCall[Sequence[str], dict[str, Any]]] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings) -> VectorStore:
@@ -152,24 +166,66 @@ class VectorStore:
             return int(params.size)
         return None  # named vectors: not a collection of ours
 
-    def upsert(self, name: str, points: Sequence[models.PointStruct]) -> None:
-        """Write ``points`` (same id: replaced), returning once they are stored."""
+    def _group(
+        self, groups: dict[_K, GroupCall[Any, Any]], key: _K, make: Callable[[], Any]
+    ) -> Any:
+        group = groups.get(key)
+        if group is None:
+            with self._groups_lock:
+                group = groups.setdefault(key, make())
+        return group
+
+    def upsert(self, name: str, points: Sequence[models.PointStruct]) -> Shared[None] | None:
+        """Write ``points`` (same id: replaced), returning once they are stored: with the
+        concurrent upserts into ``name``, in one call (which one, and how many jobs' points it
+        carried, is the answer; ``None`` for no points)."""
         if not points:
-            return
+            return None
+        group: GroupCall[_Points, None] = self._group(
+            self._upserts,
+            name,
+            lambda: GroupCall(
+                lambda sets: self._upsert_now(name, sets),
+                weight=len,
+                limit=UPSERT_GROUP_POINTS,
+                split_on=(VectorStoreRequestError,),
+            ),
+        )
+        return group.call(list(points))
+
+    def _upsert_now(self, name: str, sets: Sequence[_Points]) -> list[None]:
         with self._calling("upsert"):
-            self.client.upsert(name, points=list(points), wait=True)
+            self.client.upsert(name, points=[p for one in sets for p in one], wait=True)
+        return [None] * len(sets)
 
     def payload_values(self, name: str, ids: Sequence[str], key: str) -> dict[str, Any]:
-        """``{point id: payload[key]}`` for those of ``ids`` that exist (a lookup by id)."""
+        """``{point id: payload[key]}`` for those of ``ids`` that exist (a lookup by id; the
+        concurrent lookups in ``name`` share one call)."""
         if not ids:
             return {}
+        group: GroupCall[Sequence[str], dict[str, Any]] = self._group(
+            self._lookups,
+            (name, key),
+            lambda: GroupCall(
+                lambda asks: self._lookup_now(name, key, asks),
+                weight=len,
+                limit=UPSERT_GROUP_POINTS,
+                split_on=(VectorStoreRequestError,),
+            ),
+        )
+        answer: dict[str, Any] = group.call(list(ids)).value
+        return answer
+
+    def _lookup_now(
+        self, name: str, key: str, asks: Sequence[Sequence[str]]
+    ) -> list[dict[str, Any]]:
+        wanted = list(dict.fromkeys(i for ids in asks for i in ids))
         with self._calling("retrieve"):
             if name not in self._known and not self.client.collection_exists(name):
-                return {}
-            records = self.client.retrieve(
-                name, ids=list(ids), with_payload=[key], with_vectors=False
-            )
-        return {str(r.id): (r.payload or {}).get(key) for r in records}
+                return [{} for _ in asks]
+            records = self.client.retrieve(name, ids=wanted, with_payload=[key], with_vectors=False)
+        found = {str(r.id): (r.payload or {}).get(key) for r in records}
+        return [{i: found[i] for i in ids if i in found} for ids in asks]
 
     def delete_points(self, name: str, ids: Sequence[str]) -> None:
         """Delete the points ``ids`` (missing ones are ignored)."""

@@ -95,15 +95,28 @@ env:
 {{- end }}
 {{- end }}
 
+{{/* The writable /tmp, and the TLS files when tls.existingSecret names a Secret. */}}
 {{- define "synth.tmpVolume" -}}
 - name: tmp
   emptyDir:
     sizeLimit: {{ .Values.tmpSizeLimit }}
+{{- with .Values.tls.existingSecret }}
+- name: tls
+  secret:
+    secretName: {{ . }}
+    # Group-readable only (fsGroup): libpq refuses a client key others can read.
+    defaultMode: 0440
+{{- end }}
 {{- end }}
 
 {{- define "synth.tmpMount" -}}
 - name: tmp
   mountPath: /tmp
+{{- if .Values.tls.existingSecret }}
+- name: tls
+  mountPath: {{ .Values.tls.mountPath }}
+  readOnly: true
+{{- end }}
 {{- end }}
 
 {{/* Pod template annotations: roll pods when settings change. */}}

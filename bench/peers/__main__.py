@@ -1,0 +1,5 @@
+import sys
+
+from bench.peers.main import main
+
+sys.exit(main())
