@@ -325,6 +325,8 @@ class OpsStep(bootsteps.StartStopStep):
     """Worker bootstep: the metrics/health HTTP server and the reporter thread."""
 
     label = "synth-ops"
+    #: After the pool forked (see :class:`synth_workers.ledger.sweeper.SweeperStep`).
+    requires = ("celery.worker.components:Pool",)
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)

@@ -204,9 +204,30 @@ def wait_for_worker(
     raise RuntimeError(f"worker {name} did not answer in {timeout}s:\n{text[-4000:]}")
 
 
+#: Lines of each worker's log added to a failed test's report.
+LOG_TAIL_LINES = 80
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed test's report ends with the tail of each worker log it started: a failure on
+    a clean-clone run can then be read without the run's temporary folder."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    workers: list[Worker] = getattr(item, "synth_workers", [])
+    if report.failed and workers:
+        for worker in workers:
+            try:
+                lines = worker.output().splitlines()[-LOG_TAIL_LINES:]
+            except OSError as exc:
+                lines = [f"(log unreadable: {exc})"]
+            report.sections.append((f"worker {worker.name} log (tail)", "\n".join(lines)))
+
+
 @pytest.fixture
-def start_worker(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
+def start_worker(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., Worker]]:
     started: list[Worker] = []
+    request.node.synth_workers = started
 
     def start(
         *queues: str,

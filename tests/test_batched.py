@@ -88,9 +88,11 @@ def test_a_higher_priority_job_waits_at_most_one_batch(rclient: Any, start_worke
 
 
 def test_sigkill_mid_batch_runs_no_effect_twice(rclient: Any, start_worker: Any) -> None:
-    total = 400
-    for n in range(total):
-        enqueue("tests.e2e_tasks.effect", {"n": n, "sleep": 0.02}, queue=QUEUE)
+    # about 12 s of work for two pool processes: a kill that lands between two batches (it
+    # loses nothing) leaves time for another look and kill
+    total = 1200
+    enqueue_many("tests.e2e_tasks.effect", [{"n": n, "sleep": 0.02} for n in range(total)],
+                 queue=QUEUE)  # fmt: skip
     worker = start_worker(QUEUE, concurrency=2, env=_env(16))
 
     def lost() -> int:
@@ -107,13 +109,14 @@ def test_sigkill_mid_batch_runs_no_effect_twice(rclient: Any, start_worker: Any)
         return None
 
     assert wait_until(lambda: _states().get("succeeded", 0) >= 60, timeout=60)
-    for _ in range(3):  # the batch may end between the look and the kill: then again
-        assert wait_until(lambda: holder() is not None, timeout=30, interval=0.005)
+    for _ in range(5):  # the batch may end between the look and the kill: then again
+        found = wait_until(lambda: holder() is not None, timeout=30, interval=0.005)
+        assert found, (_states(), worker.output()[-4000:])
         child = holder()
         if child is None:
             continue
         child.send_signal(signal.SIGKILL)  # a pool process, mid-batch
-        if wait_until(lambda: lost() >= 1, timeout=10):
+        if wait_until(lambda: lost() >= 1, timeout=3):
             break
     assert wait_until(lambda: _states() == {"succeeded": total}, timeout=120), _states()
     effects = _rows("SELECT count(*), count(DISTINCT job_id) FROM test_effects")[0]
@@ -139,9 +142,11 @@ def test_a_poison_pill_in_a_batch_kills_alone(rclient: Any, start_worker: Any) -
     info = pill.info()
     assert info["failure_class"] == "poison_pill"
     assert info["worker_losses"] == 3
-    # counted by the main process as each pool process died, not by the reaper (which would
-    # re-publish the pill without its "run alone" mark: synth_workers.poolwatch)
-    assert info["error_class"] == "WorkerLostError", info
+    # each loss counted once, by the main process as the pool process died or, on a machine
+    # busy enough for the lease to lapse first, by the reaper: either way the ledger keeps the
+    # "run alone" mark (failure_class worker_lost), so the count of runs below holds. How fast
+    # the main process hears of a death is tests/test_poolwatch.py's.
+    assert info["error_class"] in ("WorkerLostError", "LeaseExpired"), info
     # one run in the batch (not counted), then three alone
     assert int(rclient.get("test:count:pill") or 0) == 4
     assert wait_until(lambda: all(h.state() is JobState.SUCCEEDED for h in mates), timeout=60)
@@ -187,7 +192,11 @@ def test_a_job_lost_in_a_batch_is_sent_again_marked_alone_by_the_ledger(
             if message_id(raw) == pill.id:
                 rclient.lrem(key, 0, raw)
     assert pill.id not in _waiting(rclient, QUEUE)
-    assert Sweeper(app).reconcile() == 1
+    now = [1000.0]
+    sweeper = Sweeper(app, clock=lambda: now[0])
+    assert sweeper.reconcile() == 0  # missing from Redis at two looks a grace apart
+    now[0] += app.settings.reconcile_grace
+    assert sweeper.reconcile() == 1
     waiting = _waiting(rclient, QUEUE)
     assert waiting[pill.id]["headers"].get(ALONE_HEADER) is True
     assert not any(waiting[h.id]["headers"].get(ALONE_HEADER) for h in mates)

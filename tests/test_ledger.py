@@ -346,6 +346,42 @@ def test_reconcile_finds_waiting_messages_from_the_tail(rclient: Any) -> None:
     assert ids_in_redis(app, {"nobody"}, oldest | missing, chunk=7) == oldest
 
 
+def test_a_message_taken_but_not_yet_claimed_is_not_sent_again(rclient: Any) -> None:
+    """The reconciler sends a job again only when its message was missing from Redis at two
+    looks ``SYNTH_RECONCILE_GRACE`` apart. A worker that took the message in between
+    (prefetched, or held in a batch) has claimed the job by the second look; a copy sent at
+    the first look was a duplicate (a clean-clone run saw one share a batch with a poison
+    pill's mates and run it once more than counted)."""
+    from synth_workers.broker import message_id
+    from synth_workers.ledger.sweeper import Sweeper
+    from synth_workers.ledger.transport import priority_lists
+
+    grace = app.settings.reconcile_grace
+    now = [1000.0]
+    sweeper = Sweeper(app, clock=lambda: now[0])
+    taken = enqueue("tests.e2e_tasks.side_effect", {"key": "taken"}, queue="nobody")
+    lost = enqueue("tests.e2e_tasks.side_effect", {"key": "lost"}, queue="nobody")
+    # both published over the grace ago, and neither message in Redis any more
+    with app.ledger.connection() as conn:
+        conn.execute(
+            "UPDATE synth_jobs SET published_at = now() - interval '1 minute' "
+            "WHERE id = ANY(%s::uuid[])",
+            ([taken.id, lost.id],),
+        )
+    rclient.delete(*priority_lists("nobody"))
+    assert sweeper.reconcile() == 0  # the first look: both missing
+    with app.ledger.connection() as conn:  # a worker claims the one it took
+        conn.execute("UPDATE synth_jobs SET state = 'running' WHERE id = %s", (taken.id,))
+    now[0] += grace / 2
+    assert sweeper.reconcile() == 0  # missing, but not yet for a grace
+    now[0] += grace / 2
+    assert sweeper.reconcile() == 1
+    sent = [
+        message_id(raw) for key in priority_lists("nobody") for raw in rclient.lrange(key, 0, -1)
+    ]
+    assert sent == [lost.id]
+
+
 def test_reconcile_passes_back_off_after_a_slow_one(
     rclient: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

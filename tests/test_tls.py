@@ -216,15 +216,18 @@ def test_jobs_run_over_tls_to_redis_and_postgres(servers: Servers, tmp_path: Pat
         assert ready and process.poll() is None, worker.output()[-4000:]
         key = uuid.uuid4().hex
         # enqueue (ledger row over TLS, publish over TLS); Celery's result API over TLS too
-        out = _run(
-            env,
+        code = (
             "from synth_workers import app, enqueue\n"
             f"hs = [enqueue('tests.e2e_tasks.side_effect', {{'key': {key!r}}}, queue={QUEUE!r})"
             " for _ in range(20)]\n"
             "for h in hs:\n    h.wait(timeout=60)\n"
             f"r = app.send_task('tests.e2e_tasks.side_effect', args=[{key!r}], queue={QUEUE!r})\n"
-            "print(r.get(timeout=30), len(hs))\n",
+            "print(r.get(timeout=30), len(hs))\n"
         )
+        try:
+            out = _run(env, code)
+        except AssertionError as exc:  # the worker's side of it, for a clean-clone run's report
+            raise AssertionError(f"{exc}\nworker log:\n{worker.output()[-8000:]}") from None
         assert out.split() == [key, "20"]
     finally:
         worker.stop()

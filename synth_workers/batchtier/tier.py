@@ -230,6 +230,8 @@ class BatchTierStep(bootsteps.StartStopStep):
     """Worker bootstep running the :class:`BatchTier` in the worker's main process."""
 
     label = "synth-batch-tier"
+    #: After the pool forked (see :class:`synth_workers.ledger.sweeper.SweeperStep`).
+    requires = ("celery.worker.components:Pool",)
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)

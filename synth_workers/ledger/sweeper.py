@@ -64,6 +64,9 @@ class Sweeper:
         #: it has been reachable for a whole lease since (see :meth:`note_outage`).
         self._reachable_since: float | None = None
         self._outage = False
+        #: Queued jobs a reconcile pass found missing from Redis, and when (clock time) it
+        #: first did: see :meth:`reconcile`.
+        self._missing_since: dict[str, float] = {}
 
     def note_outage(self) -> None:
         """The ledger was out of reach. Every lease may have lapsed meanwhile, its owner
@@ -146,8 +149,17 @@ class Sweeper:
         return counts
 
     def reconcile(self) -> int:
-        """Re-publish queued jobs that Redis lost; one worker at a time."""
+        """Re-publish queued jobs that Redis lost; one worker at a time.
+
+        A job is re-published when it was published over ``SYNTH_RECONCILE_GRACE`` ago and
+        this sweeper found its message missing from Redis at two passes that far apart. A
+        message a worker has taken but not yet claimed (prefetched, or in a batch waiting
+        for its pool process) is missing from Redis too; the first look alone would send a
+        second copy of every job that waited in Redis past the grace and was then taken,
+        and a copy sent before a loss does not carry the loss's "run alone" mark
+        (``synth_workers.batched``). By the second look such a job is claimed."""
         ledger = self.platform.ledger
+        grace = self.settings.reconcile_grace
         with ledger.connection() as conn:
             row = conn.execute(
                 "SELECT pg_try_advisory_lock(hashtext(%s))", (RECONCILE_LOCK,)
@@ -155,13 +167,23 @@ class Sweeper:
             if not row or not row[0]:
                 return 0
             try:
-                stale = ledger.stale_queued(self.settings.reconcile_grace)
+                stale = ledger.stale_queued(grace)
                 if not stale:
+                    self._missing_since = {}
                     return 0
                 present = ids_in_redis(
                     self.app, {job.queue for job in stale}, {job.id for job in stale}
                 )
-                missing = [job for job in stale if job.id not in present]
+                now = self.clock()
+                since = self._missing_since
+                self._missing_since = {
+                    job.id: since.get(job.id, now) for job in stale if job.id not in present
+                }
+                missing = [
+                    job
+                    for job in stale
+                    if job.id in self._missing_since and now - self._missing_since[job.id] >= grace
+                ]
                 if missing:
                     # Mark first: a crash between the two only delays the next try.
                     ledger.mark_republished([job.id for job in missing])
@@ -176,6 +198,11 @@ class SweeperStep(bootsteps.StartStopStep):
     """Worker bootstep running the :class:`Sweeper` in the worker's main process."""
 
     label = "synth-ledger-sweeper"
+    #: Started once the pool's processes are forked: a process forked while this thread is
+    #: inside a connection (a TLS handshake holds OpenSSL's locks, which a fork does not
+    #: reset) could inherit a lock no thread of it will ever release, and hang on its first
+    #: connection. (Without it the step ran first of all, beside the pool's forks.)
+    requires = ("celery.worker.components:Pool",)
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
