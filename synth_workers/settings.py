@@ -270,8 +270,8 @@ class Settings(ConnectionSettings, BaseSettings):
     reconcile_grace: float = Field(
         default=15.0,
         ge=0,
-        description="SYNTH_RECONCILE_GRACE: a queued job absent from Redis "
-        "this long after its publish is published again.",
+        description="SYNTH_RECONCILE_GRACE: a queued job published this long ago and absent "
+        "from Redis at two of a sweeper's looks this far apart is published again.",
     )
     poison_pill_losses: int = Field(
         default=3,
