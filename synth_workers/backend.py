@@ -86,6 +86,26 @@ class ResultConsumer(_RedisResultConsumer):  # type: ignore[misc]
         self.backend.flush_waits()  # a drainer thread (then() under eventlet/gevent)
         return super().drain_events(timeout)
 
+    def consume_many(self, task_ids: Sequence[str]) -> None:
+        """``consume_from`` of every id in ``task_ids`` with one ``SUBSCRIBE`` (Celery's sends
+        one per id): a group sent in bulk (``synth_workers.groups``) subscribes its members
+        before their results' ``then()``, which then finds them subscribed."""
+        if not task_ids:
+            return
+        with self._locked():
+            if self._pubsub is None:
+                self.start(task_ids[0])
+            keys = []
+            for task_id in task_ids:
+                key = self._get_key_for_task(task_id)
+                self._pending_unsubscribe.discard(key)
+                if key not in self.subscribed_to:
+                    keys.append(key)
+            if keys:
+                self.subscribed_to.update(keys)
+                with self.reconnect_on_error():
+                    self._pubsub.subscribe(*keys)
+
     def on_state_change(self, meta: dict[str, Any], message: Any) -> None:
         if meta.get(NOTICE):
             meta = self.backend.get_task_meta(meta["task_id"], cache=False)

@@ -35,7 +35,7 @@ from kombu.exceptions import OperationalError
 from kombu.utils import json as kombu_json
 from pydantic import BaseModel
 
-from synth_workers import correlation, routing, wire
+from synth_workers import correlation, routing, wire, wiremany
 from synth_workers.errors import (
     EnqueueError,
     PayloadTooLargeError,
@@ -103,10 +103,10 @@ def _messages(
     first = wire.build(task, (), data[0], {**options, "task_id": ids[0]})
     if first is not None:
         out = [first]
-        limits = wire.repr_limits(task.app)
+        limits = wiremany.repr_limits(task.app)
         for job_id, item in zip(ids[1:], data[1:], strict=True):
             if queue_given:
-                out.append(wire.sibling(first, task.app, job_id, (), item, limits))
+                out.append(wiremany.sibling(first, task.app, job_id, (), item, limits))
             else:
                 built = wire.build(task, (), item, {**options, "task_id": job_id})
                 assert built is not None
@@ -122,7 +122,7 @@ def _messages(
     return None, captures
 
 
-def _ping(app: SynthCelery) -> None:
+def check_redis(app: SynthCelery) -> None:
     """Redis answers (else nothing is written and the caller hears it)."""
     try:
         with (
@@ -202,9 +202,9 @@ def enqueue_many(
     target = placed.queue or routed or task.app.conf.task_default_queue
     publish_now = conn is None and wait is None
     if publish_now:
-        _ping(app)
+        check_redis(app)
     ledger = task.platform.ledger
-    actual = _insert(
+    actual = insert_rows(
         ledger,
         conn,
         task,
@@ -229,20 +229,42 @@ def enqueue_many(
     if conn is not None:
         return handles
     new = [n for n, i in enumerate(todo) if actual[n] == ids[i]]
-    kind = EventKind.SCHEDULED if wait else EventKind.QUEUED
-    event_data = (
-        {"priority": placed.priority, "delay": wait} if wait else {"priority": placed.priority}
+    publish(
+        task, target, placed.priority, wait, user_id, corr, chunk_size, actual, new, outs, captures
     )
-    lifecycle = ledger.lifecycle
+    return handles
+
+
+def publish(
+    task: PlatformTask,
+    queue: str,
+    level: int,
+    wait: float | None,
+    user_id: str | None,
+    corr: str | None,
+    chunk_size: int,
+    job_ids: Sequence[str],
+    new: Sequence[int],
+    outs: Sequence[wire.Outgoing] | None,
+    captures: Sequence[CaptureProducer] | None,
+) -> None:
+    """Announce (``queued`` or ``scheduled``) and, unless ``wait``, publish the jobs just
+    inserted (``new``: their indexes in ``job_ids`` and ``outs``/``captures``), one Redis
+    pipeline per chunk. Should Redis fail, the rest stay queued in the ledger for the
+    reconciler (logged)."""
+    app = task.app
+    kind = EventKind.SCHEDULED if wait else EventKind.QUEUED
+    event_data = {"priority": level, "delay": wait} if wait else {"priority": level}
+    lifecycle = task.platform.ledger.lifecycle
     for start in range(0, len(new), chunk_size):
         part = new[start : start + chunk_size]
         events = (
             [
                 JobEvent(
                     kind,
-                    actual[n],
+                    job_ids[n],
                     task=task.name,
-                    queue=target,
+                    queue=queue,
                     user_id=user_id,
                     correlation_id=corr,
                     data=event_data,
@@ -269,10 +291,9 @@ def enqueue_many(
                 exc,
             )
             break
-    return handles
 
 
-def _insert(
+def insert_rows(
     ledger: Any,
     conn: psycopg.Connection[Any] | None,
     task: PlatformTask,
@@ -286,11 +307,15 @@ def _insert(
     keys: list[str | None],
     data: list[dict[str, Any]],
     messages: list[dict[str, Any]],
+    args: Sequence[Sequence[Any] | None] | None = None,
 ) -> list[str]:
-    """Write the rows (one statement per chunk, one transaction); every row's job id."""
+    """Write the rows (one statement per chunk, one transaction); every row's job id.
+    ``args``: each job's positional arguments (``None``: none)."""
     payloads = [_json(d) for d in data]
     texts = [kombu_json.dumps(m) for m in messages]
-    nulls: list[str | None] = [None] * len(ids)
+    nulls: list[str | None] = (
+        [_json(list(a)) if a else None for a in args] if args is not None else [None] * len(ids)
+    )
 
     def write(c: psycopg.Connection[Any]) -> list[str]:
         found: list[str | None] = []

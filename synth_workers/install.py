@@ -40,6 +40,7 @@ from celery._state import get_current_app
 
 from synth_workers import (
     correlation,
+    groups,
     health,
     jsonfast,
     liveness,
@@ -103,6 +104,7 @@ def install(app: Celery, settings: Settings | None = None) -> Platform:
             platform.ledger.cancel_purged
         )
         _use_platform_task(app, before)
+        groups.install()  # a group of one task's plain signatures: in bulk (synth_workers.groups)
         jsonfast.register()  # kombu's JSON decoding, faster and the same (synth_workers.jsonfast)
         app.steps["worker"].add(SweeperStep)
         app.steps["worker"].add(BatchTierStep)

@@ -35,7 +35,7 @@ from celery import signals
 from kombu.exceptions import OperationalError as KombuOperationalError
 from kombu.utils import json as kombu_json
 
-from synth_workers.events.buffer import EventBuffer
+from synth_workers import wireevents
 from synth_workers.lifecycle import JobEvent, Lifecycle, ListenerTimeout
 from synth_workers.message import stored
 from synth_workers.reprs import fast_saferepr
@@ -46,8 +46,6 @@ log = logging.getLogger(__name__)
 FAST_OPTIONS = frozenset({"task_id", "queue", "priority", "headers"})
 #: Options a route or the task's execution options may carry with a value (others: ``None``).
 ROUTED = frozenset({"queue", "priority", "headers"})
-#: Celery's sizes of the argument reprs in a message (:func:`repr_limits`).
-Limits = tuple[int, int, int]
 #: A failure faster than this (a reset or refused socket) is retried once at once.
 QUICK_FAILURE_SECONDS = 0.5
 
@@ -112,10 +110,18 @@ def eligible(task: Any, options: dict[str, Any]) -> bool:
     )
 
 
-def build(task: Any, args: Any, kwargs: Any, options: dict[str, Any]) -> Outgoing | None:
+def build(
+    task: Any,
+    args: Any,
+    kwargs: Any,
+    options: dict[str, Any],
+    group: tuple[str, int] | None = None,
+) -> Outgoing | None:
     """The message Celery's ``apply_async(args, kwargs, **options)`` would publish, or
     ``None`` when this send is not one :func:`eligible` allows (see the module docstring).
-    ``options`` is not changed."""
+    ``options`` is not changed. ``group``: ``(group id, index)`` of a member of a group
+    applied at the top level (what Celery's ``group`` adds to each member's send:
+    ``synth_workers.groups``)."""
     if not eligible(task, options):
         return None
     app = task.app
@@ -160,6 +166,8 @@ def build(task: Any, args: Any, kwargs: Any, options: dict[str, Any]) -> Outgoin
         soft_time_limit=soft_time_limit,
         origin=_anon_nodename(),
         ignore_result=ignore_result,
+        group_id=group[0] if group else None,
+        group_index=group[1] if group else None,
         argsrepr=fast_saferepr(args, amqp.argsrepr_maxsize, maxlevels),
         kwargsrepr=fast_saferepr(kwargs, amqp.kwargsrepr_maxsize, maxlevels),
     )
@@ -179,42 +187,6 @@ def build(task: Any, args: Any, kwargs: Any, options: dict[str, Any]) -> Outgoin
         serializer=serializer,
         ignore_result=bool(ignore_result),
     )
-
-
-def sibling(
-    first: Outgoing, app: Any, job_id: str, args: Any, kwargs: Any, limits: Limits | None = None
-) -> Outgoing:
-    """The message :func:`build` makes for the same task and options as ``first`` with
-    another id and other arguments, without building it again (only the ids, the arguments
-    and their reprs differ); only for a send whose queue was given (a router may route on
-    the arguments). ``limits``: :func:`repr_limits`, read once for many siblings."""
-    args_max, kwargs_max, maxlevels = limits or repr_limits(app)
-    args = args or ()
-    headers = dict(first.headers)
-    headers["id"] = headers["root_id"] = job_id
-    headers["argsrepr"] = fast_saferepr(args, args_max, maxlevels)
-    headers["kwargsrepr"] = fast_saferepr(kwargs, kwargs_max, maxlevels)
-    properties = dict(first.properties)
-    properties["correlation_id"] = job_id
-    return Outgoing(
-        job_id=job_id,
-        headers=headers,
-        properties=properties,
-        body=(args, kwargs, dict(first.body[2])),
-        queue=first.queue,
-        routing_key=first.routing_key,
-        priority=first.priority,
-        delivery_mode=first.delivery_mode,
-        serializer=first.serializer,
-        ignore_result=first.ignore_result,
-    )
-
-
-def repr_limits(app: Any) -> Limits:
-    """The sizes of the argument reprs Celery puts in a message's headers: its AMQP's
-    ``argsrepr_maxsize`` and ``kwargsrepr_maxsize``, and ``task_repr_maxlevels``."""
-    amqp = app.amqp
-    return amqp.argsrepr_maxsize, amqp.kwargsrepr_maxsize, app.conf.task_repr_maxlevels
 
 
 def _raw(producer: Any, out: Outgoing) -> tuple[str, str] | None:
@@ -242,61 +214,49 @@ def _raw(producer: Any, out: Outgoing) -> tuple[str, str] | None:
     return str(key), kombu_json.dumps(message)
 
 
-# --- events in the same pipeline ----------------------------------------------------------
-#: Per events writer: a copy whose script call is recorded instead of sent.
-_loaded: dict[int, Any] = {}  # writers whose script this process loaded into Redis
+def _raws(producer: Any, outgoing: Sequence[Outgoing]) -> list[tuple[str, str] | None]:
+    """:func:`_raw` of each message; one like the one before it (the same queue, priority,
+    serializer, delivery mode and property names: a bulk call's, a group's) takes that one's
+    list key and envelope, only its own body, headers and properties encoded."""
+    raws: list[tuple[str, str] | None] = []
+    model: tuple[Outgoing, str, dict[str, Any]] | None = None
+    channel = producer.channel
+    for out in outgoing:
+        if model is not None and _alike(model[0], out):
+            _first, key, envelope = model
+            headers = dict(out.headers)
+            body, _type, _encoding = producer._prepare(
+                out.body, out.serializer, None, None, None, headers
+            )
+            shared = envelope["properties"]
+            properties = dict(out.properties)
+            for name in ("delivery_mode", "delivery_info", "priority", "body_encoding"):
+                properties[name] = shared[name]
+            properties["delivery_tag"] = channel._next_delivery_tag()
+            message = {
+                "body": channel.encode_body(body, channel.body_encoding)[0],
+                "content-encoding": envelope["content-encoding"],
+                "content-type": envelope["content-type"],
+                "headers": headers,
+                "properties": properties,
+            }
+            raws.append((key, kombu_json.dumps(message)))
+            continue
+        raw = _raw(producer, out)
+        raws.append(raw)
+        if raw is not None:
+            model = (out, raw[0], kombu_json.loads(raw[1]))
+    return raws
 
 
-def _stage(listener: Any, events: Sequence[JobEvent], pipe: Any) -> int | None:
-    """Put ``listener``'s Redis write of ``events`` into ``pipe`` when it is the events
-    buffer (``synth_workers.events.buffer``) with nothing pending before them: returns the
-    command's index in the pipeline; ``None``: call the listener as usual.
-
-    The write is the writer's own script call (``EventWriter.command``), sent as
-    ``EVALSHA``: a redis-py pipeline holding a ``Script`` would ask ``SCRIPT EXISTS`` first,
-    a second round trip. When Redis does not know the script (it restarted), the events are
-    written through the listener after the pipeline ran."""
-    if not isinstance(listener, EventBuffer) or listener.has_pending() or listener.timed_out:
-        return None  # not the buffer, events before these wait, or its thread writes now
-    writer = listener.writer
-    if _loaded.get(id(writer)) is not writer:
-        writer.load_script()  # once per process and writer
-        _loaded[id(writer)] = writer
-    keys, args = writer.command(list(events))
-    pipe.evalsha(writer.script_sha, len(keys), *keys, *args)
-    return len(pipe.command_stack) - 1
-
-
-def _unstage(listener: Any, events: Sequence[JobEvent]) -> None:
-    """The pipeline failed: the buffer keeps the events and writes them from its thread
-    (as it does when its own write fails), ahead of whatever it is told next."""
-    listener.timed_out = True
-    for event in events:
-        listener.add(event)
-    listener.wake()
-
-
-def tell(lifecycle: Lifecycle, events: Sequence[JobEvent], pipe: Any) -> list[tuple[Any, int]]:
-    """Tell every listener of ``events`` (in connection order), as ``Lifecycle.emit`` with
-    ``raise_timeouts`` does, except that the events writer's write goes into ``pipe``.
-    Returns the listeners staged there, with their command's index."""
-    staged: list[tuple[Any, int]] = []
-    timed_out: ListenerTimeout | None = None
-    for listener in lifecycle.listeners if events else ():
-        try:
-            index = _stage(listener, events, pipe)
-            if index is not None:
-                staged.append((listener, index))
-                continue
-            for event in events:
-                listener(event)
-        except ListenerTimeout as exc:
-            timed_out = timed_out or exc
-        except Exception:
-            log.exception("lifecycle listener %r failed on %s", listener, events[0].kind)
-    if timed_out is not None:
-        raise timed_out
-    return staged
+def _alike(first: Outgoing, out: Outgoing) -> bool:
+    return (
+        out.routing_key == first.routing_key
+        and out.priority == first.priority
+        and out.serializer == first.serializer
+        and out.delivery_mode == first.delivery_mode
+        and out.properties.keys() == first.properties.keys()
+    )
 
 
 def timed_out(exc: BaseException) -> bool:
@@ -340,7 +300,7 @@ def _publish_once(
             if queue.name not in declared:
                 producer.maybe_declare(queue)
                 declared.add(queue.name)
-        raws = [_raw(producer, out) for out in outgoing]
+        raws = _raws(producer, outgoing)
         if any(r is None for r in raws):  # not kombu's Redis channel: kombu publishes
             for event in () if told else events:
                 lifecycle.emit(event, raise_timeouts=True)
@@ -352,7 +312,7 @@ def _publish_once(
         if client is None:
             client = channel._synth_client = channel._create_client()
         pipe = client.pipeline(transaction=False)
-        staged = tell(lifecycle, [] if told else events, pipe)
+        staged = wireevents.tell(lifecycle, [] if told else events, pipe)
         by_key: dict[str, list[str]] = {}
         for raw in raws:
             assert raw is not None
@@ -363,13 +323,13 @@ def _publish_once(
             replies = pipe.execute(raise_on_error=False)
         except BaseException:
             for listener, _index in staged:
-                _unstage(listener, events)
+                wireevents.unstage(listener, events)
             raise
         finally:
             pipe.reset()
     for listener, index in staged:
         if isinstance(replies[index], redis.exceptions.NoScriptError):
-            _loaded.pop(id(listener.writer), None)
+            wireevents.forget(listener.writer)
             for event in events:  # Redis lost the script: the listener loads it and writes
                 listener(event)
         elif isinstance(replies[index], Exception):

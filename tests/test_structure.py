@@ -179,11 +179,13 @@ def _callers(function: str) -> set[str]:
 
 def test_priority_and_queue_are_resolved_in_one_place() -> None:
     # A job's priority and queue are resolved once, by synth_workers.publish.placement
-    # (enqueue and enqueue_many call it and hand the result on, which does not resolve again).
+    # (enqueue, enqueue_many and a group sent in bulk call it and hand the result on, which
+    # does not resolve again).
     assert _callers("resolve_priority") == {"synth_workers.publish"}
     assert _callers("resolve_queue") == {"synth_workers.publish"}
     assert _callers("placement") == {
         "synth_workers.publish",
         "synth_workers.producer",
         "synth_workers.bulk",
+        "synth_workers.groups",
     }
