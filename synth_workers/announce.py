@@ -1,6 +1,6 @@
 """Waking Celery's result waiters: after the ledger commits a job's final state, one PUBLISH
 on the job's result channel (Celery's ``celery-task-meta-<id>``) tells whoever waits on it
-(``synth_workers.backend.ResultConsumer`` then reads the ledger row).
+(``synth_workers.resultconsumer.ResultConsumer`` then reads the ledger row).
 """
 
 from __future__ import annotations
@@ -9,9 +9,10 @@ from typing import Any
 
 from celery import Celery
 
-from synth_workers.backend import BACKEND_CLASS, NOTICE
+from synth_workers.backend import BACKEND_CLASS
 from synth_workers.batchwriter import BatchWriter
 from synth_workers.lifecycle import JobEvent
+from synth_workers.resultconsumer import NOTICE
 from synth_workers.resultmeta import FINAL_ANNOUNCEMENTS
 
 

@@ -53,6 +53,7 @@ from synth_workers.ledger.results import (
 )
 from synth_workers.outbox import outbox
 from synth_workers.platform import find_platform
+from synth_workers.resultconsumer import ResultConsumer
 from synth_workers.resultmeta import stored_meta
 
 if TYPE_CHECKING:
@@ -66,50 +67,9 @@ log = logging.getLogger(__name__)
 # Celery's Redis backend and its consumer, untyped in celery's stubs (partly missing there).
 _RedisBackend: Any = celery_redis.RedisBackend
 _SentinelBackend: Any = celery_redis.SentinelBackend
-_RedisResultConsumer: Any = celery_redis.__dict__["ResultConsumer"]
 
 #: The class Celery resolves for a platform app (``app.backend_cls``).
 BACKEND_CLASS = "synth_workers.backend:LedgerBackend"
-#: Marks a notice published by :class:`ResultAnnouncer`: the state is read from the ledger.
-NOTICE = "synth_ledger"
-
-
-class ResultConsumer(_RedisResultConsumer):  # type: ignore[misc]
-    """Celery's pub/sub result consumer; a ledger notice is replaced by the job's row."""
-
-    def on_wait_for_pending(self, result: Any, **kwargs: Any) -> None:
-        """Before Celery reads what it waits on: the waits noted are in the ledger."""
-        self.backend.flush_waits()
-        super().on_wait_for_pending(result, **kwargs)
-
-    def drain_events(self, timeout: float | None = None) -> Any:
-        self.backend.flush_waits()  # a drainer thread (then() under eventlet/gevent)
-        return super().drain_events(timeout)
-
-    def consume_many(self, task_ids: Sequence[str]) -> None:
-        """``consume_from`` of every id in ``task_ids`` with one ``SUBSCRIBE`` (Celery's sends
-        one per id): a group sent in bulk (``synth_workers.groups``) subscribes its members
-        before their results' ``then()``, which then finds them subscribed."""
-        if not task_ids:
-            return
-        with self._locked():
-            if self._pubsub is None:
-                self.start(task_ids[0])
-            keys = []
-            for task_id in task_ids:
-                key = self._get_key_for_task(task_id)
-                self._pending_unsubscribe.discard(key)
-                if key not in self.subscribed_to:
-                    keys.append(key)
-            if keys:
-                self.subscribed_to.update(keys)
-                with self.reconnect_on_error():
-                    self._pubsub.subscribe(*keys)
-
-    def on_state_change(self, meta: dict[str, Any], message: Any) -> None:
-        if meta.get(NOTICE):
-            meta = self.backend.get_task_meta(meta["task_id"], cache=False)
-        super().on_state_change(meta, message)
 
 
 class LedgerBackend(_RedisBackend):  # type: ignore[misc]

@@ -32,10 +32,10 @@ from celery.utils import uuid
 from vine import barrier
 
 from synth_workers import bulk, correlation, outbox, wire, wiremany
-from synth_workers.backend import ResultConsumer
 from synth_workers.errors import PayloadTooLargeError
 from synth_workers.platform import find_platform
 from synth_workers.publish import placement, queue_name
+from synth_workers.resultconsumer import ResultConsumer
 from synth_workers.routing import route_task, to_transport
 from synth_workers.validation import payload_size
 
