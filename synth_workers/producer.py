@@ -96,7 +96,7 @@ class JobHandle:
     def state(self) -> JobState:
         return JobState(self.info()["state"])
 
-    def wait(self, timeout: float | None = None, poll: float = 0.05) -> Any:
+    def wait(self, timeout: float | None = None, poll: float = 0.005) -> Any:
         """Block until the job is final; return its result or raise why it is not."""
         deadline = None if timeout is None else time.monotonic() + timeout
         interval = poll

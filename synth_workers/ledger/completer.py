@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from synth_workers.ledger.store import Claim, Ledger
 
 log = logging.getLogger(__name__)
-LINGER_SECONDS = 0.02
+LINGER_SECONDS = 0.005
 MAX_PENDING = 200
 #: Backoff of a completion write that failed for want of Postgres: first wait, and cap.
 RETRY_FIRST = 0.1
