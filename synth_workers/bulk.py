@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -203,17 +204,10 @@ def enqueue_many(
     publish_now = conn is None and wait is None
     if publish_now:
         check_redis(app)
-    ledger = task.platform.ledger
+    batch = Batch(task, target, placed.priority, wait, user_id, corr, chunk_size)
     actual = insert_rows(
-        ledger,
+        batch,
         conn,
-        task,
-        target,
-        placed.priority,
-        wait,
-        user_id,
-        corr,
-        chunk_size,
         [ids[i] for i in todo],
         [keys[i] for i in todo],
         [data[i] for i in todo],
@@ -229,20 +223,25 @@ def enqueue_many(
     if conn is not None:
         return handles
     new = [n for n, i in enumerate(todo) if actual[n] == ids[i]]
-    publish(
-        task, target, placed.priority, wait, user_id, corr, chunk_size, actual, new, outs, captures
-    )
+    publish(batch, actual, new, outs, captures)
     return handles
 
 
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """What every job of one bulk send shares (``enqueue_many``, a group sent in bulk)."""
+
+    task: PlatformTask
+    queue: str
+    level: int
+    wait: float | None = None
+    user_id: str | None = None
+    corr: str | None = None
+    chunk_size: int = CHUNK_SIZE
+
+
 def publish(
-    task: PlatformTask,
-    queue: str,
-    level: int,
-    wait: float | None,
-    user_id: str | None,
-    corr: str | None,
-    chunk_size: int,
+    batch: Batch,
     job_ids: Sequence[str],
     new: Sequence[int],
     outs: Sequence[wire.Outgoing] | None,
@@ -252,6 +251,8 @@ def publish(
     inserted (``new``: their indexes in ``job_ids`` and ``outs``/``captures``), one Redis
     pipeline per chunk. Should Redis fail, the rest stay queued in the ledger for the
     reconciler (logged)."""
+    task, queue, level, wait = batch.task, batch.queue, batch.level, batch.wait
+    user_id, corr, chunk_size = batch.user_id, batch.corr, batch.chunk_size
     app = task.app
     kind = EventKind.SCHEDULED if wait else EventKind.QUEUED
     event_data = {"priority": level, "delay": wait} if wait else {"priority": level}
@@ -294,15 +295,8 @@ def publish(
 
 
 def insert_rows(
-    ledger: Any,
+    batch: Batch,
     conn: psycopg.Connection[Any] | None,
-    task: PlatformTask,
-    queue: str,
-    level: int,
-    wait: float | None,
-    user_id: str | None,
-    corr: str | None,
-    chunk_size: int,
     ids: list[str],
     keys: list[str | None],
     data: list[dict[str, Any]],
@@ -311,6 +305,8 @@ def insert_rows(
 ) -> list[str]:
     """Write the rows (one statement per chunk, one transaction); every row's job id.
     ``args``: each job's positional arguments (``None``: none)."""
+    task, chunk_size = batch.task, batch.chunk_size
+    ledger = task.platform.ledger
     payloads = [_json(d) for d in data]
     texts = [kombu_json.dumps(m) for m in messages]
     nulls: list[str | None] = (
@@ -324,13 +320,13 @@ def insert_rows(
             found += ledger.insert_jobs(
                 c,
                 task=task.name,
-                queue=queue,
-                priority=level,
+                queue=batch.queue,
+                priority=batch.level,
                 max_attempts=task.max_attempts,
-                delay=wait,
+                delay=batch.wait,
                 published=conn is None,
-                user_id=user_id,
-                correlation_id=corr,
+                user_id=batch.user_id,
+                correlation_id=batch.corr,
                 ids=ids[start:end],
                 keys=keys[start:end],
                 payloads=payloads[start:end],

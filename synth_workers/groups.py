@@ -143,36 +143,11 @@ def _send(group: Any, task: Any, given: dict[str, Any]) -> Any:
     ]
     target = placed.queue or model.routing_key
     bulk.check_redis(app)
-    ledger = task.platform.ledger
-    bulk.insert_rows(
-        ledger,
-        None,
-        task,
-        target,
-        placed.priority,
-        None,
-        None,
-        corr,
-        bulk.CHUNK_SIZE,
-        ids,
-        [None] * len(ids),
-        [k for _a, k in calls],
-        [out.stored() for out in outs],
-        [a for a, _k in calls],
-    )
-    bulk.publish(
-        task,
-        target,
-        placed.priority,
-        None,
-        None,
-        corr,
-        bulk.CHUNK_SIZE,
-        ids,
-        range(len(ids)),
-        outs,
-        None,
-    )
+    batch = bulk.Batch(task, target, placed.priority, corr=corr)
+    stored = [out.stored() for out in outs]
+    kwargs = [k for _a, k in calls]
+    bulk.insert_rows(batch, None, ids, [None] * len(ids), kwargs, stored, [a for a, _k in calls])
+    bulk.publish(batch, ids, range(len(ids)), outs, None)
     # Celery's group.apply_async: each member's result joins the barrier, then the result
     consumer = getattr(app.backend, "result_consumer", None)
     if isinstance(consumer, ResultConsumer):  # the members' channels in one SUBSCRIBE
