@@ -1,33 +1,35 @@
 """What job events cost: the platform's no-op backlog drain with events on vs off, same run.
 
-Reuses ``bench.drain``'s platform pieces (queue, no-op task, worker command, backlog poll;
-see bench/README.md). Each round drains N no-op jobs twice with one worker
-(``prefork -c 2``), once with ``SYNTH_EVENTS_ENABLED=true`` and once with ``false`` (the
-order alternates per round), from the worker's process start until the queue is empty and
-nothing is unacked. Per job the worker writes two events (``started``, ``succeeded``);
-``queued`` is written at enqueue, which is not timed. Besides wall time it records the CPU
-seconds the worker's processes and Redis spent (steadier than wall time on a shared machine).
+Reuses ``bench.drain``'s pieces (its ``measure``: backlog, worker command, the ledger's end
+check, CPU per job; see bench/README.md). Each round drains N no-op jobs twice with one worker
+(``prefork -c 2``): once as shipped (``SYNTH_EVENTS_ENABLED=true``) and once with
+``SYNTH_EVENTS_ENABLED=false`` for the worker (its own queue; the order alternates per
+round). Per job the worker writes two events (``started``, ``succeeded``) and the history
+archive stores them in the ledger; ``queued`` is written at enqueue, which is not timed.
+Besides wall time it records the CPU milliseconds per job of the worker's processes,
+Postgres and Redis (steadier than wall time on a shared machine).
 
 Run from the repository root (Redis and Postgres running; a Redis database of your own)::
 
-    .venv/bin/python -m bench.events_overhead --jobs 2000 --rounds 5 \\
+    .venv/bin/python -m bench.events_overhead --jobs 2000 --rounds 3 \\
         --redis-url redis://127.0.0.1:6379/10 --database-url postgresql://.../db
 
 Target: events add at most 10% to the drain: ``consume_on / consume_off - 1 <= 0.10``
-(medians, ``consume`` = drain - first take). Exits 1 when a run lost jobs, or when with
-events on a job's stream does not end with its ``succeeded`` event.
+(per-round ratios of N / consume, median; ``consume`` = drain - first take). Exits 1 when a
+run lost jobs or failed its checks.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -37,126 +39,29 @@ if str(REPO) not in sys.path:
 
 from bench import drain  # noqa: E402
 
-TARGET = drain.PLATFORM
+OFF = drain.Target(
+    "platform-events-off", "synth_workers", "bench-platform-noevents", "bench.platform_noop", True
+)
+TARGET_OVERHEAD = 0.10
 
 
-@dataclass
-class Run:
-    mode: str
-    round: int
-    jobs: int
-    drain_s: float | None = None
-    first_take_s: float | None = None
-    consume_s: float | None = None
-    worker_cpu_s: float | None = None
-    redis_cpu_s: float | None = None
-    events_final: int = 0
-    errors: list[str] = field(default_factory=list)
+def enqueue_off(n: int) -> float:
+    import synth_workers
+
+    t = time.perf_counter()
+    for _ in range(n):
+        synth_workers.enqueue(OFF.task, {}, queue=OFF.queue)
+    return time.perf_counter() - t
 
 
-def clear_events(client: Any) -> None:
-    keys = list(client.scan_iter(match="synth:events:*", count=1000))
-    for i in range(0, len(keys), 1000):
-        client.delete(*keys[i : i + 1000])
-
-
-def count_final_events(client: Any) -> int:
-    """Jobs of this round whose events end with ``succeeded``: in their own stream, or in
-    the ledger's copy once the stream went (``SYNTH_EVENTS_GRACE`` after the job ended)."""
-    done: set[str] = set()
-    for key in client.scan_iter(match="synth:events:job:*", count=1000):
-        last = client.xrevrange(key, count=1)
-        if last and last[0][1].get(b"kind") == b"succeeded":
-            done.add(key.decode().rsplit(":", 1)[1])
-    from synth_workers import app as synth
-
-    with synth.ledger.connection() as conn:  # the round's jobs only (synth_jobs is reset)
-        rows = conn.execute(
-            "SELECT h.job_id::text FROM synth_job_history h JOIN synth_jobs j ON j.id = h.job_id "
-            'WHERE h.events @> \'[[{"kind": "succeeded"}]]\''
-        ).fetchall()
-    return len(done | {r[0] for r in rows})
-
-
-def redis_cpu(client: Any) -> float:
-    info = client.info("cpu")
-    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
-
-
-def tree_cpu(pid: int) -> float:
-    import psutil
-
-    root = psutil.Process(pid)
-    total = 0.0
-    for proc in [root, *root.children(recursive=True)]:
-        try:
-            times = proc.cpu_times()
-        except psutil.Error:
-            continue
-        total += times.user + times.system
-    return total
-
-
-def measure(mode: str, rnd: int, args: argparse.Namespace, client: Any, logs: Path) -> Run:
-    run = Run(mode, rnd, args.jobs)
-    drain.clean_redis(client, TARGET.queue)
-    drain.ledger_reset()
-    clear_events(client)
-    drain.enqueue_platform(args.jobs)
-    if drain.backlog(client, TARGET.queue) != (args.jobs, 0):
-        run.errors.append("the backlog is not as enqueued")
-        return run
-    node = f"events-{mode}-r{rnd}@{socket.gethostname()}"
-    cpu0 = redis_cpu(client)
-    t0 = time.perf_counter()
-    proc = drain.start_worker(TARGET, node, args.concurrency, logs / f"events-{mode}-r{rnd}.log")
-    try:
-        first = None
-        while True:
-            now = time.perf_counter()
-            if now - t0 > args.timeout:
-                run.errors.append(f"not drained within {args.timeout:g}s")
-                break
-            if proc.poll() is not None:
-                run.errors.append(f"worker exited with {proc.returncode}")
-                break
-            state = drain.backlog(client, TARGET.queue)
-            if first is None and state != (args.jobs, 0):
-                first = now
-            if state == (0, 0):
-                end = now
-                time.sleep(drain.CONFIRM_S)
-                if drain.backlog(client, TARGET.queue) == (0, 0):
-                    run.drain_s = end - t0
-                    run.first_take_s = None if first is None else first - t0
-                    if first is not None:
-                        run.consume_s = end - first
-                    break
-            time.sleep(drain.POLL_S)
-        run.worker_cpu_s = tree_cpu(proc.pid)
-        run.redis_cpu_s = redis_cpu(client) - cpu0
-    finally:
-        drain.stop_worker(proc)
-    states, _late = drain.ledger_states()
-    if states.get("succeeded", 0) != args.jobs:
-        run.errors.append(f"ledger: {states}")
-    time.sleep(0.1)  # the last events leave the worker's buffer at its shutdown at the latest
-    run.events_final = count_final_events(client)
-    if mode == "on" and run.events_final != args.jobs:
-        run.errors.append(f"events: {run.events_final} of {args.jobs} jobs have 'succeeded'")
-    if mode == "off" and run.events_final:
-        run.errors.append(f"events off, yet {run.events_final} jobs have events")
-    return run
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.events_overhead")
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.events_overhead", description=__doc__)
     parser.add_argument("--jobs", type=int, default=2000, help="jobs per backlog (2000)")
-    parser.add_argument("--rounds", type=int, default=5, help="rounds, each on and off (5)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per mode (3)")
     parser.add_argument("--concurrency", type=int, default=2, help="worker -c (2)")
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument(
-        "--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/14")
+        "--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/10")
     )
     parser.add_argument(
         "--database-url",
@@ -165,94 +70,104 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", type=Path, default=REPO / "bench" / "results" / "events_overhead.json"
     )
-    args = parser.parse_args(argv)
-    drain.configure_environment(args.redis_url, args.database_url)
-    os.environ["SYNTH_EVENTS_ENABLED"] = "true"
+    return parser.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    drain.configure_environment(args.redis_url, args.database_url)
     import redis as redis_lib
 
     from synth_workers import app as synth
-    from synth_workers.events import EventBuffer
 
-    listeners = [f for f in synth.lifecycle._listeners if isinstance(f, EventBuffer)]
+    out = args.out.resolve()
+    logs = out.parent / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
     client = redis_lib.Redis.from_url(args.redis_url)
     client.ping()
     synth.ledger.migrate()
-    drain.load_app(TARGET)
-    args.out = args.out.resolve()
-    logs = args.out.parent / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
+    drain.load_app(drain.PLATFORM)
+    env = {**os.environ, "SYNTH_EVENTS_ENABLED": "false"}
+    with contextlib.ExitStack() as stack:
+        on = drain.local_side(drain.PLATFORM, client, args)
+        probe = drain.LedgerProbe(args.database_url, drain.DB_SCHEMA)
+        off = drain.Side(OFF, client, synth, enqueue_off, probe, env=env)
+        for side in (on, off):
+            if side.ledger is not None:
+                stack.callback(side.ledger.close)
+        return report(args, [on, off], logs, out)
 
-    runs: list[Run] = []
+
+def report(args: argparse.Namespace, sides: list[drain.Side], logs: Path, out: Path) -> int:
+    load = os.getloadavg()
     print(
-        f"events overhead: {args.jobs} no-op jobs, {args.rounds} round(s) x (on, off), "
-        f"prefork -c {args.concurrency}"
+        f"events overhead: {args.jobs} no-op jobs, {args.rounds} round(s) x (on, off), prefork "
+        f"-c {args.concurrency}; load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
     )
+    runs: list[drain.Run] = []
     for rnd in range(args.rounds):
-        for mode in ("on", "off") if rnd % 2 == 0 else ("off", "on"):
-            os.environ["SYNTH_EVENTS_ENABLED"] = "true" if mode == "on" else "false"
-            for listener in listeners:  # this process (the producer) follows the setting too
-                if mode == "on":
-                    synth.lifecycle.connect(listener)
-                else:
-                    synth.lifecycle.disconnect(listener)
-            run = measure(mode, rnd, args, client, logs)
+        order = sides if rnd % 2 == 0 else sides[::-1]
+        for side in order:
+            run = drain.measure(side, rnd, args, logs)
             runs.append(run)
-            status = "ok" if not run.errors else "FAILED: " + "; ".join(run.errors)
+            status = "ok" if run.ok else "FAILED: " + "; ".join(run.errors)
+            cpu = " ".join(f"{k} {v:.3f}" for k, v in run.cpu_ms_per_job.items())
             print(
-                f"  round {rnd} events {mode:<3}  drain {drain.fmt(run.drain_s)}s  consume "
-                f"{drain.fmt(run.consume_s)}s  worker cpu {drain.fmt(run.worker_cpu_s)}s  "
-                f"redis cpu {drain.fmt(run.redis_cpu_s)}s  load {os.getloadavg()[0]:.1f}  {status}"
+                f"  round {rnd} {side.target.label:<19} consume {drain.fmt(run.consume_s)}s "
+                f"{drain.fmt(run.consume_jobs_per_s, '.0f'):>6} jobs/s  CPU ms/job: {cpu}  "
+                f"load {drain.fmt(run.load_1m)}  {status}"
             )
-    clear_events(client)
-
-    def med(mode: str, attr: str) -> float | None:
-        values = [getattr(r, attr) for r in runs if r.mode == mode]
-        present = [v for v in values if v is not None]
-        return statistics.median(present) if present else None
-
-    def added(attr: str) -> float | None:
-        on, off = med("on", attr), med("off", attr)
-        return on / off - 1 if on is not None and off else None
-
-    summary = {
-        attr: {"on": med("on", attr), "off": med("off", attr), "added": added(attr)}
-        for attr in ("consume_s", "drain_s", "worker_cpu_s", "redis_cpu_s")
+    rows = drain.per_round_ratios(runs, drain.PLATFORM.label, OFF.label)
+    spread = drain.ratio_spread(rows, "consume")
+    print("\nevents on / off per round (N / consume)")
+    for row in rows:
+        jobs = row["jobs_per_s_consume"]
+        print(
+            f"  round {row['round']}: {drain.fmt(jobs[drain.PLATFORM.label], '.0f')} / "
+            f"{drain.fmt(jobs[OFF.label], '.0f')} jobs/s = {drain.fmt(row['consume'], '.3f')}"
+        )
+    medians = {s.target.label: drain.summarise(runs, s.target.label) for s in sides}
+    cpu = {
+        s.target.label: {
+            part: statistics.median(
+                r.cpu_ms_per_job[part] for r in runs if r.app == s.target.label and r.ok
+            )
+            for part in ("worker", "postgres", "redis")
+            if any(r.ok and r.app == s.target.label for r in runs)
+        }
+        for s in sides
     }
-    print()
-    print(f"medians over {args.rounds} round(s), N = {args.jobs}:")
-    for attr, s in summary.items():
-        pct = None if s["added"] is None else s["added"] * 100
-        print(
-            f"  {attr:<13} on {drain.fmt(s['on'], '.3f'):>7}  off {drain.fmt(s['off'], '.3f'):>7}"
-            f"  events add {drain.fmt(pct, '+.1f')}%"
-        )
-    verdict = summary["consume_s"]["added"]
-    if verdict is not None:
-        print(
-            f"target: events add <= 10% to the drain (consume): "
-            f"{'met' if verdict <= 0.10 else 'NOT met'}"
-        )
-    failed = [r for r in runs if r.errors]
-    args.out.write_text(
-        json.dumps(
-            {
-                "benchmark": "events_overhead",
-                "config": {
-                    "jobs": args.jobs,
-                    "rounds": args.rounds,
-                    "concurrency": args.concurrency,
-                },
-                "runs": [asdict(r) for r in runs],
-                "median": summary,
-                "target_added": 0.10,
-                "ok": not failed,
-            },
-            indent=2,
-        )
-        + "\n"
+    overhead = None if spread["median"] is None else 1 / spread["median"] - 1
+    print(
+        f"  median ratio {drain.fmt(spread['median'], '.3f')} (range "
+        f"{drain.fmt(spread['min'], '.3f')}-{drain.fmt(spread['max'], '.3f')}): events add "
+        f"{drain.fmt(None if overhead is None else 100 * overhead, '+.1f')}% to the drain "
+        f"(target at most {100 * TARGET_OVERHEAD:.0f}%)"
     )
-    print(f"results: {args.out}")
+    for label, parts in cpu.items():
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in parts.items())
+        print(f"  median CPU ms/job {label}: {shown}")
+    failed = [r for r in runs if not r.ok]
+    result: dict[str, Any] = {
+        "benchmark": "events_overhead",
+        "config": {
+            "jobs": args.jobs,
+            "rounds": args.rounds,
+            "concurrency": args.concurrency,
+            "host": socket.gethostname(),
+            "cpus": os.cpu_count(),
+        },
+        "runs": [{**asdict(r), "ok": r.ok} for r in runs],
+        "median": medians,
+        "cpu_ms_per_job": cpu,
+        "per_round": rows,
+        "on_vs_off": spread,
+        "overhead": overhead,
+        "target_overhead": TARGET_OVERHEAD,
+        "ok": not failed,
+    }
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"results: {out}")
     return 1 if failed else 0
 
 
