@@ -286,7 +286,7 @@ def publish(
                     _send(task, captures[n])
         except (OperationalError, redis.RedisError, OSError) as exc:
             log.warning(
-                "enqueue_many: %d job(s) recorded but not published (%s); the reconciler "
+                "bulk enqueue: %d job(s) recorded but not published (%s); the reconciler "
                 "publishes them once Redis answers",
                 len(new) - start,
                 exc,

@@ -85,16 +85,13 @@ def _task_of(group: Any) -> Any:
     if app.conf.task_always_eager or outbox.current() is not None:
         return None
     members = group.tasks
-    if not members:
-        return None
-    first = members[0]
-    name, shared = first.task, first.options
+    if not members or any(type(sig) is not Signature for sig in members):
+        return None  # none, or a group, chain, chord or plain dict among them
+    name, shared = members[0].task, members[0].options
     if shared.keys() - MEMBER_OPTIONS:
         return None
     for sig in members:
-        if type(sig) is not Signature or sig.subtask_type:
-            return None
-        if sig.task != name or sig.options != shared:
+        if sig.subtask_type or sig.task != name or sig.options != shared:
             return None
     task = app.tasks.get(str(name))
     if task is None or getattr(task, "platform", None) is None:

@@ -130,3 +130,7 @@ def test_a_worker_runs_the_group_and_get_returns_results_in_order(
     assert celerys.calls == 1
     assert mixed.get(timeout=30) == [2, 5]
     assert wait_until(lambda: rclient.llen("test:collect:mixed") == 1)
+    # so is one whose members are plain dicts (a signature's dict form, which Celery takes)
+    dicts = group([dict(ct.sig(ct.add, 3, 3)), dict(ct.sig(ct.add, 4, 4))], app=app).delay()
+    assert celerys.calls == 2
+    assert dicts.get(timeout=30) == [6, 8]
