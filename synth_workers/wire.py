@@ -219,11 +219,14 @@ def _raws(producer: Any, outgoing: Sequence[Outgoing]) -> list[tuple[str, str] |
     serializer, delivery mode and property names: a bulk call's, a group's) takes that one's
     list key and envelope, only its own body, headers and properties encoded."""
     raws: list[tuple[str, str] | None] = []
-    model: tuple[Outgoing, str, dict[str, Any]] | None = None
+    model: tuple[Outgoing, str, str] | None = None
+    envelope: dict[str, Any] | None = None  # the model's, decoded once a message is alike
     channel = producer.channel
     for out in outgoing:
         if model is not None and _alike(model[0], out):
-            _first, key, envelope = model
+            _first, key, text = model
+            if envelope is None:
+                envelope = kombu_json.loads(text)
             headers = dict(out.headers)
             body, _type, _encoding = producer._prepare(
                 out.body, out.serializer, None, None, None, headers
@@ -245,7 +248,7 @@ def _raws(producer: Any, outgoing: Sequence[Outgoing]) -> list[tuple[str, str] |
         raw = _raw(producer, out)
         raws.append(raw)
         if raw is not None:
-            model = (out, raw[0], kombu_json.loads(raw[1]))
+            model, envelope = (out, raw[0], raw[1]), None
     return raws
 
 
