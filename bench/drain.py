@@ -485,6 +485,23 @@ def enqueue_platform(n: int) -> float:
     return time.perf_counter() - t
 
 
+def platform_variant(
+    target: Target, client: redis.Redis, database_url: str, env: dict[str, str]
+) -> Side:
+    """A platform app of this checkout on ``target``'s own queue, its worker run with ``env``
+    on top of this environment (another mode or setting, measured beside ``PLATFORM``)."""
+    import synth_workers
+
+    def enqueue(n: int) -> float:
+        t = time.perf_counter()
+        for _ in range(n):
+            synth_workers.enqueue(target.task, {}, queue=target.queue)
+        return time.perf_counter() - t
+
+    probe = LedgerProbe(database_url, DB_SCHEMA)
+    return Side(target, client, synth_workers.app, enqueue, probe, env={**os.environ, **env})
+
+
 def local_side(target: Target, client: redis.Redis, args: argparse.Namespace) -> Side:
     """An app of this checkout, run from the repository root with this environment."""
     app = load_app(target)

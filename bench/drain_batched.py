@@ -26,7 +26,6 @@ import json
 import os
 import socket
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -41,15 +40,6 @@ BATCHED = drain.Target(
     "platform-batched", "synth_workers", "bench-platform-batched", "bench.platform_noop", True
 )
 TARGET_RATIO = 2.0
-
-
-def enqueue_batched(n: int) -> float:
-    import synth_workers
-
-    t = time.perf_counter()
-    for _ in range(n):
-        synth_workers.enqueue(BATCHED.task, {}, queue=BATCHED.queue)
-    return time.perf_counter() - t
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -89,16 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     client.ping()
     synth.ledger.migrate()
     drain.load_app(drain.PLATFORM)
-    env = {
-        **os.environ,
-        "SYNTH_WORKER_MODE": "batched",
-        "SYNTH_BATCH_SIZE": str(args.batch_size),
-    }
+    env = {"SYNTH_WORKER_MODE": "batched", "SYNTH_BATCH_SIZE": str(args.batch_size)}
     targets = [drain.RAW] + ([] if args.no_default else [drain.PLATFORM])
     with contextlib.ExitStack() as stack:
         sides = [drain.local_side(t, client, args) for t in targets]
-        probe = drain.LedgerProbe(args.database_url, drain.DB_SCHEMA)
-        sides.append(drain.Side(BATCHED, client, synth, enqueue_batched, probe, env=env))
+        sides.append(drain.platform_variant(BATCHED, client, args.database_url, env))
         for side in sides:
             if side.ledger is not None:
                 stack.callback(side.ledger.close)

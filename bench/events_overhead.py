@@ -28,7 +28,6 @@ import os
 import socket
 import statistics
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -43,15 +42,6 @@ OFF = drain.Target(
     "platform-events-off", "synth_workers", "bench-platform-noevents", "bench.platform_noop", True
 )
 TARGET_OVERHEAD = 0.10
-
-
-def enqueue_off(n: int) -> float:
-    import synth_workers
-
-    t = time.perf_counter()
-    for _ in range(n):
-        synth_workers.enqueue(OFF.task, {}, queue=OFF.queue)
-    return time.perf_counter() - t
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -87,11 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     client.ping()
     synth.ledger.migrate()
     drain.load_app(drain.PLATFORM)
-    env = {**os.environ, "SYNTH_EVENTS_ENABLED": "false"}
     with contextlib.ExitStack() as stack:
         on = drain.local_side(drain.PLATFORM, client, args)
-        probe = drain.LedgerProbe(args.database_url, drain.DB_SCHEMA)
-        off = drain.Side(OFF, client, synth, enqueue_off, probe, env=env)
+        env = {"SYNTH_EVENTS_ENABLED": "false"}
+        off = drain.platform_variant(OFF, client, args.database_url, env)
         for side in (on, off):
             if side.ledger is not None:
                 stack.callback(side.ledger.close)
