@@ -12,6 +12,13 @@ loss against each, and a batch's jobs (``synth_workers.batched``) lose their "ru
 mark. :class:`PoolExitStep` polls such a process until it is waitable (a few milliseconds,
 on the event loop's timer) and asks billiard again.
 
+**A sentinel never heard.** A clean-clone CI run once saw the third death of a poison-pill
+test go unnoticed for four seconds with neither the exit nor the warning below logged: the
+sentinel's event never reached the loop (the cause was not found). As a backstop the step
+also looks at every pool process every :data:`BACKSTOP_SECONDS` (one ``waitpid`` each); one
+found exited at two looks in a row (the sentinel had a whole period to be heard) is joined,
+and a warning says so.
+
 **What it died of.** billiard wraps the exception of a pool call in
 :class:`~billiard.einfo.ExceptionWithTraceback`; :func:`exception_of` unwraps it (Celery's own
 ``Request.on_failure`` does the same).
@@ -31,6 +38,8 @@ log = logging.getLogger(__name__)
 #: Seconds between two looks at a process whose sentinel closed, and how many looks.
 RECHECK_SECONDS = 0.005
 RECHECK_TRIES = 200
+#: Seconds between two looks at every pool process, whatever their sentinels said.
+BACKSTOP_SECONDS = 0.25
 
 
 def exception_of(einfo: Any) -> BaseException | None:
@@ -66,6 +75,26 @@ class PoolExitStep(bootsteps.StartStopStep):
         # Bound before the pool registers with the event loop (the consumer's start), so
         # every process's sentinel reader, first ones included, calls it.
         pool._event_process_exit = on_exit
+        hub.call_repeatedly(BACKSTOP_SECONDS, Backstop(pool))
+
+
+class Backstop:
+    """Joins the pool processes whose exit no sentinel reported (see the module)."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+        self.seen: set[int] = set()  # pids found exited at the last look
+
+    def __call__(self) -> None:
+        exited = {proc.pid for proc in list(self.pool._pool) if proc.exitcode is not None}
+        unheard = exited & self.seen
+        self.seen = exited - unheard
+        if unheard:
+            log.warning(
+                "pool process(es) %s exited unheard by the event loop: joining them now",
+                ", ".join(str(pid) for pid in sorted(unheard)),
+            )
+            self.pool.maintain_pool()
 
 
 def _recheck(hub: Any, pool: Any, proc: Any, tries: int) -> None:
