@@ -32,7 +32,7 @@ from celery.utils import uuid
 from vine import barrier
 
 from synth_workers import bulk, correlation, outbox, wire, wiremany
-from synth_workers.errors import PayloadTooLargeError
+from synth_workers.errors import PayloadTooLargeError, PayloadValidationError
 from synth_workers.platform import find_platform
 from synth_workers.publish import placement, queue_name
 from synth_workers.resultconsumer import ResultConsumer
@@ -170,7 +170,10 @@ def _check(task: Any, calls: list[tuple[tuple[Any, ...], dict[str, Any]]]) -> No
                 header(*args, **kwargs)
             except TypeError as exc:
                 raise TypeError(f"group member {index}: {exc}") from exc
-        size = payload_size(args, kwargs)
+        try:
+            size = payload_size(args, kwargs)
+        except PayloadValidationError as exc:
+            raise PayloadValidationError(f"group member {index}: {exc}") from None
         if size > cap:
             raise PayloadTooLargeError(
                 f"group member {index}: {task.name}: payload is {size} bytes, over the "

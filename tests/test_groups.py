@@ -15,7 +15,7 @@ import pytest
 from celery import group
 
 from synth_workers import app, bulk, groups, wire
-from synth_workers.errors import PayloadTooLargeError
+from synth_workers.errors import PayloadTooLargeError, PayloadValidationError
 from synth_workers.message import CaptureProducer
 from synth_workers.publish import placement
 from synth_workers.routing import to_transport
@@ -102,6 +102,9 @@ def test_a_refused_member_refuses_the_group_and_nothing_is_written(rclient: Any)
     too_big = [ct.sig(ct.add, 1, 2), ct.sig(ct.add, "x" * cap, 2)]
     with pytest.raises(PayloadTooLargeError, match="group member 1"):
         group(too_big).apply_async()
+    not_json = [ct.sig(ct.add, 1, 2), ct.sig(ct.add, 1, 2), ct.sig(ct.add, {1, 2}, 2)]
+    with pytest.raises(PayloadValidationError, match=r"group member 2: args\[0\]"):
+        group(not_json).apply_async()
     with app.ledger.connection() as conn:
         assert conn.execute("SELECT count(*) FROM synth_jobs").fetchone() == (0,)
     assert rclient.keys(f"{ct.QUEUE}*") == []
