@@ -1,0 +1,54 @@
+"""The start-latency breakdown (``bench/latency_parts.py``) still runs end to end: both apps'
+probes start, and every stage is stamped (the claim only on the platform). Stamps, not
+speed: no figure is compared with a target."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = 6
+
+
+@pytest.mark.timeout(300)
+def test_a_short_run_stamps_every_stage(tmp_path: Path, redis_url: str, database_url: str) -> None:
+    out = tmp_path / "latency.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.latency_parts",
+            "--samples",
+            str(SAMPLES),
+            "--rounds",
+            "1",
+            "--gap",
+            "0.005",
+            "--redis-url",
+            redis_url,
+            "--database-url",
+            database_url,
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["probes"] == {"celery": SAMPLES, "platform": SAMPLES}
+    for stage in ("send", "to the worker", "to the pool process", "to the body (rest)", "total"):
+        assert report[stage]["celery"] is not None and report[stage]["platform"] is not None
+        assert 0 < report[stage]["platform"] < 10_000, stage
+    assert report["claim"]["celery"] is None  # plain Celery claims nothing
+    assert 0 < report["claim"]["platform"] < report["total"]["platform"]
+    for app in ("celery", "platform"):
+        assert report["send"][app] < report["total"][app]
+        assert report["to the worker"][app] < report["total"][app]
