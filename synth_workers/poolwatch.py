@@ -31,6 +31,7 @@ from typing import Any
 
 from billiard.einfo import ExceptionWithTraceback  # type: ignore[attr-defined]  # not in its stubs
 from billiard.exceptions import Terminated, WorkerLostError
+from billiard.pool import RUN
 from celery import bootsteps
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,9 @@ class Backstop:
         self.seen: set[int] = set()  # pids found exited at the last look
 
     def __call__(self) -> None:
+        if not _running(self.pool):  # closing: its processes exit, billiard joins them
+            self.seen = set()
+            return
         exited = {proc.pid for proc in list(self.pool._pool) if proc.exitcode is not None}
         unheard = exited & self.seen
         self.seen = exited - unheard
@@ -95,6 +99,12 @@ class Backstop:
                 ", ".join(str(pid) for pid in sorted(unheard)),
             )
             self.pool.maintain_pool()
+
+
+def _running(pool: Any) -> bool:
+    """Whether billiard would maintain ``pool`` now (what ``Pool.maintain_pool`` checks)."""
+    handler = getattr(pool, "_worker_handler", None)
+    return bool(pool._state == RUN and (handler is None or handler._state == RUN))
 
 
 def _recheck(hub: Any, pool: Any, proc: Any, tries: int) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 from billiard import Process
 from billiard.einfo import ExceptionInfo
 from billiard.exceptions import Terminated, WorkerLostError
+from billiard.pool import CLOSE, RUN
 
 from synth_workers.poolwatch import Backstop, exception_of, process_lost
 
@@ -45,6 +46,7 @@ class _Pool:
 
     def __init__(self, procs: list[Any]) -> None:
         self._pool = procs
+        self._state = RUN
         self.joins = 0
 
     def maintain_pool(self) -> None:
@@ -68,6 +70,12 @@ def test_the_backstop_joins_a_process_that_exited_unheard() -> None:
         assert pool.joins == 1 and pool._pool == [alive]
         backstop()
         assert pool.joins == 1  # a living process is never a reason to join
+        alive.terminate()
+        alive.join(10)
+        pool._state = CLOSE  # the pool closing: billiard joins its processes itself
+        backstop()
+        backstop()
+        assert pool.joins == 1 and pool._pool == [alive]
     finally:
         alive.terminate()
         alive.join(10)
