@@ -14,10 +14,10 @@ on the event loop's timer) and asks billiard again.
 
 **A sentinel never heard.** A clean-clone CI run once saw the third death of a poison-pill
 test go unnoticed for four seconds with neither the exit nor the warning below logged: the
-sentinel's event never reached the loop (the cause was not found). As a backstop the step
-also looks at every pool process every :data:`BACKSTOP_SECONDS` (one ``waitpid`` each); one
-found exited at two looks in a row (the sentinel had a whole period to be heard) is joined,
-and a warning says so.
+sentinel's event never reached the loop, or the loop was held that long (which, was not
+found). For the first case the step also looks at every pool process every
+:data:`BACKSTOP_SECONDS` (one ``waitpid`` each); one found exited at two looks in a row (the
+sentinel had a whole period to be heard) is joined, and a warning says so.
 
 **What it died of.** billiard wraps the exception of a pool call in
 :class:`~billiard.einfo.ExceptionWithTraceback`; :func:`exception_of` unwraps it (Celery's own
