@@ -29,6 +29,7 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 
 from synth_workers import correlation, outbox, tracing, wire
 from synth_workers.errors import PayloadTooLargeError
+from synth_workers.ledger import early
 from synth_workers.lifecycle import JobEvent, ListenerTimeout
 from synth_workers.message import CaptureProducer
 from synth_workers.routing import Priority, queue_for_task, resolve_priority, resolve_queue
@@ -191,6 +192,9 @@ def send(
             actual = ledger.insert_job(conn, **row)
             return task.AsyncResult(actual)
         if key is None and ledger.durable_commits:
+            if out is not None and fresh and not delay:
+                # the row's INSERT and the publish overlap (synth_workers.ledger.early)
+                return _overlapped(task, row, out)
             # One statement in autocommit: a single round trip (no BEGIN/COMMIT).
             with ledger.connection() as own:
                 actual = ledger.insert_job(own, **row)
@@ -199,16 +203,7 @@ def send(
                 actual = ledger.insert_job(own, **row)
     if actual != job_id:
         return task.AsyncResult(actual)
-    level = placed.priority
-    event = JobEvent(
-        EventKind.SCHEDULED if delay else EventKind.QUEUED,
-        job_id,
-        task=task.name,
-        queue=row["queue"],
-        user_id=user_id,
-        correlation_id=correlation_id,
-        data={"priority": level, "delay": delay} if delay else {"priority": level},
-    )
+    event = _event(task, row)
     lifecycle = ledger.lifecycle
     if out is not None and not delay:
         # the queued event and the message in one Redis round trip (synth_workers.wire)
@@ -236,6 +231,51 @@ def send(
             return _publish(task, capture, options.get("producer"))
     except BaseException as exc:
         return publish_failed(task, job_id, exc)
+
+
+def _event(task: Task, row: dict[str, Any]) -> JobEvent:
+    """The job's ``queued`` (or ``scheduled``) event."""
+    delay, level = row["delay"], row["priority"]
+    return JobEvent(
+        EventKind.SCHEDULED if delay else EventKind.QUEUED,
+        row["job_id"],
+        task=task.name,
+        queue=row["queue"],
+        user_id=row["user_id"],
+        correlation_id=row["correlation_id"],
+        data={"priority": level, "delay": delay} if delay else {"priority": level},
+    )
+
+
+def _overlapped(task: Task, row: dict[str, Any], out: wire.Outgoing) -> Any:
+    """Send the row's ``INSERT``, publish the message (and its ``queued`` event) while it
+    runs, then wait for it: the row is committed when this returns. The message is marked
+    :data:`~synth_workers.ledger.early.EARLY` (see that module for what a worker does with a
+    message that comes before its row); one a worker dropped for that is published again."""
+    job_id = row["job_id"]
+    ledger = task.platform.ledger
+    lifecycle = ledger.lifecycle
+    events = [_event(task, row)] if lifecycle.listening else []
+    out.properties = {**out.properties, early.EARLY: True}  # the row's copy has no mark
+    failed: BaseException | None = None
+    with ledger.connection() as own:
+        pending = early.send_insert(own, row)
+        try:
+            with tracing.span("synth.publish", job_id=job_id, task=task.name):
+                wire.publish(task.app, [out], lifecycle, events)
+        except BaseException as exc:
+            failed = exc
+        revived = pending.result()  # raises when the row did not commit
+    try:
+        if failed is not None:
+            raise failed
+        if revived:
+            wire.publish(task.app, [out], lifecycle, [])
+    except BaseException as exc:
+        return publish_failed(task, job_id, exc)
+    result = task.AsyncResult(job_id)
+    result.ignored = out.ignore_result  # Celery's: get() returns None
+    return result
 
 
 def _message(

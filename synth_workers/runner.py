@@ -4,7 +4,8 @@ completion and the retry decision. ``Task.__call__`` hands every worker run to :
 - **Claim first.** The job's ledger row is claimed (refused when it is not queued: taken,
   finished or cancelled) in the same statement that completes this process's previous jobs
   (``ledger.completer``). A message sent around the platform (Celery's ``send_task``, another
-  producer) has no row: it is adopted, its message kept whole, then claimed.
+  producer) has no row: it is adopted, its message kept whole, then claimed
+  (``synth_workers.unrecorded``, which also takes a message published before its row).
 - **Lease.** The job stays in the process's :class:`~synth_workers.ledger.lease.LeaseKeeper`
   from claim until its completion is written, so its lease is renewed throughout.
 - **Completion** is fenced by the claim's attempt: a success is handed to the completer
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 from pydantic import ValidationError
 
-from synth_workers import correlation, tracing
+from synth_workers import tracing, unrecorded
 from synth_workers.batched import child as batched
 from synth_workers.errors import (
     InvalidPayloadError,
@@ -35,10 +36,6 @@ from synth_workers.errors import (
     RateLimitedError,
     SynthWorkersError,
 )
-from synth_workers.ledger.store import Publishable
-from synth_workers.ledger.transport import publish
-from synth_workers.message import from_request
-from synth_workers.routing import foreign_priority, queue_for_task
 from synth_workers.selffence import SelfFencedError
 from synth_workers.states import FailureClass
 from synth_workers.validation import eta_delay, expires_at
@@ -199,10 +196,8 @@ def run(task: Task, job_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]) 
         raise
     completer.written(finished)
     if claim is None and platform.ledger.get(job_id) is None:
-        # Sent around the platform (Celery's send_task, another producer): adopt it,
-        # its message kept whole (canvas, ids, retries) for any re-publish.
-        _adopt(task, request, args, kwargs)
-        claim = platform.ledger.claim(job_id, keeper.owner)
+        # no row: sent around the platform (adopted), or published before its row commits
+        claim = unrecorded.take(task, request, args, kwargs, keeper.owner)
     if claim is None:
         raise Ignore(f"job {job_id} is not queued; not run")
     request.synth_claim = claim  # type: ignore[attr-defined]
@@ -221,41 +216,6 @@ def run(task: Task, job_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]) 
     finally:
         if not handed_over:
             keeper.remove(claim.job_id)
-
-
-def _adopt(task: Task, request: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    """Give a ledger row to a message sent around the platform. One sent without a
-    priority (kombu files it as 0, its most urgent list, ahead of ``high``) is recorded
-    ``normal`` and re-filed on the normal list instead of run now (:class:`Ignore`), so
-    that it does not jump the queue; it runs when its turn comes."""
-    raw = (request.properties or {}).get("priority")
-    level = foreign_priority(raw)
-    info = request.delivery_info if request.delivery_info is not None else {}
-    info["priority"] = level  # what the ledger records, not kombu's 0
-    job = Publishable(
-        request.id,
-        task.name,
-        str(info.get("routing_key") or queue_for_task(task.name)),
-        level,
-        dict(kwargs),
-        list(args) or None,
-        message=from_request(request),
-        retries=int(request.retries or 0),
-    )
-    adopted = task.platform.ledger.adopt(
-        job.id,
-        job.task,
-        job.queue,
-        job.priority,
-        job.payload,
-        job.args,
-        message=job.message,
-        retries=job.retries,
-        correlation_id=correlation.of_request(request),
-    )
-    if adopted and not (isinstance(raw, int) and raw > 0):
-        publish(task.app, [job])
-        raise Ignore(f"job {request.id} was sent without a priority: re-filed as normal")
 
 
 def _dead(task: Task, claim: Claim, failure_class: FailureClass, exc: BaseException) -> None:

@@ -1,0 +1,129 @@
+"""A single enqueue's row, written while its message is published: the two round trips
+overlap instead of following one another.
+
+A plain send (a fresh id, no idempotency key, no delay, not in the caller's transaction, a
+message :func:`synth_workers.wire.build` makes) sends its row's ``INSERT`` (autocommit,
+durable) with :func:`send_insert`, publishes its message without waiting for the answer,
+then waits for it (:meth:`PendingInsert.result`). It returns only once both are done, so the
+promise is unchanged: a job the enqueue acknowledged is committed in the ledger.
+
+The message can then reach a worker before its row commits (rarely: a worker's own path
+from Redis to its claim is longer than the commit), or for a row that never commits
+(Postgres failed, and the enqueue raised). Such a message carries :data:`EARLY` in its
+properties, and a worker that finds no row for it does not adopt it as a job sent around
+the platform: it calls :func:`tombstone_early`, an ``INSERT ... ON CONFLICT DO NOTHING`` of a
+tombstone that waits for the enqueue's own ``INSERT`` while that is still in flight.
+
+- The enqueue's row committed: the tombstone is not written, and the worker claims the job.
+- The enqueue's row never commits: the tombstone stays, and the message is dropped. A job
+  whose enqueue raised never runs.
+- The enqueue's ``INSERT`` reached Postgres after the tombstone: its statement revives the
+  tombstone as the queued job. :meth:`PendingInsert.result` returns ``True``, and the
+  enqueue publishes the message again. The job runs once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import psycopg
+from psycopg import errors, generators, pq
+from psycopg.adapt import PyFormat, Transformer
+
+from synth_workers.ledger.rows import arguments_json, message_json
+from synth_workers.states import JobState
+
+#: The message property that marks a message published before its row committed.
+EARLY = "synth_early"
+#: ``last_error`` of a tombstone a worker wrote for such a message.
+EARLY_REASON = (
+    "its message reached a worker before its ledger row: the enqueue had not committed the "
+    "row (it failed, or had not yet)"
+)
+
+_VALUES = (
+    "job_id",
+    "task",
+    "queue",
+    "priority",
+    "payload",
+    "args",
+    "max_attempts",
+    "user_id",
+    "message",
+    "expires_at",
+    "correlation_id",
+    "maybe_waited",
+)
+#: The row (``$1`` … in :data:`_VALUES`' order, ``$13`` :data:`EARLY_REASON`); over a
+#: worker's tombstone for it, the row revived. Answers whether it revived one.
+_INSERT = (
+    b"INSERT INTO synth_jobs (id, task, queue, priority, payload, args, state, max_attempts,"
+    b" published_at, user_id, message, expires_at, correlation_id, maybe_waited)"
+    b" VALUES ($1, $2, $3, $4, $5, $6, 'queued', $7, now(), $8, $9, $10, $11,"
+    b" $12) ON CONFLICT (id) DO UPDATE SET task = EXCLUDED.task, queue = EXCLUDED.queue,"
+    b" priority = EXCLUDED.priority, payload = EXCLUDED.payload, args = EXCLUDED.args,"
+    b" state = EXCLUDED.state, max_attempts = EXCLUDED.max_attempts, published_at = now(),"
+    b" user_id = EXCLUDED.user_id, message = EXCLUDED.message,"
+    b" expires_at = EXCLUDED.expires_at, correlation_id = EXCLUDED.correlation_id,"
+    b" maybe_waited = EXCLUDED.maybe_waited, finished_at = NULL, last_error = NULL,"
+    b" enqueued_at = now(), updated_at = now()"
+    b" WHERE synth_jobs.state = 'cancelled' AND synth_jobs.last_error = $13"
+    b" RETURNING xmax::text <> '0'"
+)
+_FORMATS = [PyFormat.AUTO] * (len(_VALUES) + 1)
+_TOMBSTONE = (
+    "INSERT INTO synth_jobs (id, task, queue, priority, payload, state, finished_at,"
+    " last_error) VALUES (%s, %s, %s, %s, '{}', %s, now(), %s) ON CONFLICT (id) DO NOTHING"
+)
+
+
+class PendingInsert:
+    """A row's ``INSERT`` sent on ``conn`` and not yet answered; nothing else may use
+    ``conn`` before :meth:`result`."""
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self._conn = conn
+
+    def result(self) -> bool:
+        """Wait for the answer; raise what Postgres raised (the row is not committed then).
+        ``True``: the row revived a worker's tombstone (the worker dropped the message)."""
+        conn = self._conn
+        results = conn.wait(generators.fetch_many(conn.pgconn))
+        for res in results:
+            if res.status == pq.ExecStatus.FATAL_ERROR:
+                raise errors.error_from_result(res, encoding=conn.info.encoding)
+        last = results[-1] if results else None
+        return last is not None and last.ntuples == 1 and last.get_value(0, 0) == b"t"
+
+
+def send_insert(conn: psycopg.Connection[Any], row: Mapping[str, Any]) -> PendingInsert:
+    """Send the queued row of ``row`` (``publish.send``'s, published now) on ``conn``, an idle
+    autocommit connection, and return at once."""
+    if conn.pgconn.transaction_status != pq.TransactionStatus.IDLE:
+        raise psycopg.ProgrammingError("send_insert needs an idle autocommit connection")
+    values = [row[name] for name in _VALUES]
+    values[4] = arguments_json(values[4])
+    values[5] = arguments_json(values[5]) if values[5] else None
+    values[8] = message_json(values[8])
+    values.append(EARLY_REASON)
+    tx = Transformer(conn)
+    params = tx.dump_sequence(values, _FORMATS)
+    conn.pgconn.send_query_params(_INSERT, params, param_types=tx.types, param_formats=tx.formats)
+    conn.wait(generators.send(conn.pgconn))
+    return PendingInsert(conn)
+
+
+def tombstone_early(ledger: Any, job_id: str, task: str, queue: str, priority: int) -> bool:
+    """A worker holds message ``job_id``, marked :data:`EARLY`, and found no row for it:
+    write a tombstone unless the enqueue's row commits (waiting for it while its ``INSERT``
+    is in flight). ``True``: the tombstone was written (drop the message); ``False``: the row
+    is there (claim it)."""
+    with ledger.connection() as conn:
+        cur = conn.execute(
+            _TOMBSTONE, (job_id, task, queue, priority, JobState.CANCELLED, EARLY_REASON)
+        )
+        return bool(cur.rowcount == 1)
