@@ -63,7 +63,7 @@ def _waiting_inserts() -> int:
     with app.ledger.connection() as conn:
         row = conn.execute(
             "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-            "AND query LIKE 'INSERT INTO synth_jobs%%'"
+            "AND query LIKE '%%INSERT INTO synth_jobs%%'"
         ).fetchone()
     assert row is not None
     return int(row[0])
@@ -149,9 +149,10 @@ def test_an_insert_after_the_tombstone_revives_it_and_the_job_runs_once(
 def test_a_message_whose_enqueue_raised_never_runs(
     rclient: Any, start_worker: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    refused = early._INSERT.replace(b"INTO synth_jobs ", b"INTO synth_no_such_table ")
-    monkeypatch.setattr(early, "_INSERT", refused)  # Postgres refuses the row
-    with pytest.raises(psycopg.errors.UndefinedTable):
+    params = early._params
+    # Postgres refuses the row: its id is not a uuid (the message's is)
+    monkeypatch.setattr(early, "_params", lambda row: [b"not-a-uuid", *params(row)[1:]])
+    with pytest.raises(psycopg.errors.InvalidTextRepresentation):
         enqueue(RECORD, {"label": "never"}, queue=QUEUE)
     monkeypatch.undo()
     (message,) = _messages(rclient)  # published while the row was refused
@@ -195,3 +196,33 @@ def test_a_message_that_reaches_a_worker_before_its_row_runs_once(
     assert rclient.lrange("test:order", 0, -1) == [b"once"]
     row = app.ledger.get(job_id)
     assert row is not None and (row["state"], row["attempt"]) == ("succeeded", 1)
+
+
+def test_the_statement_is_prepared_again_after_psycopg_dropped_it(rclient: Any) -> None:
+    def row(job_id: str) -> dict[str, Any]:
+        return {
+            "job_id": job_id,
+            "task": RECORD,
+            "queue": QUEUE,
+            "priority": 5,
+            "payload": {"label": job_id},
+            "args": None,
+            "max_attempts": None,
+            "user_id": None,
+            "message": {"headers": {"id": job_id}, "properties": {}},
+            "expires_at": None,
+            "correlation_id": None,
+            "maybe_waited": False,
+        }
+
+    first, second = str(uuid.uuid4()), str(uuid.uuid4())
+    with app.ledger.connection() as conn:
+        assert early.send_insert(conn, row(first)).result() is False
+        conn.execute("DEALLOCATE ALL")  # what psycopg sends after a ROLLBACK on it
+        assert early.send_insert(conn, row(second)).result() is False
+    for job_id in (first, second):
+        found = app.ledger.get(job_id)
+        assert found is not None and (found["state"], found["payload"]) == (
+            "queued",
+            {"label": job_id},
+        )

@@ -28,10 +28,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import psycopg
+from kombu.utils import json as kombu_json
 from psycopg import errors, generators, pq
-from psycopg.adapt import PyFormat, Transformer
 
-from synth_workers.ledger.rows import arguments_json, message_json
 from synth_workers.states import JobState
 
 #: The message property that marks a message published before its row committed.
@@ -72,7 +71,9 @@ _INSERT = (
     b" WHERE synth_jobs.state = 'cancelled' AND synth_jobs.last_error = $13"
     b" RETURNING xmax::text <> '0'"
 )
-_FORMATS = [PyFormat.AUTO] * (len(_VALUES) + 1)
+#: Its parameters' types (prepared once per connection, every value sent as text).
+_TYPES = b"uuid, text, text, int2, jsonb, jsonb, int4, text, jsonb, timestamptz, text, bool, text"
+_REASON = EARLY_REASON.encode()
 _TOMBSTONE = (
     "INSERT INTO synth_jobs (id, task, queue, priority, payload, state, finished_at,"
     " last_error) VALUES (%s, %s, %s, %s, '{}', %s, now(), %s) ON CONFLICT (id) DO NOTHING"
@@ -83,38 +84,70 @@ class PendingInsert:
     """A row's ``INSERT`` sent on ``conn`` and not yet answered; nothing else may use
     ``conn`` before :meth:`result`."""
 
-    __slots__ = ("_conn",)
+    __slots__ = ("_conn", "_row")
 
-    def __init__(self, conn: psycopg.Connection[Any]) -> None:
-        self._conn = conn
+    def __init__(self, conn: psycopg.Connection[Any], row: Mapping[str, Any]) -> None:
+        self._conn, self._row = conn, row
 
     def result(self) -> bool:
         """Wait for the answer; raise what Postgres raised (the row is not committed then).
         ``True``: the row revived a worker's tombstone (the worker dropped the message)."""
         conn = self._conn
-        results = conn.wait(generators.fetch_many(conn.pgconn))
-        for res in results:
-            if res.status == pq.ExecStatus.FATAL_ERROR:
-                raise errors.error_from_result(res, encoding=conn.info.encoding)
-        last = results[-1] if results else None
-        return last is not None and last.ntuples == 1 and last.get_value(0, 0) == b"t"
+        try:
+            return _answer(conn)
+        except errors.InvalidSqlStatementName:
+            # psycopg deallocates every statement after a ROLLBACK on the connection
+            conn._synth_early = None  # type: ignore[attr-defined]
+            return send_insert(conn, self._row).result()
+
+
+def _answer(conn: psycopg.Connection[Any]) -> bool:
+    results = conn.wait(generators.fetch_many(conn.pgconn))
+    for res in results:
+        if res.status == pq.ExecStatus.FATAL_ERROR:
+            raise errors.error_from_result(res, encoding=conn.info.encoding)
+    last = results[-1] if results else None
+    return last is not None and last.ntuples == 1 and last.get_value(0, 0) == b"t"
 
 
 def send_insert(conn: psycopg.Connection[Any], row: Mapping[str, Any]) -> PendingInsert:
     """Send the queued row of ``row`` (``publish.send``'s, published now) on ``conn``, an idle
-    autocommit connection, and return at once."""
-    if conn.pgconn.transaction_status != pq.TransactionStatus.IDLE:
+    autocommit connection, and return at once. The statement is prepared on ``conn`` the
+    first time (one round trip, once per connection)."""
+    pgconn = conn.pgconn
+    if pgconn.transaction_status != pq.TransactionStatus.IDLE:
         raise psycopg.ProgrammingError("send_insert needs an idle autocommit connection")
-    values = [row[name] for name in _VALUES]
-    values[4] = arguments_json(values[4])
-    values[5] = arguments_json(values[5]) if values[5] else None
-    values[8] = message_json(values[8])
-    values.append(EARLY_REASON)
-    tx = Transformer(conn)
-    params = tx.dump_sequence(values, _FORMATS)
-    conn.pgconn.send_query_params(_INSERT, params, param_types=tx.types, param_formats=tx.formats)
-    conn.wait(generators.send(conn.pgconn))
-    return PendingInsert(conn)
+    if getattr(conn, "_synth_early", None) is not pgconn:
+        conn.execute(b"PREPARE synth_early_insert (%b) AS %b" % (_TYPES, _INSERT))
+        conn._synth_early = pgconn  # type: ignore[attr-defined]
+    pgconn.send_query_prepared(b"synth_early_insert", _params(row))
+    conn.wait(generators.send(pgconn))
+    return PendingInsert(conn, row)
+
+
+def _params(row: Mapping[str, Any]) -> list[bytes | None]:
+    """:data:`_VALUES` of ``row``, and :data:`EARLY_REASON`, as Postgres's text input."""
+    expires = row["expires_at"]
+    args = row["args"]
+    return [
+        row["job_id"].encode(),
+        row["task"].encode(),
+        row["queue"].encode(),
+        b"%d" % row["priority"],
+        kombu_json.dumps(row["payload"]).encode(),
+        kombu_json.dumps(args).encode() if args else None,
+        None if row["max_attempts"] is None else b"%d" % row["max_attempts"],
+        _text(row["user_id"]),
+        kombu_json.dumps(row["message"]).encode(),
+        None if expires is None else expires.isoformat().encode(),
+        _text(row["correlation_id"]),
+        b"t" if row["maybe_waited"] else b"f",
+        _REASON,
+    ]
+
+
+def _text(value: str | None) -> bytes | None:
+    return None if value is None else value.encode()
 
 
 def tombstone_early(ledger: Any, job_id: str, task: str, queue: str, priority: int) -> bool:
