@@ -4,7 +4,9 @@
 correlation_id=)`` validates
 the payload against the task's model, refuses oversize payloads and unknown tasks with typed
 errors (nothing is queued then), writes the job record, publishes the message and returns a
-:class:`JobHandle`. Messages are JSON only.
+:class:`JobHandle`. Messages are JSON only. Without an idempotency key or a delay, the
+record's ``INSERT`` and the publish overlap (``synth_workers.ledger.early``): enqueue returns
+once both are done, and a message whose record Postgres refused is never run.
 
 Refused before anything is written (``PayloadValidationError``; the checks live in
 ``synth_workers.validation`` and run in ``Task.apply_async``, that is ``synth_workers.publish``,

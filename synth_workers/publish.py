@@ -10,7 +10,9 @@
 - **The message is the job.** Celery's own ``apply_async`` builds the message on a
   :class:`~synth_workers.message.CaptureProducer`; the row is written with it, then it is
   published. A delayed job, or one written in the caller's transaction (``synth_conn=``,
-  the outbox), is only a row until the sweeper publishes it.
+  the outbox), is only a row until the sweeper publishes it. A plain send of a fresh id
+  with no idempotency key publishes while its row's ``INSERT`` is in flight, and returns
+  once the row is committed (:func:`_overlapped`, ``synth_workers.ledger.early``).
 - **A failed publish** leaves a tombstone, never a queued row (:func:`publish_failed`).
 """
 

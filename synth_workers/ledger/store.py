@@ -7,6 +7,8 @@
 - ``migrate``: the schema's migrations;
 - ``rows``: :class:`Claim`, :class:`Publishable`, value encoders, announce helpers;
 - ``jobs``: insert, adopt, tombstone, read, cancel, refused messages, effects;
+- ``early``: a plain enqueue's row sent while its message is published, and a worker's
+  tombstone for a message that came before its row;
 - ``fencing``: claim, lease renewal and every fenced finish (succeed, retry, dead, defer);
 - ``recovery``: lost workers, hard time limits, reaping, expiry, purges, the sweeper's passes;
 - ``queries``: listings and filters, DLQ operations, the cluster's counts, periodic slots.
