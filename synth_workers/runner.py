@@ -195,7 +195,7 @@ def run(task: Task, job_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]) 
         completer.write(finished)
         raise
     completer.written(finished)
-    if claim is None and platform.ledger.get(job_id) is None:
+    if claim is None:
         # no row: sent around the platform (adopted), or published before its row commits
         claim = unrecorded.take(task, request, args, kwargs, keeper.owner)
     if claim is None:

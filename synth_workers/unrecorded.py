@@ -5,9 +5,10 @@ platform, or, when the platform published it before its row committed, taken as 
 - **Sent around the platform** (Celery's ``send_task``, another producer): the message is
   adopted, its message kept whole (canvas, ids, retries) for any re-publish, then claimed.
 - **Published before its row** (marked :data:`~synth_workers.ledger.early.EARLY`): never
-  adopted. A tombstone is written unless the enqueue's row commits, which it waits for while
-  the enqueue's ``INSERT`` is in flight; the row is then claimed, or the message dropped
-  (:class:`Ignore`): a job whose enqueue raised never runs.
+  adopted. A row that committed between the claim and the look for it is claimed again.
+  With no row, a tombstone is written unless the enqueue's row commits, which it waits for
+  while the enqueue's ``INSERT`` is in flight; the row is then claimed, or the message
+  dropped (:class:`Ignore`): a job whose enqueue raised never runs.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from synth_workers.ledger.store import Publishable
 from synth_workers.ledger.transport import publish
 from synth_workers.message import from_request
 from synth_workers.routing import foreign_priority, queue_for_task
+from synth_workers.states import JobState
 
 if TYPE_CHECKING:
     from synth_workers.ledger.store import Claim
@@ -31,10 +33,17 @@ if TYPE_CHECKING:
 def take(
     task: Task, request: Any, args: tuple[Any, ...], kwargs: dict[str, Any], owner: str
 ) -> Claim | None:
-    """Give delivered job ``request.id`` (no row found) its row and claim it for ``owner``;
-    raises :class:`Ignore` when the message is not to be run now."""
+    """Delivered job ``request.id`` was not claimed: when it has no row, give it one and
+    claim it for ``owner``; when it was published before its row and the row committed
+    since the claim looked, claim it. ``None``: the job is not to run (not queued); raises
+    :class:`Ignore` when the message is not to be run now."""
     ledger = task.platform.ledger
     properties = request.properties or {}
+    row = ledger.get(request.id)
+    if row is not None:
+        if properties.get(EARLY) and row["state"] == JobState.QUEUED:
+            return ledger.claim(request.id, owner)
+        return None
     if properties.get(EARLY):
         info = request.delivery_info or {}
         queue = str(info.get("routing_key") or queue_for_task(task.name))

@@ -21,7 +21,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from synth_workers import app, enqueue
+from synth_workers import app, enqueue, unrecorded
 from synth_workers.ledger import early
 from synth_workers.ledger.transport import ids_in_redis
 
@@ -198,31 +198,53 @@ def test_a_message_that_reaches_a_worker_before_its_row_runs_once(
     assert row is not None and (row["state"], row["attempt"]) == ("succeeded", 1)
 
 
-def test_the_statement_is_prepared_again_after_psycopg_dropped_it(rclient: Any) -> None:
-    def row(job_id: str) -> dict[str, Any]:
-        return {
-            "job_id": job_id,
-            "task": RECORD,
-            "queue": QUEUE,
-            "priority": 5,
-            "payload": {"label": job_id},
-            "args": None,
-            "max_attempts": None,
-            "user_id": None,
-            "message": {"headers": {"id": job_id}, "properties": {}},
-            "expires_at": None,
-            "correlation_id": None,
-            "maybe_waited": False,
-        }
+def _row(job_id: str) -> dict[str, Any]:
+    """``publish.send``'s row for a job of :data:`RECORD` (what ``send_insert`` takes)."""
+    return {
+        "job_id": job_id,
+        "task": RECORD,
+        "queue": QUEUE,
+        "priority": 5,
+        "payload": {"label": job_id},
+        "args": None,
+        "max_attempts": None,
+        "user_id": None,
+        "message": {"headers": {"id": job_id}, "properties": {}},
+        "expires_at": None,
+        "correlation_id": None,
+        "maybe_waited": False,
+    }
 
+
+def test_the_statement_is_prepared_again_after_psycopg_dropped_it(rclient: Any) -> None:
     first, second = str(uuid.uuid4()), str(uuid.uuid4())
     with app.ledger.connection() as conn:
-        assert early.send_insert(conn, row(first)).result() is False
+        assert early.send_insert(conn, _row(first)).result() is False
         conn.execute("DEALLOCATE ALL")  # what psycopg sends after a ROLLBACK on it
-        assert early.send_insert(conn, row(second)).result() is False
+        assert early.send_insert(conn, _row(second)).result() is False
     for job_id in (first, second):
         found = app.ledger.get(job_id)
         assert found is not None and (found["state"], found["payload"]) == (
             "queued",
             {"label": job_id},
         )
+
+
+def test_a_row_that_committed_after_the_claim_looked_is_claimed(rclient: Any) -> None:
+    # the worker's claim found no row; the enqueue's row committed before the worker looked
+    # for it: a marked message's job is claimed then, an unmarked one's is not (its claim
+    # saw the row and refused it)
+    task = app.tasks[RECORD]
+    marked, unmarked = str(uuid.uuid4()), str(uuid.uuid4())
+    with app.ledger.connection() as conn:
+        for job_id in (marked, unmarked):
+            early.send_insert(conn, _row(job_id)).result()
+
+    def request(job_id: str, properties: dict[str, Any]) -> Any:
+        return SimpleNamespace(id=job_id, properties=properties, delivery_info={})
+
+    claim = unrecorded.take(task, request(marked, {early.EARLY: True}), (), {}, "test-owner")
+    assert claim is not None and (claim.job_id, claim.attempt) == (marked, 1)
+    assert unrecorded.take(task, request(unmarked, {}), (), {}, "test-owner") is None
+    found = app.ledger.get(unmarked)
+    assert found is not None and found["state"] == "queued"
