@@ -16,6 +16,13 @@ in the ledger: the reconciler publishes them once Redis answers (after
 ``SYNTH_RECONCILE_GRACE``), and the call still returns their handles (logged as a warning),
 so a caller that retries does not enqueue them twice.
 
+Without idempotency keys (and outside worker processes), the rows and the messages overlap
+(``synth_workers.bulkrows.overlapped``): every chunk's ``INSERT`` goes in one pipeline (one
+implicit transaction, all or nothing), and the messages, marked as published before their
+rows (``synth_workers.ledger.early``), are published while Postgres writes them; the call
+returns once the rows are committed. Should Postgres refuse a row then, the call raises and
+no job runs: a worker tombstones each such message instead of running it.
+
 Handles come back in input order. ``delay=`` makes every job wait in the ledger; ``conn=``
 writes them in the caller's transaction (the outbox: published once it commits).
 """
@@ -25,7 +32,6 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -33,21 +39,19 @@ import psycopg
 import redis
 from celery import Task
 from kombu.exceptions import OperationalError
-from kombu.utils import json as kombu_json
 from pydantic import BaseModel
 
 from synth_workers import correlation, routing, wire, wiremany
+from synth_workers.bulkrows import CHUNK_SIZE, Batch, insert_rows, overlapped, publish
 from synth_workers.errors import (
     EnqueueError,
     PayloadTooLargeError,
     PayloadValidationError,
 )
-from synth_workers.lifecycle import JobEvent
 from synth_workers.message import CaptureProducer
 from synth_workers.producer import JobHandle, _default_app, _lookup, _unavailable, _validated
-from synth_workers.publish import _message, _send, placement
+from synth_workers.publish import _message, placement
 from synth_workers.routing import to_transport
-from synth_workers.states import EventKind
 from synth_workers.validation import check_delay, check_idempotency_key, payload_size
 
 if TYPE_CHECKING:
@@ -55,11 +59,6 @@ if TYPE_CHECKING:
     from synth_workers.task import Task as PlatformTask
 
 log = logging.getLogger(__name__)
-
-#: Jobs per INSERT statement and per Redis pipeline.
-CHUNK_SIZE = 1000
-
-_json = kombu_json.JSONEncoder(separators=(",", ":")).encode
 
 
 def _item_error(index: int, exc: EnqueueError) -> EnqueueError:
@@ -205,6 +204,9 @@ def enqueue_many(
     if publish_now:
         check_redis(app)
     batch = Batch(task, target, placed.priority, wait, user_id, corr, chunk_size)
+    if publish_now and outs is not None and not any(keys) and task.platform.ledger.durable_commits:
+        overlapped(batch, ids, data, stored, None, outs)
+        return [JobHandle(job_id, app=app) for job_id in ids]
     actual = insert_rows(
         batch,
         conn,
@@ -225,126 +227,3 @@ def enqueue_many(
     new = [n for n, i in enumerate(todo) if actual[n] == ids[i]]
     publish(batch, actual, new, outs, captures)
     return handles
-
-
-@dataclass(frozen=True, slots=True)
-class Batch:
-    """What every job of one bulk send shares (``enqueue_many``, a group sent in bulk)."""
-
-    task: PlatformTask
-    queue: str
-    level: int
-    wait: float | None = None
-    user_id: str | None = None
-    corr: str | None = None
-    chunk_size: int = CHUNK_SIZE
-
-
-def publish(
-    batch: Batch,
-    job_ids: Sequence[str],
-    new: Sequence[int],
-    outs: Sequence[wire.Outgoing] | None,
-    captures: Sequence[CaptureProducer] | None,
-) -> None:
-    """Announce (``queued`` or ``scheduled``) and, unless ``wait``, publish the jobs just
-    inserted (``new``: their indexes in ``job_ids`` and ``outs``/``captures``), one Redis
-    pipeline per chunk. Should Redis fail, the rest stay queued in the ledger for the
-    reconciler (logged)."""
-    task, queue, level, wait = batch.task, batch.queue, batch.level, batch.wait
-    user_id, corr, chunk_size = batch.user_id, batch.corr, batch.chunk_size
-    app = task.app
-    kind = EventKind.SCHEDULED if wait else EventKind.QUEUED
-    event_data = {"priority": level, "delay": wait} if wait else {"priority": level}
-    lifecycle = task.platform.ledger.lifecycle
-    for start in range(0, len(new), chunk_size):
-        part = new[start : start + chunk_size]
-        events = (
-            [
-                JobEvent(
-                    kind,
-                    job_ids[n],
-                    task=task.name,
-                    queue=queue,
-                    user_id=user_id,
-                    correlation_id=corr,
-                    data=event_data,
-                )
-                for n in part
-            ]
-            if lifecycle.listening
-            else []
-        )
-        try:
-            if outs is not None:
-                wire.publish(app, [] if wait else [outs[n] for n in part], lifecycle, events)
-            else:
-                for event in events:
-                    lifecycle.emit(event)
-                for n in [] if wait else part:
-                    assert captures is not None
-                    _send(task, captures[n])
-        except (OperationalError, redis.RedisError, OSError) as exc:
-            log.warning(
-                "bulk enqueue: %d job(s) recorded but not published (%s); the reconciler "
-                "publishes them once Redis answers",
-                len(new) - start,
-                exc,
-            )
-            break
-
-
-def insert_rows(
-    batch: Batch,
-    conn: psycopg.Connection[Any] | None,
-    ids: list[str],
-    keys: list[str | None],
-    data: list[dict[str, Any]],
-    messages: list[dict[str, Any]],
-    args: Sequence[Sequence[Any] | None] | None = None,
-) -> list[str]:
-    """Write the rows (one statement per chunk, one transaction); every row's job id.
-    ``args``: each job's positional arguments (``None``: none)."""
-    task, chunk_size = batch.task, batch.chunk_size
-    ledger = task.platform.ledger
-    payloads = [_json(d) for d in data]
-    texts = [kombu_json.dumps(m) for m in messages]
-    nulls: list[str | None] = (
-        [_json(list(a)) if a else None for a in args] if args is not None else [None] * len(ids)
-    )
-
-    def write(c: psycopg.Connection[Any]) -> list[str]:
-        found: list[str | None] = []
-        for start in range(0, len(ids), chunk_size):
-            end = start + chunk_size
-            found += ledger.insert_jobs(
-                c,
-                task=task.name,
-                queue=batch.queue,
-                priority=batch.level,
-                max_attempts=task.max_attempts,
-                delay=batch.wait,
-                published=conn is None,
-                user_id=batch.user_id,
-                correlation_id=batch.corr,
-                ids=ids[start:end],
-                keys=keys[start:end],
-                payloads=payloads[start:end],
-                args=nulls[start:end],
-                messages=texts[start:end],
-            )
-        missing = [keys[n] for n, f in enumerate(found) if f is None]
-        if missing:  # held by a transaction that committed meanwhile: its job
-            holders = ledger.idempotency_holders(c, [k for k in missing if k is not None])
-            found = [f if f is not None else holders.get(str(keys[n])) for n, f in enumerate(found)]
-        if any(f is None for f in found):
-            raise EnqueueError("idempotency key taken by a transaction that did not commit; retry")
-        return [str(f) for f in found]
-
-    if conn is not None:
-        return write(conn)
-    with ledger.connection() as own:
-        if len(ids) <= chunk_size and ledger.durable_commits and not any(keys):
-            return write(own)  # one statement in autocommit: one round trip
-        with own.transaction():
-            return write(own)

@@ -9,7 +9,9 @@ members as :func:`~synth_workers.bulk.enqueue_many` writes jobs: every member ch
 (its payload's size and strict JSON, Celery's argument check), then their rows in one
 statement and their messages (Celery's, byte for byte: ``tests/test_groups.py``) with their
 ``queued`` events in one pipeline. All or nothing: one refused member refuses the group and
-nothing is written. Should Redis fail after the commit, the members are recorded and queued
+nothing is written. The rows and the messages overlap as in ``enqueue_many``
+(``synth_workers.bulkrows.overlapped``; each message then carries the mark of one published
+before its row). Should Redis fail after the commit, the members are recorded and queued
 in the ledger and the reconciler publishes them (the group's result is still returned).
 
 What goes this way: a group applied at the top level (not from a running task, not eager,
@@ -31,7 +33,7 @@ from celery.canvas import group as celery_group
 from celery.utils import uuid
 from vine import barrier
 
-from synth_workers import bulk, correlation, outbox, wire, wiremany
+from synth_workers import bulk, bulkrows, correlation, outbox, wire, wiremany
 from synth_workers.errors import PayloadTooLargeError, PayloadValidationError
 from synth_workers.platform import find_platform
 from synth_workers.publish import placement, queue_name
@@ -140,11 +142,14 @@ def _send(group: Any, task: Any, given: dict[str, Any]) -> Any:
     ]
     target = placed.queue or model.routing_key
     bulk.check_redis(app)
-    batch = bulk.Batch(task, target, placed.priority, corr=corr)
+    batch = bulkrows.Batch(task, target, placed.priority, corr=corr)
     stored = [out.stored() for out in outs]
-    kwargs = [k for _a, k in calls]
-    bulk.insert_rows(batch, None, ids, [None] * len(ids), kwargs, stored, [a for a, _k in calls])
-    bulk.publish(batch, ids, range(len(ids)), outs, None)
+    kwargs, args = [k for _a, k in calls], [a for a, _k in calls]
+    if task.platform.ledger.durable_commits:  # the rows written while the members publish
+        bulkrows.overlapped(batch, ids, kwargs, stored, args, outs)
+    else:
+        bulkrows.insert_rows(batch, None, ids, [None] * len(ids), kwargs, stored, args)
+        bulkrows.publish(batch, ids, range(len(ids)), outs, None)
     # Celery's group.apply_async: each member's result joins the barrier, then the result
     consumer = getattr(app.backend, "result_consumer", None)
     if isinstance(consumer, ResultConsumer):  # the members' channels in one SUBSCRIBE

@@ -21,7 +21,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from synth_workers import app, enqueue, unrecorded
+from synth_workers import app, enqueue, enqueue_many, unrecorded
 from synth_workers.ledger import early
 from synth_workers.ledger.transport import ids_in_redis
 
@@ -248,3 +248,25 @@ def test_a_row_that_committed_after_the_claim_looked_is_claimed(rclient: Any) ->
     assert unrecorded.take(task, request(unmarked, {}), (), {}, "test-owner") is None
     found = app.ledger.get(unmarked)
     assert found is not None and found["state"] == "queued"
+
+
+def test_enqueue_many_revives_a_tombstone_and_publishes_it_again(
+    rclient: Any, start_worker: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job_id = str(uuid.uuid4())
+    assert early.tombstone_early(app.ledger, job_id, RECORD, QUEUE, 5)  # the worker was first
+    fresh = iter([uuid.UUID(job_id)])
+    monkeypatch.setattr(
+        "synth_workers.bulk.uuid", SimpleNamespace(uuid4=lambda: next(fresh, None) or uuid.uuid4())
+    )
+    handles = enqueue_many(RECORD, [{"label": f"m{n}"} for n in range(3)], queue=QUEUE)
+    assert handles[0].id == job_id
+    row = app.ledger.get(job_id)
+    assert row is not None and (row["state"], row["last_error"]) == ("queued", None)
+    ids = [m["headers"]["id"] for m in _messages(rclient)]
+    assert sorted(ids) == sorted([job_id, *(h.id for h in handles)])  # the revived one twice
+    assert all(m["properties"][early.EARLY] is True for m in _messages(rclient))
+    start_worker(QUEUE)
+    assert [h.wait(timeout=30) for h in handles] == ["m0", "m1", "m2"]
+    assert wait_until(lambda: not ids_in_redis(app, [QUEUE], {job_id}), timeout=10)
+    assert sorted(rclient.lrange("test:order", 0, -1)) == [b"m0", b"m1", b"m2"]

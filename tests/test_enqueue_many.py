@@ -5,6 +5,7 @@ nothing, and jobs whose publish failed after the commit are published by the rec
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -26,6 +27,7 @@ from synth_workers import (
     enqueue_many,
 )
 from synth_workers.app import SynthCelery, create_app
+from synth_workers.ledger import early
 from synth_workers.lifecycle import JobEvent
 from synth_workers.settings import load_settings
 
@@ -131,9 +133,12 @@ def test_idempotency_keys_within_and_across_calls(rclient: Any, start_worker: An
     assert rclient.get("test:count:k-a-again") is None and rclient.get("test:count:k-b2") is None
 
 
-def test_a_postgres_failure_in_a_later_chunk_writes_nothing(rclient: Any) -> None:
+def test_a_postgres_failure_in_a_later_chunk_writes_nothing(
+    rclient: Any, start_worker: Any
+) -> None:
     """A real statement error in the third chunk (a trigger refuses one row): the chunks
-    before it roll back with it, and nothing reaches Redis."""
+    before it roll back with it. The messages, published while the rows were being written
+    (``synth_workers.ledger.early``), are marked, and a worker runs none of them."""
     with app.ledger.connection() as conn:
         conn.execute(
             "CREATE OR REPLACE FUNCTION test_refuse_boom() RETURNS trigger LANGUAGE plpgsql AS "
@@ -155,7 +160,17 @@ def test_a_postgres_failure_in_a_later_chunk_writes_nothing(rclient: Any) -> Non
         with app.ledger.connection() as conn:
             conn.execute("DROP TRIGGER IF EXISTS test_refuse_boom ON synth_jobs")
     assert _rows() == []
-    assert _queued_in_redis(rclient) == 0
+    messages = [
+        json.loads(raw) for key in rclient.keys(f"{QUEUE}*") for raw in rclient.lrange(key, 0, -1)
+    ]
+    assert len(messages) == 30
+    assert all(m["properties"][early.EARLY] is True for m in messages)
+    start_worker(QUEUE)
+    assert wait_until(lambda: _queued_in_redis(rclient) == 0 and len(_rows()) == 30, timeout=30)
+    assert {(r["state"], r["attempt"], r["last_error"]) for r in _rows()} == {
+        ("cancelled", 0, early.EARLY_REASON)
+    }
+    assert rclient.lrange("test:order", 0, -1) == []
 
 
 def test_postgres_out_of_reach_refuses_with_its_name(rclient: Any) -> None:

@@ -55,22 +55,28 @@ _VALUES = (
     "correlation_id",
     "maybe_waited",
 )
-#: The row (``$1`` … in :data:`_VALUES`' order, ``$13`` :data:`EARLY_REASON`); over a
-#: worker's tombstone for it, the row revived. Answers whether it revived one.
-_INSERT = (
-    b"INSERT INTO synth_jobs (id, task, queue, priority, payload, args, state, max_attempts,"
-    b" published_at, user_id, message, expires_at, correlation_id, maybe_waited)"
-    b" VALUES ($1, $2, $3, $4, $5, $6, 'queued', $7, now(), $8, $9, $10, $11,"
-    b" $12) ON CONFLICT (id) DO UPDATE SET task = EXCLUDED.task, queue = EXCLUDED.queue,"
-    b" priority = EXCLUDED.priority, payload = EXCLUDED.payload, args = EXCLUDED.args,"
-    b" state = EXCLUDED.state, max_attempts = EXCLUDED.max_attempts, published_at = now(),"
-    b" user_id = EXCLUDED.user_id, message = EXCLUDED.message,"
-    b" expires_at = EXCLUDED.expires_at, correlation_id = EXCLUDED.correlation_id,"
-    b" maybe_waited = EXCLUDED.maybe_waited, finished_at = NULL, last_error = NULL,"
-    b" enqueued_at = now(), updated_at = now()"
-    b" WHERE synth_jobs.state = 'cancelled' AND synth_jobs.last_error = $13"
-    b" RETURNING xmax::text <> '0'"
+#: Over a worker's tombstone (the ``SET`` of ``ON CONFLICT (id) DO UPDATE``, then its
+#: ``WHERE``, to which the statement adds ``AND synth_jobs.last_error =`` :data:`EARLY_REASON`):
+#: the row revived as the enqueue wrote it.
+REVIVE = (
+    "task = EXCLUDED.task, queue = EXCLUDED.queue, priority = EXCLUDED.priority,"
+    " payload = EXCLUDED.payload, args = EXCLUDED.args, state = EXCLUDED.state,"
+    " idempotency_key = EXCLUDED.idempotency_key, max_attempts = EXCLUDED.max_attempts,"
+    " run_at = EXCLUDED.run_at, published_at = now(), user_id = EXCLUDED.user_id,"
+    " message = EXCLUDED.message, expires_at = EXCLUDED.expires_at,"
+    " correlation_id = EXCLUDED.correlation_id, maybe_waited = EXCLUDED.maybe_waited,"
+    " finished_at = NULL, last_error = NULL, enqueued_at = now(), updated_at = now()"
+    " WHERE synth_jobs.state = 'cancelled'"
 )
+#: The row (``$1`` … in :data:`_VALUES`' order, ``$13`` :data:`EARLY_REASON`), reviving a
+#: worker's tombstone for it. Answers whether it revived one.
+_INSERT = (
+    "INSERT INTO synth_jobs (id, task, queue, priority, payload, args, state,"  # noqa: S608
+    " max_attempts, published_at, user_id, message, expires_at, correlation_id, maybe_waited)"
+    " VALUES ($1, $2, $3, $4, $5, $6, 'queued', $7, now(), $8, $9, $10, $11, $12)"
+    f" ON CONFLICT (id) DO UPDATE SET {REVIVE} AND synth_jobs.last_error = $13"
+    " RETURNING xmax::text <> '0'"
+).encode()
 #: Its parameters' types (prepared once per connection, every value sent as text).
 _TYPES = b"uuid, text, text, int2, jsonb, jsonb, int4, text, jsonb, timestamptz, text, bool, text"
 _REASON = EARLY_REASON.encode()

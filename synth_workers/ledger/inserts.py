@@ -10,6 +10,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from synth_workers.ledger.early import EARLY_REASON, REVIVE
 from synth_workers.ledger.rows import NOTIFY_CHANNEL, LedgerRows
 from synth_workers.states import JobState
 
@@ -48,6 +49,15 @@ _INSERT_KEYED = sql.SQL(
 ).format(rows=_ROWS, columns=_COLUMNS)
 
 
+#: Without keys, published while the rows are written (``synth_workers.ledger.early``): a
+#: worker's tombstone for one of the ids is revived; answers the revived rows' ids.
+_INSERT_EARLY = sql.SQL(
+    "WITH v AS ({rows}), i AS ({columns} ON CONFLICT (id) DO UPDATE SET {revive}"
+    " AND synth_jobs.last_error = %(reason)s RETURNING id, xmax)"
+    " SELECT id FROM i WHERE xmax::text <> '0'"
+).format(rows=_ROWS, columns=_COLUMNS, revive=sql.SQL(REVIVE))
+
+
 class Inserts(LedgerRows):
     """Writes many new job rows at once."""
 
@@ -76,13 +86,63 @@ class Inserts(LedgerRows):
         Durable in worker processes when ``conn`` is in a transaction."""
         if not self.durable_commits and conn.info.transaction_status != 0:
             self.durable(conn)
+        params = self._rows_params(
+            task, queue, priority, max_attempts, delay, published, user_id, correlation_id
+        )
+        params.update(ids=list(ids), keys=list(keys), payloads=list(payloads), args=list(args))
+        params["messages"] = list(messages)
+        scheduled = params["scheduled"]
+        if any(key is not None for key in keys):
+            # binary: arrays of JSON text go without text-array escaping
+            rows = conn.execute(_INSERT_KEYED, params).fetchall()
+            found: list[str | None] = [None if r[0] is None else str(r[0]) for r in rows]
+        else:
+            conn.execute(_INSERT, params)
+            found = list(ids)
+        if not published and not scheduled:
+            conn.execute(_NOTIFY)
+        return found
+
+    def send_jobs_early(
+        self,
+        conn: psycopg.Connection[Any],
+        *,
+        task: str,
+        queue: str,
+        priority: int,
+        max_attempts: int | None,
+        user_id: str | None,
+        correlation_id: str | None,
+        ids: Sequence[str],
+        payloads: Sequence[str],
+        args: Sequence[str | None],
+        messages: Sequence[str],
+    ) -> psycopg.Cursor[Any]:
+        """On ``conn`` in pipeline mode: send new queued jobs of ``task`` (fresh ids, no
+        keys), published now, without waiting (``synth_workers.ledger.early``). A row whose
+        id a worker's tombstone holds revives it; once the pipeline is synced, the cursor
+        gives those rows' ids (their messages were dropped: publish them again)."""
+        params = self._rows_params(
+            task, queue, priority, max_attempts, None, True, user_id, correlation_id
+        )
+        params.update(ids=list(ids), keys=[None] * len(ids), payloads=list(payloads))
+        params.update(args=list(args), messages=list(messages), reason=EARLY_REASON)
+        return conn.execute(_INSERT_EARLY, params)
+
+    def _rows_params(
+        self,
+        task: str,
+        queue: str,
+        priority: int,
+        max_attempts: int | None,
+        delay: float | None,
+        published: bool,
+        user_id: str | None,
+        correlation_id: str | None,
+    ) -> dict[str, Any]:
+        """What every row of one statement shares (:data:`_COLUMNS`' named parameters)."""
         scheduled = bool(delay and delay > 0)
-        params = {
-            "ids": list(ids),
-            "keys": list(keys),
-            "payloads": list(payloads),
-            "args": list(args),
-            "messages": list(messages),
+        return {
             "task": task,
             "queue": queue,
             "priority": priority,
@@ -98,16 +158,6 @@ class Inserts(LedgerRows):
             "maybe_waited": not published,
             "window": self.settings.idempotency_window,
         }
-        if any(key is not None for key in keys):
-            # binary: arrays of JSON text go without text-array escaping
-            rows = conn.execute(_INSERT_KEYED, params).fetchall()
-            found: list[str | None] = [None if r[0] is None else str(r[0]) for r in rows]
-        else:
-            conn.execute(_INSERT, params)
-            found = list(ids)
-        if not published and not scheduled:
-            conn.execute(_NOTIFY)
-        return found
 
     def idempotency_holders(
         self, conn: psycopg.Connection[Any], keys: Sequence[str]

@@ -1,0 +1,215 @@
+"""Writing and publishing a bulk send's jobs (``enqueue_many``, a ``group`` sent in bulk):
+what every job of the send shares (:class:`Batch`), the rows (one multi-row ``INSERT`` per
+chunk, :func:`insert_rows`), their messages and events (one Redis pipeline per chunk,
+:func:`publish`), or both overlapped (:func:`overlapped`: the rows written while the
+messages are published, ``synth_workers.ledger.early``). The API and its refusals are
+``synth_workers.bulk``."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+import redis
+from kombu.exceptions import OperationalError
+from kombu.utils import json as kombu_json
+from psycopg import generators
+
+from synth_workers import wire
+from synth_workers.errors import EnqueueError
+from synth_workers.ledger.early import EARLY
+from synth_workers.lifecycle import JobEvent
+from synth_workers.message import CaptureProducer
+from synth_workers.publish import _send
+from synth_workers.states import EventKind
+
+if TYPE_CHECKING:
+    from synth_workers.task import Task as PlatformTask
+
+log = logging.getLogger(__name__)
+
+#: Jobs per INSERT statement and per Redis pipeline.
+CHUNK_SIZE = 1000
+#: Compact JSON for the rows' payloads and arguments.
+_json = kombu_json.JSONEncoder(separators=(",", ":")).encode
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """What every job of one bulk send shares (``enqueue_many``, a group sent in bulk)."""
+
+    task: PlatformTask
+    queue: str
+    level: int
+    wait: float | None = None
+    user_id: str | None = None
+    corr: str | None = None
+    chunk_size: int = CHUNK_SIZE
+
+
+def publish(
+    batch: Batch,
+    job_ids: Sequence[str],
+    new: Sequence[int],
+    outs: Sequence[wire.Outgoing] | None,
+    captures: Sequence[CaptureProducer] | None,
+    announce: bool = True,
+) -> None:
+    """Announce (``queued`` or ``scheduled``; not when ``announce`` is false) and, unless
+    ``wait``, publish the jobs just inserted (``new``: their indexes in ``job_ids`` and
+    ``outs``/``captures``), one Redis pipeline per chunk. Should Redis fail, the rest stay
+    queued in the ledger for the reconciler (logged)."""
+    task, queue, level, wait = batch.task, batch.queue, batch.level, batch.wait
+    user_id, corr, chunk_size = batch.user_id, batch.corr, batch.chunk_size
+    app = task.app
+    kind = EventKind.SCHEDULED if wait else EventKind.QUEUED
+    event_data = {"priority": level, "delay": wait} if wait else {"priority": level}
+    lifecycle = task.platform.ledger.lifecycle
+    for start in range(0, len(new), chunk_size):
+        part = new[start : start + chunk_size]
+        events = (
+            [
+                JobEvent(
+                    kind,
+                    job_ids[n],
+                    task=task.name,
+                    queue=queue,
+                    user_id=user_id,
+                    correlation_id=corr,
+                    data=event_data,
+                )
+                for n in part
+            ]
+            if lifecycle.listening and announce
+            else []
+        )
+        try:
+            if outs is not None:
+                wire.publish(app, [] if wait else [outs[n] for n in part], lifecycle, events)
+            else:
+                for event in events:
+                    lifecycle.emit(event)
+                for n in [] if wait else part:
+                    assert captures is not None
+                    _send(task, captures[n])
+        except (OperationalError, redis.RedisError, OSError) as exc:
+            log.warning(
+                "bulk enqueue: %d job(s) recorded but not published (%s); the reconciler "
+                "publishes them once Redis answers",
+                len(new) - start,
+                exc,
+            )
+            break
+
+
+def overlapped(
+    batch: Batch,
+    ids: list[str],
+    data: list[dict[str, Any]],
+    messages: list[dict[str, Any]],
+    args: Sequence[Sequence[Any] | None] | None,
+    outs: Sequence[wire.Outgoing],
+) -> None:
+    """Write the rows of fresh ids without keys (one statement per chunk, one pipeline: one
+    implicit transaction, all or nothing) and publish their messages, marked ``EARLY``, while
+    Postgres writes them; return once the rows are committed. Rows that revived a worker's
+    tombstone are published again (``synth_workers.ledger.early``)."""
+    task, step = batch.task, batch.chunk_size
+    ledger = task.platform.ledger
+    payloads, texts, nulls = _columns(data, messages, args, len(ids))
+    for out in outs:
+        out.properties = {**out.properties, EARLY: True}  # the rows' copies have no mark
+    with ledger.connection() as own:
+        with own.pipeline():
+            cursors = [
+                ledger.send_jobs_early(
+                    own,
+                    task=task.name,
+                    queue=batch.queue,
+                    priority=batch.level,
+                    max_attempts=task.max_attempts,
+                    user_id=batch.user_id,
+                    correlation_id=batch.corr,
+                    ids=ids[start : start + step],
+                    payloads=payloads[start : start + step],
+                    args=nulls[start : start + step],
+                    messages=texts[start : start + step],
+                )
+                for start in range(0, len(ids), step)
+            ]
+            own.wait(generators.send(own.pgconn))  # every row on the wire, then the publish
+            publish(batch, ids, range(len(ids)), outs, None)
+        revived = {str(row[0]) for cursor in cursors for row in cursor.fetchall()}
+    if revived:
+        again = [n for n, job_id in enumerate(ids) if job_id in revived]
+        publish(batch, ids, again, outs, None, announce=False)
+
+
+def _columns(
+    data: list[dict[str, Any]],
+    messages: list[dict[str, Any]],
+    args: Sequence[Sequence[Any] | None] | None,
+    count: int,
+) -> tuple[list[str], list[str], list[str | None]]:
+    """The rows' payloads, messages and positional arguments as JSON text."""
+    payloads = [_json(d) for d in data]
+    texts = [kombu_json.dumps(m) for m in messages]
+    nulls: list[str | None] = (
+        [_json(list(a)) if a else None for a in args] if args is not None else [None] * count
+    )
+    return payloads, texts, nulls
+
+
+def insert_rows(
+    batch: Batch,
+    conn: psycopg.Connection[Any] | None,
+    ids: list[str],
+    keys: list[str | None],
+    data: list[dict[str, Any]],
+    messages: list[dict[str, Any]],
+    args: Sequence[Sequence[Any] | None] | None = None,
+) -> list[str]:
+    """Write the rows (one statement per chunk, one transaction); every row's job id.
+    ``args``: each job's positional arguments (``None``: none)."""
+    task, chunk_size = batch.task, batch.chunk_size
+    ledger = task.platform.ledger
+    payloads, texts, nulls = _columns(data, messages, args, len(ids))
+
+    def write(c: psycopg.Connection[Any]) -> list[str]:
+        found: list[str | None] = []
+        for start in range(0, len(ids), chunk_size):
+            end = start + chunk_size
+            found += ledger.insert_jobs(
+                c,
+                task=task.name,
+                queue=batch.queue,
+                priority=batch.level,
+                max_attempts=task.max_attempts,
+                delay=batch.wait,
+                published=conn is None,
+                user_id=batch.user_id,
+                correlation_id=batch.corr,
+                ids=ids[start:end],
+                keys=keys[start:end],
+                payloads=payloads[start:end],
+                args=nulls[start:end],
+                messages=texts[start:end],
+            )
+        missing = [keys[n] for n, f in enumerate(found) if f is None]
+        if missing:  # held by a transaction that committed meanwhile: its job
+            holders = ledger.idempotency_holders(c, [k for k in missing if k is not None])
+            found = [f if f is not None else holders.get(str(keys[n])) for n, f in enumerate(found)]
+        if any(f is None for f in found):
+            raise EnqueueError("idempotency key taken by a transaction that did not commit; retry")
+        return [str(f) for f in found]
+
+    if conn is not None:
+        return write(conn)
+    with ledger.connection() as own:
+        if len(ids) <= chunk_size and ledger.durable_commits and not any(keys):
+            return write(own)  # one statement in autocommit: one round trip
+        with own.transaction():
+            return write(own)
