@@ -42,7 +42,7 @@ from kombu.exceptions import OperationalError
 from pydantic import BaseModel
 
 from synth_workers import correlation, routing, wire, wiremany
-from synth_workers.bulkrows import CHUNK_SIZE, Batch, insert_rows, overlapped, publish
+from synth_workers.bulkrows import CHUNK_SIZE, Batch, Chunk, insert_rows, overlapped, publish
 from synth_workers.errors import (
     EnqueueError,
     PayloadTooLargeError,
@@ -192,8 +192,24 @@ def enqueue_many(
                 first_of[key] = index
     todo = [i for i in range(len(items)) if i not in same_as]
     ids = [str(uuid.uuid4()) for _ in items]
+    early = conn is None and wait is None and not any(keys) and task.platform.ledger.durable_commits
+    given = placed.queue is not None
+    # one message wire.build makes, or none (no side effect then: Celery builds them all)
+    first = wire.build(task, (), data[0], {**options, "task_id": ids[0]}) if early else None
+    if first is not None:
+        check_redis(app)
+        goes_to = placed.queue or first.routing_key
+        batch = Batch(task, goes_to, placed.priority, None, user_id, corr, chunk_size)
+
+        def make(start: int, end: int) -> Chunk:  # a chunk's messages, built when sent
+            built = _messages(task, ids[start:end], data[start:end], options, given)[0]
+            assert built is not None
+            return built, data[start:end], None
+
+        overlapped(batch, ids, make)
+        return [JobHandle(job_id, app=app) for job_id in ids]
     outs, captures = _messages(
-        task, [ids[i] for i in todo], [data[i] for i in todo], options, placed.queue is not None
+        task, [ids[i] for i in todo], [data[i] for i in todo], options, given
     )
     stored = (
         [o.stored() for o in outs] if outs is not None else [c.message() for c in captures or ()]
@@ -204,9 +220,6 @@ def enqueue_many(
     if publish_now:
         check_redis(app)
     batch = Batch(task, target, placed.priority, wait, user_id, corr, chunk_size)
-    if publish_now and outs is not None and not any(keys) and task.platform.ledger.durable_commits:
-        overlapped(batch, ids, data, stored, None, outs)
-        return [JobHandle(job_id, app=app) for job_id in ids]
     actual = insert_rows(
         batch,
         conn,

@@ -8,7 +8,7 @@ messages are published, ``synth_workers.ledger.early``). The API and its refusal
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -57,11 +57,11 @@ def publish(
     outs: Sequence[wire.Outgoing] | None,
     captures: Sequence[CaptureProducer] | None,
     announce: bool = True,
-) -> None:
+) -> bool:
     """Announce (``queued`` or ``scheduled``; not when ``announce`` is false) and, unless
     ``wait``, publish the jobs just inserted (``new``: their indexes in ``job_ids`` and
     ``outs``/``captures``), one Redis pipeline per chunk. Should Redis fail, the rest stay
-    queued in the ledger for the reconciler (logged)."""
+    queued in the ledger for the reconciler (logged), and ``False`` is returned."""
     task, queue, level, wait = batch.task, batch.queue, batch.level, batch.wait
     user_id, corr, chunk_size = batch.user_id, batch.corr, batch.chunk_size
     app = task.app
@@ -102,55 +102,74 @@ def publish(
                 len(new) - start,
                 exc,
             )
-            break
+            return False
+    return True
 
 
-def overlapped(
-    batch: Batch,
-    ids: list[str],
-    data: list[dict[str, Any]],
-    messages: list[dict[str, Any]],
-    args: Sequence[Sequence[Any] | None] | None,
-    outs: Sequence[wire.Outgoing],
-) -> None:
-    """Write the rows of fresh ids without keys (one statement per chunk, one pipeline: one
-    implicit transaction, all or nothing) and publish their messages, marked ``EARLY``, while
-    Postgres writes them; return once the rows are committed. Rows that revived a worker's
-    tombstone are published again (``synth_workers.ledger.early``)."""
+#: One chunk of an overlapped send (see :func:`overlapped`): its messages, payloads and
+#: positional arguments (``None``: none for any).
+Chunk = tuple[
+    Sequence[wire.Outgoing], Sequence[dict[str, Any]], Sequence[Sequence[Any] | None] | None
+]
+
+
+def overlapped(batch: Batch, ids: list[str], make: Callable[[int, int], Chunk]) -> None:
+    """Write the rows of fresh ids without keys and publish their messages, marked
+    ``EARLY``, while Postgres writes them (``synth_workers.ledger.early``); return once the
+    rows are committed. Chunk by chunk (``make(start, end)`` builds the messages of
+    ``ids[start:end]``, so a large call never holds them all): its rows' statement, sent in
+    one pipeline with the others (one implicit transaction, all or nothing), then its
+    messages. Rows that revived a worker's tombstone are published again."""
     task, step = batch.task, batch.chunk_size
     ledger = task.platform.ledger
-    payloads, texts, nulls = _columns(data, messages, args, len(ids))
-    for out in outs:
-        out.properties = {**out.properties, EARLY: True}  # the rows' copies have no mark
+    cursors = []
+    published = True
     with ledger.connection() as own:
         with own.pipeline():
-            cursors = [
-                ledger.send_jobs_early(
-                    own,
-                    task=task.name,
-                    queue=batch.queue,
-                    priority=batch.level,
-                    max_attempts=task.max_attempts,
-                    user_id=batch.user_id,
-                    correlation_id=batch.corr,
-                    ids=ids[start : start + step],
-                    payloads=payloads[start : start + step],
-                    args=nulls[start : start + step],
-                    messages=texts[start : start + step],
+            for start in range(0, len(ids), step):
+                outs, data, args = make(start, start + step)
+                messages = [out.stored() for out in outs]
+                payloads, texts, nulls = _columns(data, messages, args, len(outs))
+                _mark(outs)  # after the rows' copies were made: those have no mark
+                cursors.append(
+                    ledger.send_jobs_early(
+                        own,
+                        task=task.name,
+                        queue=batch.queue,
+                        priority=batch.level,
+                        max_attempts=task.max_attempts,
+                        user_id=batch.user_id,
+                        correlation_id=batch.corr,
+                        ids=ids[start : start + step],
+                        payloads=payloads,
+                        args=nulls,
+                        messages=texts,
+                    )
                 )
-                for start in range(0, len(ids), step)
-            ]
-            own.wait(generators.send(own.pgconn))  # every row on the wire, then the publish
-            publish(batch, ids, range(len(ids)), outs, None)
+                # the chunk's rows on the wire, then its messages while Postgres writes them
+                own.wait(generators.send(own.pgconn))
+                if published:
+                    part = ids[start : start + step]
+                    published = publish(batch, part, range(len(part)), outs, None)
         revived = {str(row[0]) for cursor in cursors for row in cursor.fetchall()}
-    if revived:
-        again = [n for n, job_id in enumerate(ids) if job_id in revived]
-        publish(batch, ids, again, outs, None, announce=False)
+    for start in range(0, len(ids), step) if revived else ():
+        part = ids[start : start + step]
+        again = [n for n, job_id in enumerate(part) if job_id in revived]
+        if again:
+            outs = _mark(make(start, start + step)[0])
+            publish(batch, part, again, outs, None, announce=False)
+
+
+def _mark(outs: Sequence[wire.Outgoing]) -> Sequence[wire.Outgoing]:
+    """``outs``, each marked as published before its row (``synth_workers.ledger.early``)."""
+    for out in outs:
+        out.properties = {**out.properties, EARLY: True}
+    return outs
 
 
 def _columns(
-    data: list[dict[str, Any]],
-    messages: list[dict[str, Any]],
+    data: Sequence[dict[str, Any]],
+    messages: Sequence[dict[str, Any]],
     args: Sequence[Sequence[Any] | None] | None,
     count: int,
 ) -> tuple[list[str], list[str], list[str | None]]:

@@ -143,11 +143,11 @@ def _send(group: Any, task: Any, given: dict[str, Any]) -> Any:
     target = placed.queue or model.routing_key
     bulk.check_redis(app)
     batch = bulkrows.Batch(task, target, placed.priority, corr=corr)
-    stored = [out.stored() for out in outs]
     kwargs, args = [k for _a, k in calls], [a for a, _k in calls]
     if task.platform.ledger.durable_commits:  # the rows written while the members publish
-        bulkrows.overlapped(batch, ids, kwargs, stored, args, outs)
+        bulkrows.overlapped(batch, ids, lambda s, e: (outs[s:e], kwargs[s:e], args[s:e]))
     else:
+        stored = [out.stored() for out in outs]
         bulkrows.insert_rows(batch, None, ids, [None] * len(ids), kwargs, stored, args)
         bulkrows.publish(batch, ids, range(len(ids)), outs, None)
     # Celery's group.apply_async: each member's result joins the barrier, then the result
