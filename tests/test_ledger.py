@@ -485,6 +485,50 @@ def test_lease_keeper_and_completer_threads_stop(rclient: Any) -> None:
     assert keeper.stopped and completer.stopped
 
 
+def test_the_next_claim_waits_for_a_completion_write_in_flight(
+    rclient: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The completer's thread took a finished job's completion and is writing it when the
+    # process's next job is claimed: the claim's take() waits for that write, so the next
+    # job (a poison pill, say) cannot kill the process with the completion still unwritten.
+    import threading
+
+    from synth_workers.ledger import LeaseKeeper
+    from synth_workers.ledger.completer import Completer
+
+    keeper = LeaseKeeper(app.ledger, lease_seconds=30)
+    completer = Completer(app.ledger, keeper)
+    writing, release = threading.Event(), threading.Event()
+    succeed_many = app.ledger.succeed_many
+
+    def slow(done: Any) -> Any:
+        writing.set()
+        release.wait(10)
+        return succeed_many(done)
+
+    monkeypatch.setattr(app.ledger, "succeed_many", slow)
+    try:
+        job = enqueue("tests.e2e_tasks.side_effect", {"key": "in-flight"}, queue="nobody")
+        claim = app.ledger.claim(job.id, keeper.owner)
+        assert claim is not None
+        keeper.add(job.id)
+        completer.submit(claim, "done")
+        assert writing.wait(10), "the thread did not write after its linger"
+        taken: list[Any] = []
+        taker = threading.Thread(target=lambda: taken.append(completer.take()))
+        taker.start()
+        taker.join(0.3)
+        assert taker.is_alive(), "take() returned while the thread's write was in flight"
+        release.set()
+        taker.join(10)
+        assert taken == [[]]
+        assert job.state() is JobState.SUCCEEDED  # written before take() returned
+    finally:
+        release.set()
+        completer.stop()
+        keeper.stop()
+
+
 def test_after_an_outage_no_lease_is_reaped_until_owners_could_renew(rclient: Any) -> None:
     # A Postgres outage longer than a lease lapses every lease at once; live owners renew
     # (or write the completions they hold) once it is back. The sweeper gives them a whole

@@ -4,7 +4,9 @@ linger when no next job comes.
 
 A job's lease keeps being renewed until its completion is written; if the process dies
 before that, the lease expires and the job runs again (at least once; effects written with
-``effect_transaction`` still happen exactly once).
+``effect_transaction`` still happen exactly once). So the next job never starts while the
+thread's write of its predecessors' completions is in flight (:meth:`Completer.take` waits
+for it): a next job that kills its process (a poison pill) cannot take them down with it.
 
 A completion write that fails because Postgres cannot be reached (or is read-only, as a
 standby is during a failover) is never dropped: the
@@ -65,6 +67,9 @@ class Completer:
         #: Completions whose write failed for want of Postgres, retried by the thread.
         self._failed: Done = []
         self._lock = threading.Lock()
+        #: Held by the thread from taking completions until its write of them ended (one
+        #: try): :meth:`take` waits for it.
+        self._writing = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._idle = threading.Event()
@@ -86,7 +91,15 @@ class Completer:
             self.write(self.take())
 
     def take(self) -> Done:
-        """Hand over every pending completion (the caller writes them)."""
+        """Hand over every pending completion (the caller, the next claim, writes them).
+        A write the thread has in flight is waited for first: the next job never starts
+        before its predecessors' completions are written or handed over. (Were it to kill
+        its process with them still in the thread, they would be lost, and the reaper
+        would run them again and count a worker loss against each.)"""
+        with self._writing:
+            return self._take()
+
+    def _take(self) -> Done:
         with self._lock:
             taken, self._pending = self._pending, []
         return taken
@@ -141,11 +154,22 @@ class Completer:
             # Give the next claim the chance to carry these; write them if none comes.
             if self._stop.wait(LINGER_SECONDS):
                 break
-            with self._lock:
-                batch, self._failed = self._failed, []
-            batch += self.take()
-            if batch:
-                self._write_retrying(batch)
+            with self._writing:
+                with self._lock:
+                    batch, self._failed = self._failed, []
+                batch += self._take()
+                if not batch or self._attempt(batch):
+                    continue
+            self._write_retrying(batch)
+
+    def _attempt(self, batch: Done) -> bool:
+        """One write of ``batch``; ``True`` when written."""
+        try:
+            self.ledger.succeed_many(batch)
+        except Exception:
+            return False
+        self.written(batch)
+        return True
 
     def _write_retrying(self, batch: Done) -> None:
         """Write ``batch`` (plus whatever is submitted meanwhile), retrying with backoff
@@ -154,7 +178,8 @@ class Completer:
         statement_errors = 0
         while True:
             try:
-                self.ledger.succeed_many(batch)
+                with self._writing:
+                    self.ledger.succeed_many(batch)
             except Exception as exc:
                 if not _outage(exc):
                     statement_errors += 1
@@ -174,7 +199,7 @@ class Completer:
                     log.error("stopping with %d completions unwritten", len(batch))
                     break
                 wait = min(wait * 2, RETRY_MAX)
-                batch += self.take()
+                batch += self._take()
                 continue
             break
         self.written(batch)
