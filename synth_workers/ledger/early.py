@@ -29,7 +29,7 @@ from typing import Any
 
 import psycopg
 from kombu.utils import json as kombu_json
-from psycopg import errors, generators, pq
+from psycopg import errors, generators, postgres, pq
 
 from synth_workers.states import JobState
 
@@ -78,7 +78,8 @@ _INSERT = (
     " RETURNING xmax::text <> '0'"
 ).encode()
 #: Its parameters' types (prepared once per connection, every value sent as text).
-_TYPES = b"uuid, text, text, int2, jsonb, jsonb, int4, text, jsonb, timestamptz, text, bool, text"
+_NAMES = "uuid text text int2 jsonb jsonb int4 text jsonb timestamptz text bool text"
+_TYPES = [postgres.types[name].oid for name in _NAMES.split()]
 _REASON = EARLY_REASON.encode()
 _TOMBSTONE = (
     "INSERT INTO synth_jobs (id, task, queue, priority, payload, state, finished_at,"
@@ -124,7 +125,11 @@ def send_insert(conn: psycopg.Connection[Any], row: Mapping[str, Any]) -> Pendin
     if pgconn.transaction_status != pq.TransactionStatus.IDLE:
         raise psycopg.ProgrammingError("send_insert needs an idle autocommit connection")
     if getattr(conn, "_synth_early", None) is not pgconn:
-        conn.execute(b"PREPARE synth_early_insert (%b) AS %b" % (_TYPES, _INSERT))
+        # a protocol-level statement (a pooler that keeps prepared statements sees it)
+        pgconn.send_prepare(b"synth_early_insert", _INSERT, param_types=_TYPES)
+        for res in conn.wait(generators.execute(pgconn)):
+            if res.status == pq.ExecStatus.FATAL_ERROR:
+                raise errors.error_from_result(res, encoding=conn.info.encoding)
         conn._synth_early = pgconn  # type: ignore[attr-defined]
     pgconn.send_query_prepared(b"synth_early_insert", _params(row))
     conn.wait(generators.send(pgconn))
