@@ -96,11 +96,12 @@ def _messages(
     data: Sequence[dict[str, Any]],
     options: dict[str, Any],
     queue_given: bool,
+    first: wire.Outgoing | None = None,
 ) -> tuple[list[wire.Outgoing] | None, list[CaptureProducer] | None]:
     """Each job's message, as Celery would build it: by :mod:`synth_workers.wire` (the first
-    built, the others its siblings when the queue was given), else by Celery's own
-    ``apply_async`` on a capturing producer."""
-    first = wire.build(task, (), data[0], {**options, "task_id": ids[0]})
+    built, unless given, the others its siblings when the queue was given), else by Celery's
+    own ``apply_async`` on a capturing producer."""
+    first = first or wire.build(task, (), data[0], {**options, "task_id": ids[0]})
     if first is not None:
         out = [first]
         limits = wiremany.repr_limits(task.app)
@@ -202,7 +203,8 @@ def enqueue_many(
         batch = Batch(task, goes_to, placed.priority, None, user_id, corr, chunk_size)
 
         def make(start: int, end: int) -> Chunk:  # a chunk's messages, built when sent
-            built = _messages(task, ids[start:end], data[start:end], options, given)[0]
+            model = first if start == 0 else None  # the first message, built above
+            built = _messages(task, ids[start:end], data[start:end], options, given, model)[0]
             assert built is not None
             return built, data[start:end], None
 
