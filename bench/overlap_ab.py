@@ -53,11 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     client = redis.Redis.from_url(opts.redis_url)
     overlapped_one, overlapped_many = publish._overlapped, bulk.overlapped
 
-    def row_first_one(task: Any, row: dict[str, Any], out: Any) -> Any:
+    def row_first_one(task: Any, row: dict[str, Any], out: Any, id_only: bool = False) -> Any:
         with app.ledger.connection() as own:
             app.ledger.insert_job(own, **row)
         wire.publish(task.app, [out], app.ledger.lifecycle, [publish._event(task, row)])
-        return task.AsyncResult(row["job_id"])
+        return row["job_id"] if id_only else task.AsyncResult(row["job_id"])
 
     def row_first_many(batch: Any, ids: list[str], make: Any) -> None:
         outs: list[Any] = []

@@ -49,7 +49,7 @@ from synth_workers.errors import (
     ServiceUnavailableError,
     UnknownTaskError,
 )
-from synth_workers.publish import FRESH_ID_OPTION, PLACEMENT_OPTION, placement
+from synth_workers.publish import FRESH_ID_OPTION, ID_ONLY_OPTION, PLACEMENT_OPTION, placement
 from synth_workers.settings import mask_url
 from synth_workers.states import JobState
 from synth_workers.task import Task
@@ -227,7 +227,7 @@ def enqueue(
     # Task.apply_async (synth_workers.publish) checks payload (strict JSON and
     # SYNTH_MAX_PAYLOAD_BYTES, one serialization), idempotency key and delay before it
     # writes anything.
-    options: dict[str, Any] = {"task_id": job_id, PLACEMENT_OPTION: placed}
+    options: dict[str, Any] = {"task_id": job_id, PLACEMENT_OPTION: placed, ID_ONLY_OPTION: True}
     if fresh:
         options[FRESH_ID_OPTION] = True
     if delay is not None and delay != 0:  # NaN is != 0: refused there
@@ -246,4 +246,5 @@ def enqueue(
         result = task.apply_async(kwargs=data, **options)
     except (OperationalError, redis.RedisError, OSError) as exc:
         raise _unavailable(app, exc) from exc
-    return JobHandle(result.id, app=app, deduplicated=result.id != job_id)
+    sent = result if isinstance(result, str) else result.id  # the overlapped send: its id
+    return JobHandle(sent, app=app, deduplicated=sent != job_id)

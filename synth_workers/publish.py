@@ -54,6 +54,9 @@ log = logging.getLogger(__name__)
 PLACEMENT_OPTION = "synth_placement"
 #: ``apply_async`` option: ``enqueue`` generated the task id itself (``maybe_waited``).
 FRESH_ID_OPTION = "synth_fresh_id"
+#: ``apply_async`` option: the overlapped send returns the job's id (``enqueue`` makes its
+#: own handle), not an ``AsyncResult``; every other send still returns its result.
+ID_ONLY_OPTION = "synth_id_only"
 
 #: Celery's own ``apply_async`` (the task's ``super().apply_async``).
 CelerySend = Callable[..., Any]
@@ -125,6 +128,7 @@ def send(
     placed: Placement | None = options.pop(PLACEMENT_OPTION, None)
     # An id made here or by enqueue() is known to no one before the row commits.
     fresh = bool(options.pop(FRESH_ID_OPTION, False)) or not options.get("task_id")
+    id_only = bool(options.pop(ID_ONLY_OPTION, False))
     level = options.pop("priority", None)
     if placed is None:
         placed = placement(
@@ -196,7 +200,7 @@ def send(
         if key is None and ledger.durable_commits:
             if out is not None and fresh and not delay:
                 # the row's INSERT and the publish overlap (synth_workers.ledger.early)
-                return _overlapped(task, row, out)
+                return _overlapped(task, row, out, id_only)
             # One statement in autocommit: a single round trip (no BEGIN/COMMIT).
             with ledger.connection() as own:
                 actual = ledger.insert_job(own, **row)
@@ -249,11 +253,12 @@ def _event(task: Task, row: dict[str, Any]) -> JobEvent:
     )
 
 
-def _overlapped(task: Task, row: dict[str, Any], out: wire.Outgoing) -> Any:
+def _overlapped(task: Task, row: dict[str, Any], out: wire.Outgoing, id_only: bool = False) -> Any:
     """Send the row's ``INSERT``, publish the message (and its ``queued`` event) while it
     runs, then wait for it: the row is committed when this returns. The message is marked
     :data:`~synth_workers.ledger.early.EARLY` (see that module for what a worker does with a
-    message that comes before its row); one a worker dropped for that is published again."""
+    message that comes before its row); one a worker dropped for that is published again.
+    Returns the job's ``AsyncResult``, or its id when ``id_only``."""
     job_id = row["job_id"]
     ledger = task.platform.ledger
     lifecycle = ledger.lifecycle
@@ -275,6 +280,8 @@ def _overlapped(task: Task, row: dict[str, Any], out: wire.Outgoing) -> Any:
             wire.publish(task.app, [out], lifecycle, [])
     except BaseException as exc:
         return publish_failed(task, job_id, exc)
+    if id_only:
+        return job_id
     result = task.AsyncResult(job_id)
     result.ignored = out.ignore_result  # Celery's: get() returns None
     return result

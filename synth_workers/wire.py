@@ -1,5 +1,5 @@
 """The fast send: a job's Celery message built as Celery's ``send_task`` builds it, and
-written to Redis as kombu's Redis transport writes it, in one pipeline with its events.
+written to Redis as kombu's Redis transport writes it, in one write with its events.
 
 Celery's ``apply_async`` spends about three times a Redis round trip in Python on a plain
 send (option merging, routing, ``saferepr``, signals, kombu's publish machinery). For a send
@@ -7,8 +7,9 @@ that needs none of what is skipped here, :func:`build` makes the same message wi
 own pieces (``router.route``, ``amqp.as_task_v2``; ``send_task_message``'s choice of exchange,
 routing key and delivery mode), and :func:`publish` turns it into the bytes kombu's Redis
 ``_put`` would ``LPUSH`` (kombu's own serializer, ``prepare_message`` and body encoding), then
-sends every ``LPUSH`` of a call and the jobs' lifecycle events in **one pipeline**: one
-round trip, the events first, so a job's ``queued`` event precedes anything a worker writes.
+sends every ``LPUSH`` of a call and the jobs' lifecycle events in **one write**
+(``synth_workers.wirelane``, the broker's Redis kept per app and process): one round trip,
+the events first, so a job's ``queued`` event precedes anything a worker writes.
 ``tests/test_wire.py`` checks the bytes against kombu's, key by key.
 
 :func:`build` returns ``None`` (the caller then uses Celery's own ``apply_async``) for a send
@@ -33,9 +34,8 @@ import celery
 import redis
 from celery import signals
 from kombu.exceptions import OperationalError as KombuOperationalError
-from kombu.utils import json as kombu_json
 
-from synth_workers import wireevents
+from synth_workers import wireevents, wirelane
 from synth_workers.lifecycle import JobEvent, Lifecycle, ListenerTimeout
 from synth_workers.message import stored
 from synth_workers.reprs import fast_saferepr
@@ -189,79 +189,6 @@ def build(
     )
 
 
-def _raw(producer: Any, out: Outgoing) -> tuple[str, str] | None:
-    """``(list key, message text)`` as kombu's Redis ``_put`` would push ``out``; ``None``
-    when the channel is not kombu's Redis channel or this queue has an ``x-expires`` (a
-    control reply queue declared on the same connection has one: only that queue counts)."""
-    channel = producer.channel
-    q_for_pri = getattr(channel, "_q_for_pri", None)
-    if q_for_pri is None or out.routing_key in (getattr(channel, "_expires", None) or ()):
-        return None  # kombu's _put also sets the queue's expiry: kombu publishes it
-    headers = dict(out.headers)
-    properties = dict(out.properties)
-    # kombu Producer.publish / _publish
-    _exchange, properties["delivery_mode"] = producer._delivery_details(
-        producer.exchange, out.delivery_mode
-    )
-    body, content_type, content_encoding = producer._prepare(
-        out.body, out.serializer, None, None, None, headers
-    )
-    message = channel.prepare_message(
-        body, out.priority, content_type, content_encoding, headers, properties
-    )
-    channel._inplace_augment_message(message, "", out.routing_key)
-    key = q_for_pri(out.routing_key, channel._get_message_priority(message, reverse=False))
-    return str(key), kombu_json.dumps(message)
-
-
-def _raws(producer: Any, outgoing: Sequence[Outgoing]) -> list[tuple[str, str] | None]:
-    """:func:`_raw` of each message; one like the one before it (the same queue, priority,
-    serializer, delivery mode and property names: a bulk call's, a group's) takes that one's
-    list key and envelope, only its own body, headers and properties encoded."""
-    raws: list[tuple[str, str] | None] = []
-    model: tuple[Outgoing, str, str] | None = None
-    envelope: dict[str, Any] | None = None  # the model's, decoded once a message is alike
-    channel = producer.channel
-    for out in outgoing:
-        if model is not None and _alike(model[0], out):
-            _first, key, text = model
-            if envelope is None:
-                envelope = kombu_json.loads(text)
-            headers = dict(out.headers)
-            body, _type, _encoding = producer._prepare(
-                out.body, out.serializer, None, None, None, headers
-            )
-            shared = envelope["properties"]
-            properties = dict(out.properties)
-            for name in ("delivery_mode", "delivery_info", "priority", "body_encoding"):
-                properties[name] = shared[name]
-            properties["delivery_tag"] = channel._next_delivery_tag()
-            message = {
-                "body": channel.encode_body(body, channel.body_encoding)[0],
-                "content-encoding": envelope["content-encoding"],
-                "content-type": envelope["content-type"],
-                "headers": headers,
-                "properties": properties,
-            }
-            raws.append((key, kombu_json.dumps(message)))
-            continue
-        raw = _raw(producer, out)
-        raws.append(raw)
-        if raw is not None:
-            model, envelope = (out, raw[0], raw[1]), None
-    return raws
-
-
-def _alike(first: Outgoing, out: Outgoing) -> bool:
-    return (
-        out.routing_key == first.routing_key
-        and out.priority == first.priority
-        and out.serializer == first.serializer
-        and out.delivery_mode == first.delivery_mode
-        and out.properties.keys() == first.properties.keys()
-    )
-
-
 def timed_out(exc: BaseException) -> bool:
     """Whether ``exc`` (or what it wraps) is a timeout."""
     seen: BaseException | None = exc
@@ -276,8 +203,9 @@ def publish(
     app: Any, outgoing: Sequence[Outgoing], lifecycle: Lifecycle, events: Sequence[JobEvent]
 ) -> None:
     """Send ``events`` (to the events writer) and ``outgoing`` (to their queues) in one Redis
-    pipeline on the broker's connection; retried once at once when it failed fast with a
-    connection error. Raises what Redis raised (the caller decides what a failure means)."""
+    write on the broker's connection (``synth_workers.wirelane``); retried once at once when
+    it failed fast with a connection error. Raises what Redis raised (the caller decides what
+    a failure means)."""
     started = time.monotonic()
     try:
         _publish_once(app, outgoing, lifecycle, events)
@@ -294,42 +222,28 @@ def _publish_once(
     events: Sequence[JobEvent],
     told: bool = False,
 ) -> None:
-    with app.producer_or_acquire(None) as producer:
-        channel = producer.channel
-        # kombu binds a copy of the queue and its exchange before it looks at its cache of
-        # declared entities: this looks first (a new channel, a reconnect, declares again)
-        declared: set[str] = channel.__dict__.setdefault("_synth_declared", set())
-        for queue in {id(out.queue): out.queue for out in outgoing}.values():
-            if queue.name not in declared:
-                producer.maybe_declare(queue)
-                declared.add(queue.name)
-        raws = _raws(producer, outgoing)
-        if any(r is None for r in raws):  # not kombu's Redis channel: kombu publishes
+    way = wirelane.lane(app)
+    raws = way.raws(outgoing) if way is not None else None
+    if way is None or raws is None:  # not kombu's Redis channel: kombu publishes
+        with app.producer_or_acquire(None) as producer:
             for event in () if told else events:
                 lifecycle.emit(event, raise_timeouts=True)
             for out in outgoing:
                 _kombu_publish(producer, out)
-            return
-        # kombu's _put makes a client (on the channel's pool) per message; one per channel
-        client = getattr(channel, "_synth_client", None)
-        if client is None:
-            client = channel._synth_client = channel._create_client()
-        pipe = client.pipeline(transaction=False)
-        staged = wireevents.tell(lifecycle, [] if told else events, pipe)
-        by_key: dict[str, list[str]] = {}
-        for raw in raws:
-            assert raw is not None
-            by_key.setdefault(raw[0], []).append(raw[1])
-        for key, texts in by_key.items():
-            pipe.lpush(key, *texts)  # in order: the first is taken first
-        try:
-            replies = pipe.execute(raise_on_error=False)
-        except BaseException:
-            for listener, _index in staged:
-                wireevents.unstage(listener, events)
-            raise
-        finally:
-            pipe.reset()
+        return
+    commands: list[wirelane.Command] = []
+    staged = wireevents.tell(lifecycle, [] if told else events, commands)
+    by_key: dict[str, list[str]] = {}
+    for key, text in raws:
+        by_key.setdefault(key, []).append(text)
+    for key, texts in by_key.items():
+        commands.append(("LPUSH", key, *texts))  # in order: the first is taken first
+    try:
+        replies = way.execute(commands)
+    except BaseException:
+        for listener, _index in staged:
+            wireevents.unstage(listener, events)
+        raise
     for listener, index in staged:
         if isinstance(replies[index], redis.exceptions.NoScriptError):
             wireevents.forget(listener.writer)

@@ -1,6 +1,6 @@
-"""A job's lifecycle events in the same Redis pipeline as its message
-(:func:`synth_workers.wire.publish`): the events writer's script call is staged in the
-pipeline instead of sent on its own (:func:`tell`)."""
+"""A job's lifecycle events in the same Redis write as its message
+(:func:`synth_workers.wire.publish`): the events writer's script call is staged among the
+write's commands instead of sent on its own (:func:`tell`)."""
 
 from __future__ import annotations
 
@@ -17,15 +17,15 @@ log = logging.getLogger(__name__)
 _loaded: dict[int, Any] = {}  # writers whose script this process loaded into Redis
 
 
-def stage(listener: Any, events: Sequence[JobEvent], pipe: Any) -> int | None:
-    """Put ``listener``'s Redis write of ``events`` into ``pipe`` when it is the events
+def stage(listener: Any, events: Sequence[JobEvent], commands: list[Any]) -> int | None:
+    """Put ``listener``'s Redis write of ``events`` into ``commands`` when it is the events
     buffer (``synth_workers.events.buffer``) with nothing pending before them: returns the
-    command's index in the pipeline; ``None``: call the listener as usual.
+    command's index there; ``None``: call the listener as usual.
 
     The write is the writer's own script call (``EventWriter.command``), sent as
-    ``EVALSHA``: a redis-py pipeline holding a ``Script`` would ask ``SCRIPT EXISTS`` first,
-    a second round trip. When Redis does not know the script (it restarted), the events are
-    written through the listener after the pipeline ran."""
+    ``EVALSHA`` (a redis-py ``Script`` would ask ``SCRIPT EXISTS`` first, a second round
+    trip). When Redis does not know the script (it restarted), the events are
+    written through the listener after the write."""
     if not isinstance(listener, EventBuffer) or listener.has_pending() or listener.timed_out:
         return None  # not the buffer, events before these wait, or its thread writes now
     writer = listener.writer
@@ -33,12 +33,12 @@ def stage(listener: Any, events: Sequence[JobEvent], pipe: Any) -> int | None:
         writer.load_script()  # once per process and writer
         _loaded[id(writer)] = writer
     keys, args = writer.command(list(events))
-    pipe.evalsha(writer.script_sha, len(keys), *keys, *args)
-    return len(pipe.command_stack) - 1
+    commands.append(("EVALSHA", writer.script_sha, len(keys), *keys, *args))
+    return len(commands) - 1
 
 
 def unstage(listener: Any, events: Sequence[JobEvent]) -> None:
-    """The pipeline failed: the buffer keeps the events and writes them from its thread
+    """The write failed: the buffer keeps the events and writes them from its thread
     (as it does when its own write fails), ahead of whatever it is told next."""
     listener.timed_out = True
     for event in events:
@@ -46,15 +46,17 @@ def unstage(listener: Any, events: Sequence[JobEvent]) -> None:
     listener.wake()
 
 
-def tell(lifecycle: Lifecycle, events: Sequence[JobEvent], pipe: Any) -> list[tuple[Any, int]]:
+def tell(
+    lifecycle: Lifecycle, events: Sequence[JobEvent], commands: list[Any]
+) -> list[tuple[Any, int]]:
     """Tell every listener of ``events`` (in connection order), as ``Lifecycle.emit`` with
-    ``raise_timeouts`` does, except that the events writer's write goes into ``pipe``.
+    ``raise_timeouts`` does, except that the events writer's write goes into ``commands``.
     Returns the listeners staged there, with their command's index."""
     staged: list[tuple[Any, int]] = []
     timed_out: ListenerTimeout | None = None
     for listener in lifecycle.listeners if events else ():
         try:
-            index = stage(listener, events, pipe)
+            index = stage(listener, events, commands)
             if index is not None:
                 staged.append((listener, index))
                 continue

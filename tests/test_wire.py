@@ -52,8 +52,8 @@ def _celery_capture(task: Any, args: Any, kwargs: Any, **options: Any) -> Captur
     return capture
 
 
-def _only_entry(rclient: Any) -> tuple[str, dict[str, Any]]:
-    keys = [k.decode() for k in rclient.keys(f"{QUEUE}*")]
+def _only_entry(rclient: Any, prefix: str = "") -> tuple[str, dict[str, Any]]:
+    keys = [k.decode() for k in rclient.keys(f"{prefix}{QUEUE}*")]
     assert len(keys) == 1, keys
     items = rclient.lrange(keys[0], 0, -1)
     assert len(items) == 1
@@ -82,19 +82,22 @@ def test_message_and_redis_entry_are_celerys(
     rclient: Any, name: str, args: Any, kwargs: Any, options: dict[str, Any]
 ) -> None:
     task = _task(name)
-    job_id = str(uuid.uuid4())
-    sent = {"task_id": job_id, "queue": QUEUE, **options}
-    out = wire.build(task, args, kwargs, dict(sent))
-    assert out is not None
-    # the ledger's message: as Celery's own apply_async builds it
-    assert out.stored() == _celery_capture(task, args, kwargs, **sent).message()
-    # the Redis entry: as kombu's publish pushes it, to the same priority list
-    wire.publish(app, [out], app.ledger.lifecycle, [])
-    fast_key, fast = _only_entry(rclient)
-    celery.Task.apply_async(task, args, kwargs, **sent)
-    kombu_key, kombu = _only_entry(rclient)
-    assert fast_key == kombu_key
-    assert _comparable(fast) == _comparable(kombu)
+    # the first send of its shape (kombu's prepare_message makes its envelope), then a second
+    # (synth_workers.wirelane reuses that envelope with the message's own parts)
+    for _nth in range(2):
+        job_id = str(uuid.uuid4())
+        sent = {"task_id": job_id, "queue": QUEUE, **options}
+        out = wire.build(task, args, kwargs, dict(sent))
+        assert out is not None
+        # the ledger's message: as Celery's own apply_async builds it
+        assert out.stored() == _celery_capture(task, args, kwargs, **sent).message()
+        # the Redis entry: as kombu's publish pushes it, to the same priority list
+        wire.publish(app, [out], app.ledger.lifecycle, [])
+        fast_key, fast = _only_entry(rclient)
+        celery.Task.apply_async(task, args, kwargs, **sent)
+        kombu_key, kombu = _only_entry(rclient)
+        assert fast_key == kombu_key
+        assert _comparable(fast) == _comparable(kombu)
 
 
 def test_sends_it_cannot_build_go_through_celery() -> None:
@@ -149,9 +152,8 @@ def test_fast_saferepr_is_celerys() -> None:
 
 
 def test_one_enqueue_is_one_redis_round_trip(rclient: Any) -> None:
-    """The queued event and the message go in one pipeline: one write to Redis per enqueue
-    (redis-py sends a pipeline in one ``send_packed_command``), holding the event script
-    call and the LPUSH."""
+    """The queued event and the message go in one write to Redis per enqueue (one
+    ``send_packed_command``), holding the event script call and the LPUSH."""
     from redis.connection import AbstractConnection
 
     enqueue("tests.e2e_tasks.record", {"label": "warm"}, queue=QUEUE)  # declares the queue
@@ -196,3 +198,77 @@ def test_the_stored_message_leaves_out_celerys_nulls_and_the_resent_one_has_them
     assert set(PROTOCOL2_HEADERS) <= set(headers)
     assert {**headers, "eta": None} == {**sent_headers, "retries": 0, "eta": None}
     assert body == ([1], {"a": 2}, dict(capture.body[2]))
+
+
+def test_a_global_key_prefix_is_applied_as_kombus_prefixed_client_applies_it(
+    rclient: Any, redis_url: str
+) -> None:
+    """With kombu's ``global_keyprefix`` the fast send pushes to the prefixed list, the
+    entry the same as kombu's own publish through the same prefixed broker."""
+    prefixed = celery.Celery(
+        "prefixed", broker=redis_url, broker_transport_options={"global_keyprefix": "pfx:"}
+    )
+    task = _task("tests.e2e_tasks.record")
+    try:
+        for _nth in range(2):
+            sent = {"task_id": str(uuid.uuid4()), "queue": QUEUE, "priority": 2}
+            out = wire.build(task, (), {"label": "p"}, dict(sent))
+            assert out is not None
+            wire.publish(prefixed, [out], app.ledger.lifecycle, [])
+            fast_key, fast = _only_entry(rclient, "pfx:")
+            with prefixed.producer_or_acquire(None) as producer:
+                producer.publish(
+                    out.body,
+                    exchange="",
+                    routing_key=out.routing_key,
+                    serializer=out.serializer,
+                    delivery_mode=out.delivery_mode,
+                    declare=[out.queue],
+                    headers=out.headers,
+                    priority=out.priority,
+                    retry=False,
+                    **out.properties,
+                )
+            kombu_key, kombu = _only_entry(rclient, "pfx:")
+            assert fast_key == kombu_key
+            assert _comparable(fast) == _comparable(kombu)
+    finally:
+        prefixed.close()
+
+
+def test_a_forked_child_sends_on_a_lane_of_its_own(rclient: Any) -> None:
+    """The broker's Redis kept between sends (``synth_workers.wirelane``) is per process: a
+    forked child (a prefork pool's process, a job enqueueing another) makes its own lane,
+    with its own client, and its message lands; the parent's lane stays the parent's."""
+    import multiprocessing
+    import os
+
+    from synth_workers import wirelane
+
+    enqueue("tests.e2e_tasks.record", {"label": "parent"}, queue=QUEUE)
+    parent = wirelane.lane(app)
+    assert parent is not None
+    assert wirelane.lane(app) is parent  # kept between sends
+    ctx = multiprocessing.get_context("fork")
+    answers = ctx.Queue()
+
+    def child() -> None:
+        try:
+            enqueue("tests.e2e_tasks.record", {"label": "child"}, queue=QUEUE)
+            own = wirelane.lane(app)
+            assert own is not None
+            answers.put(
+                (own is not parent, own.pid == os.getpid(), own.client is not parent.client)
+            )
+        except BaseException as exc:
+            answers.put(repr(exc))
+
+    proc = ctx.Process(target=child)
+    proc.start()
+    try:
+        assert answers.get(timeout=60) == (True, True, True)
+    finally:
+        proc.join(10)
+    assert wirelane.lane(app) is parent
+    enqueue("tests.e2e_tasks.record", {"label": "parent again"}, queue=QUEUE)
+    assert sum(rclient.llen(k) for k in rclient.keys(f"{QUEUE}*")) == 3

@@ -1,0 +1,195 @@
+"""The broker's Redis as :func:`synth_workers.wire.publish` writes to it: one :class:`Lane`
+per app and process, kept between sends, so a send costs its own bytes and one round trip,
+not a producer's check-out and a redis-py pipeline's bookkeeping.
+
+A lane holds:
+
+* a redis-py client on the connection pool of the broker channel it was made from (kombu's
+  ``Channel._create_client``: the same pool kombu's ``_put`` uses, Sentinel's included, and
+  the global key prefix applied as kombu's prefixed client applies it);
+* the queues it declared (kombu's ``maybe_declare``, once per queue and lane, as kombu does
+  once per queue and connection);
+* per shape of message (queue, priority, serializer, delivery mode and property names; at
+  most :data:`MAX_SHAPES`) the list key and the envelope kombu's ``_put`` gives it: the
+  first message of a shape goes through kombu's own ``prepare_message`` (:func:`_raw`),
+  every later one takes that envelope with only its own body, headers, properties and
+  delivery tag encoded.
+
+It is made again in a forked child and when Celery replaced its producer pool (a fork, an
+``app.close()``). :func:`lane` returns ``None`` when the broker is not kombu's Redis
+transport; :meth:`Lane.raws` returns ``None`` for a message kombu must publish itself (a
+queue declared with an expiry: kombu's ``_put`` sets it).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import redis
+from kombu import serialization
+from kombu.utils import json as kombu_json
+from kombu.utils.uuid import uuid
+
+if TYPE_CHECKING:
+    from synth_workers.wire import Outgoing
+
+#: Shapes of message a lane keeps an envelope for (past this, a new shape's is made per send).
+MAX_SHAPES = 1024
+#: The envelope's properties every message of a shape shares.
+_SHARED = ("delivery_mode", "delivery_info", "priority", "body_encoding")
+#: A Redis command: its name, then its arguments.
+Command = tuple[Any, ...]
+#: ``(list key, envelope decoded)`` of one shape.
+_Model = tuple[str, dict[str, Any]]
+
+_ATTR = "_synth_lane"
+_lock = threading.Lock()
+
+
+class Lane:
+    """One app's way to the broker's Redis in this process (see the module docstring)."""
+
+    def __init__(self, app: Any, pool: Any, client: Any, codec: Any) -> None:
+        self.app, self.pool, self.pid = app, pool, os.getpid()
+        self.client = client
+        self._prefix = getattr(client, "_prefix_args", None)  # kombu's global key prefix
+        self._codec = codec  # the channel's body encoding (base64 for kombu's Redis)
+        self.declared: set[str] = set()
+        self.models: dict[tuple[Any, ...], _Model] = {}
+
+    def raws(self, outgoing: Sequence[Outgoing]) -> list[tuple[str, str]] | None:
+        """``(list key, message text)`` of each message, as kombu's Redis ``_put`` would push
+        it; ``None`` when one of them must go through kombu (see :func:`_raw`)."""
+        models, declared = self.models, self.declared
+        shapes = [_shape(out) for out in outgoing]
+        new = [
+            out
+            for out, shape in zip(outgoing, shapes, strict=True)
+            if shape not in models or out.queue.name not in declared
+        ]
+        if new:
+            learned = self._learn(new)
+            if learned is None:
+                return None
+            models = {**models, **learned}
+        raws: list[tuple[str, str]] = []
+        codec, dumps, prepare = self._codec, kombu_json.dumps, serialization.dumps
+        for out, shape in zip(outgoing, shapes, strict=True):
+            key, envelope = models[shape]
+            content_type, content_encoding, body = prepare(out.body, serializer=out.serializer)
+            properties = dict(out.properties)
+            shared = envelope["properties"]
+            for name in _SHARED:
+                properties[name] = shared[name]
+            properties["delivery_tag"] = uuid()
+            message = {
+                "body": body if codec is None else codec.encode(body),
+                "content-encoding": content_encoding,
+                "content-type": content_type,
+                "headers": dict(out.headers),
+                "properties": properties,
+            }
+            raws.append((key, dumps(message)))
+        return raws
+
+    def _learn(self, outgoing: Sequence[Outgoing]) -> dict[tuple[Any, ...], _Model] | None:
+        """Declare the queues of ``outgoing`` not declared yet and make the envelope of each
+        shape not kept yet (kept while fewer than :data:`MAX_SHAPES` are), with a producer
+        of the app's pool; ``None``: kombu must publish one of them."""
+        learned: dict[tuple[Any, ...], _Model] = {}
+        with self.app.producer_or_acquire(None) as producer:
+            for out in outgoing:
+                if out.queue.name not in self.declared:
+                    producer.maybe_declare(out.queue)
+                    self.declared.add(out.queue.name)
+                shape = _shape(out)
+                if shape in learned or shape in self.models:
+                    continue
+                raw = _raw(producer, out)
+                if raw is None:
+                    return None
+                learned[shape] = (raw[0], kombu_json.loads(raw[1]))
+                if len(self.models) < MAX_SHAPES:
+                    self.models[shape] = learned[shape]
+        return learned
+
+    def execute(self, commands: Sequence[Command]) -> list[Any]:
+        """Send ``commands`` in one write and read every reply: a command Redis refused
+        answers its :class:`redis.ResponseError`; a connection failure raises (the
+        connection is dropped, not handed back with replies unread)."""
+        if self._prefix is not None:
+            commands = [self._prefix(command) for command in commands]
+        pool = self.client.connection_pool
+        conn = pool.get_connection()
+        try:
+            conn.send_packed_command(conn.pack_commands(commands))
+            replies: list[Any] = []
+            for _command in commands:
+                try:
+                    replies.append(conn.read_response())
+                except redis.ResponseError as exc:
+                    replies.append(exc)
+        except BaseException:
+            conn.disconnect()
+            raise
+        finally:
+            pool.release(conn)
+        return replies
+
+
+def lane(app: Any) -> Lane | None:
+    """``app``'s lane in this process (made the first time); ``None``: the broker is not
+    kombu's Redis transport, and kombu publishes."""
+    kept = app.__dict__.get(_ATTR)
+    pool = app.__dict__.get("_pool")
+    if kept is not None and kept[0] == os.getpid() and kept[1] is pool and pool is not None:
+        return kept[2]  # type: ignore[no-any-return]
+    with _lock:
+        made: Lane | None = None
+        with app.producer_or_acquire(None) as producer:
+            channel = producer.channel
+            if getattr(channel, "_q_for_pri", None) is not None:
+                encoding = channel.body_encoding
+                codec = None
+                if encoding and encoding.lower() != "utf-8":
+                    codec = channel.codecs.get(encoding)
+                made = Lane(app, app.__dict__.get("_pool"), channel._create_client(), codec)
+        setattr(app, _ATTR, (os.getpid(), app.__dict__.get("_pool"), made))
+    return made
+
+
+def _shape(out: Outgoing) -> tuple[Any, ...]:
+    return (
+        out.routing_key,
+        out.priority,
+        out.serializer,
+        out.delivery_mode,
+        tuple(out.properties),
+    )
+
+
+def _raw(producer: Any, out: Outgoing) -> tuple[str, str] | None:
+    """``(list key, message text)`` as kombu's Redis ``_put`` would push ``out``; ``None``
+    when this queue has an ``x-expires`` (a control reply queue declared on the same
+    connection has one: only that queue counts): kombu's ``_put`` also sets its expiry."""
+    channel = producer.channel
+    if out.routing_key in (getattr(channel, "_expires", None) or ()):
+        return None
+    headers = dict(out.headers)
+    properties = dict(out.properties)
+    # kombu Producer.publish / _publish
+    _exchange, properties["delivery_mode"] = producer._delivery_details(
+        producer.exchange, out.delivery_mode
+    )
+    body, content_type, content_encoding = producer._prepare(
+        out.body, out.serializer, None, None, None, headers
+    )
+    message = channel.prepare_message(
+        body, out.priority, content_type, content_encoding, headers, properties
+    )
+    channel._inplace_augment_message(message, "", out.routing_key)
+    key = channel._q_for_pri(out.routing_key, channel._get_message_priority(message, False))
+    return str(key), kombu_json.dumps(message)
