@@ -217,18 +217,7 @@ def test_a_global_key_prefix_is_applied_as_kombus_prefixed_client_applies_it(
             wire.publish(prefixed, [out], app.ledger.lifecycle, [])
             fast_key, fast = _only_entry(rclient, "pfx:")
             with prefixed.producer_or_acquire(None) as producer:
-                producer.publish(
-                    out.body,
-                    exchange="",
-                    routing_key=out.routing_key,
-                    serializer=out.serializer,
-                    delivery_mode=out.delivery_mode,
-                    declare=[out.queue],
-                    headers=out.headers,
-                    priority=out.priority,
-                    retry=False,
-                    **out.properties,
-                )
+                wire._kombu_publish(producer, out)  # kombu's own Producer.publish
             kombu_key, kombu = _only_entry(rclient, "pfx:")
             assert fast_key == kombu_key
             assert _comparable(fast) == _comparable(kombu)
