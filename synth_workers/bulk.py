@@ -30,7 +30,6 @@ writes them in the caller's transaction (the outbox: published once it commits).
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -52,6 +51,7 @@ from synth_workers.message import CaptureProducer
 from synth_workers.producer import JobHandle, _default_app, _lookup, _unavailable, _validated
 from synth_workers.publish import _message, placement
 from synth_workers.routing import to_transport
+from synth_workers.uuids import uuid4s
 from synth_workers.validation import check_delay, check_idempotency_key, payload_size
 
 if TYPE_CHECKING:
@@ -192,7 +192,7 @@ def enqueue_many(
             else:
                 first_of[key] = index
     todo = [i for i in range(len(items)) if i not in same_as]
-    ids = [str(uuid.uuid4()) for _ in items]
+    ids = uuid4s(len(items))
     early = conn is None and wait is None and not any(keys) and task.platform.ledger.durable_commits
     given = placed.queue is not None
     # one message wire.build makes, or none (no side effect then: Celery builds them all)

@@ -175,7 +175,7 @@ def _columns(
 ) -> tuple[list[str], list[str], list[str | None]]:
     """The rows' payloads, messages and positional arguments as JSON text."""
     payloads = [_json(d) for d in data]
-    texts = [kombu_json.dumps(m) for m in messages]
+    texts = [_json(m) for m in messages]
     nulls: list[str | None] = (
         [_json(list(a)) if a else None for a in args] if args is not None else [None] * count
     )

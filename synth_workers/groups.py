@@ -39,6 +39,7 @@ from synth_workers.platform import find_platform
 from synth_workers.publish import placement, queue_name
 from synth_workers.resultconsumer import ResultConsumer
 from synth_workers.routing import route_task, to_transport
+from synth_workers.uuids import uuid4s
 from synth_workers.validation import payload_size
 
 #: Celery's own ``group.apply_async``, for every group not sent here.
@@ -133,7 +134,7 @@ def _send(group: Any, task: Any, given: dict[str, Any]) -> Any:
     if model is None:  # a send build() does not make (time limits Celery refuses, ...)
         return _celery_apply_async(group, **given)
     # Celery's group._prepared freezes a copy of each member: a new id, its result
-    ids = [uuid() for _ in calls]
+    ids = uuid4s(len(calls))
     results = [task.AsyncResult(job_id) for job_id in ids]
     limits = wiremany.repr_limits(app)
     outs = [

@@ -12,6 +12,12 @@ scanner); any other text goes to kombu's own ``loads``.
 :func:`register` puts it in kombu's serializer registry under ``json`` (kombu's ``dumps``
 kept), which is what ``Message.decode`` and Celery's request decoding use; the platform's
 transport and screening (``synth_workers.screening``) call it directly.
+
+:func:`dumps` is kombu's ``dumps`` with its encoder made once, where kombu's makes one per
+call: the same text. :func:`body` serializes a message body as kombu's registry would,
+taking :func:`dumps` while the registry's ``json`` is kombu's own. The platform's own sends
+use them (``synth_workers.wirelane``, the ledger's rows); kombu's registry keeps its
+``dumps``.
 """
 
 from __future__ import annotations
@@ -23,6 +29,18 @@ from kombu import serialization
 from kombu.utils import json as kombu_json
 
 _plain = json.JSONDecoder().decode
+#: ``kombu.utils.json.dumps(obj)``, with one encoder for every call.
+dumps = kombu_json.JSONEncoder().encode
+
+
+def body(obj: Any, serializer: str) -> tuple[str, str, Any]:
+    """``kombu.serialization.dumps(obj, serializer=serializer)``: ``(content type, content
+    encoding, data)``."""
+    if serializer == "json":
+        codec = serialization.registry._encoders.get("json")  # type: ignore[attr-defined]
+        if codec is not None and codec.encoder is kombu_json.dumps:
+            return codec.content_type, codec.content_encoding, dumps(obj)
+    return serialization.dumps(obj, serializer=serializer)
 
 
 def loads(s: str | bytes | bytearray | memoryview) -> Any:

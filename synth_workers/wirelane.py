@@ -29,9 +29,10 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import redis
-from kombu import serialization
 from kombu.utils import json as kombu_json
-from kombu.utils.uuid import uuid
+
+from synth_workers import jsonfast
+from synth_workers.uuids import uuid4s
 
 if TYPE_CHECKING:
     from synth_workers.wire import Outgoing
@@ -76,15 +77,16 @@ class Lane:
                 return None
             models = {**models, **learned}
         raws: list[tuple[str, str]] = []
-        codec, dumps, prepare = self._codec, kombu_json.dumps, serialization.dumps
-        for out, shape in zip(outgoing, shapes, strict=True):
+        codec, dumps, prepare = self._codec, jsonfast.dumps, jsonfast.body
+        tags = uuid4s(len(outgoing))  # kombu's delivery tags: a uuid4 each
+        for out, shape, tag in zip(outgoing, shapes, tags, strict=True):
             key, envelope = models[shape]
-            content_type, content_encoding, body = prepare(out.body, serializer=out.serializer)
+            content_type, content_encoding, body = prepare(out.body, out.serializer)
             properties = dict(out.properties)
             shared = envelope["properties"]
             for name in _SHARED:
                 properties[name] = shared[name]
-            properties["delivery_tag"] = uuid()
+            properties["delivery_tag"] = tag
             message = {
                 "body": body if codec is None else codec.encode(body),
                 "content-encoding": content_encoding,

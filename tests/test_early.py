@@ -24,6 +24,7 @@ import pytest
 from synth_workers import app, enqueue, enqueue_many, unrecorded
 from synth_workers.ledger import early
 from synth_workers.ledger.transport import ids_in_redis
+from synth_workers.uuids import uuid4s
 
 from .conftest import DATABASE_URL, wait_until
 
@@ -255,10 +256,7 @@ def test_enqueue_many_revives_a_tombstone_and_publishes_it_again(
 ) -> None:
     job_id = str(uuid.uuid4())
     assert early.tombstone_early(app.ledger, job_id, RECORD, QUEUE, 5)  # the worker was first
-    fresh = iter([uuid.UUID(job_id)])
-    monkeypatch.setattr(
-        "synth_workers.bulk.uuid", SimpleNamespace(uuid4=lambda: next(fresh, None) or uuid.uuid4())
-    )
+    monkeypatch.setattr("synth_workers.bulk.uuid4s", lambda count: [job_id, *uuid4s(count - 1)])
     handles = enqueue_many(RECORD, [{"label": f"m{n}"} for n in range(3)], queue=QUEUE)
     assert handles[0].id == job_id
     row = app.ledger.get(job_id)

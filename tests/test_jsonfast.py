@@ -65,3 +65,31 @@ def test_registered_as_kombus_json_decoder_message_decode_uses_it() -> None:
         body=kombu_json.dumps(body), content_type="application/json", content_encoding="utf-8"
     )
     assert message.decode() == body
+
+
+@pytest.mark.parametrize("value", VALUES, ids=range(len(VALUES)))
+def test_dumps_and_body_write_kombus_text(value: Any) -> None:
+    from kombu import serialization
+
+    assert jsonfast.dumps(value) == kombu_json.dumps(value)
+    assert jsonfast.body(value, "json") == serialization.dumps(value, serializer="json")
+
+
+def test_body_takes_a_json_serializer_someone_registered_instead_of_kombus() -> None:
+    from kombu import serialization
+
+    calls: list[Any] = []
+
+    def custom(obj: Any) -> str:
+        calls.append(obj)
+        return kombu_json.dumps({"wrapped": obj})
+
+    serialization.register(
+        "json", custom, jsonfast.loads, content_type="application/json", content_encoding="utf-8"
+    )
+    try:
+        assert jsonfast.body([1], "json") == ("application/json", "utf-8", '{"wrapped": [1]}')
+        assert calls == [[1]]
+    finally:
+        jsonfast.register()  # kombu's dumps back, as the platform registers it
+    assert jsonfast.body([1], "json") == ("application/json", "utf-8", "[1]")

@@ -28,9 +28,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import psycopg
-from kombu.utils import json as kombu_json
 from psycopg import errors, generators, postgres, pq
 
+from synth_workers import jsonfast
 from synth_workers.states import JobState
 
 #: The message property that marks a message published before its row committed.
@@ -145,11 +145,11 @@ def _params(row: Mapping[str, Any]) -> list[bytes | None]:
         row["task"].encode(),
         row["queue"].encode(),
         b"%d" % row["priority"],
-        kombu_json.dumps(row["payload"]).encode(),
-        kombu_json.dumps(args).encode() if args else None,
+        jsonfast.dumps(row["payload"]).encode(),
+        jsonfast.dumps(args).encode() if args else None,
         None if row["max_attempts"] is None else b"%d" % row["max_attempts"],
         _text(row["user_id"]),
-        kombu_json.dumps(row["message"]).encode(),
+        jsonfast.dumps(row["message"]).encode(),
         None if expires is None else expires.isoformat().encode(),
         _text(row["correlation_id"]),
         b"t" if row["maybe_waited"] else b"f",
