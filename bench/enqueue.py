@@ -6,7 +6,14 @@ Single sends, one job per call, no worker running:
   ledger row, then the message and its ``queued`` event);
 * ``apply_async``: the same task's Celery-native ``apply_async(queue=...)`` on the platform;
 * ``celery``: plain Celery's ``apply_async`` (``bench/raw_app.py``: Redis broker, JSON, no
-  result backend), what the ratios compare with.
+  result backend), what the ratios compare with;
+* ``floor``: one durable ``INSERT`` into a two-column table, then one redis-py pipeline of
+  ``LPUSH`` + ``XADD``, with next to no Python;
+* ``ledger-floor``: what ``enqueue`` itself puts on the wire, with no Python around it: the
+  real row's ``INSERT`` (durable, into ``synth_jobs``, the statement ``enqueue`` prepares),
+  the message's ``LPUSH`` and its ``queued`` event's script call in one Redis write while
+  Postgres writes the row, then the row's answer. ``ledger-floor / celery`` is the most a
+  durable single enqueue can reach against ``apply_async`` on the machine.
 
 Bulk sends, many jobs per call:
 
@@ -105,6 +112,52 @@ def main(argv: list[str] | None = None) -> int:
             pipe.xadd("bench:floor", {"kind": "queued"}, maxlen=1000, approximate=True)
             pipe.execute()
 
+    from synth_workers import wire, wirelane
+    from synth_workers.events.buffer import EventBuffer
+    from synth_workers.ledger import early
+    from synth_workers.lifecycle import JobEvent
+    from synth_workers.states import EventKind
+    from synth_workers.uuids import uuid4s
+
+    def ledger_floor(n: int) -> None:
+        """The floor of the platform's own durable enqueue: its ledger row's INSERT
+        (``synth_workers.ledger.early``'s statement into the real ``synth_jobs``, committed
+        durably), and while Postgres writes it one Redis write of the message's LPUSH and its
+        ``queued`` event's script call (``synth_workers.wirelane``), then the INSERT's answer:
+        what ``enqueue`` puts on the wire, with the message and the row made once."""
+        model = wire.build(task, (), {}, {"task_id": uuid4s(1)[0], "queue": QUEUE})
+        assert model is not None
+        way = wirelane.lane(app)
+        raws = way.raws([model]) if way is not None else None
+        assert way is not None and raws is not None
+        (key, text), stored = raws[0], model.stored()
+        writer = next(
+            w.writer for w in app.ledger.lifecycle.listeners if isinstance(w, EventBuffer)
+        )
+        for job_id in uuid4s(n):
+            row = {
+                "job_id": job_id,
+                "task": task.name,
+                "queue": QUEUE,
+                "priority": 5,
+                "payload": {},
+                "args": None,
+                "max_attempts": task.max_attempts,
+                "user_id": None,
+                "message": stored,
+                "expires_at": None,
+                "correlation_id": None,
+                "maybe_waited": False,
+            }
+            event = JobEvent(EventKind.QUEUED, job_id, task=task.name, queue=QUEUE, data={})
+            keys, args = writer.command([event])
+            with app.ledger.connection() as conn:
+                pending = early.send_insert(conn, row)
+                way.execute(
+                    [("EVALSHA", writer.script_sha, len(keys), *keys, *args), ("LPUSH", key, text)]
+                )
+                pending.result()
+
     def reset() -> None:
         client.flushdb()
         floor_conn.execute("TRUNCATE public.synth_bench_floor")
@@ -128,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
 
     modes: dict[str, tuple[str, Callable[[int], Any], bool]] = {
         "floor": ("single", floor, False),
+        "ledger-floor": ("single", ledger_floor, True),
         "enqueue": (
             "single",
             single(lambda: enqueue("bench.platform_noop", {}, queue=QUEUE)),
@@ -197,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         "enqueue_many / celery (single)": ratio("enqueue_many", "celery"),
         "enqueue / floor": ratio("enqueue", "floor"),
         "celery / floor": ratio("celery", "floor"),
+        "enqueue / ledger-floor": ratio("enqueue", "ledger-floor"),
+        "ledger-floor / celery": ratio("ledger-floor", "celery"),
     }
     print()
     print(
