@@ -62,30 +62,12 @@ def publish(
     ``wait``, publish the jobs just inserted (``new``: their indexes in ``job_ids`` and
     ``outs``/``captures``), one Redis pipeline per chunk. Should Redis fail, the rest stay
     queued in the ledger for the reconciler (logged), and ``False`` is returned."""
-    task, queue, level, wait = batch.task, batch.queue, batch.level, batch.wait
-    user_id, corr, chunk_size = batch.user_id, batch.corr, batch.chunk_size
+    task, wait, chunk_size = batch.task, batch.wait, batch.chunk_size
     app = task.app
-    kind = EventKind.SCHEDULED if wait else EventKind.QUEUED
-    event_data = {"priority": level, "delay": wait} if wait else {"priority": level}
     lifecycle = task.platform.ledger.lifecycle
     for start in range(0, len(new), chunk_size):
         part = new[start : start + chunk_size]
-        events = (
-            [
-                JobEvent(
-                    kind,
-                    job_ids[n],
-                    task=task.name,
-                    queue=queue,
-                    user_id=user_id,
-                    correlation_id=corr,
-                    data=event_data,
-                )
-                for n in part
-            ]
-            if lifecycle.listening and announce
-            else []
-        )
+        events = _events(batch, job_ids, part) if announce else []
         try:
             if outs is not None:
                 wire.publish(app, [] if wait else [outs[n] for n in part], lifecycle, events)
@@ -96,14 +78,59 @@ def publish(
                     assert captures is not None
                     _send(task, captures[n])
         except (OperationalError, redis.RedisError, OSError) as exc:
-            log.warning(
-                "bulk enqueue: %d job(s) recorded but not published (%s); the reconciler "
-                "publishes them once Redis answers",
-                len(new) - start,
-                exc,
-            )
+            _unpublished(len(new) - start, exc)
             return False
     return True
+
+
+def _publish_started(
+    batch: Batch, job_ids: Sequence[str], outs: Sequence[wire.Outgoing]
+) -> Callable[[], bool]:
+    """:func:`publish` of one chunk of an overlapped send (every job of ``job_ids`` and
+    ``outs``, announced, not delayed), written now: the function returned reads Redis's
+    answer (``False``: not published, logged)."""
+    lifecycle = batch.task.platform.ledger.lifecycle
+    events = _events(batch, job_ids, range(len(job_ids)))
+    try:
+        finish = wire.publish_started(batch.task.app, outs, lifecycle, events)
+    except (OperationalError, redis.RedisError, OSError) as exc:
+        _unpublished(len(job_ids), exc)
+        return lambda: False
+
+    def finished() -> bool:
+        try:
+            finish()
+        except (OperationalError, redis.RedisError, OSError) as exc:
+            _unpublished(len(job_ids), exc)
+            return False
+        return True
+
+    return finished
+
+
+def _events(batch: Batch, job_ids: Sequence[str], part: Sequence[int]) -> list[JobEvent]:
+    """The ``queued`` (or ``scheduled``) events of ``part`` (indexes in ``job_ids``); none
+    when nothing listens."""
+    if not batch.task.platform.ledger.lifecycle.listening:
+        return []
+    wait = batch.wait
+    kind = EventKind.SCHEDULED if wait else EventKind.QUEUED
+    data = {"priority": batch.level, "delay": wait} if wait else {"priority": batch.level}
+    task, queue, user_id, corr = batch.task.name, batch.queue, batch.user_id, batch.corr
+    return [
+        JobEvent(kind, job_ids[n], task=task, queue=queue, user_id=user_id, correlation_id=corr,
+                 data=data)
+        for n in part
+    ]  # fmt: skip
+
+
+def _unpublished(count: int, exc: BaseException) -> None:
+    log.warning(
+        "bulk enqueue: %d job(s) recorded but not published (%s); the reconciler "
+        "publishes them once Redis answers",
+        count,
+        exc,
+    )
 
 
 #: One chunk of an overlapped send (see :func:`overlapped`): its messages, payloads and
@@ -124,33 +151,40 @@ def overlapped(batch: Batch, ids: list[str], make: Callable[[int, int], Chunk]) 
     ledger = task.platform.ledger
     cursors = []
     published = True
+    answer: Callable[[], bool] | None = None  # the last chunk's messages, sent, unanswered
     with ledger.connection() as own:
         with own.pipeline():
-            for start in range(0, len(ids), step):
-                outs, data, args = make(start, start + step)
-                messages = [out.stored() for out in outs]
-                payloads, texts, nulls = _columns(data, messages, args, len(outs))
-                _mark(outs)  # after the rows' copies were made: those have no mark
-                cursors.append(
-                    ledger.send_jobs_early(
-                        own,
-                        task=task.name,
-                        queue=batch.queue,
-                        priority=batch.level,
-                        max_attempts=task.max_attempts,
-                        user_id=batch.user_id,
-                        correlation_id=batch.corr,
-                        ids=ids[start : start + step],
-                        payloads=payloads,
-                        args=nulls,
-                        messages=texts,
+            try:
+                for start in range(0, len(ids), step):
+                    outs, data, args = make(start, start + step)
+                    messages = [out.stored() for out in outs]
+                    payloads, texts, nulls = _columns(data, messages, args, len(outs))
+                    _mark(outs)  # after the rows' copies were made: those have no mark
+                    cursors.append(
+                        ledger.send_jobs_early(
+                            own,
+                            task=task.name,
+                            queue=batch.queue,
+                            priority=batch.level,
+                            max_attempts=task.max_attempts,
+                            user_id=batch.user_id,
+                            correlation_id=batch.corr,
+                            ids=ids[start : start + step],
+                            payloads=payloads,
+                            args=nulls,
+                            messages=texts,
+                        )
                     )
-                )
-                # the chunk's rows on the wire, then its messages while Postgres writes them
-                own.wait(generators.send(own.pgconn))
-                if published:
-                    part = ids[start : start + step]
-                    published = publish(batch, part, range(len(part)), outs, None)
+                    # the chunk's rows on the wire, then its messages while Postgres writes
+                    # them; Redis runs them while the next chunk is built
+                    own.wait(generators.send(own.pgconn))
+                    if answer is not None:
+                        published, answer = answer(), None
+                    if published:
+                        answer = _publish_started(batch, ids[start : start + step], outs)
+            finally:
+                if answer is not None:
+                    answer()
         revived = {str(row[0]) for cursor in cursors for row in cursor.fetchall()}
     for start in range(0, len(ids), step) if revived else ():
         part = ids[start : start + step]

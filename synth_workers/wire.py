@@ -26,7 +26,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -206,22 +206,49 @@ def publish(
     write on the broker's connection (``synth_workers.wirelane``); retried once at once when
     it failed fast with a connection error. Raises what Redis raised (the caller decides what
     a failure means)."""
+    publish_started(app, outgoing, lifecycle, events)()
+
+
+def publish_started(
+    app: Any, outgoing: Sequence[Outgoing], lifecycle: Lifecycle, events: Sequence[JobEvent]
+) -> Callable[[], None]:
+    """:func:`publish`, in two halves: write the commands now and return a function that
+    reads Redis's replies (and raises what :func:`publish` raises), so the caller can work
+    while Redis runs them (a bulk send builds its next chunk). Call the function once, also
+    when something failed in between: until then the connection is held."""
     started = time.monotonic()
     try:
-        _publish_once(app, outgoing, lifecycle, events)
+        finish = _start(app, outgoing, lifecycle, events)
     except (redis.ConnectionError, OSError, KombuOperationalError) as exc:
         if timed_out(exc) or time.monotonic() - started > QUICK_FAILURE_SECONDS:
             raise
-        _publish_once(app, outgoing, lifecycle, events, told=True)
+        _start(app, outgoing, lifecycle, events, told=True)()
+        return _nothing
+
+    def finished() -> None:
+        reading = time.monotonic()
+        try:
+            finish()
+        except (redis.ConnectionError, OSError, KombuOperationalError) as exc:
+            if timed_out(exc) or time.monotonic() - reading > QUICK_FAILURE_SECONDS:
+                raise
+            _start(app, outgoing, lifecycle, events, told=True)()
+
+    return finished
 
 
-def _publish_once(
+def _nothing() -> None:
+    return None
+
+
+def _start(
     app: Any,
     outgoing: Sequence[Outgoing],
     lifecycle: Lifecycle,
     events: Sequence[JobEvent],
     told: bool = False,
-) -> None:
+) -> Callable[[], None]:
+    """One publish: write it and return what reads the replies (kombu's path: all done)."""
     way = wirelane.lane(app)
     raws = way.raws(outgoing) if way is not None else None
     if way is None or raws is None:  # not kombu's Redis channel: kombu publishes
@@ -230,7 +257,7 @@ def _publish_once(
                 lifecycle.emit(event, raise_timeouts=True)
             for out in outgoing:
                 _kombu_publish(producer, out)
-        return
+        return _nothing
     commands: list[wirelane.Command] = []
     staged = wireevents.tell(lifecycle, [] if told else events, commands)
     by_key: dict[str, list[str]] = {}
@@ -239,11 +266,28 @@ def _publish_once(
     for key, texts in by_key.items():
         commands.append(("LPUSH", key, *texts))  # in order: the first is taken first
     try:
-        replies = way.execute(commands)
+        sent = way.send(commands)
     except BaseException:
         for listener, _index in staged:
             wireevents.unstage(listener, events)
         raise
+
+    def finish() -> None:
+        try:
+            replies = sent.replies()
+        except BaseException:
+            for listener, _index in staged:
+                wireevents.unstage(listener, events)
+            raise
+        _answered(staged, replies, events)
+
+    return finish
+
+
+def _answered(
+    staged: Sequence[tuple[Any, int]], replies: Sequence[Any], events: Sequence[JobEvent]
+) -> None:
+    """The events writer's replies to its archive; an ``LPUSH`` Redis refused raised."""
     for listener, index in staged:
         if isinstance(replies[index], redis.exceptions.NoScriptError):
             wireevents.forget(listener.writer)

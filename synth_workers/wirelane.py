@@ -119,17 +119,41 @@ class Lane:
         return learned
 
     def execute(self, commands: Sequence[Command]) -> list[Any]:
-        """Send ``commands`` in one write and read every reply: a command Redis refused
-        answers its :class:`redis.ResponseError`; a connection failure raises (the
-        connection is dropped, not handed back with replies unread)."""
+        """Send ``commands`` in one write and read every reply (see :meth:`send`)."""
+        return self.send(commands).replies()
+
+    def send(self, commands: Sequence[Command]) -> Sent:
+        """Write ``commands`` at once on a connection of the pool, held until
+        :meth:`Sent.replies` reads their replies."""
         if self._prefix is not None:
             commands = [self._prefix(command) for command in commands]
         pool = self.client.connection_pool
         conn = pool.get_connection()
         try:
             conn.send_packed_command(conn.pack_commands(commands))
+        except BaseException:
+            conn.disconnect()
+            pool.release(conn)
+            raise
+        return Sent(pool, conn, len(commands))
+
+
+class Sent:
+    """Commands written and not yet answered, on a connection held out of its pool."""
+
+    __slots__ = ("_conn", "_count", "_pool")
+
+    def __init__(self, pool: Any, conn: Any, count: int) -> None:
+        self._pool, self._conn, self._count = pool, conn, count
+
+    def replies(self) -> list[Any]:
+        """Every reply, in order: a command Redis refused answers its
+        :class:`redis.ResponseError`; a connection failure raises (the connection is
+        dropped, not handed back with replies unread). The connection goes back to its pool."""
+        conn = self._conn
+        try:
             replies: list[Any] = []
-            for _command in commands:
+            for _command in range(self._count):
                 try:
                     replies.append(conn.read_response())
                 except redis.ResponseError as exc:
@@ -138,7 +162,7 @@ class Lane:
             conn.disconnect()
             raise
         finally:
-            pool.release(conn)
+            self._pool.release(conn)
         return replies
 
 

@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
+from kombu.exceptions import OperationalError
 
 ROOT = Path(__file__).resolve().parent.parent
 _valkey = None
@@ -195,8 +197,13 @@ def wait_for_worker(
             if process is not None and process.poll() is not None:
                 text = log.read_text(errors="replace") if log else ""
                 raise RuntimeError(f"worker exited with {process.returncode}:\n{text[-4000:]}")
-            if pinger.control.ping(destination=[name], timeout=0.5):
-                return
+            try:
+                if pinger.control.ping(destination=[name], timeout=0.5):
+                    return
+            except (redis.ConnectionError, OperationalError, OSError):
+                # a pooled connection a restarted Redis closed (the pool is kombu's, shared
+                # by every app of this broker URL): redis-py dropped it, the next ping dials
+                time.sleep(0.1)
     finally:
         if pinger is not app:
             pinger.close()

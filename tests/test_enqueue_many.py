@@ -288,3 +288,45 @@ def test_redis_gone_after_the_commit_the_reconciler_publishes(
     finally:
         producer.ledger.lifecycle.disconnect(kill_redis)
         producer.close()
+
+
+def test_redis_gone_while_a_chunk_is_answered_every_job_still_runs_once(
+    rclient: Any, own_redis: _OwnRedis, start_worker: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chunk's messages are written to Redis, and their answer read only once the next
+    chunk is built (``bulkrows.overlapped``). Redis dies in between, while the second chunk
+    is built: whatever of the first chunk landed, the rows are committed, the reconciler
+    publishes what is missing, and each of the 30 jobs runs exactly once."""
+    from synth_workers import bulkrows
+
+    producer: SynthCelery = create_app(load_settings(redis_url=own_redis.url, redis_timeout=2))
+    real = bulkrows._columns
+    built: list[int] = []
+
+    def columns(*args: Any, **kwargs: Any) -> Any:
+        built.append(1)
+        if len(built) == 2:  # the first chunk's messages are written, not yet answered
+            own_redis.kill()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bulkrows, "_columns", columns)
+    try:
+        handles = enqueue_many(
+            "tests.e2e_tasks.side_effect",
+            [{"key": f"mid-{i}"} for i in range(30)],
+            queue=QUEUE,
+            chunk_size=10,
+            app=producer,
+        )
+        assert len(built) == 3 and len(handles) == 30
+        rows = _rows("queue = %s", (QUEUE,))
+        assert len(rows) == 30 and {r["state"] for r in rows} == {"queued"}
+        own_redis.start()
+        client = redis.Redis.from_url(own_redis.url)
+        start_worker(QUEUE, env={"REDIS_URL": own_redis.url})
+        for handle in handles:
+            assert handle.wait(timeout=90) == handle.info()["payload"]["key"]
+        assert [int(client.get(f"test:count:mid-{i}") or 0) for i in range(30)] == [1] * 30
+        client.close()
+    finally:
+        producer.close()

@@ -66,7 +66,7 @@ def test_members_are_celerys_messages_in_one_statement_and_one_pipeline(
     rclient: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     inserts = _Counted(monkeypatch, app.ledger, "send_jobs_early")
-    pipelines = _Counted(monkeypatch, wire, "publish")
+    pipelines = _Counted(monkeypatch, wire, "publish_started")
     members = [ct.sig(ct.add, i, y=i * 10) for i in range(5)]
     result = group(members).apply_async()
     assert (inserts.calls, pipelines.calls) == (1, 1)

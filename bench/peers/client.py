@@ -87,6 +87,13 @@ class PlatformProducer(Producer):
         self._bulk_spec = bulk_callable
         self.noop_name = platform_tasks.noop.name
         self.probe_name = platform_tasks.probe.name
+        # connected before the clock, as Celery's producer is: the ledger's pool and the
+        # broker's Redis (synth_workers.wirelane)
+        from synth_workers import app, wirelane
+
+        with app.ledger.connection():
+            pass
+        wirelane.lane(app)
 
     def noop(self) -> Any:
         return self._enqueue(self.noop_name, {}, queue=PLATFORM_QUEUE)
