@@ -261,3 +261,25 @@ def test_a_forked_child_sends_on_a_lane_of_its_own(rclient: Any) -> None:
     assert wirelane.lane(app) is parent
     enqueue("tests.e2e_tasks.record", {"label": "parent again"}, queue=QUEUE)
     assert sum(rclient.llen(k) for k in rclient.keys(f"{QUEUE}*")) == 3
+
+
+def test_a_broker_that_is_not_kombus_redis_gets_kombus_own_publish() -> None:
+    """No lane for another transport (``wirelane.lane`` is ``None``): kombu's own
+    ``Producer.publish`` sends the message, and it arrives as Celery would have sent it."""
+    from synth_workers import wirelane
+
+    other = celery.Celery("other", broker="memory://")
+    task = _task("tests.e2e_tasks.record")
+    try:
+        sent = {"task_id": str(uuid.uuid4()), "queue": QUEUE, "priority": 3}
+        out = wire.build(task, (), {"label": "m"}, dict(sent))
+        assert out is not None
+        assert wirelane.lane(other) is None
+        wire.publish(other, [out], app.ledger.lifecycle, [])
+        with other.connection_for_read() as conn, conn.SimpleQueue(QUEUE) as queue:
+            message = queue.get(timeout=5)
+            assert message.headers["id"] == sent["task_id"]
+            assert message.decode()[1] == {"label": "m"}
+            message.ack()
+    finally:
+        other.close()
