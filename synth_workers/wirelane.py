@@ -50,6 +50,15 @@ _ATTR = "_synth_lane"
 _lock = threading.Lock()
 
 
+def _new_lock() -> None:
+    """A forked child's lock: another thread may have held the parent's at the fork."""
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock)
+
+
 class Lane:
     """One app's way to the broker's Redis in this process (see the module docstring)."""
 
