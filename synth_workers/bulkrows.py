@@ -146,7 +146,8 @@ def overlapped(batch: Batch, ids: list[str], make: Callable[[int, int], Chunk]) 
     rows are committed. Chunk by chunk (``make(start, end)`` builds the messages of
     ``ids[start:end]``, so a large call never holds them all): its rows' statement, sent in
     one pipeline with the others (one implicit transaction, all or nothing), then its
-    messages. Rows that revived a worker's tombstone are published again."""
+    messages, whose Redis answer is read once the next chunk is built (Redis runs them
+    meanwhile). Rows that revived a worker's tombstone are published again."""
     task, step = batch.task, batch.chunk_size
     ledger = task.platform.ledger
     cursors = []
