@@ -29,6 +29,7 @@ reported failed, as long as Postgres can record the tombstone.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -99,23 +100,31 @@ class JobHandle:
         return JobState(self.info()["state"])
 
     def wait(self, timeout: float | None = None, poll: float = 0.005) -> Any:
-        """Block until the job is final; return its result or raise why it is not."""
+        """Block until the job is final; return its result or raise why it is not.
+
+        Woken by the job's announcement on Celery's result channel (the job marked as
+        waited on, as ``AsyncResult.get()`` marks it: ``synth_workers.announce``); the row
+        is read again at least every ``poll`` seconds, growing to 0.5 s, should a notice be
+        missed (Redis out of reach: polling alone)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         interval = poll
-        while True:
-            row = self.info()
-            state = JobState(row["state"])
-            if state is JobState.SUCCEEDED:
-                return row["result"]
-            if state is JobState.DEAD:
-                raise JobFailedError(self.id, row["error_class"] or "?", row["last_error"] or "")
-            if state is JobState.CANCELLED:
-                raise JobCancelledError(self.id, f"job {self.id} was cancelled")
-            if deadline is not None and time.monotonic() >= deadline:
-                raise JobTimeoutError(self.id, f"job {self.id} still {state} after {timeout}s")
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            time.sleep(interval if remaining is None else min(interval, remaining))
-            interval = min(interval * 1.5, 0.5)
+        with _Notices(self._app, self.id) as notices:
+            while True:
+                row = self.info()
+                state = JobState(row["state"])
+                if state is JobState.SUCCEEDED:
+                    return row["result"]
+                if state is JobState.DEAD:
+                    raise JobFailedError(
+                        self.id, row["error_class"] or "?", row["last_error"] or ""
+                    )
+                if state is JobState.CANCELLED:
+                    raise JobCancelledError(self.id, f"job {self.id} was cancelled")
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise JobTimeoutError(self.id, f"job {self.id} still {state} after {timeout}s")
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                notices.wait(interval if remaining is None else min(interval, remaining))
+                interval = min(interval * 1.5, 0.5)
 
     def events(self, timeout: float | None = 60.0, since: str | None = None) -> Iterator[Event]:
         """The job's events in order, blocking for new ones: its whole history (after event
@@ -142,6 +151,56 @@ class JobHandle:
         if outcome == "unknown":
             raise JobNotFoundError(self.id, f"no job {self.id} (never enqueued, or purged)")
         return outcome == "cancelled"
+
+
+class _Notices:
+    """The job's announcements on Celery's result channel, for :meth:`JobHandle.wait`: the
+    first :meth:`wait` subscribes and marks the job waited on (its success is then
+    announced), in that order, so a job that ends after the mark is announced to this
+    subscription, and one that ended before it is read as ended. Without Redis (or on a
+    failure) :meth:`wait` only sleeps: polling alone."""
+
+    def __init__(self, app: SynthCelery, job_id: str) -> None:
+        self._app, self._job_id = app, job_id
+        self._pubsub: Any = None
+        self._ready = False
+
+    def __enter__(self) -> _Notices:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pubsub is not None:
+            with contextlib.suppress(redis.RedisError, OSError):
+                self._pubsub.close()
+
+    def _subscribe(self) -> None:
+        from synth_workers.ledger.results import mark_waited
+
+        self._ready = True  # once: a failure leaves polling alone
+        backend: Any = self._app.backend
+        try:
+            pubsub = backend.client.pubsub(ignore_subscribe_messages=True)
+            pubsub.subscribe(backend.get_key_for_task(self._job_id))
+        except (redis.RedisError, OSError):
+            return
+        self._pubsub = pubsub
+        mark_waited(self._app.ledger, [self._job_id])
+
+    def wait(self, seconds: float) -> None:
+        """Until an announcement comes or ``seconds`` pass (the first call subscribes, then
+        returns at once: the row is read again after the mark)."""
+        if not self._ready:
+            self._subscribe()
+            if self._pubsub is not None:
+                return
+        if self._pubsub is None:
+            time.sleep(seconds)
+            return
+        try:
+            self._pubsub.get_message(timeout=seconds)
+        except (redis.RedisError, OSError):
+            self._pubsub = None  # polling alone from now on
+            time.sleep(seconds)
 
 
 def _lookup(app: SynthCelery, task_name: str) -> Task:

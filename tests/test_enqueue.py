@@ -142,3 +142,24 @@ def test_typed_payload_model_reaches_the_task(rclient: Any, start_worker: Any) -
     h = enqueue("tests.e2e_tasks.typed", Order(order_id=42, email="a@b.c"), queue=QUEUE)
     assert h.wait(timeout=30) == {"order_id": 42}
     assert wait_until(lambda: rclient.get("test:count:typed:42") == b"1")
+
+
+def test_wait_is_woken_by_the_jobs_announcement_not_by_its_poll(
+    rclient: Any, start_worker: Any
+) -> None:
+    """``JobHandle.wait`` marks the job waited on and listens on Celery's result channel: a
+    job that ends while it waits wakes it. Here its poll interval is an hour and it has no
+    timeout: polling alone, it would read the row, then sleep for the hour."""
+    import threading
+
+    start_worker(QUEUE)
+    warm = enqueue("tests.e2e_tasks.record", {"label": "warm"}, queue=QUEUE)
+    assert warm.wait(timeout=30) == "warm"
+    handle = enqueue("tests.e2e_tasks.long_running", {"key": "woken", "seconds": 1.0}, queue=QUEUE)
+    assert wait_until(lambda: rclient.get("test:started:woken") is not None, timeout=30)
+    got: list[Any] = []  # the job runs for a second yet: the waiter finds it running
+    waiter = threading.Thread(target=lambda: got.append(handle.wait(poll=3600)), daemon=True)
+    waiter.start()
+    waiter.join(timeout=30)
+    assert not waiter.is_alive(), "wait() was not woken by the job's announcement"
+    assert got == ["finished"]
