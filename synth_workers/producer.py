@@ -158,7 +158,8 @@ class _Notices:
     first :meth:`wait` subscribes and marks the job waited on (its success is then
     announced), in that order, so a job that ends after the mark is announced to this
     subscription, and one that ended before it is read as ended. Without Redis (or on a
-    failure) :meth:`wait` only sleeps: polling alone."""
+    failure) :meth:`wait` only sleeps: polling alone. A Redis that does not answer delays
+    the first read after the mark by up to ``SYNTH_REDIS_TIMEOUT``."""
 
     def __init__(self, app: SynthCelery, job_id: str) -> None:
         self._app, self._job_id = app, job_id
@@ -181,7 +182,7 @@ class _Notices:
         try:
             pubsub = backend.client.pubsub(ignore_subscribe_messages=True)
             pubsub.subscribe(backend.get_key_for_task(self._job_id))
-        except (redis.RedisError, OSError):
+        except Exception:  # no wake-up: Redis out of reach, or another backend
             return
         self._pubsub = pubsub
         mark_waited(self._app.ledger, [self._job_id])
