@@ -200,7 +200,8 @@ class _Notices:
         try:
             self._pubsub.get_message(timeout=seconds)
         except (redis.RedisError, OSError):
-            self._pubsub = None  # polling alone from now on
+            self.__exit__()  # its connection closed; polling alone from now on
+            self._pubsub = None
             time.sleep(seconds)
 
 

@@ -313,7 +313,7 @@ def _publish(task: Task, capture: CaptureProducer, producer: Any = None) -> Any:
     try:
         return _send(task, capture, producer)
     except (redis.ConnectionError, OSError, KombuOperationalError) as exc:
-        if wire.timed_out(exc) or time.monotonic() - started > wire.QUICK_FAILURE_SECONDS:
+        if not wire.quick_failure(exc, started):
             raise
     return _send(task, capture, producer)
 

@@ -199,6 +199,13 @@ def timed_out(exc: BaseException) -> bool:
     return False
 
 
+def quick_failure(exc: BaseException, since: float) -> bool:
+    """Whether ``exc``, raised by a step begun at ``since`` (``time.monotonic()``), is a
+    failure worth one immediate retry: not a timeout, and within
+    :data:`QUICK_FAILURE_SECONDS` (a socket Redis reset or closed fails before any wait)."""
+    return not timed_out(exc) and time.monotonic() - since <= QUICK_FAILURE_SECONDS
+
+
 def publish(
     app: Any, outgoing: Sequence[Outgoing], lifecycle: Lifecycle, events: Sequence[JobEvent]
 ) -> None:
@@ -220,7 +227,7 @@ def publish_started(
     try:
         finish = _start(app, outgoing, lifecycle, events)
     except (redis.ConnectionError, OSError, KombuOperationalError) as exc:
-        if timed_out(exc) or time.monotonic() - started > QUICK_FAILURE_SECONDS:
+        if not quick_failure(exc, started):
             raise
         _start(app, outgoing, lifecycle, events, told=True)()
         return _nothing
@@ -230,7 +237,7 @@ def publish_started(
         try:
             finish()
         except (redis.ConnectionError, OSError, KombuOperationalError) as exc:
-            if timed_out(exc) or time.monotonic() - reading > QUICK_FAILURE_SECONDS:
+            if not quick_failure(exc, reading):
                 raise
             _start(app, outgoing, lifecycle, events, told=True)()
 
