@@ -17,6 +17,7 @@ import redis
 from synth_workers import liveness
 from synth_workers.errors import ConfigurationError
 from synth_workers.ledger import LeaseKeeper, Ledger
+from synth_workers.ledger.claimgroup import ClaimGroup
 from synth_workers.ledger.completer import Completer
 from synth_workers.lifecycle import Lifecycle
 from synth_workers.redisconn import redis_client
@@ -44,6 +45,7 @@ class Platform:
         self.routes_by_kind = False
         self._keeper: LeaseKeeper | None = None
         self._completer: Completer | None = None
+        self._claims: ClaimGroup | None = None
 
     def __repr__(self) -> str:
         return f"<Platform of {getattr(self.app, 'main', None)!r}>"
@@ -85,6 +87,14 @@ class Platform:
         if completer is None or completer.keeper is not keeper or completer.stopped:
             completer = self._completer = Completer(self.ledger, keeper)
         return completer
+
+    @property
+    def claims(self) -> ClaimGroup:
+        """This process's claims, grouped while one is on the wire (a new group after fork)."""
+        group = self._claims
+        if group is None or group.pid != os.getpid():
+            group = self._claims = ClaimGroup(self.ledger)
+        return group
 
     def flush_completions(self) -> None:
         """A worker process stops: write its completions, then stop its writer and lease

@@ -190,7 +190,7 @@ def run(task: Task, job_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]) 
     finished = [] if from_batch else completer.take()
     try:
         with tracing.span("synth.ledger.claim", job_id=job_id, task=task.name):
-            claim = claim or platform.ledger.claim(job_id, keeper.owner, complete=finished)
+            claim = claim or platform.claims.claim(job_id, keeper.owner, complete=finished)
     except BaseException:
         completer.write(finished)
         raise

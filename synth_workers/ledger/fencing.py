@@ -108,18 +108,17 @@ class Fencing(LedgerRows):
                 return None
         if row is None:
             return None
-        task, queue, user, enqueued, correlation_id = row[2:7]
-        claim = Claim(
-            job_id, int(row[0]), row[1], owner, task, queue, user, correlation_id, float(enqueued)
-        )
-        if self.lifecycle.listening:
-            self.lifecycle.announce(
-                EventKind.STARTED,
-                job_id,
-                **self.about(claim),
-                data={"queue_wait": max(0.0, claim.claimed_at - float(row[5]))},
-            )
+        task, queue, user, enqueued, corr = row[2:7]
+        claim = Claim(job_id, int(row[0]), row[1], owner, task, queue, user, corr, float(enqueued))
+        self.announce_started(claim)
         return claim
+
+    def announce_started(self, claim: Claim) -> None:
+        """The ``started`` event of a job just claimed, with its wait in the queue."""
+        if self.lifecycle.listening:
+            since = claim.enqueued_at or claim.claimed_at
+            wait = {"queue_wait": max(0.0, claim.claimed_at - since)}
+            self.lifecycle.announce(EventKind.STARTED, claim.job_id, **self.about(claim), data=wait)
 
     def _late_unless(
         self, completed: set[str], done: Sequence[tuple[Claim, Any]], waited: set[str]
