@@ -108,6 +108,10 @@ class Run:
     #: CPU the worker process spent per job over the drain (ms): steadier than jobs/s on
     #: shared cores, and where the batched mode's time goes (the model's share vs the rest).
     worker_cpu_ms_per_job: float = 0.0
+    #: Postgres commits per job from the consumer's start to the worker's exit, every
+    #: connection of the database counted (the harness's few polls too): the claims, the
+    #: completions, the events' history rows and the worker's housekeeping.
+    commits_per_job: float = 0.0
     gpu: dict[str, Any] | None = None
     errors: list[str] = field(default_factory=list)
     log_problems: list[str] = field(default_factory=list)
@@ -417,6 +421,17 @@ def done_count(exclude: str) -> int:
     return int(row[0]) if row else 0
 
 
+def commits() -> int:
+    """Transactions committed in the ledger's database so far (``pg_stat_database``)."""
+    from synth_workers import app
+
+    with app.ledger.connection() as conn:
+        row = conn.execute(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
 def finished(exclude: str) -> tuple[float, float, list[Any]]:
     """The ledger's busy span (first start to last finish), its last finish (epoch seconds)
     and the succeeded jobs' results."""
@@ -444,6 +459,7 @@ def measure(mode: str, rnd: int, args: argparse.Namespace, client: Any, logs: Pa
     log = logs / f"embeddings-{mode}-r{rnd}.log"
     reset(client)
     proc = start_worker(node, mode, args, log)
+    commits0: int | None = None
     try:
         wait_for_ping(app, node, proc, 120)
         warm = enqueue(
@@ -461,6 +477,7 @@ def measure(mode: str, rnd: int, args: argparse.Namespace, client: Any, logs: Pa
         run.enqueue_s = time.perf_counter() - t0
         started = time.time()  # the ledger's clock: Postgres on this host
         cpu0 = worker_cpu(proc)
+        commits0 = commits()
         t0 = time.perf_counter()
         app.control.add_consumer(QUEUE, destination=[node], reply=True, timeout=10)
         deadline = t0 + args.timeout
@@ -485,6 +502,8 @@ def measure(mode: str, rnd: int, args: argparse.Namespace, client: Any, logs: Pa
             run.gpu = sampler.summary()
     finally:
         stop_worker(proc)
+    if commits0 is not None:  # a backend flushes its statistics as it exits
+        run.commits_per_job = round((commits() - commits0) / args.jobs, 3)
     counts = states(warm.id)
     if counts.get("succeeded", 0) != args.jobs:
         run.errors.append(f"ledger states {counts}, expected {args.jobs} succeeded")
@@ -528,7 +547,8 @@ def print_run(run: Run) -> None:
         f"{run.forward_passes} forward passes, {run.mean_jobs_per_pass} jobs/pass, "
         f"max {run.max_jobs_per_pass}; {run.upserts} upserts, "
         f"{run.mean_jobs_per_upsert} jobs/upsert; passes {run.pass_ms_per_text} ms/text, "
-        f"model busy {run.model_busy:.0%}; worker CPU {run.worker_cpu_ms_per_job} ms/job)"
+        f"model busy {run.model_busy:.0%}; worker CPU {run.worker_cpu_ms_per_job} ms/job; "
+        f"{run.commits_per_job} ledger commits/job)"
         + (f"  ERRORS: {run.errors}" if run.errors else "")
     )
     for index, gpu in ((run.gpu or {}).get("devices") or {}).items():
