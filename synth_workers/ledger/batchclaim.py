@@ -31,7 +31,8 @@ _CLAIM_MANY = (
         "lease_owner = %(owner)s, lease_expires_at = now() + make_interval(secs => %(lease)s), "
         "started_at = now(), updated_at = now() FROM picked WHERE j.id = picked.id "
         "RETURNING j.id, j.attempt, j.max_attempts, j.task, j.queue, j.user_id, "
-        "extract(epoch FROM j.enqueued_at), j.correlation_id) "
+        "extract(epoch FROM j.enqueued_at), j.correlation_id, j.maybe_waited AND EXISTS "
+        "(SELECT 1 FROM synth_waits w WHERE w.job_id = j.id)) "
         "SELECT c.*, (SELECT coalesce(array_agg(id), '{{}}') FROM done), "
         "(SELECT coalesce(array_agg(id) FILTER (WHERE waited), '{{}}') FROM done) "
         "FROM (SELECT 1) one LEFT JOIN claimed c ON true"
@@ -100,10 +101,10 @@ def claim_many(
     with ledger.held() as conn:
         rows = conn.execute(_CLAIM_MANY, params).fetchall()
     if rows:
-        done, waited = rows[0][8], rows[0][9]
+        done, waited = rows[0][9], rows[0][10]
         ledger._late_unless({str(i) for i in done}, complete, {str(i) for i in waited})
     return [
-        Claim(str(r[0]), int(r[1]), r[2], owner, r[3], r[4], r[5], r[7], float(r[6]))
+        Claim(str(r[0]), int(r[1]), r[2], owner, r[3], r[4], r[5], r[7], float(r[6]), bool(r[8]))
         for r in rows
         if r[0] is not None
     ]

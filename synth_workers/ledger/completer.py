@@ -71,6 +71,8 @@ class Completer:
         #: try): :meth:`take` waits for it.
         self._writing = threading.Lock()
         self._wake = threading.Event()
+        #: Set by a completion someone waits on: written without the linger.
+        self._hurry = threading.Event()
         self._stop = threading.Event()
         self._idle = threading.Event()
         self._idle.set()
@@ -86,6 +88,8 @@ class Completer:
             self._pending.append((claim, result))
             self._idle.clear()
             full = len(self._pending) >= MAX_PENDING
+        if claim.waited:
+            self._hurry.set()
         self._wake.set()
         if full:
             self.write(self.take())
@@ -144,6 +148,7 @@ class Completer:
         after ``timeout`` are given up: their leases lapse and the reaper takes them back."""
         self.flush(timeout)
         self._stop.set()
+        self._hurry.set()
         self._wake.set()
         self._thread.join(timeout)
 
@@ -151,8 +156,11 @@ class Completer:
         while not self._stop.is_set():
             self._wake.wait()
             self._wake.clear()
-            # Give the next claim the chance to carry these; write them if none comes.
-            if self._stop.wait(LINGER_SECONDS):
+            # Give the next claim the chance to carry these; write them if none comes (at
+            # once when someone waits on one of them).
+            self._hurry.wait(LINGER_SECONDS)
+            self._hurry.clear()
+            if self._stop.is_set():
                 break
             with self._writing:
                 with self._lock:

@@ -35,7 +35,8 @@ _CLAIM = sql.SQL(
     "started_at = now(), updated_at = now() "
     "WHERE id = %(id)s AND state = {queued} AND NOT cancel_requested "
     "AND (expires_at IS NULL OR expires_at > now()) RETURNING attempt, max_attempts, task, "
-    "queue, user_id, extract(epoch FROM enqueued_at), correlation_id"
+    "queue, user_id, extract(epoch FROM enqueued_at), correlation_id, maybe_waited AND "
+    "EXISTS (SELECT 1 FROM synth_waits w WHERE w.job_id = synth_jobs.id)"
 ).format(**_STATES)
 #: By primary key whatever the statistics say; waits looked up if maybe (bench/README, drain)
 _COMPLETE = sql.SQL(
@@ -103,22 +104,16 @@ class Fencing(LedgerRows):
             row = conn.execute(_COMPLETE_AND_CLAIM_Q if complete else _CLAIM_Q, params).fetchone()
         if complete:
             assert row is not None
-            self._late_unless({str(i) for i in row[7]}, complete, {str(i) for i in row[8]})
+            self._late_unless({str(i) for i in row[8]}, complete, {str(i) for i in row[9]})
             if row[0] is None:
                 return None
         if row is None:
             return None
-        task, queue, user, enqueued, corr = row[2:7]
-        claim = Claim(job_id, int(row[0]), row[1], owner, task, queue, user, corr, float(enqueued))
+        task, queue, user, enqueued, corr, waited = row[2:8]
+        args = (task, queue, user, corr, float(enqueued), bool(waited))
+        claim = Claim(job_id, int(row[0]), row[1], owner, *args)
         self.announce_started(claim)
         return claim
-
-    def announce_started(self, claim: Claim) -> None:
-        """The ``started`` event of a job just claimed, with its wait in the queue."""
-        if self.lifecycle.listening:
-            since = claim.enqueued_at or claim.claimed_at
-            wait = {"queue_wait": max(0.0, claim.claimed_at - since)}
-            self.lifecycle.announce(EventKind.STARTED, claim.job_id, **self.about(claim), data=wait)
 
     def _late_unless(
         self, completed: set[str], done: Sequence[tuple[Claim, Any]], waited: set[str]

@@ -56,6 +56,9 @@ class Claim:
     correlation_id: str | None = None
     #: Unix times: when the job was enqueued, and when this attempt was claimed.
     enqueued_at: float | None = None
+    #: Someone waited on the job when it was claimed (``wait()``, ``get()``: ``synth_waits``):
+    #: its completion is written at once, not after the completer's linger.
+    waited: bool = False
     claimed_at: float = field(default_factory=time.time)
 
 
@@ -183,6 +186,13 @@ class LedgerRows(LedgerPool):
             "user_id": claim.user_id,
             "correlation_id": claim.correlation_id,
         }
+
+    def announce_started(self, claim: Claim) -> None:
+        """The ``started`` event of a job just claimed, with its wait in the queue."""
+        if self.lifecycle.listening:
+            since = claim.enqueued_at or claim.claimed_at
+            wait = {"queue_wait": max(0.0, claim.claimed_at - since)}
+            self.lifecycle.announce(EventKind.STARTED, claim.job_id, **self.about(claim), data=wait)
 
     def announce_finish(self, claim: Claim, kind: str, **data: Any) -> None:
         if self.lifecycle.listening:
