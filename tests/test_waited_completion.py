@@ -44,27 +44,43 @@ def test_a_batch_claim_says_it_too(rclient: Any) -> None:
     assert {c.job_id: c.waited for c in claims} == {waited.id: True, plain.id: False}
 
 
-def test_a_waited_jobs_completion_skips_the_linger(
+def _claimed(keeper: LeaseKeeper, key: str, waited: bool = False) -> tuple[Any, Any]:
+    handle = enqueue(TASK, {"key": key}, queue="nobody")
+    if waited:
+        mark_waited(app.ledger, [handle.id])
+    claim = app.ledger.claim(handle.id, keeper.owner)
+    assert claim is not None
+    assert claim.waited is waited
+    keeper.add(handle.id)
+    return handle, claim
+
+
+def test_the_linger_is_kept_only_while_claims_carry_completions(
     rclient: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The linger made long: a completion nobody waits on stays unwritten through it, the
-    # waited one is written at once by the completer's thread.
+    # The linger made long. An idle process (no claim carried its completions) writes a
+    # completion at once; once a claim comes within a linger of a completion (a backlog),
+    # the next completions linger for the next claim, except one someone waits on.
     monkeypatch.setattr(completer_module, "LINGER_SECONDS", 60.0)
     keeper = LeaseKeeper(app.ledger, lease_seconds=120)
     completer = Completer(app.ledger, keeper)
     try:
-        plain = enqueue(TASK, {"key": "l1"}, queue="nobody")
-        waited = enqueue(TASK, {"key": "l2"}, queue="nobody")
-        mark_waited(app.ledger, [waited.id])
-        plain_claim = app.ledger.claim(plain.id, keeper.owner)
-        waited_claim = app.ledger.claim(waited.id, keeper.owner)
-        assert plain_claim is not None
-        assert waited_claim is not None
-        keeper.add(plain.id)
-        keeper.add(waited.id)
+        idle, idle_claim = _claimed(keeper, "i1")
+        completer.submit(idle_claim, "idle")
+        assert wait_until(lambda: idle.state() is JobState.SUCCEEDED, timeout=10)
+
+        first, first_claim = _claimed(keeper, "c1")
+        completer.submit(first_claim, "first")
+        carried = completer.take()  # the next claim, at once: it carries the completion
+        assert completer.write(carried)
+        assert first.state() is JobState.SUCCEEDED
+
+        plain, plain_claim = _claimed(keeper, "l1")
         completer.submit(plain_claim, "plain")
         time.sleep(0.5)
         assert plain.state() is JobState.RUNNING  # lingering for a next claim
+
+        waited, waited_claim = _claimed(keeper, "l2", waited=True)
         completer.submit(waited_claim, "waited")
         assert wait_until(lambda: waited.state() is JobState.SUCCEEDED, timeout=10)
         assert plain.state() is JobState.SUCCEEDED  # pending with it: one statement

@@ -1,6 +1,9 @@
 """Deferred completions: a worker process's finished jobs are completed in the same
 statement that claims its next job (one round trip per job), or by a thread after a short
-linger when no next job comes.
+linger when no next job comes. The linger is kept only while claims follow completions
+within it (a backlog); a process whose last completions no claim carried writes the next ones
+at once, as it does a completion someone waits on, so a job that ends on an idle worker is
+seen ended (``wait()``, ``AsyncResult.get()``) without the linger.
 
 A job's lease keeps being renewed until its completion is written; if the process dies
 before that, the lease expires and the job runs again (at least once; effects written with
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -73,6 +77,10 @@ class Completer:
         self._wake = threading.Event()
         #: Set by a completion someone waits on: written without the linger.
         self._hurry = threading.Event()
+        #: Whether claims have been carrying completions (the linger is worth it), and when
+        #: the last completion was submitted (``time.monotonic``).
+        self._carried = False
+        self._submitted = 0.0
         self._stop = threading.Event()
         self._idle = threading.Event()
         self._idle.set()
@@ -88,6 +96,7 @@ class Completer:
             self._pending.append((claim, result))
             self._idle.clear()
             full = len(self._pending) >= MAX_PENDING
+            self._submitted = time.monotonic()
         if claim.waited:
             self._hurry.set()
         self._wake.set()
@@ -101,6 +110,8 @@ class Completer:
         its process with them still in the thread, they would be lost, and the reaper
         would run them again and count a worker loss against each.)"""
         with self._writing:
+            # A claim within a linger of the last completion: a backlog, worth lingering for.
+            self._carried = time.monotonic() - self._submitted < LINGER_SECONDS
             return self._take()
 
     def _take(self) -> Done:
@@ -158,7 +169,7 @@ class Completer:
             self._wake.clear()
             # Give the next claim the chance to carry these; write them if none comes (at
             # once when someone waits on one of them).
-            self._hurry.wait(LINGER_SECONDS)
+            self._hurry.wait(LINGER_SECONDS if self._carried else 0.0)
             self._hurry.clear()
             if self._stop.is_set():
                 break
@@ -166,6 +177,8 @@ class Completer:
                 with self._lock:
                     batch, self._failed = self._failed, []
                 batch += self._take()
+                if batch:
+                    self._carried = False  # no claim came for these: write the next at once
                 if not batch or self._attempt(batch):
                     continue
             self._write_retrying(batch)
