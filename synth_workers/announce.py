@@ -27,7 +27,9 @@ class ResultAnnouncer(BatchWriter[tuple[str, str]]):
     batch = 200
 
     def __init__(self, app: Celery) -> None:
-        super().__init__(linger=0.001)
+        # No linger: what it announces is already batched (a completion statement's jobs
+        # are added together), and a waiter is waiting for it.
+        super().__init__(linger=0.0)
         self.app = app
 
     def __call__(self, event: JobEvent) -> None:
