@@ -58,9 +58,10 @@ def _claimed(keeper: LeaseKeeper, key: str, waited: bool = False) -> tuple[Any, 
 def test_the_linger_is_kept_only_while_claims_carry_completions(
     rclient: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The linger made long. An idle process (no claim carried its completions) writes a
-    # completion at once; once a claim comes within a linger of a completion (a backlog),
-    # the next completions linger for the next claim, except one someone waits on.
+    # The linger made long. An idle process (no claim carried its completions, no other job
+    # running) writes a completion at once; while another job runs, or once a claim comes
+    # within a linger of a completion (a backlog), the next completions linger for the next
+    # claim, except one someone waits on.
     monkeypatch.setattr(completer_module, "LINGER_SECONDS", 60.0)
     keeper = LeaseKeeper(app.ledger, lease_seconds=120)
     completer = Completer(app.ledger, keeper)
@@ -69,11 +70,16 @@ def test_the_linger_is_kept_only_while_claims_carry_completions(
         completer.submit(idle_claim, "idle")
         assert wait_until(lambda: idle.state() is JobState.SUCCEEDED, timeout=10)
 
+        # another job of the process still runs (a threads pool): a burst may follow
         first, first_claim = _claimed(keeper, "c1")
+        running, _ = _claimed(keeper, "c2")
         completer.submit(first_claim, "first")
+        time.sleep(0.5)
+        assert first.state() is JobState.RUNNING
         carried = completer.take()  # the next claim, at once: it carries the completion
         assert completer.write(carried)
         assert first.state() is JobState.SUCCEEDED
+        assert running.state() is JobState.RUNNING
 
         plain, plain_claim = _claimed(keeper, "l1")
         completer.submit(plain_claim, "plain")

@@ -1,9 +1,10 @@
 """Deferred completions: a worker process's finished jobs are completed in the same
 statement that claims its next job (one round trip per job), or by a thread after a short
-linger when no next job comes. The linger is kept only while claims follow completions
-within it (a backlog); a process whose last completions no claim carried writes the next ones
-at once, as it does a completion someone waits on, so a job that ends on an idle worker is
-seen ended (``wait()``, ``AsyncResult.get()``) without the linger.
+linger when no next job comes. The linger is kept while claims follow completions within it
+(a backlog) and while other jobs of the process still run (a threads pool's burst); a process
+whose last completions no claim carried, and which runs nothing else, writes a completion at
+once, as it does one someone waits on, so a job that ends on an idle worker is seen ended
+(``wait()``, ``AsyncResult.get()``) without the linger.
 
 A job's lease keeps being renewed until its completion is written; if the process dies
 before that, the lease expires and the job runs again (at least once; effects written with
@@ -169,7 +170,7 @@ class Completer:
             self._wake.clear()
             # Give the next claim the chance to carry these; write them if none comes (at
             # once when someone waits on one of them).
-            self._hurry.wait(LINGER_SECONDS if self._carried else 0.0)
+            self._hurry.wait(LINGER_SECONDS if self._carried or self._others_run() else 0.0)
             self._hurry.clear()
             if self._stop.is_set():
                 break
@@ -182,6 +183,12 @@ class Completer:
                 if not batch or self._attempt(batch):
                     continue
             self._write_retrying(batch)
+
+    def _others_run(self) -> bool:
+        """Whether the process holds jobs besides the completions waiting here."""
+        with self._lock:
+            waiting = len(self._pending) + len(self._failed)
+        return self.keeper.held > waiting
 
     def _attempt(self, batch: Done) -> bool:
         """One write of ``batch``; ``True`` when written."""

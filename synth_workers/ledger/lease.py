@@ -59,6 +59,12 @@ class LeaseKeeper:
             self._active[job_id] = self._active.get(job_id, 0) + 1
             self._start_thread()
 
+    @property
+    def held(self) -> int:
+        """How many jobs this process holds a lease on (running, or their completion not
+        written yet)."""
+        return len(self._active)
+
     def _start_thread(self) -> None:
         if self._thread is None and not self._stop.is_set():
             self._thread = threading.Thread(
