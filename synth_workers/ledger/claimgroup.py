@@ -7,8 +7,8 @@ jobs run one at a time on its main thread, always does). While a claim is on the
 claims of the threads that get their jobs meanwhile queue, and the next turn claims them all
 in one statement, with every completion they carried (the group commit of
 :mod:`synth_workers.providers.groupcall`). A GPU host's embedding worker (``-P threads
--c 128``) gets its jobs in bursts of a forward pass's size: one round trip, one durable
-commit and one pooled connection per burst instead of one per job.
+-c 128``) gets its jobs in bursts of a forward pass's size: one round trip, one commit and
+one pooled connection per burst instead of one per job.
 
 What a job gets is what the single claim gives it. A job the group statement did not claim
 (its row locked by another transaction, which the group skips rather than waits for, or not
