@@ -107,7 +107,8 @@ def test_a_row_the_group_skips_is_claimed_alone_as_the_single_claim_would(
             with app.ledger.connection() as conn:
                 row = conn.execute(
                     "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                    "AND query LIKE 'UPDATE synth_jobs SET state%%'"
+                    "AND datname = current_database() AND query LIKE 'UPDATE synth_jobs SET "
+                    "state%%'"
                 ).fetchone()
             return bool(row and row[0])
 
