@@ -30,6 +30,7 @@ import redis
 from kombu.exceptions import OperationalError as KombuOperationalError
 
 from synth_workers import correlation, outbox, tracing, wire
+from synth_workers.confview import setting
 from synth_workers.errors import PayloadTooLargeError
 from synth_workers.ledger import early
 from synth_workers.lifecycle import JobEvent, ListenerTimeout
@@ -178,7 +179,7 @@ def send(
     given = queue_name(options.get("queue") or getattr(task, "queue", None))
     if placed.queue is not None and placed.queue != given:
         options["queue"] = placed.queue
-    eager = bool(task.app.conf.task_always_eager)
+    eager = bool(setting(task.app.conf, "task_always_eager"))
     out: wire.Outgoing | None = None
     if not eager:  # the message, built as Celery builds it, is stored with the row
         out = wire.build(task, args, kwargs, options)
@@ -192,7 +193,7 @@ def send(
             if placed.queue is None:
                 row["queue"] = capture.queue()
     if row["queue"] is None:
-        row["queue"] = task.app.conf.task_default_queue
+        row["queue"] = setting(task.app.conf, "task_default_queue")
     with tracing.span("synth.ledger.insert", job_id=job_id, task=task.name):
         if conn is not None:
             actual = ledger.insert_job(conn, **row)

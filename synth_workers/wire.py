@@ -36,6 +36,7 @@ from celery import signals
 from kombu.exceptions import OperationalError as KombuOperationalError
 
 from synth_workers import wireevents, wirelane
+from synth_workers.confview import setting
 from synth_workers.lifecycle import JobEvent, Lifecycle, ListenerTimeout
 from synth_workers.message import stored
 from synth_workers.reprs import fast_saferepr
@@ -101,8 +102,8 @@ def eligible(task: Any, options: dict[str, Any]) -> bool:
     conf = app.conf
     return not (
         options.keys() - FAST_OPTIONS
-        or conf.task_always_eager
-        or conf.task_send_sent_event
+        or setting(conf, "task_always_eager")
+        or setting(conf, "task_send_sent_event")
         or _signals_connected()
         or task.__v2_compat__
         or type(task).shadow_name is not celery.Task.shadow_name
@@ -143,8 +144,9 @@ def build(
     if not task_id:
         return None
     routed = app.amqp.router.route(merged, task.name, args, kwargs, task)
-    serializer = routed.pop("serializer", None) or app.conf.task_serializer
-    if serializer != "json" or app.conf.task_compression:
+    conf = app.conf
+    serializer = routed.pop("serializer", None) or setting(conf, "task_serializer")
+    if serializer != "json" or setting(conf, "task_compression"):
         return None
     if any(v is not None for k, v in routed.items() if k not in ROUTED):
         return None  # exchange, routing key, delivery mode, compression, ...: Celery's path
@@ -155,7 +157,7 @@ def build(
     args = args or ()
     kwargs = kwargs or {}
     amqp = app.amqp
-    maxlevels = app.conf.task_repr_maxlevels
+    maxlevels = setting(conf, "task_repr_maxlevels")
     headers, properties, body, _sent = amqp.as_task_v2(
         task_id,
         task.name,
@@ -183,7 +185,7 @@ def build(
         queue=queue,
         routing_key=queue.name,
         priority=priority if priority is not None else 0,
-        delivery_mode=exchange.delivery_mode or app.conf.task_default_delivery_mode,
+        delivery_mode=exchange.delivery_mode or setting(conf, "task_default_delivery_mode"),
         serializer=serializer,
         ignore_result=bool(ignore_result),
     )
