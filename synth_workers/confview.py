@@ -35,7 +35,8 @@ def setting(conf: Any, key: str) -> Any:
         _NAMES[cache_key] = names
     if names is None:
         return getattr(conf, key)
-    for mapping in conf.maps:
+    maps: list[Any] = conf.maps or []
+    for mapping in maps:
         if type(mapping) is dict:
             for name in names:
                 if name in mapping:
