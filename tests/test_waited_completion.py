@@ -4,6 +4,7 @@ once; the completions of jobs nobody waits on linger for the next claim to carry
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from typing import Any
@@ -91,6 +92,41 @@ def test_the_linger_is_kept_only_while_claims_carry_completions(
         assert wait_until(lambda: waited.state() is JobState.SUCCEEDED, timeout=10)
         assert plain.state() is JobState.SUCCEEDED  # pending with it: one statement
         assert waited.info()["result"] == "waited"
+    finally:
+        completer.stop()
+        keeper.stop()
+
+
+def test_in_a_backlog_every_completion_rides_with_the_next_claim(
+    rclient: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A prefork process draining a backlog: a job ends, the next claim comes a moment later
+    # and carries its completion. The thread, woken by each completion, must not write the
+    # one pending when a linger that began at an earlier completion runs out: the linger
+    # counts from the pending completion's own submit.
+    monkeypatch.setattr(completer_module, "LINGER_SECONDS", 0.1)
+    keeper = LeaseKeeper(app.ledger, lease_seconds=120)
+    completer = Completer(app.ledger, keeper)
+    by_thread: list[int] = []
+    succeed_many = app.ledger.succeed_many
+
+    def counted(done: Any) -> Any:
+        if threading.current_thread().name == "synth-completer":
+            by_thread.append(len(done))
+        return succeed_many(done)
+
+    monkeypatch.setattr(app.ledger, "succeed_many", counted)
+    handles = []
+    try:
+        for i in range(30):
+            handle, claim = _claimed(keeper, f"d{i}")
+            handles.append(handle)
+            completer.submit(claim, i)
+            time.sleep(0.02)  # the worker's way to its next message
+            assert completer.write(completer.take())  # the next claim carries it
+        assert all(h.state() is JobState.SUCCEEDED for h in handles)
+        # the first completion came to an idle process: written at once, by the thread
+        assert sum(by_thread) <= 2, by_thread
     finally:
         completer.stop()
         keeper.stop()

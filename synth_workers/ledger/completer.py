@@ -82,6 +82,8 @@ class Completer:
         #: the last completion was submitted (``time.monotonic``).
         self._carried = False
         self._submitted = 0.0
+        #: When the oldest completion now pending was submitted: its linger counts from there.
+        self._oldest = 0.0
         self._stop = threading.Event()
         self._idle = threading.Event()
         self._idle.set()
@@ -94,10 +96,13 @@ class Completer:
 
     def submit(self, claim: Claim, result: Any) -> None:
         with self._lock:
+            now = time.monotonic()
+            if not self._pending:
+                self._oldest = now
             self._pending.append((claim, result))
             self._idle.clear()
             full = len(self._pending) >= MAX_PENDING
-            self._submitted = time.monotonic()
+            self._submitted = now
         if claim.waited:
             self._hurry.set()
         self._wake.set()
@@ -168,9 +173,7 @@ class Completer:
         while not self._stop.is_set():
             self._wake.wait()
             self._wake.clear()
-            # Give the next claim the chance to carry these; write them if none comes (at
-            # once when someone waits on one of them).
-            self._hurry.wait(LINGER_SECONDS if self._carried or self._others_run() else 0.0)
+            self._linger()
             self._hurry.clear()
             if self._stop.is_set():
                 break
@@ -183,6 +186,24 @@ class Completer:
                 if not batch or self._attempt(batch):
                     continue
             self._write_retrying(batch)
+
+    def _linger(self) -> None:
+        """Give the next claim the chance to carry the pending completions: wait until the
+        oldest of them has lingered :data:`LINGER_SECONDS` (while claims carry completions or
+        other jobs of the process run; else not at all), or someone waits on one of them.
+        The linger counts from that completion's submit, not from the thread's wake: in a
+        backlog, each claim takes the completion before it, and the thread, woken by an
+        earlier one, would otherwise write the one pending when its linger ran out, a
+        statement the next claim was about to save."""
+        while True:
+            with self._lock:
+                if not self._pending:
+                    return  # a claim took them (the thread writes failed ones at once)
+                oldest = self._oldest
+            linger = LINGER_SECONDS if self._carried or self._others_run() else 0.0
+            remaining = oldest + linger - time.monotonic()
+            if remaining <= 0 or self._hurry.wait(remaining):
+                return
 
     def _others_run(self) -> bool:
         """Whether the process holds jobs besides the completions waiting here."""
