@@ -9,6 +9,7 @@ import time
 import uuid
 from typing import Any
 
+import psycopg
 import pytest
 
 from synth_workers import JobState, app, enqueue
@@ -127,6 +128,36 @@ def test_in_a_backlog_every_completion_rides_with_the_next_claim(
         assert all(h.state() is JobState.SUCCEEDED for h in handles)
         # the first completion came to an idle process: written at once, by the thread
         assert sum(by_thread) <= 2, by_thread
+    finally:
+        completer.stop()
+        keeper.stop()
+
+
+def test_a_refused_completion_statement_is_tried_statement_tries_times_in_all(
+    rclient: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A statement error (a bug, not an outage) is given up after STATEMENT_TRIES tries, the
+    # thread's first one included; the job's lease then lapses and the reaper takes it back.
+    monkeypatch.setattr(completer_module, "RETRY_FIRST", 0.01)
+    keeper = LeaseKeeper(app.ledger, lease_seconds=120)
+    tries: list[int] = []
+
+    class Refusing:
+        """The completion statement refused by Postgres for a reason of its own."""
+
+        def succeed_many(self, done: Any) -> None:
+            tries.append(len(done))
+            raise psycopg.errors.DatatypeMismatch("refused")
+
+    completer = Completer(Refusing(), keeper)  # type: ignore[arg-type]
+    try:
+        handle, claim = _claimed(keeper, "r1")
+        completer.submit(claim, "refused")  # an idle process: the thread writes it at once
+        assert wait_until(lambda: bool(tries), timeout=10)
+        assert completer.flush(timeout=10)  # given up: nothing left for the thread
+        assert tries == [1] * completer_module.STATEMENT_TRIES
+        assert keeper.held == 0  # its lease is no longer renewed
+        assert handle.state() is JobState.RUNNING
     finally:
         completer.stop()
         keeper.stop()

@@ -181,11 +181,13 @@ class Completer:
                 with self._lock:
                     batch, self._failed = self._failed, []
                 batch += self._take()
-                if batch:
-                    self._carried = False  # no claim came for these: write the next at once
-                if not batch or self._attempt(batch):
+                if not batch:
                     continue
-            self._write_retrying(batch)
+                self._carried = False  # no claim came for these: write the next at once
+                failure = self._attempt(batch)
+                if failure is None:
+                    continue
+            self._write_retrying(batch, failure)
 
     def _linger(self) -> None:
         """Give the next claim the chance to carry the pending completions: wait until the
@@ -211,44 +213,49 @@ class Completer:
             waiting = len(self._pending) + len(self._failed)
         return self.keeper.held > waiting
 
-    def _attempt(self, batch: Done) -> bool:
-        """One write of ``batch``; ``True`` when written."""
+    def _attempt(self, batch: Done) -> Exception | None:
+        """One write of ``batch``: ``None`` when written, else what it raised."""
         try:
             self.ledger.succeed_many(batch)
-        except Exception:
-            return False
+        except Exception as exc:
+            return exc
         self.written(batch)
-        return True
+        return None
 
-    def _write_retrying(self, batch: Done) -> None:
-        """Write ``batch`` (plus whatever is submitted meanwhile), retrying with backoff
-        while Postgres is out of reach, until it lands or the completer stops."""
+    def _write_retrying(self, batch: Done, failure: Exception) -> None:
+        """``batch``'s write failed with ``failure``: write it (plus whatever is submitted
+        meanwhile) again with backoff while Postgres is out of reach, until it lands or the
+        completer stops; a statement error is given up after ``STATEMENT_TRIES`` tries in
+        all, the failed one included."""
         wait = RETRY_FIRST
         statement_errors = 0
+        exc: Exception | None = failure
         while True:
-            try:
-                with self._writing:
-                    self.ledger.succeed_many(batch)
-            except Exception as exc:
-                if not _outage(exc):
-                    statement_errors += 1
-                    log.exception(
-                        "writing %d completions failed (try %d)", len(batch), statement_errors
-                    )
-                    if statement_errors >= STATEMENT_TRIES:
-                        break
-                else:
-                    log.warning(
-                        "writing %d completions failed: %s; retrying in %.1fs",
-                        len(batch),
-                        exc,
-                        wait,
-                    )
-                if self._stop.wait(wait):
-                    log.error("stopping with %d completions unwritten", len(batch))
+            if exc is None:
+                try:
+                    with self._writing:
+                        self.ledger.succeed_many(batch)
                     break
-                wait = min(wait * 2, RETRY_MAX)
-                batch += self._take()
-                continue
-            break
+                except Exception as error:
+                    exc = error
+            if not _outage(exc):
+                statement_errors += 1
+                log.error(
+                    "writing %d completions failed (try %d)",
+                    len(batch),
+                    statement_errors,
+                    exc_info=exc,
+                )
+                if statement_errors >= STATEMENT_TRIES:
+                    break
+            else:
+                log.warning(
+                    "writing %d completions failed: %s; retrying in %.1fs", len(batch), exc, wait
+                )
+            exc = None
+            if self._stop.wait(wait):
+                log.error("stopping with %d completions unwritten", len(batch))
+                break
+            wait = min(wait * 2, RETRY_MAX)
+            batch += self._take()
         self.written(batch)
