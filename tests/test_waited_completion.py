@@ -7,6 +7,8 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
@@ -46,6 +48,18 @@ def test_a_batch_claim_says_it_too(rclient: Any) -> None:
     assert {c.job_id: c.waited for c in claims} == {waited.id: True, plain.id: False}
 
 
+@contextmanager
+def _running(ledger: Any = None) -> Iterator[tuple[LeaseKeeper, Completer]]:
+    """A lease keeper and a completer (writing to ``ledger``, else the app's), stopped after."""
+    keeper = LeaseKeeper(app.ledger, lease_seconds=120)
+    completer = Completer(ledger if ledger is not None else app.ledger, keeper)
+    try:
+        yield keeper, completer
+    finally:
+        completer.stop()
+        keeper.stop()
+
+
 def _claimed(keeper: LeaseKeeper, key: str, waited: bool = False) -> tuple[Any, Any]:
     handle = enqueue(TASK, {"key": key}, queue="nobody")
     if waited:
@@ -65,9 +79,7 @@ def test_the_linger_is_kept_only_while_claims_carry_completions(
     # within a linger of a completion (a backlog), the next completions linger for the next
     # claim, except one someone waits on.
     monkeypatch.setattr(completer_module, "LINGER_SECONDS", 60.0)
-    keeper = LeaseKeeper(app.ledger, lease_seconds=120)
-    completer = Completer(app.ledger, keeper)
-    try:
+    with _running() as (keeper, completer):
         idle, idle_claim = _claimed(keeper, "i1")
         completer.submit(idle_claim, "idle")
         assert wait_until(lambda: idle.state() is JobState.SUCCEEDED, timeout=10)
@@ -93,9 +105,6 @@ def test_the_linger_is_kept_only_while_claims_carry_completions(
         assert wait_until(lambda: waited.state() is JobState.SUCCEEDED, timeout=10)
         assert plain.state() is JobState.SUCCEEDED  # pending with it: one statement
         assert waited.info()["result"] == "waited"
-    finally:
-        completer.stop()
-        keeper.stop()
 
 
 def test_in_a_backlog_every_completion_rides_with_the_next_claim(
@@ -106,8 +115,6 @@ def test_in_a_backlog_every_completion_rides_with_the_next_claim(
     # one pending when a linger that began at an earlier completion runs out: the linger
     # counts from the pending completion's own submit.
     monkeypatch.setattr(completer_module, "LINGER_SECONDS", 0.1)
-    keeper = LeaseKeeper(app.ledger, lease_seconds=120)
-    completer = Completer(app.ledger, keeper)
     by_thread: list[int] = []
     succeed_many = app.ledger.succeed_many
 
@@ -118,7 +125,7 @@ def test_in_a_backlog_every_completion_rides_with_the_next_claim(
 
     monkeypatch.setattr(app.ledger, "succeed_many", counted)
     handles = []
-    try:
+    with _running() as (keeper, completer):
         for i in range(30):
             handle, claim = _claimed(keeper, f"d{i}")
             handles.append(handle)
@@ -128,9 +135,6 @@ def test_in_a_backlog_every_completion_rides_with_the_next_claim(
         assert all(h.state() is JobState.SUCCEEDED for h in handles)
         # the first completion came to an idle process: written at once, by the thread
         assert sum(by_thread) <= 2, by_thread
-    finally:
-        completer.stop()
-        keeper.stop()
 
 
 def test_a_refused_completion_statement_is_tried_statement_tries_times_in_all(
@@ -139,7 +143,6 @@ def test_a_refused_completion_statement_is_tried_statement_tries_times_in_all(
     # A statement error (a bug, not an outage) is given up after STATEMENT_TRIES tries, the
     # thread's first one included; the job's lease then lapses and the reaper takes it back.
     monkeypatch.setattr(completer_module, "RETRY_FIRST", 0.01)
-    keeper = LeaseKeeper(app.ledger, lease_seconds=120)
     tries: list[int] = []
 
     class Refusing:
@@ -149,8 +152,7 @@ def test_a_refused_completion_statement_is_tried_statement_tries_times_in_all(
             tries.append(len(done))
             raise psycopg.errors.DatatypeMismatch("refused")
 
-    completer = Completer(Refusing(), keeper)  # type: ignore[arg-type]
-    try:
+    with _running(Refusing()) as (keeper, completer):
         handle, claim = _claimed(keeper, "r1")
         completer.submit(claim, "refused")  # an idle process: the thread writes it at once
         assert wait_until(lambda: bool(tries), timeout=10)
@@ -158,6 +160,3 @@ def test_a_refused_completion_statement_is_tried_statement_tries_times_in_all(
         assert tries == [1] * completer_module.STATEMENT_TRIES
         assert keeper.held == 0  # its lease is no longer renewed
         assert handle.state() is JobState.RUNNING
-    finally:
-        completer.stop()
-        keeper.stop()
