@@ -158,8 +158,8 @@ def overlapped(batch: Batch, ids: list[str], make: Callable[[int, int], Chunk]) 
             try:
                 for start in range(0, len(ids), step):
                     outs, data, args = make(start, start + step)
-                    messages = [out.stored() for out in outs]
-                    payloads, texts, nulls = _columns(data, messages, args, len(outs))
+                    texts = wire.stored_texts(outs, _json)
+                    payloads, nulls = _columns(data, args, len(outs))
                     _mark(outs)  # after the rows' copies were made: those have no mark
                     cursors.append(
                         ledger.send_jobs_early(
@@ -204,17 +204,15 @@ def _mark(outs: Sequence[wire.Outgoing]) -> Sequence[wire.Outgoing]:
 
 def _columns(
     data: Sequence[dict[str, Any]],
-    messages: Sequence[dict[str, Any]],
     args: Sequence[Sequence[Any] | None] | None,
     count: int,
-) -> tuple[list[str], list[str], list[str | None]]:
-    """The rows' payloads, messages and positional arguments as JSON text."""
+) -> tuple[list[str], list[str | None]]:
+    """The rows' payloads and positional arguments as JSON text."""
     payloads = [_json(d) for d in data]
-    texts = [_json(m) for m in messages]
     nulls: list[str | None] = (
         [_json(list(a)) if a else None for a in args] if args is not None else [None] * count
     )
-    return payloads, texts, nulls
+    return payloads, nulls
 
 
 def insert_rows(
@@ -230,7 +228,8 @@ def insert_rows(
     ``args``: each job's positional arguments (``None``: none)."""
     task, chunk_size = batch.task, batch.chunk_size
     ledger = task.platform.ledger
-    payloads, texts, nulls = _columns(data, messages, args, len(ids))
+    payloads, nulls = _columns(data, args, len(ids))
+    texts = [_json(m) for m in messages]
 
     def write(c: psycopg.Connection[Any]) -> list[str]:
         found: list[str | None] = []

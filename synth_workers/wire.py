@@ -35,7 +35,7 @@ import redis
 from celery import signals
 from kombu.exceptions import OperationalError as KombuOperationalError
 
-from synth_workers import wireevents, wirelane
+from synth_workers import wireevents, wirelane, wiresplice
 from synth_workers.confview import setting
 from synth_workers.lifecycle import JobEvent, Lifecycle, ListenerTimeout
 from synth_workers.message import stored
@@ -65,6 +65,10 @@ class Outgoing:
     delivery_mode: Any
     serializer: str
     ignore_result: bool
+    #: The message this one was copied from by ``synth_workers.wiremany.sibling`` (the same
+    #: objects but for its ids, argument reprs, group index and body), ``None`` for one
+    #: built whole: siblings' texts are made from one encoding (``synth_workers.wiresplice``).
+    family: Outgoing | None = None
 
     def stored(self) -> dict[str, Any]:
         """The ledger's form of the message (``synth_workers.message.stored``)."""
@@ -72,6 +76,66 @@ class Outgoing:
 
 
 _origin: list[str] = []
+
+
+def stored_texts(outgoing: Sequence[Outgoing], encode: Callable[[Any], str]) -> list[str]:
+    """``encode(out.stored())`` of each message; a family's siblings (``Outgoing.family``)
+    from one encoding of its first (``synth_workers.wiresplice``), as the same text."""
+    heads = {id(out.family) for out in outgoing if out.family is not None}
+    families: dict[int, tuple[wiresplice.Template, Outgoing] | None] = {}
+    texts: list[str] = []
+    for out in outgoing:
+        head = out.family if out.family is not None else out
+        if id(head) in heads:
+            if id(head) not in families:
+                families[id(head)] = _stored_family(out, encode)
+            family = families[id(head)]
+            text = None if family is None else _stored_sibling(*family, out)
+            if text is not None:
+                texts.append(text)
+                continue
+        texts.append(encode(out.stored()))
+    return texts
+
+
+#: What differs between the stored forms of siblings: header names, then property names.
+_STORED_VARYING = (("id", "root_id", "argsrepr", "kwargsrepr", "group_index"), ("correlation_id",))
+
+
+def _stored_family(
+    out: Outgoing, encode: Callable[[Any], str]
+) -> tuple[wiresplice.Template, Outgoing] | None:
+    model = out.stored()
+    names = []
+    for part, varying in zip(("headers", "properties"), _STORED_VARYING, strict=True):
+        for name in varying:
+            if model[part].get(name) is not None:
+                model[part][name] = wiresplice.mark(name)
+                names.append(name)
+    made = wiresplice.template(model, names, encode)
+    return None if made is None else (made, out)
+
+
+def _stored_sibling(template: wiresplice.Template, first: Outgoing, out: Outgoing) -> str | None:
+    """``out``'s stored text from its family's template; ``None``: not like its first."""
+    headers, properties, model = out.headers, out.properties, first.headers
+    if headers.keys() != model.keys() or properties.get("reply_to") != first.properties.get(
+        "reply_to"
+    ):
+        return None
+    values: dict[str, Any] = {}
+    for name in _STORED_VARYING[0]:
+        value = headers.get(name)
+        if (value is None) is not (model.get(name) is None):
+            return None
+        values[name] = value
+    if ("correlation_id" in properties) is not ("correlation_id" in first.properties):
+        return None
+    values["correlation_id"] = properties.get("correlation_id")
+    try:
+        return template.fill(values)
+    except TypeError:
+        return None
 
 
 def _forget_origin() -> None:

@@ -28,10 +28,11 @@ import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import hiredis
 import redis
 from kombu.utils import json as kombu_json
 
-from synth_workers import jsonfast
+from synth_workers import jsonfast, wiresplice
 from synth_workers.uuids import uuid4s
 
 if TYPE_CHECKING:
@@ -88,16 +89,30 @@ class Lane:
         raws: list[tuple[str, str]] = []
         codec, dumps, prepare = self._codec, jsonfast.dumps, jsonfast.body
         tags = uuid4s(len(outgoing))  # kombu's delivery tags: a uuid4 each
+        heads = {id(out.family) for out in outgoing if out.family is not None}
+        families: dict[tuple[int, tuple[Any, ...]], _Family | None] = {}
         for out, shape, tag in zip(outgoing, shapes, tags, strict=True):
             key, envelope = models[shape]
             content_type, content_encoding, body = prepare(out.body, out.serializer)
+            if codec is not None:
+                body = codec.encode(body)
+            head = out.family if out.family is not None else out
+            if id(head) in heads:  # a sibling: its family's text with its own values
+                family_key = (id(head), shape)
+                if family_key not in families:
+                    families[family_key] = _Family.of(out, envelope, content_type, content_encoding)
+                family = families[family_key]
+                text = None if family is None else family.text(out, body, tag)
+                if text is not None:
+                    raws.append((key, text))
+                    continue
             properties = dict(out.properties)
             shared = envelope["properties"]
             for name in _SHARED:
                 properties[name] = shared[name]
             properties["delivery_tag"] = tag
             message = {
-                "body": body if codec is None else codec.encode(body),
+                "body": body,
                 "content-encoding": content_encoding,
                 "content-type": content_type,
                 "headers": dict(out.headers),
@@ -139,12 +154,29 @@ class Lane:
         pool = self.client.connection_pool
         conn = pool.get_connection()
         try:
-            conn.send_packed_command(conn.pack_commands(commands))
+            conn.send_packed_command(_packed(conn, commands))
         except BaseException:
             conn.disconnect()
             pool.release(conn)
             raise
         return Sent(pool, conn, len(commands))
+
+
+def _packed(conn: Any, commands: Sequence[Command]) -> Any:
+    """``conn.pack_commands(commands)``: hiredis's packer called at once when the connection
+    encodes as it does (UTF-8, strict) and every argument is a ``str``, ``bytes``, ``int`` or
+    ``float`` (redis-py's packer calls its encoder once per argument, in Python, first)."""
+    encoder = getattr(conn, "encoder", None)
+    if (
+        encoder is not None
+        and encoder.encoding.lower().replace("-", "") == "utf8"
+        and encoder.encoding_errors == "strict"
+    ):
+        try:
+            return [b"".join([hiredis.pack_command(tuple(command)) for command in commands])]
+        except TypeError:  # another type (redis-py refuses a bool, accepts a memoryview)
+            pass
+    return conn.pack_commands(commands)
 
 
 class Sent:
@@ -173,6 +205,85 @@ class Sent:
         finally:
             self._pool.release(conn)
         return replies
+
+
+#: Header values that differ between siblings (``synth_workers.wiremany.sibling``).
+_VARYING_HEADERS = ("id", "root_id", "argsrepr", "kwargsrepr")
+
+
+class _Family:
+    """The envelope text of one family's messages in one send (``Outgoing.family``), made
+    from one encoding of its first message (:mod:`synth_workers.wiresplice`)."""
+
+    __slots__ = ("_grouped", "_keys", "_properties", "_template")
+
+    def __init__(
+        self,
+        template: wiresplice.Template,
+        keys: Any,
+        properties: dict[str, Any],
+        grouped: bool,
+    ) -> None:
+        self._template, self._keys = template, keys
+        self._properties, self._grouped = properties, grouped
+
+    @classmethod
+    def of(
+        cls, out: Outgoing, envelope: dict[str, Any], content_type: str, content_encoding: str
+    ) -> _Family | None:
+        """The family of ``out`` (its first message in this send); ``None``: encode each
+        message whole."""
+        mark = wiresplice.mark
+        headers = dict(out.headers)
+        names = ["body", "tag", *_VARYING_HEADERS]
+        for name in _VARYING_HEADERS:
+            headers[name] = mark(name)
+        grouped = headers.get("group_index") is not None
+        if grouped:
+            headers["group_index"] = mark("group_index")
+            names.append("group_index")
+        properties = dict(out.properties)
+        shared = envelope["properties"]
+        for name in _SHARED:
+            properties[name] = shared[name]
+        properties["delivery_tag"] = mark("tag")
+        if "correlation_id" in properties:
+            properties["correlation_id"] = mark("correlation_id")
+            names.append("correlation_id")
+        message = {
+            "body": mark("body"),
+            "content-encoding": content_encoding,
+            "content-type": content_type,
+            "headers": headers,
+            "properties": properties,
+        }
+        made = wiresplice.template(message, names, jsonfast.dumps)
+        if made is None:
+            return None
+        same = {k: v for k, v in out.properties.items() if k != "correlation_id"}
+        return cls(made, out.headers.keys(), same, grouped)
+
+    def text(self, out: Outgoing, body: str, tag: str) -> str | None:
+        """``out``'s envelope text; ``None`` when ``out`` is not like the family's first
+        (other header names, properties or group membership: encode it whole)."""
+        headers, properties = out.headers, out.properties
+        if (
+            headers.keys() != self._keys
+            or (headers.get("group_index") is not None) is not self._grouped
+            or len(properties) - ("correlation_id" in properties) != len(self._properties)
+            or any(properties.get(k, self) != v for k, v in self._properties.items())
+        ):
+            return None
+        values = {name: headers[name] for name in _VARYING_HEADERS}
+        values["body"], values["tag"] = body, tag
+        if self._grouped:
+            values["group_index"] = headers["group_index"]
+        if "correlation_id" in properties:
+            values["correlation_id"] = properties["correlation_id"]
+        try:
+            return self._template.fill(values)
+        except TypeError:  # a value of another type: encoded whole
+            return None
 
 
 def lane(app: Any) -> Lane | None:

@@ -49,6 +49,7 @@ def sibling(
         delivery_mode=first.delivery_mode,
         serializer=first.serializer,
         ignore_result=first.ignore_result,
+        family=first.family or first,
     )
 
 

@@ -217,10 +217,22 @@ class Event:
         )
 
 
+#: ``json.dumps(obj, separators=(",", ":"), default=str)`` with one encoder for every call.
+_compact = json.JSONEncoder(separators=(",", ":"), default=str).encode
+
+
 def encode_data(data: Mapping[str, Any]) -> str:
-    text = json.dumps(dict(data), separators=(",", ":"), default=str)
+    text = _compact(dict(data))
     if len(text) > DATA_LIMIT_BYTES:
         return json.dumps({"truncated": True, "bytes": len(text)})
+    return text
+
+
+def _joined(fields: list[str]) -> str:
+    """The fields joined by :data:`SEP`, a separator inside one made a space."""
+    text = SEP.join(fields)
+    if text.count(SEP) != len(fields) - 1:
+        text = SEP.join(f.replace(SEP, " ") for f in fields)
     return text
 
 
@@ -283,7 +295,7 @@ class EventWriter:
                 event.job_id,
                 str(event.user_id or ""),
                 "1" if kind in FINAL_KINDS else "0",
-                SEP.join(f.replace(SEP, " ") for f in fields),
+                _joined(fields),
             ]
         return args
 
