@@ -17,7 +17,7 @@ import redis
 
 from synth_workers import app, wire, wirelane, wiremany, wiresplice
 from synth_workers.bulkrows import _json
-from synth_workers.events.stream import SEP, EventWriter, job_stream
+from synth_workers.events.stream import FAILURE_KINDS, SEP, EventWriter, job_stream
 from synth_workers.ledger.early import EARLY
 from synth_workers.lifecycle import JobEvent
 from synth_workers.states import EventKind
@@ -158,3 +158,31 @@ def test_an_event_field_holding_the_separator_is_written_with_a_space(rclient: A
     assert [f["task"] for f in fields] == ["t x", "t x"]
     assert [f["corr"] for f in fields] == ["a b", "plain"]
     assert list(itertools.chain.from_iterable(f.keys() for f in fields)).count("job") == 2
+
+
+def test_events_sharing_one_data_mapping_and_temporary_ones_each_get_their_own_text(
+    rclient: Any,
+) -> None:
+    writer = EventWriter(rclient, retention=60, maxlen=100, job_ttl=60)
+    shared = {"priority": 5}
+    kind = sorted(FAILURE_KINDS)[0]
+    events = [
+        JobEvent(EventKind.QUEUED, str(uuid.uuid4()), data=shared),
+        JobEvent(EventKind.QUEUED, str(uuid.uuid4()), data=shared),
+        # each failure event makes a temporary mapping of its own (the "failed" entry)
+        *(
+            JobEvent(kind, str(uuid.uuid4()), data={"failure_class": f"c{n}", "error_class": "E"})
+            for n in range(6)
+        ),
+    ]
+    _keys, args = writer.command(events)
+    texts = [dict(zip(*[iter(a.split(SEP))] * 2, strict=True)).get("data") for a in args[10::4]]
+    alone = [
+        dict(zip(*[iter(a.split(SEP))] * 2, strict=True)).get("data")
+        for event in events
+        for a in EventWriter._args(event)[3::4]
+    ]
+    assert texts == alone
+    assert texts[:2] == [json.dumps(shared, separators=(",", ":"))] * 2
+    failed = [json.loads(t)["failure_class"] for t in texts[2::2]]
+    assert failed == [f"c{n}" for n in range(6)]

@@ -236,7 +236,14 @@ def _joined(fields: list[str]) -> str:
     return text
 
 
-def _fields(kind: str, event: JobEvent, data: Mapping[str, Any]) -> list[str]:
+#: Per :meth:`EventWriter.command` call: each ``data`` mapping's text, by its id (the mapping
+#: kept with it, so the id is not reused within the call): a bulk send's events share one.
+_Texts = dict[int, tuple[Mapping[str, Any], str]]
+
+
+def _fields(
+    kind: str, event: JobEvent, data: Mapping[str, Any], texts: _Texts | None = None
+) -> list[str]:
     out = ["kind", kind, "job", event.job_id, "at", repr(event.at)]
     if event.task:
         out += ["task", event.task]
@@ -249,7 +256,13 @@ def _fields(kind: str, event: JobEvent, data: Mapping[str, Any]) -> list[str]:
     if event.correlation_id:
         out += ["corr", event.correlation_id]
     if data:
-        out += ["data", encode_data(data)]
+        if texts is None:
+            out += ["data", encode_data(data)]
+        else:
+            kept = texts.get(id(data))
+            if kept is None or kept[0] is not data:
+                kept = texts[id(data)] = (data, encode_data(data))
+            out += ["data", kept[1]]
     return out
 
 
@@ -282,7 +295,7 @@ class EventWriter:
         self.write([event])
 
     @staticmethod
-    def _args(event: JobEvent) -> list[str]:
+    def _args(event: JobEvent, texts: _Texts | None = None) -> list[str]:
         entries: list[tuple[str, Mapping[str, Any]]] = []
         if event.kind in FAILURE_KINDS:
             failed = {k: v for k, v in event.data.items() if k in ("failure_class", "error_class")}
@@ -290,7 +303,7 @@ class EventWriter:
         entries.append((event.kind, event.data))
         args: list[str] = []
         for kind, data in entries:
-            fields = _fields(kind, event, data)
+            fields = _fields(kind, event, data, texts)
             args += [
                 event.job_id,
                 str(event.user_id or ""),
@@ -317,8 +330,9 @@ class EventWriter:
             PREFIX + "job:",
             "0" if self.archive is None else "1",
         ]
+        texts: _Texts = {}
         for event in events:
-            args += self._args(event)
+            args += self._args(event, texts)
         return [GLOBAL_STREAM], args
 
     @property
