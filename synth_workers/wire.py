@@ -129,9 +129,12 @@ def _stored_sibling(template: wiresplice.Template, first: Outgoing, out: Outgoin
         if (value is None) is not (model.get(name) is None):
             return None
         values[name] = value
-    if ("correlation_id" in properties) is not ("correlation_id" in first.properties):
+    correlation = properties.get("correlation_id")
+    if ("correlation_id" in properties) is not ("correlation_id" in first.properties) or (
+        correlation is None
+    ) is not (first.properties.get("correlation_id") is None):
         return None
-    values["correlation_id"] = properties.get("correlation_id")
+    values["correlation_id"] = correlation
     try:
         return template.fill(values)
     except TypeError:

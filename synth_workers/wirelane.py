@@ -235,6 +235,8 @@ class _Family:
         message whole."""
         mark = wiresplice.mark
         headers = dict(out.headers)
+        if any(name not in headers for name in _VARYING_HEADERS):
+            return None
         names = ["body", "tag", *_VARYING_HEADERS]
         for name in _VARYING_HEADERS:
             headers[name] = mark(name)

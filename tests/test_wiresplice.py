@@ -186,3 +186,17 @@ def test_events_sharing_one_data_mapping_and_temporary_ones_each_get_their_own_t
     assert texts[:2] == [json.dumps(shared, separators=(",", ":"))] * 2
     failed = [json.loads(t)["failure_class"] for t in texts[2::2]]
     assert failed == [f"c{n}" for n in range(6)]
+
+
+def test_a_first_message_with_no_correlation_id_or_ids_has_its_family_encoded_whole() -> None:
+    way = wirelane.lane(app)
+    assert way is not None
+    outs = _family(ITEMS)
+    outs[0].properties = {**outs[0].properties, "correlation_id": None}
+    assert _untagged(way.raws(outs)) == _untagged(way.raws(_whole(outs)))
+    assert wire.stored_texts(outs, _json) == [_json(out.stored()) for out in outs]
+    outs = _family(ITEMS)
+    for out in outs:
+        out.headers = {k: v for k, v in out.headers.items() if k != "root_id"}
+    assert _untagged(way.raws(outs)) == _untagged(way.raws(_whole(outs)))
+    assert wire.stored_texts(outs, _json) == [_json(out.stored()) for out in outs]
