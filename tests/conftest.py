@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 import redis
+from celery import signals
 from kombu.exceptions import OperationalError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -229,6 +230,22 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             except OSError as exc:
                 lines = [f"(log unreadable: {exc})"]
             report.sections.append((f"worker {worker.name} log (tail)", "\n".join(lines)))
+
+
+@pytest.fixture
+def no_publish_receivers() -> Iterator[None]:
+    """Celery's publish signals with no receivers for the test, put back after: the fast send
+    (``synth_workers.wire``) steps aside while anything listens to them, and an earlier test
+    in the same process may leave OpenTelemetry's instrumentation connected."""
+    sigs = (signals.before_task_publish, signals.after_task_publish, signals.task_sent)
+    saved = [(sig, list(sig.receivers)) for sig in sigs]
+    for sig in sigs:
+        sig.receivers = []
+        sig.sender_receivers_cache.clear()
+    yield
+    for sig, receivers in saved:
+        sig.receivers = receivers
+        sig.sender_receivers_cache.clear()
 
 
 @pytest.fixture

@@ -25,20 +25,7 @@ from synth_workers.reprs import fast_saferepr
 QUEUE = "wire-test"
 
 
-@pytest.fixture(autouse=True)
-def _no_publish_receivers() -> Any:
-    """The fast send steps aside while anything listens to Celery's publish signals (an
-    earlier test in the same process may leave OpenTelemetry's instrumentation connected):
-    these tests see the signals as a fresh process does, and put them back after."""
-    sigs = (signals.before_task_publish, signals.after_task_publish, signals.task_sent)
-    saved = [(sig, list(sig.receivers)) for sig in sigs]
-    for sig in sigs:
-        sig.receivers = []
-        sig.sender_receivers_cache.clear()
-    yield
-    for sig, receivers in saved:
-        sig.receivers = receivers
-        sig.sender_receivers_cache.clear()
+pytestmark = pytest.mark.usefixtures("no_publish_receivers")
 
 
 def _task(name: str) -> Any:

@@ -23,6 +23,7 @@ from synth_workers.lifecycle import JobEvent
 from synth_workers.states import EventKind
 
 QUEUE = "splice-test"
+pytestmark = pytest.mark.usefixtures("no_publish_receivers")
 TAG = re.compile(r'"delivery_tag": "[0-9a-f-]{36}"')
 
 
