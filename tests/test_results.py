@@ -5,10 +5,12 @@ process is SIGKILLed, and Flower's result endpoint."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from typing import Any
@@ -21,6 +23,7 @@ from celery.result import AsyncResult
 
 import tests.result_tasks as rt
 from synth_workers import JobState, app
+from synth_workers.resultconsumer import RECHECK_SECONDS
 
 from .conftest import ROOT, http_json, stop_group, wait_until
 
@@ -78,6 +81,34 @@ def test_get_returns_milliseconds_after_the_job_finishes(rclient: Any, start_wor
     )
     # woken by the completion's PUBLISH, not by polling (Celery polls every 0.5 s)
     assert sorted(latencies)[len(latencies) // 2] < 0.1
+
+
+def test_an_end_whose_notice_was_never_published_still_reaches_get(rclient: Any) -> None:
+    """A completion that began just before the wait was noted publishes nothing (its
+    snapshot holds no wait) and the waiter's read saw the job running: the waiter reads
+    the waited rows again while it hears nothing (``synth_workers.resultconsumer``)."""
+    key = uuid.uuid4().hex
+    result = rt.held.delay(key, key)  # no worker: the row stays queued
+    ended: list[float] = []
+
+    def end_silently() -> None:
+        time.sleep(0.5)  # get() has read the row (queued) and waits on its channel
+        with app.ledger.connection() as conn:
+            conn.execute(
+                "UPDATE synth_jobs SET state = 'succeeded', result = %s::jsonb, "
+                "finished_at = now() WHERE id = %s",
+                (json.dumps(key), result.id),
+            )
+        ended.append(time.monotonic())
+
+    ender = threading.Thread(target=end_silently)
+    ender.start()
+    try:
+        assert result.get(timeout=10) == key
+        returned = time.monotonic()
+    finally:
+        ender.join()
+    assert returned - ended[0] < RECHECK_SECONDS + 1.5
 
 
 def test_a_dead_job_raises_its_original_exception(rclient: Any, start_worker: Any) -> None:
