@@ -38,6 +38,7 @@ import types
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
+from celery import bootsteps
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 
@@ -78,6 +79,13 @@ def _batch_size(connection: Any) -> int:
     options = getattr(connection, "transport_options", None) or {}
     size = options.get(BATCH_OPTION)
     return size if isinstance(size, int) and size > 1 else 1
+
+
+def _fills(connection: Any) -> bool:
+    """Whether a read fills the prefetch window (:data:`FILL_OPTION`, set by
+    :class:`FillWindow`)."""
+    options = getattr(connection, "transport_options", None) or {}
+    return bool(options.get(FILL_OPTION))
 
 
 def _limits(connection: Any) -> Limits:
@@ -142,6 +150,28 @@ class QoS(kombu_redis.QoS):
         return len(delivered or ()) - len(dirty or ()) < limit * size
 
 
+#: The most messages :meth:`Channel._fill_window` takes in one round trip.
+FILL_MAX = 100
+#: Transport option, set by :class:`FillWindow`: fill the prefetch window after each read.
+FILL_OPTION = "synth_fill_window"
+
+
+class FillWindow(bootsteps.StartStopStep):
+    """Consumer step: a worker whose pool starts a job as it is handed over (any pool but
+    prefork) fills its prefetch window in one round trip per read
+    (:meth:`Channel._fill_window`). Runs after the Connection step, so again after each
+    reconnect."""
+
+    requires = ("celery.worker.consumer.connection:Connection",)
+
+    def start(self, c: Any) -> None:
+        from celery.concurrency.prefork import TaskPool as PreforkPool
+
+        options = c.connection.transport_options
+        if isinstance(options, dict) and not isinstance(c.pool, PreforkPool):
+            options[FILL_OPTION] = True
+
+
 class Message(virtual.Message):
     """kombu's message; ``synth_refused`` is set when the transport refused it."""
 
@@ -159,7 +189,12 @@ class Channel(kombu_redis.Channel):
     def _brpop_read(self, **options: Any) -> Any:
         size = _batch_size(self.connection.client)
         if size <= 1:
-            return _brpop_read_raw(self, **options)
+            # The default mode: deliver what BRPOP read, then fill the prefetch window's
+            # other free slots in one more round trip (see :meth:`_fill_window`).
+            got = _brpop_read_raw(self, **options)
+            if _fills(self.connection.client):
+                self._fill_window()
+            return got
         # The batched mode: hold the message BRPOP read, take up to size - 1 more in one
         # round trip, then deliver them all as one batch.
         transport = cast("Transport", self.connection)
@@ -169,16 +204,49 @@ class Channel(kombu_redis.Channel):
             got = _brpop_read_raw(self, **options)
         finally:
             transport._synth_hold = None
+        held += self._pop_more(size - len(held))
+        self._deliver_all(held, Batch(len(held)))
+        return got
+
+    def _fill_window(self) -> None:
+        """Take as many messages as the prefetch window has free slots (at most
+        :data:`FILL_MAX`) in one round trip, and deliver them one by one.
+
+        kombu's loop takes one message per ``BRPOP`` and registers the next ``BRPOP``
+        afterwards, so a worker whose window frees many slots at once (a threads pool whose
+        group commit ends 50 jobs together) paid a round trip and a re-registration per
+        message. The messages taken here are the ones the next ``BRPOP`` calls would have
+        taken (the same lists, in the same priority order), and no more than the window
+        holds, so priorities stay as strict as with ``BRPOP`` alone. The extra round trip
+        is made after the first message was handed on; a pool that starts a job within the
+        hand-over (threads, gevent, eventlet) has started it by then. Only such a worker sets
+        :data:`FILL_OPTION` (:class:`FillWindow`): prefork writes to its pool processes from
+        the event loop once this returns, so the round trip would delay the job's start."""
+        qos = self.qos
+        limit = qos.prefetch_count
+        free = limit - (len(qos._delivered or ()) - len(qos._dirty or ())) if limit else FILL_MAX
+        if free > 0:
+            self._deliver_all(self._pop_more(min(free, FILL_MAX)), None)
+
+    def _pop_more(self, count: int) -> list[tuple[Any, str]]:
+        """Up to ``count`` messages of the consumed queues, most urgent first, as
+        (raw, queue) pairs (one round trip: :func:`pop_more`)."""
+        if count <= 0:
+            return []
         keys = [
             self._q_for_pri(queue, pri)  # type: ignore[attr-defined]
             for pri in self.priority_steps
             for queue in self.active_queues
         ]
         prefix = self.global_keyprefix or ""
-        more = pop_more(self.client, [prefix + k for k in keys], size - len(held))
-        held += [(_unread(raw.decode()), key[len(prefix) :].rsplit(self.sep, 1)[0])
-                 for key, raw in more]  # fmt: skip
-        batch = Batch(len(held))
+        more = pop_more(self.client, [prefix + k for k in keys], count)
+        return [(_unread(raw.decode()), key[len(prefix) :].rsplit(self.sep, 1)[0])
+                for key, raw in more]  # fmt: skip
+
+    def _deliver_all(self, held: list[tuple[Any, str]], batch: Batch | None) -> None:
+        """Deliver messages taken together; should the consumer fail on one, the ones
+        after it go back to the front of their lists."""
+        transport = cast("Transport", self.connection)
         for i, (raw, queue) in enumerate(held):
             transport._synth_batch = batch
             try:
@@ -188,7 +256,6 @@ class Channel(kombu_redis.Channel):
                 raise
             finally:
                 transport._synth_batch = None
-        return got
 
     def _put_back(self, raws: list[Any], queues: list[str]) -> None:
         """Messages of a batch not delivered (the consumer failed): back to the front of

@@ -52,7 +52,7 @@ from synth_workers import (
 from synth_workers import logging as logs
 from synth_workers.announce import connect_results
 from synth_workers.batchtier.tier import BatchTierStep
-from synth_workers.broker import ON_PURGE, register_purge_hook
+from synth_workers.broker import ON_PURGE, FillWindow, register_purge_hook
 from synth_workers.control import on_task_revoked
 from synth_workers.errors import ConfigurationError, ServiceUnavailableError
 from synth_workers.ledger.sweeper import SweeperStep
@@ -112,6 +112,7 @@ def install(app: Celery, settings: Settings | None = None) -> Platform:
         app.steps["worker"].add(PoolExitStep)
         app.steps["consumer"].add(health.HeartbeatStep)
         app.steps["consumer"].add(liveness.BoundedHeartbeat)
+        app.steps["consumer"].add(FillWindow)
         lifecycle = platform.lifecycle
         lifecycle.connect(metrics.observe)
         lifecycle.connect(logs.log_job_event)

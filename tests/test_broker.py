@@ -117,3 +117,69 @@ def test_a_job_stopped_by_a_signal_to_its_process_is_requeued_not_dead(
 
     row = app.ledger.get(job.id)
     assert row is not None and row["attempt"] == 2
+
+
+def _read_once(fill: bool, prefetch: int) -> list[int]:
+    """One read of the ``default`` queue through the platform's transport, as a worker's
+    consumer makes it; returns the ``n`` of each job delivered (here: its priority)."""
+    from synth_workers import app
+    from synth_workers.broker import FILL_OPTION
+
+    got: list[int] = []
+    with app.connection_for_read() as conn:
+        conn.transport_options[FILL_OPTION] = fill
+        queue = app.amqp.queues["default"]
+        with conn.Consumer(queue, accept=["json"]) as consumer:
+            consumer.register_callback(lambda body, message: got.append(body[1]["n"]))
+            consumer.qos(prefetch_count=prefetch)
+            conn.drain_events(timeout=5)
+            # what was delivered but not run goes back to Redis when the channel closes
+    return got
+
+
+def test_a_read_fills_the_prefetch_window_in_priority_order(rclient: Any) -> None:
+    from synth_workers import enqueue
+
+    levels = [0, 5, 9, 3, 7, 1, 8, 2, 6, 4] * 2
+    for level in levels:
+        enqueue("tests.e2e_tasks.effect", {"n": level}, priority=level, queue="default")
+    assert _waiting(rclient) == 20
+
+    # kombu's own loop: one message per BRPOP
+    assert _read_once(fill=False, prefetch=8) == [9]
+    assert wait_until(lambda: _waiting(rclient) == 20)  # given back on close
+
+    # filled: the BRPOP's message, then the window's 7 other slots in one round trip,
+    # the most urgent first, exactly as the next seven BRPOPs would have taken them
+    assert _read_once(fill=True, prefetch=8) == [9, 9, 8, 8, 7, 7, 6, 6]
+    assert wait_until(lambda: _waiting(rclient) == 20)
+
+    # never beyond the window, whatever is waiting
+    assert _read_once(fill=True, prefetch=3) == [9, 9, 8]
+    assert _read_once(fill=True, prefetch=1) == [9]
+
+
+def test_only_a_pool_that_starts_jobs_on_hand_over_fills_its_window(
+    rclient: Any, start_worker: Any
+) -> None:
+    """A threads worker takes its whole window per read; prefork keeps one message per BRPOP
+    (its hand-over to a pool process waits for the event loop, so an extra round trip would
+    delay the job's start). Both run every job once."""
+    from synth_workers import app
+
+    env = {"SYNTH_WORKER_PREFETCH_MULTIPLIER": "5"}
+    for pool, concurrency in (("threads", 8), ("prefork", 2)):
+        stats = rclient.info("commandstats")
+        before = stats.get("cmdstat_brpop", {}).get("calls", 0)
+        for n in range(40):
+            effect.apply_async(kwargs={"n": n, "sleep": 0.05})
+        worker = start_worker("default", pool=pool, concurrency=concurrency, env=env)
+        assert wait_until(lambda: _states() == {"succeeded": 40}, timeout=60), _states()
+        worker.stop()
+        brpops = rclient.info("commandstats")["cmdstat_brpop"]["calls"] - before
+        # threads (window 40): the first read takes every job; then only the idle BRPOPs
+        # (one a second) until the worker stops. prefork (window 10): a BRPOP per job.
+        assert (brpops <= 10) if pool == "threads" else (brpops >= 40), (pool, brpops)
+        assert _effects() == (40, 0)
+        with app.ledger.connection() as conn:
+            conn.execute("TRUNCATE synth_jobs, test_effects, test_duplicates")

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from psycopg import sql
 
 from synth_workers.ledger.fencing import _COMPLETE, _completion_params
-from synth_workers.ledger.rows import Claim
+from synth_workers.ledger.rows import Claim, text_array
 from synth_workers.states import EventKind, FailureClass, JobState
 
 if TYPE_CHECKING:
@@ -93,7 +93,7 @@ def claim_many(
         # named here too: the completion statement may take them as literals or parameters
         "running": JobState.RUNNING,
         "succeeded": JobState.SUCCEEDED,
-        "ids": job_ids(ids),
+        "ids": text_array(job_ids(ids)),
         "queued": JobState.QUEUED,
         "owner": owner,
         "lease": ledger.settings.lease_seconds,
@@ -121,8 +121,8 @@ def release(ledger: Ledger, claims: Sequence[Claim]) -> None:
                 "queued": JobState.QUEUED,
                 "running": JobState.RUNNING,
                 "owner": claims[0].owner,
-                "ids": [c.job_id for c in claims],
-                "attempts": [c.attempt for c in claims],
+                "ids": text_array(c.job_id for c in claims),
+                "attempts": text_array(str(int(c.attempt)) for c in claims),
             },
         )
 
