@@ -4,12 +4,12 @@ before anything is read or drained, a ledger notice is replaced by the job's row
 group sent in bulk subscribes its members in one command.
 
 A waiter is told of a job's end by a notice its completion publishes when the ledger says
-someone waits. A completion whose statement began just before the wait was noted reads no
-wait (its snapshot does not hold the new ``synth_waits`` row) and publishes nothing, while
-the waiter's own read of the row, made before that completion committed, saw it running.
-So whenever a drain hears nothing, the waited jobs' rows are read again from the ledger, at
-most every :data:`RECHECK_SECONDS`: such a job's end reaches its waiter that much later
-instead of never.
+someone waits. The mark sets the row's ``waited`` under the row's lock, so a completion
+racing it sees the wait (``synth_workers.ledger.results.MARK``). Should a notice still be
+missed (a row created, claimed and completed while the mark's own statement ran), the
+waited jobs' rows are read again from the ledger whenever a drain hears nothing, at most every
+:data:`RECHECK_SECONDS`: such a job's end reaches its waiter that much later instead of
+never.
 """
 
 from __future__ import annotations

@@ -468,3 +468,43 @@ def test_a_mark_ended_as_a_deadlock_is_tried_again(rclient: Any) -> None:
     marker.join(timeout=20)
     assert not marker.is_alive() and errors == []
     assert _maybe_waited(*ids) == [True, True]
+
+
+def test_a_wait_noted_while_the_completion_waits_for_the_row_is_announced(
+    rclient: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race behind a ``get()`` that heard nothing: the waiter's mark holds the job's row
+    when the worker's completion statement starts, so the completion waits for the lock,
+    with a snapshot from before the mark committed. It must still find the wait (the row's
+    ``waited``, read in its newest version after the lock), or it publishes no notice while
+    the waiter, having read the row before the completion committed, saw the job running."""
+    import psycopg
+
+    from synth_workers import enqueue
+    from synth_workers.ledger.results import MARK
+
+    job = enqueue("tests.e2e_tasks.side_effect", {"key": "raced"}, queue="nobody")
+    claim = app.ledger.claim(job.id, "test-owner")
+    assert claim is not None
+    announced: list[tuple[set[str], set[str]]] = []
+    monkeypatch.setattr(
+        app.ledger, "_late_unless", lambda done, _claims, waited: announced.append((done, waited))
+    )
+    completer = threading.Thread(target=lambda: app.ledger.succeed_many([(claim, 1)]))
+    with psycopg.connect(app.settings.database_url, **app.ledger.connect_kwargs()) as other:
+        other.execute(MARK, {"ids": [job.id]})  # the mark, not committed yet: holds the row
+
+        completer.start()
+
+        def completion_waits() -> bool:
+            with app.ledger.connection() as conn:
+                row = conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND query LIKE '%%j.lease_owner = v.owner%%'"
+                ).fetchone()
+            return row is not None and row[0] > 0
+
+        assert wait_until(completion_waits, timeout=10)
+        other.commit()
+    completer.join(timeout=10)
+    assert announced == [({job.id}, {job.id})]

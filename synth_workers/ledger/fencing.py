@@ -35,8 +35,8 @@ _CLAIM = sql.SQL(
     "started_at = now(), updated_at = now() "
     "WHERE id = %(id)s AND state = {queued} AND NOT cancel_requested "
     "AND (expires_at IS NULL OR expires_at > now()) RETURNING attempt, max_attempts, task, "
-    "queue, user_id, extract(epoch FROM enqueued_at), correlation_id, maybe_waited AND "
-    "EXISTS (SELECT 1 FROM synth_waits w WHERE w.job_id = synth_jobs.id)"
+    "queue, user_id, extract(epoch FROM enqueued_at), correlation_id, waited OR (maybe_waited "
+    "AND EXISTS (SELECT 1 FROM synth_waits w WHERE w.job_id = synth_jobs.id))"
 ).format(**_STATES)
 #: By primary key whatever the statistics say; waits looked up if maybe (bench/README, drain)
 _COMPLETE = sql.SQL(
@@ -46,8 +46,8 @@ _COMPLETE = sql.SQL(
     "unnest(%(done_attempts)s::int[]) AS attempt, unnest(%(done_owners)s::text[]) AS owner, "
     "unnest(%(done_results)s::jsonb[]) AS result) v WHERE j.id = v.id AND j.id = ANY("
     "%(done_ids)s::uuid[]) AND j.attempt = v.attempt AND j.lease_owner = v.owner AND "
-    "j.state = {running} RETURNING j.id, j.maybe_waited AND EXISTS (SELECT 1 FROM "
-    "synth_waits w WHERE w.job_id = j.id) AS waited"
+    "j.state = {running} RETURNING j.id, j.waited OR (j.maybe_waited AND EXISTS (SELECT 1 "
+    "FROM synth_waits w WHERE w.job_id = j.id)) AS waited"
 ).format(**_STATES)
 _COMPLETE_AND_CLAIM_Q = (
     sql.SQL(

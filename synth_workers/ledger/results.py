@@ -56,6 +56,14 @@ def read_results(ledger: Ledger, ids: Iterable[str]) -> dict[str, dict[str, Any]
     return {str(row["id"]): row for row in rows}
 
 
+#: The mark of :func:`mark_waited`. The rows it sets stay locked until it commits, and a
+#: completion that waited for that lock reads their newest version: it sees ``waited``
+#: (migration 0014), where its look-up of ``synth_waits`` has its own, older snapshot.
+MARK = (
+    "WITH w AS (INSERT INTO synth_waits (job_id) SELECT unnest(%(ids)s::uuid[]) "
+    "ON CONFLICT (job_id) DO NOTHING) UPDATE synth_jobs SET maybe_waited = true, waited = true "
+    "WHERE id = ANY(%(ids)s::uuid[]) AND NOT waited"
+)
 #: Tries of :func:`mark_waited` when Postgres ends it as a deadlock.
 MARK_TRIES = 5
 
@@ -64,7 +72,8 @@ def mark_waited(ledger: Ledger, ids: Iterable[str]) -> None:
     """Someone is about to wait on these jobs' results: their success will be announced on
     Celery's result channel (``synth_workers.backend``). Noted in ``synth_waits`` (a job
     whose row does not exist yet: a chain step, a chord callback) and, in the same
-    statement, on the rows that exist (``maybe_waited``: migration 0013). Setting it locks
+    statement, on the rows that exist (``maybe_waited`` and ``waited``: migrations 0013 and
+    0014). Setting them locks
     those rows, in id order; a worker's completion of several of them may hold one and wait
     for another, and Postgres then ends one statement as a deadlock: the mark tries again."""
     wanted = sorted(_uuids(ids))
@@ -73,12 +82,7 @@ def mark_waited(ledger: Ledger, ids: Iterable[str]) -> None:
     for attempt in range(1, MARK_TRIES + 1):
         try:
             with ledger.connection() as conn:
-                conn.execute(
-                    "WITH w AS (INSERT INTO synth_waits (job_id) SELECT unnest(%(ids)s::uuid[]) "
-                    "ON CONFLICT (job_id) DO NOTHING) UPDATE synth_jobs SET maybe_waited = true "
-                    "WHERE id = ANY(%(ids)s::uuid[]) AND NOT maybe_waited",
-                    {"ids": wanted},
-                )
+                conn.execute(MARK, {"ids": wanted})
             return
         except DeadlockDetected:
             if attempt == MARK_TRIES:
