@@ -312,6 +312,24 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 30, interval: flo
     return predicate()
 
 
+def waits_on_a_lock(query_like: str) -> Callable[[], bool]:
+    """A predicate: a statement of this database whose text is ``LIKE query_like`` waits on a
+    lock (``pg_stat_activity``)."""
+
+    def waiting() -> bool:
+        from synth_workers import app
+
+        with app.ledger.connection() as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND datname = current_database() AND query LIKE %s",
+                (query_like,),
+            ).fetchone()
+        return bool(row and row[0])
+
+    return waiting
+
+
 def start_beat(schedule: Path) -> subprocess.Popen[bytes]:
     """A real ``celery -A synth_workers beat`` with the fast test entry (tests.beat_fast)."""
     env = {**os.environ, "SYNTH_INCLUDE": "tests.e2e_tasks,tests.beat_fast"}

@@ -10,7 +10,7 @@ from synth_workers import app, enqueue
 from synth_workers.ledger.claimgroup import ClaimGroup
 from synth_workers.ledger.rows import Claim
 
-from .conftest import wait_until
+from .conftest import wait_until, waits_on_a_lock
 
 TASK = "tests.e2e_tasks.side_effect"
 
@@ -103,16 +103,7 @@ def test_a_row_the_group_skips_is_claimed_alone_as_the_single_claim_would(
         turn = threading.Thread(target=lambda: result.append(group._claim(items)))
         turn.start()
 
-        def waits_on_the_lock() -> bool:
-            with app.ledger.connection() as conn:
-                row = conn.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                    "AND datname = current_database() AND query LIKE 'UPDATE synth_jobs SET "
-                    "state%%'"
-                ).fetchone()
-            return bool(row and row[0])
-
-        assert wait_until(waits_on_the_lock, timeout=15)
+        assert wait_until(waits_on_a_lock("UPDATE synth_jobs SET state%"), timeout=15)
         assert _rows([free])[free][:3] == ("running", 1, "owner-s")  # committed meanwhile
     turn.join(15)
     claimed_free, claimed_locked, refused = result[0]

@@ -25,7 +25,7 @@ import tests.result_tasks as rt
 from synth_workers import JobState, app
 from synth_workers.resultconsumer import RECHECK_SECONDS
 
-from .conftest import ROOT, http_json, stop_group, wait_until
+from .conftest import ROOT, http_json, stop_group, wait_until, waits_on_a_lock
 
 ENV = {"SYNTH_INCLUDE": "tests.e2e_tasks,tests.result_tasks"}
 
@@ -454,15 +454,8 @@ def test_a_mark_ended_as_a_deadlock_is_tried_again(rclient: Any) -> None:
         marker = threading.Thread(target=mark)
         marker.start()
 
-        def waiting() -> bool:  # the mark holds the first row and waits for the second
-            with app.ledger.connection() as conn:
-                row = conn.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                    "AND query LIKE '%%maybe_waited = true%%'"
-                ).fetchone()
-            return row is not None and row[0] > 0
-
-        assert wait_until(waiting, timeout=10)
+        # the mark holds the first row and waits for the second
+        assert wait_until(waits_on_a_lock("%maybe_waited = true%"), timeout=10)
         other.execute(touch, (ids[0],))  # the cycle: Postgres ends the mark, not this
         other.commit()
     marker.join(timeout=20)
@@ -496,15 +489,7 @@ def test_a_wait_noted_while_the_completion_waits_for_the_row_is_announced(
 
         completer.start()
 
-        def completion_waits() -> bool:
-            with app.ledger.connection() as conn:
-                row = conn.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                    "AND query LIKE '%%j.lease_owner = v.owner%%'"
-                ).fetchone()
-            return row is not None and row[0] > 0
-
-        assert wait_until(completion_waits, timeout=10)
+        assert wait_until(waits_on_a_lock("%j.lease_owner = v.owner%"), timeout=10)
         other.commit()
     completer.join(timeout=10)
     assert announced == [({job.id}, {job.id})]
