@@ -157,18 +157,21 @@ FILL_OPTION = "synth_fill_window"
 
 
 class FillWindow(bootsteps.StartStopStep):
-    """Consumer step: a worker whose pool starts a job as it is handed over (any pool but
-    prefork) fills its prefetch window in one round trip per read
-    (:meth:`Channel._fill_window`). Runs after the Connection step, so again after each
-    reconnect."""
+    """Consumer step: a worker whose pool starts a job on other threads as it is handed over
+    (threads, gevent, eventlet) fills its prefetch window in one round trip per read
+    (:meth:`Channel._fill_window`). Not prefork, whose hand-over waits for the event loop,
+    nor solo, which runs each job inside the read itself (the jobs taken together would
+    hold the event loop, its timers included, until the last one ends). Runs after the
+    Connection step, so again after each reconnect."""
 
     requires = ("celery.worker.consumer.connection:Connection",)
 
     def start(self, c: Any) -> None:
-        from celery.concurrency.prefork import TaskPool as PreforkPool
+        from celery.concurrency.thread import TaskPool as ThreadPool
 
         options = c.connection.transport_options
-        if isinstance(options, dict) and not isinstance(c.pool, PreforkPool):
+        starts_elsewhere = isinstance(c.pool, ThreadPool) or getattr(c.pool, "is_green", False)
+        if isinstance(options, dict) and starts_elsewhere:
             options[FILL_OPTION] = True
 
 

@@ -164,11 +164,12 @@ def test_only_a_pool_that_starts_jobs_on_hand_over_fills_its_window(
 ) -> None:
     """A threads worker takes its whole window per read; prefork keeps one message per BRPOP
     (its hand-over to a pool process waits for the event loop, so an extra round trip would
-    delay the job's start). Both run every job once."""
+    delay the job's start), and so does solo (it runs each job inside the read). All run
+    every job once."""
     from synth_workers import app
 
     env = {"SYNTH_WORKER_PREFETCH_MULTIPLIER": "5"}
-    for pool, concurrency in (("threads", 8), ("prefork", 2)):
+    for pool, concurrency in (("threads", 8), ("prefork", 2), ("solo", 1)):
         stats = rclient.info("commandstats")
         before = stats.get("cmdstat_brpop", {}).get("calls", 0)
         for n in range(40):
@@ -178,7 +179,8 @@ def test_only_a_pool_that_starts_jobs_on_hand_over_fills_its_window(
         worker.stop()
         brpops = rclient.info("commandstats")["cmdstat_brpop"]["calls"] - before
         # threads (window 40): the first read takes every job; then only the idle BRPOPs
-        # (one a second) until the worker stops. prefork (window 10): a BRPOP per job.
+        # (one a second) until the worker stops. prefork (window 10) and solo (window 5,
+        # each job run inside its read): a BRPOP per job.
         assert (brpops <= 10) if pool == "threads" else (brpops >= 40), (pool, brpops)
         assert _effects() == (40, 0)
         with app.ledger.connection() as conn:
