@@ -7,9 +7,9 @@ A waiter is told of a job's end by a notice its completion publishes when the le
 someone waits. The mark sets the row's ``waited`` under the row's lock, so a completion
 racing it sees the wait (``synth_workers.ledger.results.MARK``). Should a notice still be
 missed (a row created, claimed and completed while the mark's own statement ran), the
-waited jobs' rows are read again from the ledger whenever a drain hears nothing, at most every
-:data:`RECHECK_SECONDS`: such a job's end reaches its waiter that much later instead of
-never.
+waited jobs' rows are read again from the ledger whenever a drain hears nothing, at most
+every :data:`RECHECK_SECONDS`: such a job's end reaches its waiter that much later instead
+of never.
 """
 
 from __future__ import annotations

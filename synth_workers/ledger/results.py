@@ -73,9 +73,9 @@ def mark_waited(ledger: Ledger, ids: Iterable[str]) -> None:
     Celery's result channel (``synth_workers.backend``). Noted in ``synth_waits`` (a job
     whose row does not exist yet: a chain step, a chord callback) and, in the same
     statement, on the rows that exist (``maybe_waited`` and ``waited``: migrations 0013 and
-    0014). Setting them locks
-    those rows, in id order; a worker's completion of several of them may hold one and wait
-    for another, and Postgres then ends one statement as a deadlock: the mark tries again."""
+    0014). Setting them locks those rows, in id order; a worker's completion of several of
+    them may hold one and wait for another, and Postgres then ends one statement as a
+    deadlock: the mark tries again."""
     wanted = sorted(_uuids(ids))
     if not wanted:
         return
