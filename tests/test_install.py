@@ -316,3 +316,38 @@ def test_inspect_stats_answers(start_worker: Any) -> None:
     worker = start_worker("default")
     replies = app.control.inspect(destination=[worker.name], timeout=5).stats() or {}
     assert "synth_on_purge" in replies[worker.name]["broker"]["transport_options"]
+
+
+def test_the_wheel_ships_every_data_file_of_the_packages(tmp_path: Any) -> None:
+    """A non-editable install (the Docker images' ``pip install .``) reads the migrations
+    (``synth-workers db migrate``) and the email templates from the installed package:
+    every file of ``synth_workers`` and ``tasks`` that is not Python is in the wheel."""
+    import shutil
+    import zipfile
+    from pathlib import Path
+
+    # from a copy, so that no build/ left in the checkout hides a file the build misses
+    source = tmp_path / "source"
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for package in ("synth_workers", "tasks"):
+        shutil.copytree(Path(ROOT) / package, source / package, ignore=skip)
+    for name in ("pyproject.toml", "README.md", "beat_schedule.py"):
+        shutil.copy(Path(ROOT) / name, source / name)
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+         "-w", str(tmp_path), str(source)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    wheel = next(tmp_path.glob("*.whl"))
+    shipped = set(zipfile.ZipFile(wheel).namelist())
+    data = {
+        path.relative_to(ROOT).as_posix()
+        for package in ("synth_workers", "tasks")
+        for path in (Path(ROOT) / package).rglob("*")
+        if path.is_file() and path.suffix not in (".py", ".pyc") and "__pycache__" not in path.parts
+    }
+    assert any(name.endswith("0001_ledger.sql") for name in data)
+    assert data - shipped == set()
