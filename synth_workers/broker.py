@@ -140,14 +140,18 @@ class QoS(kombu_redis.QoS):
     def restore_visible(self, *args: Any, **kwargs: Any) -> None:
         """Nothing to restore: the ledger's reaper and reconciler take jobs back."""
 
-    def can_consume(self) -> bool:
-        """The prefetch limit counts batches in the batched mode (N messages each)."""
+    def free_slots(self) -> int | None:
+        """Messages the prefetch window still has room for (``None``: no limit). The limit
+        counts batches in the batched mode (N messages each)."""
         limit = self.prefetch_count
         if not limit:
-            return True
+            return None
         size = _batch_size(self.channel.connection.client)
-        delivered, dirty = self._delivered, self._dirty
-        return len(delivered or ()) - len(dirty or ()) < limit * size
+        return limit * size - (len(self._delivered or ()) - len(self._dirty or ()))
+
+    def can_consume(self) -> bool:
+        free = self.free_slots()
+        return free is None or free > 0
 
 
 #: The most messages :meth:`Channel._fill_window` takes in one round trip.
@@ -225,11 +229,10 @@ class Channel(kombu_redis.Channel):
         hand-over (threads, gevent, eventlet) has started it by then. Only such a worker sets
         :data:`FILL_OPTION` (:class:`FillWindow`): prefork writes to its pool processes from
         the event loop once this returns, so the round trip would delay the job's start."""
-        qos = self.qos
-        limit = qos.prefetch_count
-        free = limit - (len(qos._delivered or ()) - len(qos._dirty or ())) if limit else FILL_MAX
-        if free > 0:
-            self._deliver_all(self._pop_more(min(free, FILL_MAX)), None)
+        free = cast("QoS", self.qos).free_slots()
+        count = FILL_MAX if free is None else min(free, FILL_MAX)
+        if count > 0:
+            self._deliver_all(self._pop_more(count), None)
 
     def _pop_more(self, count: int) -> list[tuple[Any, str]]:
         """Up to ``count`` messages of the consumed queues, most urgent first, as
