@@ -123,6 +123,12 @@ RAW_TRACKED = Target(
     "raw-tracked", "bench.raw_tracked_app", "bench-raw-tracked", "bench.noop_tracked"
 )
 PLATFORM = Target("platform", "synth_workers", "bench-platform", "bench.platform_noop", ledger=True)
+#: ``--roundtrip``: plain Celery whose task first writes one row to Postgres and waits for it
+#: (``bench/raw_app.py``): the most any design that claims each job in Postgres before
+#: running it can drain with this pool, prefetch and acks.
+RAW_ROUNDTRIP = Target(
+    "raw+roundtrip", "bench.raw_app", "bench-raw-roundtrip", "bench.noop_roundtrip"
+)
 TARGETS = (RAW, RAW_TRACKED, PLATFORM)
 RESULT_PREFIX = "celery-task-meta-"  # Celery's Redis result backend: one key per job
 
@@ -298,7 +304,7 @@ def configure_environment(redis_url: str, database_url: str) -> None:
 
 
 def load_app(target: Target) -> Celery:
-    if target is RAW:
+    if target is RAW or target is RAW_ROUNDTRIP:
         from bench.raw_app import app as raw
 
         return raw
@@ -914,6 +920,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "from its own checkout, ledger schema and Redis database, in the same rounds",
     )
     parser.add_argument(
+        "--roundtrip",
+        action="store_true",
+        help="also measure raw+roundtrip: plain Celery whose task writes one row to Postgres "
+        "first (the floor of any claim-before-run design)",
+    )
+    parser.add_argument(
         "--baseline-redis-url",
         default=None,
         help="the baseline's Redis database (default: --redis-url's database + 1)",
@@ -949,7 +961,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     with contextlib.ExitStack() as stack:
-        sides = [local_side(t, client, args) for t in TARGETS]
+        local = TARGETS + ((RAW_ROUNDTRIP,) if args.roundtrip else ())
+        sides = [local_side(t, client, args) for t in local]
         for side in sides:
             if side.ledger is not None:
                 stack.callback(side.ledger.close)
@@ -965,7 +978,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_rounds(args, sides, baseline, logs)
 
 
-def round_order(sides: list[Side], rnd: int) -> list[Side]:
+def round_order(sides: list[Side], rnd: int, baseline: bool = False) -> list[Side]:
     """The apps in round ``rnd``'s order, rotated each round (cancels drift).
 
     With a baseline (the last side), rounds go in pairs: both rounds of a pair use the same
@@ -974,7 +987,7 @@ def round_order(sides: list[Side], rnd: int) -> list[Side]:
     cores with Postgres's after-work on that drain's rows: --baseline HEAD read ~10 % slower
     when it always ran second). Use an even --rounds with --baseline.
     """
-    if len(sides) <= len(TARGETS):
+    if not baseline:
         shift = rnd % len(sides)
         return sides[shift:] + sides[:shift]
     base = list(sides)
@@ -1009,7 +1022,7 @@ def run_rounds(
     width = max(12, *(len(t.label) + 1 for t in targets))
     runs: list[Run] = []
     for rnd in range(args.rounds):
-        for side in round_order(sides, rnd):
+        for side in round_order(sides, rnd, baseline is not None):
             target = side.target
             run = measure(side, rnd, args, logs)
             runs.append(run)
@@ -1084,6 +1097,20 @@ def run_rounds(
         f"  platform/raw         (bare Celery, records nothing):                 "
         f"{verdict(vs_raw['consume'])}"
     )
+    if RAW_ROUNDTRIP.label in medians:
+        vs_rt = ratios_vs(RAW_ROUNDTRIP)
+        rt_raw = ratio(
+            medians[RAW_ROUNDTRIP.label]["consume_jobs_per_s"],
+            medians[RAW.label]["consume_jobs_per_s"],
+        )
+        print(
+            f"  raw+roundtrip/raw    (one Postgres write waited for per job, nothing else): "
+            f"{fmt(rt_raw, '.3f')}"
+        )
+        print(
+            f"  platform/raw+roundtrip (what the platform does besides that write):      "
+            f"{fmt(vs_rt['consume'], '.3f')}"
+        )
     print("other figures (startup by ping: up to 1 s late, see bench/README.md)")
     for name, r in (("platform/raw-tracked", vs_tracked), ("platform/raw", vs_raw)):
         print(

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PEERS = ("celery", "platform", "huey")
+PEERS = ("celery", "platform", "huey", "celery-roundtrip")
 JOBS = 150
 SAMPLES = 8
 
@@ -31,9 +31,23 @@ def _bench(
     )
 
 
+def _roundtrip_writes() -> int:
+    """Rows written by peer celery-roundtrip's tasks so far (``bench.raw_app.roundtrip``)."""
+    import psycopg
+
+    with psycopg.connect(os.environ["DATABASE_URL"], autocommit=True) as conn:
+        if conn.execute("SELECT to_regclass('public.synth_bench_roundtrip')").fetchone() == (None,):
+            return 0
+        row = conn.execute(
+            "SELECT coalesce(sum(n), 0) FROM public.synth_bench_roundtrip"
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
 @pytest.mark.timeout(600)
 def test_quick_run_writes_every_column(tmp_path: Path) -> None:
     out = tmp_path / "peers.json"
+    writes = _roundtrip_writes()
     done = _bench(
         "--quick",
         "--only",
@@ -77,10 +91,14 @@ def test_quick_run_writes_every_column(tmp_path: Path) -> None:
     # the peers that keep a record of what ran agree with the count
     assert runs["celery"]["executed"] == JOBS
     assert runs["platform"]["executed"] == JOBS
+    assert runs["celery-roundtrip"]["executed"] == JOBS
+    # and each of its jobs and probes (the samples and the one that warms up) wrote its row
+    # to Postgres before its body
+    assert _roundtrip_writes() - writes == JOBS + SAMPLES + 1
     # enqueue -> wait() is the platform's alone
     assert len(runs["platform"]["wait_s"]) == SAMPLES
     assert all(w > 0 for w in runs["platform"]["wait_s"])
-    assert runs["celery"]["wait_s"] == [] and runs["huey"]["wait_s"] == []
+    assert all(runs[name]["wait_s"] == [] for name in PEERS if name != "platform")
     # bulk: a figure where the peer has a bulk enqueue, else a note saying why not
     for name, run in runs.items():
         if run["bulk_per_s"] is None:

@@ -30,6 +30,7 @@ from bench.peers.probe import redis_url
 
 QUEUE = "bench-peers"
 CELERY_QUEUE = "bench-peers-celery"
+CELERY_ROUNDTRIP_QUEUE = "bench-peers-celery-roundtrip"
 PLATFORM_QUEUE = "bench-peers-platform"
 BLPOP_TIMEOUT_S = 30
 
@@ -60,19 +61,24 @@ class UnsupportedError(Exception):
 class CeleryProducer(Producer):
     no_bulk = "no bulk enqueue API (group().apply_async() publishes one message per job)"
 
-    def __init__(self) -> None:
-        from bench.peers.celery_app import app, noop, probe
+    def __init__(self, roundtrip: bool = False) -> None:
+        from bench.peers import celery_app
 
-        self._noop, self._probe = noop, probe
-        self._producer = app.producer_pool.acquire(block=True)
+        if roundtrip:  # peer celery-roundtrip: one Postgres write before each body
+            self._noop, self._probe = celery_app.noop_roundtrip, celery_app.probe_roundtrip
+            self._queue = CELERY_ROUNDTRIP_QUEUE
+        else:
+            self._noop, self._probe = celery_app.noop, celery_app.probe
+            self._queue = CELERY_QUEUE
+        self._producer = celery_app.app.producer_pool.acquire(block=True)
         self._producer.connection.default_channel  # noqa: B018 - connect before the clock
         self._release = self._producer.release
 
     def noop(self) -> None:
-        self._noop.apply_async(queue=CELERY_QUEUE, producer=self._producer)
+        self._noop.apply_async(queue=self._queue, producer=self._producer)
 
     def probe(self, key: str) -> None:
-        self._probe.apply_async(args=(key,), queue=CELERY_QUEUE, producer=self._producer)
+        self._probe.apply_async(args=(key,), queue=self._queue, producer=self._producer)
 
     def close(self) -> None:
         self._release()
@@ -214,7 +220,7 @@ class ArqProducer(Producer):
 def producer_for(peer: str, bulk_callable: str | None) -> Producer:
     kind = peer.split("-", maxsplit=1)[0]
     if kind == "celery":
-        return CeleryProducer()
+        return CeleryProducer(roundtrip=peer == "celery-roundtrip")
     if kind == "platform":
         return PlatformProducer(bulk_callable)
     if kind == "huey":

@@ -18,13 +18,14 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import redis
 
-from bench.peers.client import CELERY_QUEUE, PLATFORM_QUEUE, QUEUE
+from bench.peers.client import CELERY_QUEUE, CELERY_ROUNDTRIP_QUEUE, PLATFORM_QUEUE, QUEUE
 
 BIN = Path(sys.executable).parent
 PRIORITY_SEP = "\x06\x16"  # kombu's Redis transport: queue + SEP + step, steps 1..9
 LEDGER_SCHEMA = "synth_bench_peers"
 DEFAULT_PLATFORM_WORKER_ARGS = "-P prefork -c 2"
 CELERY_DB = 0  # plain Celery's Redis database on the private server
+CELERY_ROUNDTRIP_DB = 8  # peer celery-roundtrip's
 
 
 def kombu_lists(queue: str) -> list[str]:
@@ -58,6 +59,7 @@ class Peer:
     verify: Callable[[redis.Redis, Context, int, str], tuple[int | None, list[str]]]
     bulk: str = "none"  # the bulk enqueue used, in words
     extra_env: tuple[tuple[str, str], ...] = ()  # a platform variant's own settings
+    database: bool = False  # its workers write to Postgres (DATABASE_URL)
 
     @property
     def is_platform(self) -> bool:
@@ -68,6 +70,8 @@ class Peer:
         """Variables for this peer's workers and client, on top of the harness's own."""
         url = ctx.url(self.db)
         env = {"BENCH_PEERS_REDIS_URL": url, "BENCH_REDIS_URL": url}
+        if self.database:
+            env["DATABASE_URL"] = ctx.database_url
         if self.is_platform:
             env.update(
                 REDIS_URL=url,
@@ -124,25 +128,32 @@ def _lists_pending(client: redis.Redis, queue: str) -> int:
 
 
 def _celery_verify(
-    client: redis.Redis, ctx: Context, n: int, node: str
-) -> tuple[int | None, list[str]]:
-    """The worker's own count of runs (``inspect stats``), and nothing left unacked (acks
-    late: a message leaves kombu's unacked hash only when its job has returned)."""
-    from celery import Celery
+    db: int, queue: str, task: str
+) -> Callable[[redis.Redis, Context, int, str], tuple[int | None, list[str]]]:
+    """The worker's own count of runs of ``task`` (``inspect stats``), and nothing left
+    unacked (acks late: a message leaves kombu's unacked hash only when its job has
+    returned)."""
 
-    control = Celery("bench-peers-control", broker=ctx.url(CELERY_DB))
-    name = f"{node}@{socket.gethostname()}"
-    try:
-        replies = control.control.inspect(destination=[name], timeout=5.0, limit=1).stats()
-    finally:
-        control.close()
-    stats = (replies or {}).get(name)
-    left = _lists_pending(client, CELERY_QUEUE)
-    problems = [f"{left} messages left"] if left else []
-    if not stats:
-        return None, [*problems, "the worker did not answer `inspect stats`"]
-    ran = int(stats.get("total", {}).get("bench.noop", 0))
-    return ran, problems if ran == n else [*problems, f"the worker ran {ran} of {n} jobs"]
+    def verify(
+        client: redis.Redis, ctx: Context, n: int, node: str
+    ) -> tuple[int | None, list[str]]:
+        from celery import Celery
+
+        control = Celery("bench-peers-control", broker=ctx.url(db))
+        name = f"{node}@{socket.gethostname()}"
+        try:
+            replies = control.control.inspect(destination=[name], timeout=5.0, limit=1).stats()
+        finally:
+            control.close()
+        stats = (replies or {}).get(name)
+        left = _lists_pending(client, queue)
+        problems = [f"{left} messages left"] if left else []
+        if not stats:
+            return None, [*problems, "the worker did not answer `inspect stats`"]
+        ran = int(stats.get("total", {}).get(task, 0))
+        return ran, problems if ran == n else [*problems, f"the worker ran {ran} of {n} jobs"]
+
+    return verify
 
 
 def _platform_pending(client: redis.Redis, ctx: Context) -> int:
@@ -254,7 +265,7 @@ PEERS: tuple[Peer, ...] = (
             )
         ],
         lambda client, ctx: _lists_pending(client, CELERY_QUEUE),
-        _celery_verify,
+        _celery_verify(CELERY_DB, CELERY_QUEUE, "bench.noop"),
     ),
     Peer(
         "platform",
@@ -328,6 +339,20 @@ PEERS: tuple[Peer, ...] = (
         _arq("WorkerSettings10ms"),
         lambda client, ctx: int(client.zcard("arq:queue")),
         _arq_verify,
+    ),
+    Peer(
+        "celery-roundtrip",
+        CELERY_ROUNDTRIP_DB,
+        "as celery, each task first writing one row to Postgres, waited for (asynchronous "
+        "commit, as a platform worker's claim): the floor of claiming each job before it runs",
+        lambda p, ctx, node: [
+            _celery_worker(
+                "bench.peers.celery_app", CELERY_ROUNDTRIP_QUEUE, ["-P", "prefork", "-c", "2"], node
+            )
+        ],
+        lambda client, ctx: _lists_pending(client, CELERY_ROUNDTRIP_QUEUE),
+        _celery_verify(CELERY_ROUNDTRIP_DB, CELERY_ROUNDTRIP_QUEUE, "bench.noop_roundtrip"),
+        database=True,
     ),
 )
 
