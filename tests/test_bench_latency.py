@@ -52,3 +52,35 @@ def test_a_short_run_stamps_every_stage(tmp_path: Path, redis_url: str, database
     for app in ("celery", "platform"):
         assert report["send"][app] < report["total"][app]
         assert report["to the worker"][app] < report["total"][app]
+
+
+@pytest.mark.timeout(120)
+def test_the_claim_round_trip_bench_claims_queued_rows(tmp_path: Path, database_url: str) -> None:
+    """``bench/claim_rtt.py`` times the real claim statement, which must find and take a
+    queued row each time (the warm-up, then the idle and back-to-back samples)."""
+    out = tmp_path / "claim_rtt.json"
+    samples = 8
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.claim_rtt",
+            "--samples",
+            str(samples),
+            "--database-url",
+            database_url,
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["claimed"] == 1 + 2 * (samples - 3)
+    assert set(report["statements"]) == {"select1", "floor-write", "claim"}
+    for name, row in report["statements"].items():
+        assert 0 < row["back_to_back_median_ms"] < 1_000, name
+        assert 0 < row["idle_median_ms"] <= row["idle_p90_ms"] < 1_000, name
