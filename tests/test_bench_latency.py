@@ -15,30 +15,34 @@ ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = 6
 
 
-@pytest.mark.timeout(300)
-def test_a_short_run_stamps_every_stage(tmp_path: Path, redis_url: str, database_url: str) -> None:
-    out = tmp_path / "latency.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.latency_parts",
-            "--samples",
-            str(SAMPLES),
-            "--rounds",
-            "1",
-            "--gap",
-            "0.005",
-            "--redis-url",
-            redis_url,
-            "--database-url",
-            database_url,
-            "--out",
-            str(out),
-        ],
+def _bench(module: str, *argv: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """``python -m bench.MODULE ARGV...`` from the repository root."""
+    return subprocess.run(
+        [sys.executable, "-m", f"bench.{module}", *argv],
         cwd=ROOT,
         capture_output=True,
         text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.timeout(300)
+def test_a_short_run_stamps_every_stage(tmp_path: Path, redis_url: str, database_url: str) -> None:
+    out = tmp_path / "latency.json"
+    done = _bench(
+        "latency_parts",
+        "--samples",
+        str(SAMPLES),
+        "--rounds",
+        "1",
+        "--gap",
+        "0.005",
+        "--redis-url",
+        redis_url,
+        "--database-url",
+        database_url,
+        "--out",
+        str(out),
         timeout=240,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -50,7 +54,8 @@ def test_a_short_run_stamps_every_stage(tmp_path: Path, redis_url: str, database
     assert report["claim"]["celery"] is None  # plain Celery claims nothing
     assert 0 < report["claim"]["platform"] < report["total"]["platform"]
     for app in ("celery", "platform"):
-        assert report["send"][app] < report["total"][app]
+        # not the send: it may return after the body started (the platform's waits for its
+        # row's commit while the message travels); no other stage can end after the total
         assert report["to the worker"][app] < report["total"][app]
 
 
@@ -60,21 +65,14 @@ def test_the_claim_round_trip_bench_claims_queued_rows(tmp_path: Path, database_
     queued row each time (the warm-up, then the idle and back-to-back samples)."""
     out = tmp_path / "claim_rtt.json"
     samples = 8
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.claim_rtt",
-            "--samples",
-            str(samples),
-            "--database-url",
-            database_url,
-            "--out",
-            str(out),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    done = _bench(
+        "claim_rtt",
+        "--samples",
+        str(samples),
+        "--database-url",
+        database_url,
+        "--out",
+        str(out),
         timeout=100,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
