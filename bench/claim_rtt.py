@@ -34,7 +34,6 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = "synth_bench_claim_rtt"
-FLOOR_TABLE = f"{SCHEMA}.floor_write"
 STATEMENTS = ("select1", "floor-write", "claim")
 
 
@@ -58,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["SYNTH_DB_SCHEMA"] = SCHEMA
     import psycopg
 
+    from bench.raw_app import ROUNDTRIP_CREATE, ROUNDTRIP_WRITE
     from synth_workers import app
     from synth_workers.ledger.fencing import _CLAIM_Q
 
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     admin.execute(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")
     app.ledger.migrate()
-    admin.execute(f"CREATE TABLE {FLOOR_TABLE} (pid int PRIMARY KEY, n bigint)")
+    admin.execute(ROUNDTRIP_CREATE)
     ids = [str(uuid.uuid4()) for _ in range(2 * args.samples)]
     with admin.cursor() as cur:
         cur.executemany(
@@ -78,10 +78,6 @@ def main(argv: list[str] | None = None) -> int:
             [(i,) for i in ids],
         )
     admin.execute(f"VACUUM ANALYZE {SCHEMA}.synth_jobs")
-    floor_write = (
-        f"INSERT INTO {FLOOR_TABLE} VALUES (%(pid)s, 1) "  # noqa: S608 - constants
-        f"ON CONFLICT (pid) DO UPDATE SET n = {FLOOR_TABLE}.n + 1"
-    )
     conns = {
         name: psycopg.connect(
             args.database_url,
@@ -98,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         if name == "select1":
             conn.execute("SELECT 1").fetchone()
         elif name == "floor-write":
-            conn.execute(floor_write, {"pid": os.getpid()})
+            conn.execute(ROUNDTRIP_WRITE, (os.getpid(),))
         else:
             row = conn.execute(_CLAIM_Q, {"owner": "bench", "lease": 60, "id": ids[i]}).fetchone()
             if row is None:

@@ -42,8 +42,8 @@ def noop() -> None:
 # --- one Postgres round trip per job (bench/drain.py --roundtrip, peer celery-roundtrip) -----
 #: Each worker process's row: one per process, so the two never wait for each other's lock.
 ROUNDTRIP_TABLE = "public.synth_bench_roundtrip"
-_CREATE = f"CREATE TABLE IF NOT EXISTS {ROUNDTRIP_TABLE} (pid int PRIMARY KEY, n bigint)"
-_ROUNDTRIP = (
+ROUNDTRIP_CREATE = f"CREATE TABLE IF NOT EXISTS {ROUNDTRIP_TABLE} (pid int PRIMARY KEY, n bigint)"
+ROUNDTRIP_WRITE = (
     f"INSERT INTO {ROUNDTRIP_TABLE} VALUES (%s, 1) "  # noqa: S608 - a constant
     "ON CONFLICT (pid) DO UPDATE SET n = synth_bench_roundtrip.n + 1"
 )
@@ -62,7 +62,7 @@ def _process_connection() -> Any:
         conn = psycopg.connect(url, autocommit=True, options="-c synchronous_commit=off")
         # the other process may create it at the same time
         with contextlib.suppress(psycopg.errors.UniqueViolation):
-            conn.execute(_CREATE)
+            conn.execute(ROUNDTRIP_CREATE)
         _conn.clear()
         _conn[pid] = conn
     return conn
@@ -71,7 +71,7 @@ def _process_connection() -> Any:
 def roundtrip() -> None:
     """What no design that claims each job in Postgres before running it can leave out: one
     write, waited for, before the body. Nothing else of the platform's."""
-    _process_connection().execute(_ROUNDTRIP, (os.getpid(),))
+    _process_connection().execute(ROUNDTRIP_WRITE, (os.getpid(),))
 
 
 @app.task(name="bench.noop_roundtrip")
