@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PEERS = ("celery", "platform", "huey", "celery-roundtrip")
+PEERS = ("celery", "platform", "huey", "celery-roundtrip", "celery-overlap")
 JOBS = 150
 SAMPLES = 8
 
@@ -31,17 +31,20 @@ def _bench(
     )
 
 
-def _roundtrip_writes() -> int:
-    """Rows written by peer celery-roundtrip's tasks so far (``bench.raw_app.roundtrip``)."""
+def _roundtrip_writes() -> tuple[int, int]:
+    """Rows written so far by peer celery-roundtrip's pool processes (``bench.raw_app``: keyed
+    by pid) and by peer celery-overlap's main process (``bench.overlap_app``: negative keys)."""
     import psycopg
 
     with psycopg.connect(os.environ["DATABASE_URL"], autocommit=True) as conn:
         if conn.execute("SELECT to_regclass('public.synth_bench_roundtrip')").fetchone() == (None,):
-            return 0
+            return 0, 0
         row = conn.execute(
-            "SELECT coalesce(sum(n), 0) FROM public.synth_bench_roundtrip"
+            "SELECT coalesce(sum(n) FILTER (WHERE pid > 0), 0), "
+            "coalesce(sum(n) FILTER (WHERE pid < 0), 0) FROM public.synth_bench_roundtrip"
         ).fetchone()
-    return int(row[0]) if row else 0
+    assert row is not None
+    return int(row[0]), int(row[1])
 
 
 @pytest.mark.timeout(600)
@@ -92,9 +95,14 @@ def test_quick_run_writes_every_column(tmp_path: Path) -> None:
     assert runs["celery"]["executed"] == JOBS
     assert runs["platform"]["executed"] == JOBS
     assert runs["celery-roundtrip"]["executed"] == JOBS
-    # and each of its jobs and probes (the samples and the one that warms up) wrote its row
-    # to Postgres before its body
-    assert _roundtrip_writes() - writes == JOBS + SAMPLES + 1
+    assert runs["celery-overlap"]["executed"] == JOBS
+    # and each of their jobs and probes (the samples and the one that warms up) wrote its row
+    # to Postgres before its body: celery-roundtrip's in the pool process, celery-overlap's in
+    # the main process, its answer relayed (a body that got no answer fails its run)
+    pool_writes, main_writes = _roundtrip_writes()
+    assert pool_writes - writes[0] == JOBS + SAMPLES + 1
+    assert main_writes - writes[1] == JOBS + SAMPLES + 1
+    assert not runs["celery-overlap"]["log_problems"]  # no body timed out on its relay
     # enqueue -> wait() is the platform's alone
     assert len(runs["platform"]["wait_s"]) == SAMPLES
     assert all(w > 0 for w in runs["platform"]["wait_s"])

@@ -31,6 +31,7 @@ from bench.peers.probe import redis_url
 QUEUE = "bench-peers"
 CELERY_QUEUE = "bench-peers-celery"
 CELERY_ROUNDTRIP_QUEUE = "bench-peers-celery-roundtrip"
+CELERY_OVERLAP_QUEUE = "bench-peers-celery-overlap"
 PLATFORM_QUEUE = "bench-peers-platform"
 BLPOP_TIMEOUT_S = 30
 
@@ -61,12 +62,17 @@ class UnsupportedError(Exception):
 class CeleryProducer(Producer):
     no_bulk = "no bulk enqueue API (group().apply_async() publishes one message per job)"
 
-    def __init__(self, roundtrip: bool = False) -> None:
+    def __init__(self, variant: str = "celery") -> None:
         from bench.peers import celery_app
 
-        if roundtrip:  # peer celery-roundtrip: one Postgres write before each body
+        if variant == "celery-roundtrip":  # one Postgres write before each body
             self._noop, self._probe = celery_app.noop_roundtrip, celery_app.probe_roundtrip
             self._queue = CELERY_ROUNDTRIP_QUEUE
+        elif variant == "celery-overlap":  # the write sent by the main process, relayed
+            from bench.peers import celery_overlap_app as overlap
+
+            self._noop, self._probe = overlap.noop_overlap, overlap.probe_overlap
+            self._queue = CELERY_OVERLAP_QUEUE
         else:
             self._noop, self._probe = celery_app.noop, celery_app.probe
             self._queue = CELERY_QUEUE
@@ -220,7 +226,7 @@ class ArqProducer(Producer):
 def producer_for(peer: str, bulk_callable: str | None) -> Producer:
     kind = peer.split("-", maxsplit=1)[0]
     if kind == "celery":
-        return CeleryProducer(roundtrip=peer == "celery-roundtrip")
+        return CeleryProducer(peer)
     if kind == "platform":
         return PlatformProducer(bulk_callable)
     if kind == "huey":

@@ -18,7 +18,13 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import redis
 
-from bench.peers.client import CELERY_QUEUE, CELERY_ROUNDTRIP_QUEUE, PLATFORM_QUEUE, QUEUE
+from bench.peers.client import (
+    CELERY_OVERLAP_QUEUE,
+    CELERY_QUEUE,
+    CELERY_ROUNDTRIP_QUEUE,
+    PLATFORM_QUEUE,
+    QUEUE,
+)
 
 BIN = Path(sys.executable).parent
 PRIORITY_SEP = "\x06\x16"  # kombu's Redis transport: queue + SEP + step, steps 1..9
@@ -26,6 +32,7 @@ LEDGER_SCHEMA = "synth_bench_peers"
 DEFAULT_PLATFORM_WORKER_ARGS = "-P prefork -c 2"
 CELERY_DB = 0  # plain Celery's Redis database on the private server
 CELERY_ROUNDTRIP_DB = 8  # peer celery-roundtrip's
+CELERY_OVERLAP_DB = 9  # peer celery-overlap's
 
 
 def kombu_lists(queue: str) -> list[str]:
@@ -352,6 +359,24 @@ PEERS: tuple[Peer, ...] = (
         ],
         lambda client, ctx: _lists_pending(client, CELERY_ROUNDTRIP_QUEUE),
         _celery_verify(CELERY_ROUNDTRIP_DB, CELERY_ROUNDTRIP_QUEUE, "bench.noop_roundtrip"),
+        database=True,
+    ),
+    Peer(
+        "celery-overlap",
+        CELERY_OVERLAP_DB,
+        "as celery-roundtrip, the write sent by the worker's main process as the message "
+        "arrives, its answer relayed to the pool process (bench/overlap_app.py): the floor "
+        "of a claim that overlaps Celery's hand-over to the pool",
+        lambda p, ctx, node: [
+            _celery_worker(
+                "bench.peers.celery_overlap_app",
+                CELERY_OVERLAP_QUEUE,
+                ["-P", "prefork", "-c", "2"],
+                node,
+            )
+        ],
+        lambda client, ctx: _lists_pending(client, CELERY_OVERLAP_QUEUE),
+        _celery_verify(CELERY_OVERLAP_DB, CELERY_OVERLAP_QUEUE, "bench.noop_overlap"),
         database=True,
     ),
 )
