@@ -351,7 +351,8 @@ PEERS: tuple[Peer, ...] = (
         "celery-roundtrip",
         CELERY_ROUNDTRIP_DB,
         "as celery, each task first writing one row to Postgres, waited for (asynchronous "
-        "commit, as a platform worker's claim): the floor of claiming each job before it runs",
+        "commit, as a platform worker's claim): the floor of claiming each job in the pool "
+        "process before it runs",
         lambda p, ctx, node: [
             _celery_worker(
                 "bench.peers.celery_app", CELERY_ROUNDTRIP_QUEUE, ["-P", "prefork", "-c", "2"], node
