@@ -4,9 +4,10 @@
 process: the write starts only once the job has reached that process. Here the worker's
 *main* process sends the same write as Celery builds the job's ``Request`` from the message,
 on a non-blocking connection watched by the worker's event loop, while the job travels on to
-a pool process. The answer is relayed to the process that runs the job (:data:`RELAY` says
-how the main process learns which): the job's id, sent to a datagram socket that process
-bound at start. The body waits for that datagram before it runs.
+a pool process. The answer is relayed to the process that runs the job, and the body waits
+for it before it runs. :data:`RELAY` picks the relay: the job's id sent to a datagram socket
+that process bound at start (the main process learns which process took the job from
+Celery), or written into memory shared with every pool process, which the body polls.
 
 Nothing of the platform's: it measures what the relay design could reach at best, so that
 an issue's target can be judged against it (``bench/README.md``, peers).
@@ -15,8 +16,11 @@ an issue's target can be judged against it (``bench/README.md``, peers).
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import socket
+import time
+import zlib
 from collections import deque
 from typing import Any
 
@@ -40,7 +44,21 @@ RELAY_TIMEOUT_S = 10.0
 #: job (``Request.on_accepted``: its acknowledgement travels to the main process first).
 #: (Sending every answer to every pool process does not work: an idle process's datagram
 #: queue fills, ``net.unix.max_dgram_qlen``, and the main process blocks.)
+#: ``spin``: no datagram; the main process writes the job's id into memory it shares with the
+#: pool processes (mapped before they fork), and the body polls it, yielding the GIL between
+#: looks: no wake-up of either process on the relay's path, at the cost of a busy wait.
 RELAY = os.environ.get("BENCH_OVERLAP_RELAY", "written")
+#: ``spin``: slots of the shared memory (a job's id, 36 bytes, at its hash, probed onward;
+#: with all of a job's slots taken the first is overwritten, and its body times out: the run
+#: reports it)
+_SLOT, _SLOTS, _PROBE = 36, 1 << 14, 8
+_shared = mmap.mmap(-1, _SLOT * _SLOTS)  # before the pool forks: the worker imports this module
+_EMPTY = bytes(_SLOT)
+
+
+def _slots(job: bytes) -> list[int]:
+    first = zlib.crc32(job) % _SLOTS
+    return [((first + i) % _SLOTS) * _SLOT for i in range(_PROBE)]
 
 
 def _address(pid: int) -> bytes:
@@ -88,7 +106,7 @@ class _Relay:
     def __init__(self) -> None:
         from kombu.asynchronous.hub import get_event_loop
 
-        hub = get_event_loop()
+        hub = self.hub = get_event_loop()
         assert hub is not None, "celery-overlap needs the worker's event loop (prefork)"
         self.links = [_Link(self, i) for i in range(CONNECTIONS)]
         self.idle = deque(self.links)
@@ -114,20 +132,41 @@ class _Relay:
         else:
             self.idle.append(link)
         request = self.requests.pop(job)
-        if RELAY == "written" and job not in self.taken:
-            handle = getattr(request, "_apply_result", None)
-            proc = getattr(handle and handle(), "_write_to", None)
-            if proc is not None:
-                self.told[job] = proc.pid
-                self._tell(job, proc.pid)
-                return
+        if RELAY == "spin":
+            key = job.encode()
+            slots = _slots(key)
+            at = next((i for i in slots if _shared[i : i + _SLOT] == _EMPTY), slots[0])
+            _shared[at : at + _SLOT] = key
+            return
         pid = self.taken.pop(job, None)
-        if pid is None:
-            self.done.add(job)
-        else:
+        if pid is not None:
             self._tell(job, pid)
+        elif RELAY == "written" and self._written(job, request):
+            return
+        else:
+            self.done.add(job)
+            if RELAY == "written":
+                # Celery writes jobs to the pool after the event loop's other callbacks of
+                # the same poll (``schedule_writes``): look again before the next poll
+                self.hub.call_soon(self._written, job, request, True)
+
+    def _written(self, job: str, request: Request, again: bool = False) -> bool:
+        """Tell the pool process Celery has begun writing ``job`` to, if it has (``again``:
+        unless that process has acknowledged the job meanwhile, and was told then)."""
+        if again and job not in self.done:
+            return False
+        handle = getattr(request, "_apply_result", None)
+        proc = getattr(handle and handle(), "_write_to", None)
+        if proc is None:
+            return False
+        self.done.discard(job)
+        self.told[job] = proc.pid
+        self._tell(job, proc.pid)
+        return True
 
     def accepted(self, job: str, pid: int) -> None:
+        if RELAY == "spin":
+            return
         if job in self.told:
             if self.told.pop(job) != pid:  # written again to another process
                 self._tell(job, pid)
@@ -178,6 +217,17 @@ def _listen(**_: Any) -> None:
 def wait_relayed(job: str) -> None:
     """Block until the main process relays that ``job``'s write has committed."""
     want = job.encode()
+    if RELAY == "spin":
+        give_up = time.monotonic() + RELAY_TIMEOUT_S
+        slots = _slots(want)
+        while True:
+            for at in slots:
+                if _shared[at : at + _SLOT] == want:
+                    _shared[at : at + _SLOT] = _EMPTY
+                    return
+            if time.monotonic() > give_up:
+                raise TimeoutError(f"no relayed answer for {job}")
+            time.sleep(0)
     while _inbox[0].recv(128) != want:
         pass  # an answer for an earlier job this process no longer waits for
 
