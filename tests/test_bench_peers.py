@@ -1,6 +1,7 @@
 """The peers benchmark (``bench/peers/``) still runs end to end: a ``--quick`` run of plain
-Celery, the platform and Huey on the benchmark's own Redis and the test Postgres writes every
-column with sane values. Counts, not speed: no figure is compared with a target."""
+Celery, the platform, Huey and the two floors of claiming before running (``celery-roundtrip``,
+``celery-overlap``) on the benchmark's own Redis and the test Postgres writes every column with
+sane values. Counts, not speed: no figure is compared with a target."""
 
 from __future__ import annotations
 
