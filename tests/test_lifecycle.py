@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -74,3 +75,30 @@ def test_a_failing_listener_never_reaches_the_job(heard: list[JobEvent]) -> None
     finally:
         app.lifecycle.disconnect(broken)
     assert [e.kind for e in heard if e.job_id == handle.id] == ["queued"]
+
+
+def test_a_job_claimed_with_its_batch_waited_until_it_starts(heard: list[JobEvent]) -> None:
+    """``started`` of a job the batched mode claimed with its batch: announced when the job
+    starts (``batched.child.take``), its queue wait counted until then, not until the batch's
+    claim."""
+    from dataclasses import replace
+
+    from synth_workers.batched import child
+    from synth_workers.platform import platform_of
+    from tests.e2e_tasks import record
+
+    handle = record.apply_async(kwargs={"label": "c"})
+    claim = app.ledger.claim(handle.id, "test-owner")
+    assert claim is not None
+    # as if it had been enqueued 90 s ago and claimed with its batch 60 s ago
+    now = time.time()
+    batch_claim = replace(claim, enqueued_at=now - 90, claimed_at=now - 60)
+    child._local.claims[handle.id] = batch_claim
+    seen = len(heard)
+    assert child.take(platform_of(app), handle.id) is batch_claim
+    assert handle.id not in child._local.claims
+    started = [e for e in heard[seen:] if e.job_id == handle.id and e.kind == "started"]
+    assert len(started) == 1
+    assert started[0].attempt == claim.attempt
+    assert 90 <= started[0].data["queue_wait"] <= time.time() - now + 90
+    assert app.ledger.succeed(claim, None)

@@ -18,7 +18,6 @@ from celery._state import get_current_app
 
 from synth_workers.ledger.batchclaim import claim_many, release
 from synth_workers.platform import find_platform
-from synth_workers.states import EventKind
 
 if TYPE_CHECKING:
     from synth_workers.ledger.store import Claim
@@ -105,14 +104,7 @@ def take(platform: Platform, job_id: str) -> Claim | None:
     if keeper.cancel_requested(job_id) and ledger.cancelled_while_running(claim):
         keeper.remove(job_id)
         return None  # the runner's own claim is then refused: not run
-    if ledger.lifecycle.listening:
-        now = time.time()
-        ledger.lifecycle.announce(
-            EventKind.STARTED,
-            job_id,
-            **ledger.about(claim),
-            data={"queue_wait": max(0.0, now - (claim.enqueued_at or now))},
-        )
+    ledger.announce_started(claim, at=time.time())
     return claim
 
 

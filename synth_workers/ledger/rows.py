@@ -187,11 +187,13 @@ class LedgerRows(LedgerPool):
             "correlation_id": claim.correlation_id,
         }
 
-    def announce_started(self, claim: Claim) -> None:
-        """The ``started`` event of a job just claimed, with its wait in the queue."""
+    def announce_started(self, claim: Claim, at: float | None = None) -> None:
+        """The ``started`` event of a job just claimed, with its wait in the queue until its
+        claim, or until ``at`` (a job claimed with its batch starts later)."""
         if self.lifecycle.listening:
-            since = claim.enqueued_at or claim.claimed_at
-            wait = {"queue_wait": max(0.0, claim.claimed_at - since)}
+            start = claim.claimed_at if at is None else at
+            since = claim.enqueued_at or start
+            wait = {"queue_wait": max(0.0, start - since)}
             self.lifecycle.announce(EventKind.STARTED, claim.job_id, **self.about(claim), data=wait)
 
     def announce_finish(self, claim: Claim, kind: str, **data: Any) -> None:
