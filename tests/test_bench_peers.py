@@ -37,12 +37,14 @@ def _roundtrip_writes() -> tuple[int, int]:
     by pid) and by peer celery-overlap's main process (``bench.overlap_app``: negative keys)."""
     import psycopg
 
+    from bench.raw_app import ROUNDTRIP_TABLE
+
     with psycopg.connect(os.environ["DATABASE_URL"], autocommit=True) as conn:
-        if conn.execute("SELECT to_regclass('public.synth_bench_roundtrip')").fetchone() == (None,):
+        if conn.execute("SELECT to_regclass(%s)", (ROUNDTRIP_TABLE,)).fetchone() == (None,):
             return 0, 0
         row = conn.execute(
             "SELECT coalesce(sum(n) FILTER (WHERE pid > 0), 0), "
-            "coalesce(sum(n) FILTER (WHERE pid < 0), 0) FROM public.synth_bench_roundtrip"
+            f"coalesce(sum(n) FILTER (WHERE pid < 0), 0) FROM {ROUNDTRIP_TABLE}"
         ).fetchone()
     assert row is not None
     return int(row[0]), int(row[1])

@@ -261,18 +261,30 @@ def _dramatiq_pending(client: redis.Redis, ctx: Context) -> int:
     return int(client.hlen(f"dramatiq:{QUEUE}.msgs"))
 
 
+def _celery_peer(
+    name: str, db: int, about: str, module: str, queue: str, task: str, database: bool = False
+) -> Peer:
+    """A plain Celery peer: one ``celery -A module worker -P prefork -c 2`` on ``queue``, its
+    backlog kombu's lists, its runs of ``task`` counted by the worker."""
+    return Peer(
+        name,
+        db,
+        about,
+        lambda p, ctx, node: [_celery_worker(module, queue, ["-P", "prefork", "-c", "2"], node)],
+        lambda client, ctx: _lists_pending(client, queue),
+        _celery_verify(db, queue, task),
+        database=database,
+    )
+
+
 PEERS: tuple[Peer, ...] = (
-    Peer(
+    _celery_peer(
         "celery",
         CELERY_DB,
         "1 worker, prefork -c 2, prefetch 1, acks late, no result backend (bench/raw_app.py)",
-        lambda p, ctx, node: [
-            _celery_worker(
-                "bench.peers.celery_app", CELERY_QUEUE, ["-P", "prefork", "-c", "2"], node
-            )
-        ],
-        lambda client, ctx: _lists_pending(client, CELERY_QUEUE),
-        _celery_verify(CELERY_DB, CELERY_QUEUE, "bench.noop"),
+        "bench.peers.celery_app",
+        CELERY_QUEUE,
+        "bench.noop",
     ),
     Peer(
         "platform",
@@ -347,37 +359,26 @@ PEERS: tuple[Peer, ...] = (
         lambda client, ctx: int(client.zcard("arq:queue")),
         _arq_verify,
     ),
-    Peer(
+    _celery_peer(
         "celery-roundtrip",
         CELERY_ROUNDTRIP_DB,
         "as celery, each task first writing one row to Postgres, waited for (asynchronous "
         "commit, as a platform worker's claim): the floor of claiming each job in the pool "
         "process before it runs",
-        lambda p, ctx, node: [
-            _celery_worker(
-                "bench.peers.celery_app", CELERY_ROUNDTRIP_QUEUE, ["-P", "prefork", "-c", "2"], node
-            )
-        ],
-        lambda client, ctx: _lists_pending(client, CELERY_ROUNDTRIP_QUEUE),
-        _celery_verify(CELERY_ROUNDTRIP_DB, CELERY_ROUNDTRIP_QUEUE, "bench.noop_roundtrip"),
+        "bench.peers.celery_app",
+        CELERY_ROUNDTRIP_QUEUE,
+        "bench.noop_roundtrip",
         database=True,
     ),
-    Peer(
+    _celery_peer(
         "celery-overlap",
         CELERY_OVERLAP_DB,
         "as celery-roundtrip, the write sent by the worker's main process as the message "
         "arrives, its answer relayed to the pool process (bench/overlap_app.py): the floor "
         "of a claim that overlaps Celery's hand-over to the pool",
-        lambda p, ctx, node: [
-            _celery_worker(
-                "bench.peers.celery_overlap_app",
-                CELERY_OVERLAP_QUEUE,
-                ["-P", "prefork", "-c", "2"],
-                node,
-            )
-        ],
-        lambda client, ctx: _lists_pending(client, CELERY_OVERLAP_QUEUE),
-        _celery_verify(CELERY_OVERLAP_DB, CELERY_OVERLAP_QUEUE, "bench.noop_overlap"),
+        "bench.peers.celery_overlap_app",
+        CELERY_OVERLAP_QUEUE,
+        "bench.noop_overlap",
         database=True,
     ),
 )
